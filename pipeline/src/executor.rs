@@ -1,0 +1,254 @@
+//! Running a [`Plan`]: stages in topological order, independent ones concurrently, each skipped
+//! when its fingerprint matches its finished dataset; and `status`, which says why a stage would
+//! run.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+
+use crate::cache::RowCache;
+use crate::error::{Error, Result};
+use crate::fingerprint::{file_states, FingerprintParts};
+use crate::plan::Plan;
+use crate::stage::{Input, StageCx};
+use crate::store::{now, Manifest, Store};
+
+/// Which stages `kiln run` may run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Run only this stage (always), reading its inputs' existing datasets.
+    pub only: Option<String>,
+    /// Rerun this stage and everything downstream of it, fresh or not.
+    pub from: Option<String>,
+    /// Rerun every stage.
+    pub force: bool,
+}
+
+/// What happened to one stage.
+#[derive(Debug)]
+pub enum Outcome {
+    /// It ran and wrote its dataset.
+    Ran {
+        /// The new manifest.
+        manifest: Box<Manifest>,
+        /// Why it ran.
+        reasons: Vec<String>,
+        /// Seconds it took.
+        seconds: f64,
+    },
+    /// Its dataset was up to date.
+    Fresh,
+    /// Not selected by `--only`.
+    NotSelected,
+    /// An upstream stage failed.
+    Blocked,
+    /// It failed.
+    Failed(Error),
+}
+
+/// The outcome of each stage, in topological order.
+#[derive(Debug, Default)]
+pub struct RunReport {
+    /// `(stage, outcome)` pairs.
+    pub stages: Vec<(String, Outcome)>,
+}
+
+impl RunReport {
+    /// The first failure, if any.
+    pub fn failure(&self) -> Option<&Error> {
+        self.stages.iter().find_map(|(_, o)| match o {
+            Outcome::Failed(e) => Some(e),
+            _ => None,
+        })
+    }
+
+    /// Names of the stages that ran.
+    pub fn ran(&self) -> Vec<&str> {
+        self.stages.iter().filter(|(_, o)| matches!(o, Outcome::Ran { .. })).map(|(n, _)| n.as_str()).collect()
+    }
+}
+
+/// Whether a stage is up to date, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Freshness {
+    /// Its dataset matches its current fingerprint.
+    Fresh,
+    /// It would run, for these reasons.
+    Stale(Vec<String>),
+}
+
+/// The fingerprint parts of stage `i`, given its inputs' content hashes.
+fn parts_of(plan: &Plan, i: usize, input_hashes: &BTreeMap<String, String>) -> FingerprintParts {
+    let s = &plan.spec.stages[i];
+    let stage = plan.stage(i);
+    let files = file_states(&stage.files(&plan.check_cx), &plan.check_cx.base_dir);
+    FingerprintParts { kind: s.kind.clone(), version: stage.version(), params: s.params.clone(), files, inputs: input_hashes.clone() }
+}
+
+/// Why stage `i` would run now (or that it would not), given its inputs' hashes.
+fn freshness(plan: &Plan, store: &Store, i: usize, parts: &FingerprintParts) -> Result<Freshness> {
+    let Some(manifest) = store.manifest(&plan.spec.stages[i].name)? else {
+        return Ok(Freshness::Stale(vec!["no output yet".into()]));
+    };
+    if manifest.fingerprint == parts.fingerprint() {
+        return Ok(Freshness::Fresh);
+    }
+    let mut why = parts.changes_from(&manifest.parts);
+    if why.is_empty() {
+        why.push("fingerprint changed".into());
+    }
+    Ok(Freshness::Stale(why))
+}
+
+/// One line per stage, in topological order: fresh, or stale with the reasons.
+pub fn status(plan: &Plan) -> Result<Vec<(String, Freshness)>> {
+    let store = Store::new(&plan.output_dir);
+    let mut hashes: BTreeMap<usize, String> = BTreeMap::new();
+    let mut states: BTreeMap<usize, Freshness> = BTreeMap::new();
+    let mut out = Vec::new();
+    for &i in &plan.order {
+        let name = plan.spec.stages[i].name.clone();
+        let stale_ups: Vec<String> = plan
+            .graph
+            .inputs(i)
+            .iter()
+            .filter(|u| !matches!(states.get(u), Some(Freshness::Fresh)))
+            .map(|&u| format!("input `{}` is stale and runs first", plan.spec.stages[u].name))
+            .collect();
+        let state = if stale_ups.is_empty() {
+            let inputs = plan.graph.inputs(i).iter().map(|&u| (plan.spec.stages[u].name.clone(), hashes[&u].clone())).collect();
+            freshness(plan, &store, i, &parts_of(plan, i, &inputs))?
+        } else {
+            Freshness::Stale(stale_ups)
+        };
+        if let Some(m) = store.manifest(&name)? {
+            hashes.insert(i, m.content_hash);
+        }
+        states.insert(i, state.clone());
+        out.push((name, state));
+    }
+    Ok(out)
+}
+
+/// Runs the plan. Stages fail independently: a failure blocks only what is downstream of it.
+pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
+    let store = Store::new(&plan.output_dir);
+    store.clean_leftovers()?;
+    let cache = Arc::new(RowCache::open(&plan.output_dir)?);
+    let only = opts.only.as_deref().map(|n| plan.stage_index(n)).transpose()?;
+    let forced = match (&opts.from, opts.force) {
+        (_, true) => (0..plan.graph.len()).collect(),
+        (Some(from), false) => plan.graph.downstream(plan.stage_index(from)?),
+        (None, false) => Default::default(),
+    };
+
+    let n = plan.graph.len();
+    let mut outcomes: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
+    let mut hashes: Vec<Option<String>> = vec![None; n];
+    let mut started = vec![false; n];
+    let mut running = FuturesUnordered::new();
+    loop {
+        for &i in &plan.order {
+            if started[i] || !plan.graph.inputs(i).iter().all(|&u| outcomes[u].is_some()) {
+                continue;
+            }
+            started[i] = true;
+            let name = &plan.spec.stages[i].name;
+            if plan.graph.inputs(i).iter().any(|&u| hashes[u].is_none()) {
+                outcomes[i] = Some(Outcome::Blocked);
+                continue;
+            }
+            if only.is_some_and(|o| o != i) {
+                let manifest = store.manifest(name)?;
+                hashes[i] = manifest.map(|m| m.content_hash);
+                outcomes[i] = Some(Outcome::NotSelected);
+                continue;
+            }
+            let inputs: BTreeMap<String, String> = plan
+                .graph
+                .inputs(i)
+                .iter()
+                .map(|&u| (plan.spec.stages[u].name.clone(), hashes[u].clone().unwrap_or_default()))
+                .collect();
+            let parts = parts_of(plan, i, &inputs);
+            let reasons = match freshness(plan, &store, i, &parts)? {
+                Freshness::Fresh if !forced.contains(&i) && only.is_none() => {
+                    hashes[i] = store.manifest(name)?.map(|m| m.content_hash);
+                    outcomes[i] = Some(Outcome::Fresh);
+                    continue;
+                }
+                Freshness::Fresh => vec!["forced".to_string()],
+                Freshness::Stale(why) => why,
+            };
+            let (store, cache) = (&store, cache.clone());
+            running.push(async move { (i, run_stage(plan, i, store, cache, parts, reasons).await) });
+        }
+        // Everything startable has started; wait for one stage to finish, or stop when idle.
+        let Some((i, result)) = running.next().await else { break };
+        match result {
+            Ok(outcome) => {
+                if let Outcome::Ran { manifest, .. } = &outcome {
+                    hashes[i] = Some(manifest.content_hash.clone());
+                }
+                outcomes[i] = Some(outcome);
+            }
+            Err(e) => {
+                tracing::error!(stage = %plan.spec.stages[i].name, error = %e, "Stage failed.");
+                outcomes[i] = Some(Outcome::Failed(e));
+            }
+        }
+    }
+    store.write_ledger(&plan.stage_names())?;
+    let stages = plan
+        .order
+        .iter()
+        .map(|&i| (plan.spec.stages[i].name.clone(), outcomes[i].take().unwrap_or(Outcome::Blocked)))
+        .collect();
+    Ok(RunReport { stages })
+}
+
+async fn run_stage(plan: &Plan, i: usize, store: &Store, cache: Arc<RowCache>, parts: FingerprintParts, reasons: Vec<String>) -> Result<Outcome> {
+    let spec = &plan.spec.stages[i];
+    let name = spec.name.clone();
+    tracing::info!(stage = %name, kind = %spec.kind, why = %reasons.join("; "), "Running stage.");
+    let clock = Instant::now();
+    let started_at = now();
+    let mut inputs = Vec::new();
+    for &u in plan.graph.inputs(i) {
+        let up = &plan.spec.stages[u].name;
+        if store.manifest(up)?.is_none() {
+            return Err(Error::Usage(format!("stage `{name}` needs the output of `{up}`, which does not exist yet: run `{up}` first")));
+        }
+        inputs.push(Input { name: up.clone(), dir: store.stage_dir(up), schema: plan.schemas[u].clone() });
+    }
+    let cx = StageCx { name: name.clone(), base_dir: plan.check_cx.base_dir.clone(), seed: plan.spec.settings.seed, cache };
+    let output = plan.stage(i).run(&cx, &inputs).await.map_err(|e| match e {
+        e @ Error::Stage { .. } => e,
+        e => Error::stage(&name, e),
+    })?;
+    let schema = &plan.schemas[i];
+    for batch in &output.batches {
+        if batch.schema().fields() != schema.fields() {
+            return Err(Error::Internal(format!("stage `{name}` produced rows that do not match its declared schema")));
+        }
+    }
+    let manifest = Manifest {
+        stage: name.clone(),
+        fingerprint: parts.fingerprint(),
+        parts,
+        content_hash: String::new(),
+        schema: Vec::new(),
+        row_count: 0,
+        rejected: 0,
+        files: Vec::new(),
+        started_at,
+        finished_at: String::new(),
+        counters: output.counters.clone(),
+    };
+    let manifest = store.write(schema, &output.batches, &output.rejections, manifest)?;
+    let seconds = clock.elapsed().as_secs_f64();
+    tracing::info!(stage = %name, rows = manifest.row_count, rejected = manifest.rejected, seconds, "Stage finished.");
+    Ok(Outcome::Ran { manifest: Box::new(manifest), reasons, seconds })
+}

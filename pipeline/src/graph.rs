@@ -1,0 +1,163 @@
+//! The stage DAG: topological order, cycle detection, downstream sets, text and dot rendering.
+
+use std::collections::BTreeSet;
+use std::fmt::Write;
+
+/// Stages as nodes, `inputs[i]` the upstream nodes of node `i`.
+#[derive(Debug, Clone, Default)]
+pub struct Graph {
+    names: Vec<String>,
+    kinds: Vec<String>,
+    inputs: Vec<Vec<usize>>,
+}
+
+impl Graph {
+    /// A graph of `(name, kind, inputs)` nodes; input indices must be in range.
+    pub fn new(nodes: Vec<(String, String, Vec<usize>)>) -> Self {
+        let mut g = Graph::default();
+        for (name, kind, inputs) in nodes {
+            g.names.push(name);
+            g.kinds.push(kind);
+            g.inputs.push(inputs);
+        }
+        g
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// True when there are no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// Upstream nodes of `i`.
+    pub fn inputs(&self, i: usize) -> &[usize] {
+        &self.inputs[i]
+    }
+
+    /// A topological order (ties keep file order), or the nodes of one cycle, first node
+    /// repeated at the end.
+    pub fn topo_order(&self) -> Result<Vec<usize>, Vec<usize>> {
+        let mut order = Vec::with_capacity(self.len());
+        let mut done = vec![false; self.len()];
+        while order.len() < self.len() {
+            let ready = (0..self.len()).find(|&i| !done[i] && self.inputs[i].iter().all(|&u| done[u]));
+            match ready {
+                Some(i) => {
+                    done[i] = true;
+                    order.push(i);
+                }
+                None => return Err(self.find_cycle(&done)),
+            }
+        }
+        Ok(order)
+    }
+
+    /// Walks upstream from a blocked node until a node repeats.
+    fn find_cycle(&self, done: &[bool]) -> Vec<usize> {
+        let start = (0..self.len()).find(|&i| !done[i]).unwrap_or(0);
+        let mut path = vec![start];
+        loop {
+            let last = *path.last().unwrap_or(&start);
+            let Some(&next) = self.inputs[last].iter().find(|&&u| !done[u]) else { return path };
+            if let Some(pos) = path.iter().position(|&n| n == next) {
+                let mut cycle: Vec<usize> = path[pos..].to_vec();
+                cycle.reverse(); // upstream first: a -> b means b reads a
+                let first = (0..cycle.len()).min_by_key(|&k| cycle[k]).unwrap_or(0);
+                cycle.rotate_left(first);
+                cycle.push(cycle[0]);
+                return cycle;
+            }
+            path.push(next);
+        }
+    }
+
+    /// Renders a cycle as `a -> b -> a`.
+    pub fn describe_path(&self, nodes: &[usize]) -> String {
+        nodes.iter().map(|&i| self.names[i].as_str()).collect::<Vec<_>>().join(" -> ")
+    }
+
+    /// `i` and every node downstream of it.
+    pub fn downstream(&self, i: usize) -> BTreeSet<usize> {
+        let mut set = BTreeSet::from([i]);
+        let mut changed = true;
+        while changed {
+            changed = false;
+            for n in 0..self.len() {
+                if !set.contains(&n) && self.inputs[n].iter().any(|u| set.contains(u)) {
+                    set.insert(n);
+                    changed = true;
+                }
+            }
+        }
+        set
+    }
+
+    /// One line per stage in topological order: `name (kind) <- inputs`.
+    pub fn to_text(&self, order: &[usize]) -> String {
+        let mut out = String::new();
+        for &i in order {
+            let _ = write!(out, "{} ({})", self.names[i], self.kinds[i]);
+            if !self.inputs[i].is_empty() {
+                let ups: Vec<&str> = self.inputs[i].iter().map(|&u| self.names[u].as_str()).collect();
+                let _ = write!(out, " <- {}", ups.join(", "));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Graphviz dot.
+    pub fn to_dot(&self, pipeline: &str) -> String {
+        let mut out = format!("digraph \"{}\" {{\n  rankdir=LR;\n", pipeline.replace('"', "'"));
+        for i in 0..self.len() {
+            let _ = writeln!(out, "  \"{}\" [label=\"{}\\n({})\", shape=box];", self.names[i], self.names[i], self.kinds[i]);
+        }
+        for i in 0..self.len() {
+            for &u in &self.inputs[i] {
+                let _ = writeln!(out, "  \"{}\" -> \"{}\";", self.names[u], self.names[i]);
+            }
+        }
+        out.push_str("}\n");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn graph(edges: &[&[usize]]) -> Graph {
+        Graph::new(edges.iter().enumerate().map(|(i, e)| (format!("s{i}"), "k".into(), e.to_vec())).collect())
+    }
+
+    #[test]
+    fn order_respects_every_edge() {
+        let g = graph(&[&[2], &[], &[1], &[0, 1]]);
+        let order = g.topo_order().unwrap();
+        let pos = |n| order.iter().position(|&x| x == n).unwrap();
+        for n in 0..g.len() {
+            for &u in g.inputs(n) {
+                assert!(pos(u) < pos(n));
+            }
+        }
+    }
+
+    #[test]
+    fn cycles_are_reported_as_paths() {
+        let g = graph(&[&[], &[2], &[3], &[1]]);
+        let cycle = g.topo_order().unwrap_err();
+        assert_eq!(cycle.first(), cycle.last());
+        assert_eq!(cycle.len(), 4);
+        assert_eq!(g.describe_path(&cycle), "s1 -> s3 -> s2 -> s1");
+    }
+
+    #[test]
+    fn downstream_is_transitive() {
+        let g = graph(&[&[], &[0], &[1], &[]]);
+        assert_eq!(g.downstream(0), BTreeSet::from([0, 1, 2]));
+    }
+}

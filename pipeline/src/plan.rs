@@ -1,0 +1,155 @@
+//! From a pipeline file to a checked [`Plan`]: parse, build stages, resolve inputs, order the
+//! DAG, check parameters and schemas. Every problem is collected before anything runs.
+
+use std::path::{Path, PathBuf};
+
+use arrow::datatypes::SchemaRef;
+
+use crate::error::{did_you_mean, Diagnostic, Diagnostics, Error, Result};
+use crate::graph::Graph;
+use crate::registry::Registry;
+use crate::rows::check_lineage;
+use crate::spec::{self, Spec};
+use crate::stage::{CheckCx, InputSchema, Stage};
+
+/// A validated pipeline, ready to run.
+#[derive(Debug)]
+pub struct Plan {
+    /// The parsed file.
+    pub spec: Spec,
+    /// Stages and their inputs, indexed like `spec.stages`.
+    pub graph: Graph,
+    /// A topological order of the stages.
+    pub order: Vec<usize>,
+    /// Output schema of each stage, indexed like `spec.stages`.
+    pub schemas: Vec<SchemaRef>,
+    /// Where datasets are written.
+    pub output_dir: PathBuf,
+    /// Context for parameter checks and file dependencies.
+    pub check_cx: CheckCx,
+}
+
+impl Plan {
+    /// Loads and checks the pipeline at `path`. On failure the error lists every problem.
+    pub async fn load(path: &Path, registry: &Registry) -> Result<Plan> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let (spec, mut diags) = spec::parse(path, &text, registry);
+        let Some(spec) = spec else { return Err(Error::Config(Diagnostics(diags).normalize())) };
+        let check_cx = CheckCx { base_dir: spec.base_dir.clone() };
+
+        check_settings(&spec, &check_cx, &mut diags);
+        let graph = resolve_inputs(&spec, &mut diags);
+        for s in &spec.stages {
+            if let Some(stage) = &s.stage {
+                diags.extend(stage.validate(&check_cx).into_iter().map(|p| s.diagnostic(&spec.map, p)));
+            }
+        }
+        let order = match graph.topo_order() {
+            Ok(order) => order,
+            Err(cycle) => {
+                let first = &spec.stages[cycle[0]];
+                diags.push(spec.map.diagnostic(
+                    first.name_span(),
+                    format!("the stages form a cycle: {}", graph.describe_path(&cycle)),
+                    Some("a stage cannot read, directly or not, its own output: remove one of these inputs".into()),
+                ));
+                Vec::new()
+            }
+        };
+        let schemas = check_schemas(&spec, &graph, &order, &mut diags).await;
+        if !diags.is_empty() {
+            return Err(Error::Config(Diagnostics(diags).normalize()));
+        }
+        let output_dir = match &spec.settings.output_dir {
+            Some(dir) => spec.base_dir.join(dir),
+            None => PathBuf::from("outputs").join(&spec.settings.name),
+        };
+        let schemas = schemas.into_iter().map(|s| s.expect("every schema is known when there are no diagnostics")).collect();
+        Ok(Plan { spec, graph, order, schemas, output_dir, check_cx })
+    }
+
+    /// Index of the stage named `name`.
+    pub fn stage_index(&self, name: &str) -> Result<usize> {
+        self.spec.stages.iter().position(|s| s.name == name).ok_or_else(|| {
+            let names = self.spec.stages.iter().map(|s| s.name.as_str());
+            let hint = did_you_mean(name, names).unwrap_or_else(|| format!("stages: {}", self.stage_names().join(", ")));
+            Error::Usage(format!("no stage named `{name}` in {}; {hint}", self.spec.map.file().display()))
+        })
+    }
+
+    /// Stage names, in file order.
+    pub fn stage_names(&self) -> Vec<String> {
+        self.spec.stages.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// The built stage at `i`.
+    pub fn stage(&self, i: usize) -> &dyn Stage {
+        self.spec.stages[i].stage.as_deref().expect("a plan only holds built stages")
+    }
+}
+
+fn check_settings(spec: &Spec, cx: &CheckCx, diags: &mut Vec<Diagnostic>) {
+    let dirs = [("templates", &spec.settings.templates), ("taxonomy", &spec.settings.taxonomy)];
+    for (key, dir) in dirs {
+        if let Some(dir) = dir {
+            if !cx.resolve(dir).is_dir() {
+                let span = spec.settings_spans.get(key).cloned().unwrap_or(0..0);
+                diags.push(spec.map.diagnostic(
+                    span,
+                    format!("{key} folder `{}` not found (relative to the pipeline file)", dir.display()),
+                    Some(format!("create it, or remove `{key}` to use the built-in {key}")),
+                ));
+            }
+        }
+    }
+}
+
+fn resolve_inputs(spec: &Spec, diags: &mut Vec<Diagnostic>) -> Graph {
+    let names: Vec<&str> = spec.stages.iter().map(|s| s.name.as_str()).collect();
+    let nodes = spec
+        .stages
+        .iter()
+        .map(|s| {
+            let mut ups = Vec::new();
+            for (i, input) in s.inputs.iter().enumerate() {
+                match names.iter().position(|n| n == input) {
+                    Some(u) if ups.contains(&u) => diags.push(spec.map.diagnostic(s.input_span(i), format!("stage `{}`: input `{input}` is listed twice", s.name), Some("list each input once".into()))),
+                    Some(u) => ups.push(u),
+                    None => {
+                        let help = did_you_mean(input, names.iter().copied())
+                            .unwrap_or_else(|| format!("inputs name other stages of this file: {}", names.join(", ")));
+                        diags.push(spec.map.diagnostic(s.input_span(i), format!("stage `{}`: unknown input `{input}`", s.name), Some(help)));
+                    }
+                }
+            }
+            (s.name.clone(), s.kind.clone(), ups)
+        })
+        .collect();
+    Graph::new(nodes)
+}
+
+async fn check_schemas(spec: &Spec, graph: &Graph, order: &[usize], diags: &mut Vec<Diagnostic>) -> Vec<Option<SchemaRef>> {
+    let mut schemas: Vec<Option<SchemaRef>> = vec![None; spec.stages.len()];
+    for &i in order {
+        let s = &spec.stages[i];
+        let Some(stage) = &s.stage else { continue };
+        let inputs: Option<Vec<InputSchema>> = graph
+            .inputs(i)
+            .iter()
+            .map(|&u| schemas[u].clone().map(|schema| InputSchema { name: spec.stages[u].name.clone(), schema }))
+            .collect();
+        // An upstream problem is already reported; checking against a guess would only add noise.
+        let Some(inputs) = inputs else { continue };
+        if inputs.len() != s.inputs.len() {
+            continue;
+        }
+        match stage.output_schema(&inputs).await {
+            Ok(schema) => match check_lineage(&schema) {
+                Ok(()) => schemas[i] = Some(schema),
+                Err(e) => diags.push(spec.map.diagnostic(s.name_span(), format!("stage `{}`: {e}", s.name), None)),
+            },
+            Err(problems) => diags.extend(problems.into_iter().map(|p| s.diagnostic(&spec.map, p))),
+        }
+    }
+    schemas
+}

@@ -1,0 +1,132 @@
+//! The table of stage kinds a pipeline may use.
+//!
+//! The engine does not know any kind itself: the `kiln-stages` crate builds a [`Registry`] with
+//! one [`Kind::of`] line per kind, and the binary hands it to [`crate::plan::Plan::load`].
+
+use std::fmt;
+
+use serde::de::{self, DeserializeOwned, Visitor};
+use toml::de::ValueDeserializer;
+
+use crate::stage::Stage;
+
+type BuildFn = fn(ValueDeserializer<'_>) -> Result<Box<dyn Stage>, toml::de::Error>;
+
+/// One stage kind: its name, how to build it from TOML, and its parameter names.
+#[derive(Clone)]
+pub struct Kind {
+    /// The `kind = "..."` string.
+    pub name: &'static str,
+    /// One line for `kiln` help and docs.
+    pub summary: &'static str,
+    build: BuildFn,
+    fields: &'static [&'static str],
+}
+
+impl fmt::Debug for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kind").field("name", &self.name).field("fields", &self.fields).finish()
+    }
+}
+
+fn build<C: DeserializeOwned + Stage + 'static>(de: ValueDeserializer<'_>) -> Result<Box<dyn Stage>, toml::de::Error> {
+    C::deserialize(de).map(|c| Box::new(c) as Box<dyn Stage>)
+}
+
+impl Kind {
+    /// A kind whose parameters struct `C` is also its stage implementation.
+    pub fn of<C: DeserializeOwned + Stage + 'static>(name: &'static str, summary: &'static str) -> Kind {
+        Kind { name, summary, build: build::<C>, fields: struct_fields::<C>() }
+    }
+
+    /// Parameter names the kind accepts (besides `kind` and `inputs`).
+    pub fn fields(&self) -> &'static [&'static str] {
+        self.fields
+    }
+
+    /// Deserializes the parameters and builds the stage.
+    pub fn build(&self, de: ValueDeserializer<'_>) -> Result<Box<dyn Stage>, toml::de::Error> {
+        (self.build)(de)
+    }
+}
+
+/// All kinds known to a run.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    kinds: Vec<Kind>,
+}
+
+impl Registry {
+    /// A registry of `kinds`.
+    pub fn new(kinds: Vec<Kind>) -> Self {
+        Registry { kinds }
+    }
+
+    /// The kind named `name`.
+    pub fn get(&self, name: &str) -> Option<&Kind> {
+        self.kinds.iter().find(|k| k.name == name)
+    }
+
+    /// Every kind, in registration order.
+    pub fn kinds(&self) -> &[Kind] {
+        &self.kinds
+    }
+}
+
+/// Reads the field names a derived `Deserialize` struct declares, without any input.
+fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {
+    struct Probe(Option<&'static [&'static str]>);
+    #[derive(Debug)]
+    struct Stop;
+    impl fmt::Display for Stop {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("field probe")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl de::Error for Stop {
+        fn custom<M: fmt::Display>(_: M) -> Self {
+            Stop
+        }
+    }
+    impl<'de> de::Deserializer<'de> for &mut Probe {
+        type Error = Stop;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            self.0 = Some(fields);
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut probe = Probe(None);
+    let _ = T::deserialize(&mut probe);
+    probe.0.unwrap_or(&[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Params {
+        query: String,
+        limit: Option<u32>,
+    }
+
+    #[test]
+    fn probe_reads_declared_fields() {
+        assert_eq!(struct_fields::<Params>(), &["query", "limit"]);
+    }
+}

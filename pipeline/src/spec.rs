@@ -1,0 +1,307 @@
+//! Parsing a pipeline TOML file into a [`Spec`]: settings and stages with their typed parameters.
+//!
+//! Parsing keeps the span of every key and value, so that every problem found here, in the graph
+//! or in the schemas is reported as `file:line:col` with a hint. Parsing never stops at the first
+//! problem: it returns what it could build together with every diagnostic.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
+
+use crate::error::{did_you_mean, Diagnostic, SourceMap};
+use crate::registry::Registry;
+use crate::stage::{Problem, Stage};
+
+/// The `[pipeline]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Name of the pipeline; the default output folder is `outputs/<name>`.
+    pub name: String,
+    /// Where datasets go, relative to the pipeline file. Default: `outputs/<name>` in the
+    /// current folder.
+    #[serde(default)]
+    pub output_dir: Option<PathBuf>,
+    /// Seed every random choice derives from. Default: 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// Free text shown by `kiln dag`.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Folder of prompt templates overriding the built-in ones, relative to the pipeline file.
+    #[serde(default)]
+    pub templates: Option<PathBuf>,
+    /// Folder of the task taxonomy, relative to the pipeline file.
+    #[serde(default)]
+    pub taxonomy: Option<PathBuf>,
+}
+
+/// Top-level tables a pipeline file may hold.
+const TOP_LEVEL: &[&str] = &["pipeline", "models", "sandbox", "stages"];
+
+/// A parsed pipeline file.
+#[derive(Debug)]
+pub struct Spec {
+    /// Locates spans of the file.
+    pub map: SourceMap,
+    /// Folder of the pipeline file.
+    pub base_dir: PathBuf,
+    /// The `[pipeline]` table.
+    pub settings: PipelineSettings,
+    /// Span of the `[pipeline]` table's keys, for settings problems.
+    pub settings_spans: BTreeMap<String, Range<usize>>,
+    /// `[models.<name>]` tables, shared by stages that call LLMs (as canonical JSON).
+    pub models: serde_json::Value,
+    /// The `[sandbox]` table, shared by stages that run code (as canonical JSON).
+    pub sandbox: serde_json::Value,
+    /// Stages, in file order.
+    pub stages: Vec<StageSpec>,
+}
+
+/// One `[stages.<name>]` table.
+#[derive(Debug)]
+pub struct StageSpec {
+    /// Stage name (the table key).
+    pub name: String,
+    /// The `kind` string.
+    pub kind: String,
+    /// Names of upstream stages, in the order written.
+    pub inputs: Vec<String>,
+    /// Kind-specific parameters as canonical JSON (sorted keys), for fingerprints.
+    pub params: serde_json::Value,
+    /// The built stage, when its parameters were valid.
+    pub stage: Option<Box<dyn Stage>>,
+    name_span: Range<usize>,
+    input_spans: Vec<Range<usize>>,
+    key_spans: BTreeMap<String, Range<usize>>,
+}
+
+impl StageSpec {
+    /// Span of the stage name.
+    pub fn name_span(&self) -> Range<usize> {
+        self.name_span.clone()
+    }
+
+    /// Span of the `i`-th input.
+    pub fn input_span(&self, i: usize) -> Range<usize> {
+        self.input_spans.get(i).cloned().unwrap_or(self.name_span.clone())
+    }
+
+    /// Span of the value at a key path (`paths.1`), falling back to the closest parent, then
+    /// to the stage name.
+    pub fn span_of(&self, at: &[String]) -> Range<usize> {
+        (0..=at.len())
+            .rev()
+            .find_map(|n| self.key_spans.get(&at[..n].join(".")))
+            .cloned()
+            .unwrap_or(self.name_span.clone())
+    }
+
+    /// A diagnostic for a stage problem.
+    pub fn diagnostic(&self, map: &SourceMap, problem: Problem) -> Diagnostic {
+        map.diagnostic(self.span_of(&problem.at), format!("stage `{}`: {}", self.name, problem.message), problem.help)
+    }
+}
+
+/// Parses `text`, the contents of `file`, building each stage with `registry`.
+/// Returns the spec (absent only when the file is not TOML at all or lacks `[pipeline]`) and every
+/// problem found.
+pub fn parse(file: &Path, text: &str, registry: &Registry) -> (Option<Spec>, Vec<Diagnostic>) {
+    let map = SourceMap::new(file, text);
+    let (root, errors) = DeTable::parse_recoverable(text);
+    let mut diags: Vec<Diagnostic> = errors.iter().map(|e| toml_error(&map, e, None)).collect();
+    let root_table = root.get_ref();
+
+    for (key, _) in root_table.iter() {
+        if !TOP_LEVEL.contains(&key.get_ref().as_ref()) {
+            let help = did_you_mean(key.get_ref(), TOP_LEVEL.iter().copied())
+                .or_else(|| Some(format!("a pipeline file holds the tables {}", backticked(TOP_LEVEL))));
+            diags.push(map.diagnostic(key.span(), format!("unknown top-level key `{}`", key.get_ref()), help));
+        }
+    }
+
+    let Some(pipeline) = lookup(root_table, "pipeline") else {
+        diags.push(map.diagnostic(0..0, "missing `[pipeline]` table", Some("add `[pipeline]` with at least `name = \"...\"`".into())));
+        return (None, diags);
+    };
+    let settings = match PipelineSettings::deserialize(ValueDeserializer::from(pipeline.clone())) {
+        Ok(s) => s,
+        Err(e) => {
+            diags.push(toml_error(&map, &e, Some(pipeline_fields())));
+            return (None, diags);
+        }
+    };
+    let mut settings_spans = BTreeMap::new();
+    collect_spans(pipeline, "", &mut settings_spans);
+
+    let models = lookup(root_table, "models").map(to_json).unwrap_or(serde_json::Value::Null);
+    let sandbox = lookup(root_table, "sandbox").map(to_json).unwrap_or(serde_json::Value::Null);
+
+    let mut stages = Vec::new();
+    match lookup(root_table, "stages").map(|v| (v, v.get_ref())) {
+        None => diags.push(map.diagnostic(0..0, "the pipeline has no stages", Some("add a table such as `[stages.files]` with `kind = \"profile\"`".into()))),
+        Some((_, DeValue::Table(table))) => {
+            for (name, value) in table.iter() {
+                if let Some(stage) = parse_stage(&map, name, value, registry, &mut diags) {
+                    stages.push(stage);
+                }
+            }
+        }
+        Some((v, other)) => diags.push(map.diagnostic(v.span(), format!("`stages` must be a table, got {}", other.type_str()), Some("declare stages as `[stages.<name>]` tables".into()))),
+    }
+
+    let base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    (Some(Spec { map, base_dir, settings, settings_spans, models, sandbox, stages }), diags)
+}
+
+fn parse_stage(
+    map: &SourceMap,
+    name: &Spanned<toml::de::DeString<'_>>,
+    value: &Spanned<DeValue<'_>>,
+    registry: &Registry,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<StageSpec> {
+    let stage_name = name.get_ref().to_string();
+    let DeValue::Table(table) = value.get_ref() else {
+        diags.push(map.diagnostic(value.span(), format!("stage `{stage_name}` must be a table, got {}", value.get_ref().type_str()), Some(format!("write it as `[stages.{stage_name}]`")))); 
+        return None;
+    };
+    if !valid_name(&stage_name) {
+        diags.push(map.diagnostic(
+            name.span(),
+            format!("invalid stage name `{stage_name}`"),
+            Some("stage names are also SQL table names: use lowercase letters, digits and `_`, starting with a letter".into()),
+        ));
+    }
+
+    let mut key_spans = BTreeMap::new();
+    collect_spans(value, "", &mut key_spans);
+
+    let kind = match lookup(table, "kind") {
+        Some(v) => match v.get_ref().as_str() {
+            Some(k) => Some((k.to_string(), v.span())),
+            None => {
+                diags.push(map.diagnostic(v.span(), format!("stage `{stage_name}`: `kind` must be a string, got {}", v.get_ref().type_str()), None));
+                None
+            }
+        },
+        None => {
+            diags.push(map.diagnostic(name.span(), format!("stage `{stage_name}` has no `kind`"), Some(format!("add `kind = \"...\"`; known kinds: {}", kind_list(registry)))));
+            None
+        }
+    };
+
+    let mut inputs = Vec::new();
+    let mut input_spans = Vec::new();
+    if let Some(v) = lookup(table, "inputs") {
+        match v.get_ref() {
+            DeValue::Array(items) => {
+                for item in items.iter() {
+                    match item.get_ref().as_str() {
+                        Some(s) => {
+                            inputs.push(s.to_string());
+                            input_spans.push(item.span());
+                        }
+                        None => diags.push(map.diagnostic(item.span(), format!("stage `{stage_name}`: each input must be a stage name (a string), got {}", item.get_ref().type_str()), None)),
+                    }
+                }
+            }
+            other => diags.push(map.diagnostic(v.span(), format!("stage `{stage_name}`: `inputs` must be an array of stage names, got {}", other.type_str()), Some("write `inputs = [\"upstream\"]`".into()))),
+        }
+    }
+
+    let params: DeTable<'_> =
+        table.iter().filter(|(k, _)| !["kind", "inputs"].contains(&k.get_ref().as_ref())).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let params_value = Spanned::new(value.span(), DeValue::Table(params));
+    let params_json = to_json(&params_value);
+
+    let stage = kind.as_ref().and_then(|(kind, kind_span)| match registry.get(kind) {
+        None => {
+            let help = did_you_mean(kind, registry.kinds().iter().map(|k| k.name))
+                .unwrap_or_else(|| format!("known kinds: {}", kind_list(registry)));
+            diags.push(map.diagnostic(kind_span.clone(), format!("stage `{stage_name}`: unknown stage kind `{kind}`"), Some(help)));
+            None
+        }
+        Some(k) => match k.build(ValueDeserializer::from(params_value)) {
+            Ok(stage) => Some(stage),
+            Err(e) => {
+                let mut d = toml_error(map, &e, Some(k.fields()));
+                d.message = format!("stage `{stage_name}` ({kind}): {}", d.message);
+                diags.push(d);
+                None
+            }
+        },
+    });
+
+    Some(StageSpec {
+        name: stage_name,
+        kind: kind.map(|k| k.0).unwrap_or_default(),
+        inputs,
+        params: params_json,
+        stage,
+        name_span: name.span(),
+        input_spans,
+        key_spans,
+    })
+}
+
+/// Stage names double as SQL table names.
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn lookup<'a, 'i>(table: &'a DeTable<'i>, key: &str) -> Option<&'a Spanned<DeValue<'i>>> {
+    table.iter().find(|(k, _)| k.get_ref() == key).map(|(_, v)| v)
+}
+
+fn kind_list(registry: &Registry) -> String {
+    let names: Vec<&str> = registry.kinds().iter().map(|k| k.name).collect();
+    backticked(&names)
+}
+
+fn backticked(names: &[&str]) -> String {
+    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}
+
+fn pipeline_fields() -> &'static [&'static str] {
+    &["name", "output_dir", "seed", "description", "templates", "taxonomy"]
+}
+
+/// Turns a toml error into a diagnostic, adding "did you mean" for unknown keys.
+fn toml_error(map: &SourceMap, e: &toml::de::Error, fields: Option<&[&str]>) -> Diagnostic {
+    let message = e.message().trim().to_string();
+    let help = match (message.strip_prefix("unknown field `"), fields) {
+        (Some(rest), Some(fields)) => {
+            let key = rest.split('`').next().unwrap_or_default();
+            did_you_mean(key, fields.iter().copied()).or_else(|| Some(format!("accepted keys: {}", backticked(fields))))
+        }
+        _ if message.starts_with("duplicate key") => Some("each key (and each stage name) may appear only once".into()),
+        _ if message.starts_with("invalid type") => Some("check the value's type against the stage kind's documentation".into()),
+        _ if message.starts_with("missing field") => Some("add the missing key to this table".into()),
+        _ => None,
+    };
+    let message = message.split(", expected one of").next().unwrap_or(&message).to_string();
+    map.diagnostic(e.span().unwrap_or(0..0), message, help)
+}
+
+/// Records the span of every value under `value`, keyed by dotted path.
+fn collect_spans(value: &Spanned<DeValue<'_>>, prefix: &str, out: &mut BTreeMap<String, Range<usize>>) {
+    out.insert(prefix.to_string(), value.span());
+    let join = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+    match value.get_ref() {
+        DeValue::Table(t) => t.iter().for_each(|(k, v)| collect_spans(v, &join(k.get_ref()), out)),
+        DeValue::Array(a) => a.iter().enumerate().for_each(|(i, v)| collect_spans(v, &join(&i.to_string()), out)),
+        _ => {}
+    }
+}
+
+/// Canonical JSON of a TOML value (sorted keys), used in fingerprints and manifests.
+fn to_json(value: &Spanned<DeValue<'_>>) -> serde_json::Value {
+    serde_json::Value::deserialize(ValueDeserializer::from(value.clone())).unwrap_or(serde_json::Value::Null)
+}

@@ -1,0 +1,155 @@
+//! The [`Stage`] trait every stage kind implements, and what the executor hands it.
+//!
+//! A stage kind is one type: its typed parameters (deserialized from `[stages.<name>]` with
+//! `deny_unknown_fields`) plus this trait. Only `output_schema` and `run` are required.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+
+use crate::cache::RowCache;
+use crate::error::Result;
+use crate::store;
+
+/// One kind of stage. Only `output_schema` and `run` are required.
+#[async_trait]
+pub trait Stage: Debug + Send + Sync {
+    /// Implementation version: bump it when the same parameters would now give different rows,
+    /// so that cached outputs are invalidated.
+    fn version(&self) -> u32 {
+        1
+    }
+
+    /// Parameter checks that need no graph (a glob that matches nothing, a missing template).
+    fn validate(&self, _cx: &CheckCx) -> Vec<Problem> {
+        Vec::new()
+    }
+
+    /// Files the output depends on; they are part of the stage fingerprint.
+    fn files(&self, _cx: &CheckCx) -> Vec<FileDep> {
+        Vec::new()
+    }
+
+    /// Checks the inputs' schemas and returns the output schema, which must start with the
+    /// lineage columns of [`crate::rows::lineage_fields`].
+    async fn output_schema(&self, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>>;
+
+    /// Produces the stage's rows (and rejections) from its inputs.
+    async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output>;
+}
+
+/// What validation knows about the pipeline.
+#[derive(Debug, Clone)]
+pub struct CheckCx {
+    /// Folder of the pipeline file: relative paths in parameters resolve against it.
+    pub base_dir: PathBuf,
+}
+
+impl CheckCx {
+    /// Resolves a path written in the pipeline file.
+    pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
+        self.base_dir.join(path)
+    }
+}
+
+/// A file a stage's output depends on.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FileDep {
+    /// Small files (templates, taxonomy): fingerprinted by content.
+    Contents(PathBuf),
+    /// Data files: fingerprinted by size and modification time, so checks stay fast.
+    Stat(PathBuf),
+}
+
+/// A problem with a stage's parameters, located by its key path inside the stage table
+/// (e.g. `["paths", "1"]`); an empty path points at the stage name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path inside `[stages.<name>]`.
+    pub at: Vec<String>,
+    /// What is wrong.
+    pub message: String,
+    /// What to do about it.
+    pub help: Option<String>,
+}
+
+impl Problem {
+    /// A problem at `at` (a dotted key path such as `paths.1`, or `""` for the stage itself).
+    pub fn new(at: &str, message: impl Into<String>) -> Self {
+        let at = at.split('.').filter(|s| !s.is_empty()).map(str::to_string).collect();
+        Problem { at, message: message.into(), help: None }
+    }
+
+    /// Adds a hint.
+    pub fn help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+}
+
+/// The schema of one input, as validation sees it.
+#[derive(Debug, Clone)]
+pub struct InputSchema {
+    /// Name of the upstream stage.
+    pub name: String,
+    /// Its output schema.
+    pub schema: SchemaRef,
+}
+
+/// The finished dataset of an upstream stage.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// Name of the upstream stage.
+    pub name: String,
+    /// Its dataset folder.
+    pub dir: PathBuf,
+    /// Its schema.
+    pub schema: SchemaRef,
+}
+
+impl Input {
+    /// Reads every row of the dataset.
+    pub fn read(&self) -> Result<Vec<RecordBatch>> {
+        store::read_dataset(&self.dir)
+    }
+}
+
+/// What a running stage can use.
+#[derive(Debug, Clone)]
+pub struct StageCx {
+    /// Name of the stage.
+    pub name: String,
+    /// Folder of the pipeline file.
+    pub base_dir: PathBuf,
+    /// The pipeline seed.
+    pub seed: u64,
+    /// Row-level cache for expensive per-row work.
+    pub cache: Arc<RowCache>,
+}
+
+/// A row a stage refused, with why. It goes to the rejection ledger.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rejection {
+    /// Id of the rejected row (or of the item that would have been one).
+    pub row_id: String,
+    /// Short machine-readable reason, e.g. `too_few_rows`.
+    pub reason: String,
+    /// Human-readable detail naming the file and values.
+    pub detail: String,
+}
+
+/// What a stage produced.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Rows, in a deterministic order, matching the declared output schema.
+    pub batches: Vec<RecordBatch>,
+    /// Rows refused, with reasons.
+    pub rejections: Vec<Rejection>,
+    /// Named counts written to the manifest (cache hits, items computed...).
+    pub counters: BTreeMap<String, u64>,
+}

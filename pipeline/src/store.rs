@@ -1,0 +1,287 @@
+//! The dataset store: one folder per stage under the output folder, holding Parquet part files,
+//! the stage's rejections and a manifest.
+//!
+//! Writes are atomic: everything goes to a temporary folder, the manifest is written last, and
+//! the folder is renamed into place. Only a folder named after the stage *with* a manifest is a
+//! finished dataset, so a run killed mid-write is never mistaken for a finished one.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::fingerprint::FingerprintParts;
+use crate::stage::Rejection;
+
+/// Manifest file name inside a dataset folder.
+pub const MANIFEST: &str = "manifest.json";
+/// Rejections file name inside a stage's dataset folder.
+pub const REJECTIONS: &str = "rejections.parquet";
+/// Folder (and SQL table) name of the rejection ledger.
+pub const LEDGER: &str = "_rejections";
+/// Rows per Parquet part file.
+pub const ROWS_PER_PART: usize = 65_536;
+
+/// What a finished dataset is: written last, read first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Stage name.
+    pub stage: String,
+    /// The stage fingerprint this dataset was produced under.
+    pub fingerprint: String,
+    /// What the fingerprint was made of (kind, version, parameters, files, input hashes).
+    pub parts: FingerprintParts,
+    /// BLAKE3 of the part files: equal hashes mean byte-identical rows.
+    pub content_hash: String,
+    /// Columns: name, Arrow type, nullability.
+    pub schema: Vec<ColumnInfo>,
+    /// Number of rows.
+    pub row_count: u64,
+    /// Number of rejections recorded.
+    pub rejected: u64,
+    /// Part files, in order.
+    pub files: Vec<String>,
+    /// When the run started (RFC 3339).
+    pub started_at: String,
+    /// When the dataset was complete (RFC 3339).
+    pub finished_at: String,
+    /// Stage-specific counts (cache hits, computed items...).
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// One column in a manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColumnInfo {
+    /// Column name.
+    pub name: String,
+    /// Arrow type, as displayed.
+    pub data_type: String,
+    /// Whether nulls are allowed.
+    pub nullable: bool,
+}
+
+/// The output folder of a pipeline.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// A store rooted at `dir` (created on first write).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Store { dir: dir.into() }
+    }
+
+    /// The output folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The dataset folder of `stage`.
+    pub fn stage_dir(&self, stage: &str) -> PathBuf {
+        self.dir.join(stage)
+    }
+
+    /// The manifest of `stage`'s finished dataset, if there is one.
+    pub fn manifest(&self, stage: &str) -> Result<Option<Manifest>> {
+        read_manifest(&self.stage_dir(stage))
+    }
+
+    /// Removes temporary folders left by killed runs.
+    pub fn clean_leftovers(&self) -> Result<()> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Ok(()) };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with(".tmp-") || name.starts_with(".old-") {
+                std::fs::remove_dir_all(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `stage`'s dataset atomically and returns its manifest, completed with the content
+    /// hash, row count, schema and file list.
+    pub fn write(&self, schema: &SchemaRef, batches: &[RecordBatch], rejections: &[Rejection], mut manifest: Manifest) -> Result<Manifest> {
+        let stage = manifest.stage.clone();
+        let tmp = self.dir.join(format!(".tmp-{stage}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+
+        let rows: Vec<RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).cloned().collect();
+        let total: usize = rows.iter().map(RecordBatch::num_rows).sum();
+        let mut hasher = blake3::Hasher::new();
+        let mut files = Vec::new();
+        let chunks = split_rows(&rows, ROWS_PER_PART);
+        for (i, chunk) in chunks.iter().enumerate() {
+            let name = format!("part-{i:05}.parquet");
+            let path = tmp.join(&name);
+            write_parquet(&path, schema, chunk)?;
+            hasher.update(&std::fs::read(&path).map_err(|e| Error::io(&path, e))?);
+            files.push(name);
+        }
+        write_parquet(&tmp.join(REJECTIONS), &rejection_schema(), &[rejection_batch(&stage, rejections)?])?;
+
+        manifest.content_hash = hasher.finalize().to_hex()[..32].to_string();
+        manifest.schema = schema_info(schema);
+        manifest.row_count = total as u64;
+        manifest.rejected = rejections.len() as u64;
+        manifest.files = files;
+        manifest.finished_at = now();
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
+        let mpath = tmp.join(MANIFEST);
+        std::fs::write(&mpath, json).map_err(|e| Error::io(&mpath, e))?;
+        File::open(&mpath).and_then(|f| f.sync_all()).map_err(|e| Error::io(&mpath, e))?;
+
+        let dest = self.stage_dir(&stage);
+        if dest.exists() {
+            let old = self.dir.join(format!(".old-{stage}-{}", std::process::id()));
+            std::fs::rename(&dest, &old).map_err(|e| Error::io(&dest, e))?;
+            std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&tmp, e))?;
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        } else {
+            std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&tmp, e))?;
+        }
+        Ok(manifest)
+    }
+
+    /// Rebuilds the rejection ledger `_rejections/` from the rejections of `stages`.
+    pub fn write_ledger(&self, stages: &[String]) -> Result<()> {
+        let mut batches = Vec::new();
+        for stage in stages {
+            let path = self.stage_dir(stage).join(REJECTIONS);
+            if self.manifest(stage)?.is_some() && path.exists() {
+                batches.extend(read_parquet(&path)?);
+            }
+        }
+        let schema = rejection_schema();
+        let dir = self.dir.join(LEDGER);
+        let tmp = self.dir.join(format!(".tmp-{LEDGER}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        write_parquet(&tmp.join("part-00000.parquet"), &schema, &batches)?;
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let info = serde_json::json!({ "stage": LEDGER, "row_count": rows, "files": ["part-00000.parquet"], "schema": schema_info(&schema) });
+        std::fs::write(tmp.join(MANIFEST), info.to_string()).map_err(|e| Error::io(&tmp, e))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))
+    }
+}
+
+/// Reads a manifest from a dataset folder; `None` if the folder holds no finished dataset.
+pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
+    let path = dir.join(MANIFEST);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::dataset(&path, format!("unreadable manifest ({e}); delete the folder to rebuild it"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
+/// The Parquet files of a dataset folder, in order (the ledger's included).
+pub fn dataset_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let path = dir.join(MANIFEST);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    #[derive(Deserialize)]
+    struct Files {
+        files: Vec<String>,
+    }
+    let files: Files = serde_json::from_slice(&bytes).map_err(|e| Error::dataset(&path, e))?;
+    Ok(files.files.iter().map(|f| dir.join(f)).collect())
+}
+
+/// Reads every row of a dataset folder.
+pub fn read_dataset(dir: &Path) -> Result<Vec<RecordBatch>> {
+    let mut out = Vec::new();
+    for file in dataset_files(dir)? {
+        out.extend(read_parquet(&file)?);
+    }
+    Ok(out)
+}
+
+/// Reads one Parquet file.
+pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| Error::dataset(path, e))?;
+    reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::dataset(path, e))
+}
+
+/// The schema stored in a Parquet file.
+pub fn parquet_schema(path: &Path) -> Result<SchemaRef> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    ParquetRecordBatchReaderBuilder::try_new(file).map(|b| b.schema().clone()).map_err(|e| Error::dataset(path, e))
+}
+
+fn write_parquet(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<()> {
+    let file = File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut writer = ArrowWriter::try_new(file, schema.clone(), None).map_err(|e| Error::dataset(path, e))?;
+    for b in batches {
+        writer.write(b).map_err(|e| Error::dataset(path, e))?;
+    }
+    writer.close().map_err(|e| Error::dataset(path, e))?;
+    Ok(())
+}
+
+/// Splits batches into chunks of at most `n` rows each; no rows gives one empty chunk, so that
+/// an empty dataset still has a part file carrying its schema.
+fn split_rows(batches: &[RecordBatch], n: usize) -> Vec<Vec<RecordBatch>> {
+    let mut chunks = vec![Vec::new()];
+    let mut filled = 0;
+    for batch in batches {
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            if filled == n {
+                chunks.push(Vec::new());
+                filled = 0;
+            }
+            let take = (n - filled).min(batch.num_rows() - offset);
+            chunks.last_mut().map(|c| c.push(batch.slice(offset, take)));
+            filled += take;
+            offset += take;
+        }
+    }
+    chunks
+}
+
+fn schema_info(schema: &Schema) -> Vec<ColumnInfo> {
+    schema
+        .fields()
+        .iter()
+        .map(|f| ColumnInfo { name: f.name().clone(), data_type: f.data_type().to_string(), nullable: f.is_nullable() })
+        .collect()
+}
+
+/// Schema of the rejection ledger.
+pub fn rejection_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("row_id", DataType::Utf8, false),
+        Field::new("stage", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("detail", DataType::Utf8, false),
+    ]))
+}
+
+fn rejection_batch(stage: &str, rejections: &[Rejection]) -> Result<RecordBatch> {
+    #[derive(Serialize)]
+    struct Row<'a> {
+        row_id: &'a str,
+        stage: &'a str,
+        reason: &'a str,
+        detail: &'a str,
+    }
+    let rows: Vec<Row> = rejections.iter().map(|r| Row { row_id: &r.row_id, stage, reason: &r.reason, detail: &r.detail }).collect();
+    crate::rows::to_batch(&rejection_schema(), &rows)
+}
+
+/// The current time, RFC 3339.
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

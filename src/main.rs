@@ -1,0 +1,259 @@
+//! The `kiln` command: parse arguments, call the engine, print. All logic lives in the
+//! `kiln-pipeline` (engine) and `kiln-stages` (stage kinds) crates.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use kiln_pipeline::executor::{self, Freshness, Outcome, RunOptions};
+use kiln_pipeline::plan::Plan;
+use kiln_pipeline::rows::to_json_rows;
+use kiln_pipeline::store::{self, Store, LEDGER};
+use kiln_pipeline::Error;
+
+/// kiln turns real data files into training data for data-analytic LLM agents.
+///
+/// A pipeline is a TOML file declaring a DAG of stages. kiln runs only what changed, caches
+/// every expensive row, and writes each stage as a Parquet dataset under the output folder.
+#[derive(Parser)]
+#[command(name = "kiln", version, about)]
+struct Cli {
+    /// Only print warnings and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the stages whose inputs, parameters or files changed.
+    Run {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Run only this stage, reading its inputs' existing datasets.
+        #[arg(long, conflicts_with = "from")]
+        only: Option<String>,
+        /// Rerun this stage and everything downstream of it.
+        #[arg(long)]
+        from: Option<String>,
+        /// Rerun every stage.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check the pipeline file without running anything.
+    Check {
+        /// The pipeline file.
+        pipeline: PathBuf,
+    },
+    /// Print the stage DAG.
+    Dag {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = DagFormat::Text)]
+        format: DagFormat,
+    },
+    /// Say for each stage whether it is fresh, or why it would run.
+    Status {
+        /// The pipeline file.
+        pipeline: PathBuf,
+    },
+    /// Print rows of a stage's dataset (or of the `_rejections` ledger).
+    Show {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// The stage.
+        stage: String,
+        /// Rows to print at most.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = RowFormat::Table)]
+        format: RowFormat,
+    },
+    /// Run a SQL query over every stage dataset and the `_rejections` ledger.
+    Sql {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// The query; each stage is a table named after it.
+        query: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = RowFormat::Table)]
+        format: RowFormat,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DagFormat {
+    Text,
+    Dot,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RowFormat {
+    Table,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if cli.quiet { "warn" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| default_level.into());
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+                return ExitCode::SUCCESS;
+            }
+            match e.downcast_ref::<Error>() {
+                Some(Error::Config(diags)) => {
+                    eprintln!("{diags}");
+                    ExitCode::from(2)
+                }
+                _ => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+async fn load(pipeline: &Path) -> anyhow::Result<Plan> {
+    Ok(Plan::load(pipeline, &kiln_stages::registry()).await?)
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        Command::Check { pipeline } => {
+            let plan = load(&pipeline).await?;
+            writeln!(out, "{}: ok, {} stages", pipeline.display(), plan.graph.len())?;
+        }
+        Command::Dag { pipeline, format } => {
+            let plan = load(&pipeline).await?;
+            match format {
+                DagFormat::Text => write!(out, "{}", plan.graph.to_text(&plan.order))?,
+                DagFormat::Dot => write!(out, "{}", plan.graph.to_dot(&plan.spec.settings.name))?,
+            }
+        }
+        Command::Status { pipeline } => {
+            let plan = load(&pipeline).await?;
+            for (name, state) in executor::status(&plan)? {
+                match state {
+                    Freshness::Fresh => writeln!(out, "{name}: fresh")?,
+                    Freshness::Stale(why) => writeln!(out, "{name}: stale ({})", why.join("; "))?,
+                }
+            }
+        }
+        Command::Run { pipeline, only, from, force } => {
+            let plan = load(&pipeline).await?;
+            let report = executor::run(&plan, &RunOptions { only, from, force }).await?;
+            for (name, outcome) in &report.stages {
+                match outcome {
+                    Outcome::Ran { manifest, seconds, .. } => writeln!(
+                        out,
+                        "{name}: ran, {} rows, {} rejected, {seconds:.2}s",
+                        manifest.row_count, manifest.rejected
+                    )?,
+                    Outcome::Fresh => writeln!(out, "{name}: fresh")?,
+                    Outcome::NotSelected => writeln!(out, "{name}: not selected")?,
+                    Outcome::Blocked => writeln!(out, "{name}: not run, an input failed")?,
+                    Outcome::Failed(e) => writeln!(out, "{name}: FAILED: {e}")?,
+                }
+            }
+            writeln!(out, "datasets in {}", plan.output_dir.display())?;
+            if let Some(e) = report.failure() {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Show { pipeline, stage, limit, format } => {
+            let plan = load(&pipeline).await?;
+            let store = Store::new(&plan.output_dir);
+            if stage != LEDGER {
+                plan.stage_index(&stage)?;
+            }
+            let dir = store.stage_dir(&stage);
+            if !dir.join(store::MANIFEST).exists() {
+                anyhow::bail!("stage `{stage}` has no dataset yet in {}: run `kiln run {}` first", plan.output_dir.display(), pipeline.display());
+            }
+            let batches = store::read_dataset(&dir)?;
+            let batches = take_rows(&batches, limit);
+            print_rows(&mut out, &batches, format)?;
+        }
+        Command::Sql { pipeline, query, format } => {
+            let plan = load(&pipeline).await?;
+            let store = Store::new(&plan.output_dir);
+            let mut tables = Vec::new();
+            for name in plan.stage_names().into_iter().chain([LEDGER.to_string()]) {
+                let dir = store.stage_dir(&name);
+                if dir.join(store::MANIFEST).exists() {
+                    tables.push((name, dir));
+                }
+            }
+            let batches = kiln_stages::sql::query(&tables, &query).await.context("query failed")?;
+            print_rows(&mut out, &batches, format)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn take_rows(batches: &[arrow::record_batch::RecordBatch], limit: usize) -> Vec<arrow::record_batch::RecordBatch> {
+    let mut left = limit;
+    let mut out = Vec::new();
+    for b in batches {
+        if left == 0 {
+            break;
+        }
+        let n = left.min(b.num_rows());
+        out.push(b.slice(0, n));
+        left -= n;
+    }
+    out
+}
+
+/// Longest cell shown in table format; JSON format prints everything.
+const CELL_CHARS: usize = 60;
+
+fn print_rows(out: &mut impl Write, batches: &[arrow::record_batch::RecordBatch], format: RowFormat) -> anyhow::Result<()> {
+    match format {
+        RowFormat::Json => {
+            for row in to_json_rows(batches)? {
+                writeln!(out, "{}", serde_json::Value::Object(row))?;
+            }
+        }
+        RowFormat::Table => {
+            let options = arrow::util::display::FormatOptions::default().with_null("");
+            let mut short = Vec::new();
+            for b in batches {
+                let mut columns: Vec<arrow::array::ArrayRef> = Vec::new();
+                for col in b.columns() {
+                    let fmt = arrow::util::display::ArrayFormatter::try_new(col.as_ref(), &options)?;
+                    let cells = (0..col.len()).map(|i| {
+                        let s = fmt.value(i).to_string().replace('\n', " ");
+                        if s.chars().count() > CELL_CHARS { format!("{}…", s.chars().take(CELL_CHARS - 1).collect::<String>()) } else { s }
+                    });
+                    columns.push(std::sync::Arc::new(arrow::array::StringArray::from_iter_values(cells)));
+                }
+                let fields: Vec<arrow::datatypes::Field> =
+                    b.schema().fields().iter().map(|f| arrow::datatypes::Field::new(f.name(), arrow::datatypes::DataType::Utf8, false)).collect();
+                short.push(arrow::record_batch::RecordBatch::try_new(std::sync::Arc::new(arrow::datatypes::Schema::new(fields)), columns)?);
+            }
+            writeln!(out, "{}", arrow::util::pretty::pretty_format_batches(&short)?)?;
+        }
+    }
+    Ok(())
+}

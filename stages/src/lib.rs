@@ -1,0 +1,9 @@
+//! The stage kinds of kiln. Each kind is one module whose parameters struct implements
+//! [`kiln_pipeline::stage::Stage`]; [`registry::registry`] lists them all.
+#![deny(missing_docs)]
+
+pub mod profile;
+pub mod registry;
+pub mod sql;
+
+pub use registry::registry;

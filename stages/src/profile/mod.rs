@@ -1,0 +1,412 @@
+//! `profile`: one row of metadata per table found in data files (RECIPE section 1).
+//!
+//! Reads CSV, TSV, XLSX (every sheet), SQLite (every table), Parquet, JSON and JSON lines, and
+//! writes for each table its description (from a sidecar file), head rows, column names and
+//! types, per-column min/max, unique values (capped) and null counts, row and column counts,
+//! and for SQLite the CREATE TABLE DDL of the whole database. Tables outside the row and column
+//! thresholds, and files that cannot be read, go to the rejection ledger with a reason.
+//!
+//! Each file's result goes through the row cache, keyed by its path, size, modification time and
+//! the parameters: a rerun after a crash only reads the files not yet profiled.
+//!
+//! ```toml
+//! [stages.files]
+//! kind = "profile"
+//! paths = ["data/*.csv", "data/*.xlsx", "data/*.sqlite"]
+//! min_rows = 20
+//! max_rows = 1000
+//! ```
+
+mod readers;
+mod stats;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Fields, SchemaRef};
+use async_trait::async_trait;
+use futures::stream::{self, StreamExt};
+use kiln_pipeline::cache::CacheKey;
+use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch};
+use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx};
+use kiln_pipeline::{progress, Error, Result};
+use serde::{Deserialize, Serialize};
+
+use readers::{FileRead, Format, Table, TableRead};
+use stats::{ColumnProfile, ColumnStats};
+
+/// Parameters of a `profile` stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// Files or glob patterns (`data/**/*.csv`), relative to the pipeline file. Required.
+    pub paths: Vec<String>,
+    /// Tables with fewer rows are rejected (`too_few_rows`). Default: 20.
+    #[serde(default = "default_min_rows")]
+    pub min_rows: u64,
+    /// Tables with more rows are rejected (`too_many_rows`). Default: 1000.
+    #[serde(default = "default_max_rows")]
+    pub max_rows: u64,
+    /// Tables with fewer columns are rejected. Default: 1.
+    #[serde(default = "default_min_columns")]
+    pub min_columns: u64,
+    /// Tables with more columns are rejected. Default: 200.
+    #[serde(default = "default_max_columns")]
+    pub max_columns: u64,
+    /// Number of head rows kept per table. Default: 5.
+    #[serde(default = "default_head_rows")]
+    pub head_rows: usize,
+    /// Unique values listed per column, at most. Default: 20.
+    #[serde(default = "default_max_unique_values")]
+    pub max_unique_values: usize,
+    /// Column statistics are computed over at most this many rows; row counts are always
+    /// exact. Default: 100000.
+    #[serde(default = "default_sample_rows")]
+    pub sample_rows: usize,
+    /// Files larger than this many MiB are rejected (`oversized`) without being read.
+    /// Default: 1024.
+    #[serde(default = "default_max_file_mib")]
+    pub max_file_mib: u64,
+    /// Tables where more than this share of columns hold no value at all are rejected
+    /// (`anomalous_columns`). Between 0 and 1. Default: 0.5.
+    #[serde(default = "default_max_empty_columns")]
+    pub max_empty_columns: f64,
+    /// How many files are read at once. Default: the number of CPUs.
+    #[serde(default)]
+    pub parallelism: Option<usize>,
+}
+
+fn default_min_rows() -> u64 {
+    20
+}
+fn default_max_rows() -> u64 {
+    1000
+}
+fn default_min_columns() -> u64 {
+    1
+}
+fn default_max_columns() -> u64 {
+    200
+}
+fn default_head_rows() -> usize {
+    5
+}
+fn default_max_unique_values() -> usize {
+    20
+}
+fn default_sample_rows() -> usize {
+    100_000
+}
+fn default_max_file_mib() -> u64 {
+    1024
+}
+fn default_max_empty_columns() -> f64 {
+    0.5
+}
+
+/// Bump when the same files and parameters would give different rows.
+const VERSION: u32 = 1;
+
+/// One output row: the metadata of one table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TableProfile {
+    row_id: String,
+    parent_ids: Vec<String>,
+    path: String,
+    format: String,
+    table: String,
+    description: Option<String>,
+    row_count: u64,
+    column_count: u64,
+    column_names: Vec<String>,
+    columns: Vec<ColumnProfile>,
+    head: String,
+    ddl: Option<String>,
+    sampled: bool,
+}
+
+/// What became of one table; a file's list of these is what the row cache stores.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum TableOutcome {
+    Profiled(Box<TableProfile>),
+    Rejected(Rejection),
+}
+
+fn schema() -> SchemaRef {
+    let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, true)));
+    let column = Fields::from(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("data_type", DataType::Utf8, false),
+        Field::new("null_count", DataType::UInt64, false),
+        Field::new("unique_count", DataType::UInt64, true),
+        Field::new("min", DataType::Utf8, true),
+        Field::new("max", DataType::Utf8, true),
+        Field::new("unique_values", list(DataType::Utf8), false),
+    ]);
+    schema_with_lineage(vec![
+        Field::new("path", DataType::Utf8, false),
+        Field::new("format", DataType::Utf8, false),
+        Field::new("table", DataType::Utf8, false),
+        Field::new("description", DataType::Utf8, true),
+        Field::new("row_count", DataType::UInt64, false),
+        Field::new("column_count", DataType::UInt64, false),
+        Field::new("column_names", list(DataType::Utf8), false),
+        Field::new("columns", list(DataType::Struct(column)), false),
+        Field::new("head", DataType::Utf8, false),
+        Field::new("ddl", DataType::Utf8, true),
+        Field::new("sampled", DataType::Boolean, false),
+    ])
+}
+
+impl Profile {
+    /// Every file the patterns match, each once, in pattern then path order, as
+    /// `(as written relative to the pipeline, resolved path)`.
+    fn matched_files(&self, cx: &CheckCx) -> Vec<(String, PathBuf)> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for pattern in &self.paths {
+            for path in expand(cx, pattern).unwrap_or_default() {
+                if seen.insert(path.clone()) {
+                    let shown = path.strip_prefix(&cx.base_dir).unwrap_or(&path).display().to_string();
+                    out.push((shown, path));
+                }
+            }
+        }
+        out
+    }
+
+    fn keeps(&self, rows: u64) -> bool {
+        (self.min_rows..=self.max_rows).contains(&rows)
+    }
+
+    /// Profiles one file, every table of it.
+    async fn profile_file(&self, shown: &str, path: &Path) -> Vec<TableOutcome> {
+        let file_id = row_id(&[], shown.as_bytes());
+        let reject = |reason: &str, detail: String| vec![TableOutcome::Rejected(Rejection { row_id: file_id.clone(), reason: reason.into(), detail: format!("{shown}: {detail}") })];
+        let Some(format) = Format::of(path) else {
+            return reject("unsupported_format", "not a CSV, TSV, XLSX, SQLite, Parquet, JSON or JSON lines file (by extension)".into());
+        };
+        match std::fs::metadata(path) {
+            Err(e) => return reject("unreadable", e.to_string()),
+            Ok(m) if m.len() == 0 => return reject("empty", "the file is empty".into()),
+            Ok(m) if m.len() > self.max_file_mib * 1024 * 1024 => {
+                return reject("oversized", format!("{} bytes, over `max_file_mib` = {}", m.len(), self.max_file_mib));
+            }
+            Ok(_) => {}
+        }
+        let keep = |rows: u64| self.keeps(rows);
+        let read = match format {
+            Format::Csv | Format::Tsv | Format::Parquet | Format::Jsonl => readers::read_with_datafusion(path, format, self.sample_rows, &keep).await,
+            Format::Json | Format::Xlsx | Format::Sqlite => {
+                let (path, this) = (path.to_path_buf(), self.clone());
+                tokio::task::spawn_blocking(move || {
+                    let keep = |rows: u64| this.keeps(rows);
+                    match format {
+                        Format::Json => readers::read_json_array(&path, this.sample_rows),
+                        Format::Xlsx => readers::read_xlsx(&path, this.sample_rows, &keep),
+                        _ => readers::read_sqlite(&path, this.sample_rows, &keep),
+                    }
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("reader crashed: {e}")))
+            }
+        };
+        let FileRead { tables, ddl } = match read {
+            Ok(read) => read,
+            Err(e) => return reject("unreadable", e),
+        };
+        if tables.is_empty() {
+            return reject("empty", "no table, sheet or record found".into());
+        }
+        let description = sidecar_description(path);
+        tables.into_iter().map(|t| self.profile_table(shown, format, t, &description, &ddl)).collect()
+    }
+
+    fn profile_table(&self, shown: &str, format: Format, table: TableRead, description: &Option<String>, ddl: &Option<String>) -> TableOutcome {
+        let name = match &table {
+            Ok(t) => t.name.clone(),
+            Err(e) => e.name.clone(),
+        };
+        let id = row_id(&[], format!("{shown}\0{name}").as_bytes());
+        let reject = |reason: &str, detail: String| TableOutcome::Rejected(Rejection { row_id: id.clone(), reason: reason.into(), detail: format!("{shown} [{name}]: {detail}") });
+        let t: Table = match table {
+            Ok(t) => t,
+            Err(e) => return reject(e.reason, e.detail),
+        };
+        let columns = t.schema.fields().len() as u64;
+        if t.row_count < self.min_rows {
+            return reject("too_few_rows", format!("{} rows, under `min_rows` = {}", t.row_count, self.min_rows));
+        }
+        if t.row_count > self.max_rows {
+            return reject("too_many_rows", format!("{} rows, over `max_rows` = {}", t.row_count, self.max_rows));
+        }
+        if columns < self.min_columns || columns > self.max_columns {
+            return reject(
+                if columns < self.min_columns { "too_few_columns" } else { "too_many_columns" },
+                format!("{columns} columns, outside `min_columns`..=`max_columns` = {}..={}", self.min_columns, self.max_columns),
+            );
+        }
+
+        let mut stats: Vec<ColumnStats> = t.schema.fields().iter().map(|f| ColumnStats::new(f.name(), f.data_type())).collect();
+        let examined: u64 = t.rows.iter().map(|b| b.num_rows() as u64).sum();
+        for batch in &t.rows {
+            for (s, col) in stats.iter_mut().zip(batch.columns()) {
+                s.update(col);
+            }
+        }
+        let empty = stats.iter().filter(|s| s.is_empty(examined)).count();
+        if columns > 0 && empty as f64 / columns as f64 > self.max_empty_columns {
+            return reject("anomalous_columns", format!("{empty} of {columns} columns hold no value, over `max_empty_columns` = {}", self.max_empty_columns));
+        }
+        let head = match head_json(&t, self.head_rows) {
+            Ok(h) => h,
+            Err(e) => return reject("unreadable", format!("rows cannot be rendered: {e}")),
+        };
+        let columns_profile: Vec<ColumnProfile> = stats.into_iter().map(|s| s.finish(self.max_unique_values)).collect();
+        TableOutcome::Profiled(Box::new(TableProfile {
+            row_id: id.clone(),
+            parent_ids: Vec::new(),
+            path: shown.to_string(),
+            format: format.name().to_string(),
+            table: t.name.clone(),
+            description: description.clone(),
+            row_count: t.row_count,
+            column_count: columns,
+            column_names: t.schema.fields().iter().map(|f| f.name().clone()).collect(),
+            columns: columns_profile,
+            head,
+            ddl: ddl.clone(),
+            sampled: t.sampled,
+        }))
+    }
+}
+
+/// The first `n` rows as a JSON array of objects, keys in column order.
+fn head_json(t: &Table, n: usize) -> std::result::Result<String, arrow::error::ArrowError> {
+    let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
+    let mut left = n;
+    for b in &t.rows {
+        if left == 0 {
+            break;
+        }
+        let take = left.min(b.num_rows());
+        writer.write(&b.slice(0, take))?;
+        left -= take;
+    }
+    writer.finish()?;
+    let text = String::from_utf8_lossy(&writer.into_inner()).into_owned();
+    Ok(format!("[{}]", text.lines().collect::<Vec<_>>().join(",")))
+}
+
+/// A description kept beside the file: `<stem>.md`, `<stem>.txt`, `<name>.md`, or the folder's
+/// `README.md`; at most 4000 characters.
+fn sidecar_description(path: &Path) -> Option<String> {
+    let dir = path.parent()?;
+    let stem = path.file_stem()?.to_string_lossy();
+    let name = path.file_name()?.to_string_lossy();
+    let candidates = [format!("{stem}.md"), format!("{stem}.txt"), format!("{name}.md"), "README.md".into(), "README.txt".into()];
+    candidates
+        .iter()
+        .map(|c| dir.join(c))
+        .filter(|c| c != path)
+        .find_map(|c| std::fs::read_to_string(c).ok())
+        .map(|text| text.trim().chars().take(4000).collect())
+}
+
+/// Expands one pattern against the pipeline folder, sorted.
+fn expand(cx: &CheckCx, pattern: &str) -> std::result::Result<Vec<PathBuf>, String> {
+    let full = cx.resolve(pattern);
+    let full = full.to_str().ok_or("the pattern is not valid UTF-8")?;
+    let mut paths: Vec<PathBuf> = glob::glob(full).map_err(|e| e.to_string())?.filter_map(|p| p.ok()).filter(|p| p.is_file()).collect();
+    paths.sort();
+    Ok(paths)
+}
+
+#[async_trait]
+impl Stage for Profile {
+    fn version(&self) -> u32 {
+        VERSION
+    }
+
+    fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if self.paths.is_empty() {
+            problems.push(Problem::new("paths", "`paths` is empty").help("list files or glob patterns, e.g. `paths = [\"data/*.csv\"]`"));
+        }
+        for (i, pattern) in self.paths.iter().enumerate() {
+            match expand(cx, pattern) {
+                Err(e) => problems.push(Problem::new(&format!("paths.{i}"), format!("`{pattern}` is not a valid glob pattern: {e}"))),
+                Ok(found) if found.is_empty() => problems.push(
+                    Problem::new(&format!("paths.{i}"), format!("`{pattern}` matches no file"))
+                        .help(format!("paths are relative to the pipeline file's folder `{}`", cx.base_dir.display())),
+                ),
+                Ok(_) => {}
+            }
+        }
+        if self.min_rows > self.max_rows {
+            problems.push(Problem::new("min_rows", format!("`min_rows` ({}) is over `max_rows` ({})", self.min_rows, self.max_rows)));
+        }
+        if !(0.0..=1.0).contains(&self.max_empty_columns) {
+            problems.push(Problem::new("max_empty_columns", format!("`max_empty_columns` must be between 0 and 1, got {}", self.max_empty_columns)));
+        }
+        if self.parallelism == Some(0) {
+            problems.push(Problem::new("parallelism", "`parallelism` must be at least 1, got 0"));
+        }
+        problems
+    }
+
+    fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
+        self.matched_files(cx).into_iter().map(|(_, p)| FileDep::Stat(p)).collect()
+    }
+
+    async fn output_schema(&self, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
+        if !inputs.is_empty() {
+            return Err(vec![Problem::new("inputs", "a `profile` stage reads files, not other stages").help("remove `inputs` and list files in `paths`")]);
+        }
+        Ok(schema())
+    }
+
+    async fn run(&self, cx: &StageCx, _inputs: &[Input]) -> Result<Output> {
+        let check = CheckCx { base_dir: cx.base_dir.clone() };
+        let files = self.matched_files(&check);
+        let bar = progress::bar(&cx.name, files.len() as u64);
+        let parallelism = self.parallelism.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+        let namespace = format!("profile/{VERSION}");
+        let results: Vec<Result<(Vec<TableOutcome>, bool)>> = stream::iter(0..files.len())
+            .map(|i| {
+                let (namespace, bar, (shown, path)) = (&namespace, &bar, &files[i]);
+                async move {
+                    let state = std::fs::metadata(path).map(|m| (m.len(), m.modified().ok())).ok();
+                    let key = CacheKey::new(namespace, &(shown, format!("{state:?}"), self))?;
+                    let result = cx.cache.get_or_compute(&key, namespace, || async { Ok(self.profile_file(shown, path).await) }).await;
+                    bar.inc(1);
+                    result
+                }
+            })
+            .buffered(parallelism)
+            .collect()
+            .await;
+        bar.finish_and_clear();
+
+        let mut output = Output::default();
+        let mut rows = Vec::new();
+        let mut counters = BTreeMap::from([("files".to_string(), files.len() as u64)]);
+        for result in results {
+            let (outcomes, hit) = result?;
+            *counters.entry(if hit { "cache_hits" } else { "computed" }.to_string()).or_default() += 1;
+            for outcome in outcomes {
+                *counters.entry("tables".to_string()).or_default() += 1;
+                match outcome {
+                    TableOutcome::Profiled(p) => rows.push(*p),
+                    TableOutcome::Rejected(r) => output.rejections.push(r),
+                }
+            }
+        }
+        counters.insert("profiled".into(), rows.len() as u64);
+        counters.insert("rejected".into(), output.rejections.len() as u64);
+        output.counters = counters;
+        output.batches = vec![to_batch(&schema(), &rows).map_err(|e| Error::stage(&cx.name, e))?];
+        Ok(output)
+    }
+}
