@@ -140,7 +140,7 @@ async fn check_schemas(spec: &Spec, graph: &Graph, order: &[usize], diags: &mut 
             .collect();
         // An upstream problem is already reported; checking against a guess would only add noise.
         let Some(inputs) = inputs else { continue };
-        if inputs.len() != s.inputs.len() {
+        if !s.inputs_valid() || inputs.len() != s.inputs.len() {
             continue;
         }
         match stage.output_schema(&inputs).await {

@@ -77,6 +77,7 @@ pub struct StageSpec {
     pub stage: Option<Box<dyn Stage>>,
     name_span: Range<usize>,
     input_spans: Vec<Range<usize>>,
+    inputs_valid: bool,
     key_spans: BTreeMap<String, Range<usize>>,
 }
 
@@ -84,6 +85,11 @@ impl StageSpec {
     /// Span of the stage name.
     pub fn name_span(&self) -> Range<usize> {
         self.name_span.clone()
+    }
+
+    /// False when `inputs` was malformed, so checks that depend on the inputs are skipped.
+    pub fn inputs_valid(&self) -> bool {
+        self.inputs_valid
     }
 
     /// Span of the `i`-th input.
@@ -113,7 +119,7 @@ impl StageSpec {
 pub fn parse(file: &Path, text: &str, registry: &Registry) -> (Option<Spec>, Vec<Diagnostic>) {
     let map = SourceMap::new(file, text);
     let (root, errors) = DeTable::parse_recoverable(text);
-    let mut diags: Vec<Diagnostic> = errors.iter().map(|e| toml_error(&map, e, None)).collect();
+    let mut diags = syntax_errors(&map, text, &errors);
     let root_table = root.get_ref();
 
     for (key, _) in root_table.iter() {
@@ -197,6 +203,7 @@ fn parse_stage(
 
     let mut inputs = Vec::new();
     let mut input_spans = Vec::new();
+    let problems_before = diags.len();
     if let Some(v) = lookup(table, "inputs") {
         match v.get_ref() {
             DeValue::Array(items) => {
@@ -214,6 +221,7 @@ fn parse_stage(
         }
     }
 
+    let inputs_valid = diags.len() == problems_before;
     let params: DeTable<'_> =
         table.iter().filter(|(k, _)| !["kind", "inputs"].contains(&k.get_ref().as_ref())).map(|(k, v)| (k.clone(), v.clone())).collect();
     let params_value = Spanned::new(value.span(), DeValue::Table(params));
@@ -245,6 +253,7 @@ fn parse_stage(
         stage,
         name_span: name.span(),
         input_spans,
+        inputs_valid,
         key_spans,
     })
 }
@@ -273,6 +282,37 @@ fn pipeline_fields() -> &'static [&'static str] {
     &["name", "output_dir", "seed", "description", "templates", "taxonomy"]
 }
 
+/// Diagnostics for TOML syntax errors. A table declared twice gives one "duplicate stage" (or
+/// "duplicate table") error instead of one error per key it repeats.
+fn syntax_errors(map: &SourceMap, text: &str, errors: &[toml::de::Error]) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let mut duplicated_header: Option<usize> = None;
+    for e in errors {
+        let span = e.span().unwrap_or(0..0);
+        if e.message().starts_with("duplicate key") {
+            let line_start = text[..span.start.min(text.len())].rfind('\n').map(|i| i + 1).unwrap_or(0);
+            let line = text[line_start..].lines().next().unwrap_or_default().trim_start();
+            if line.starts_with('[') {
+                duplicated_header = Some(span.start);
+                let key = text.get(span.clone()).unwrap_or_default();
+                let (what, help) = if line.starts_with("[stages.") {
+                    (format!("duplicate stage name `{key}`"), "stage names must be unique: rename or remove one of the two tables")
+                } else {
+                    (format!("table `{key}` is declared twice"), "merge the two tables into one")
+                };
+                out.push(map.diagnostic(span, what, Some(help.into())));
+                continue;
+            }
+            // Keys repeated because their whole table is repeated are already reported.
+            if duplicated_header.is_some_and(|h| !text[h..span.start.max(h)].contains("\n[")) {
+                continue;
+            }
+        }
+        out.push(toml_error(map, e, None));
+    }
+    out
+}
+
 /// Turns a toml error into a diagnostic, adding "did you mean" for unknown keys.
 fn toml_error(map: &SourceMap, e: &toml::de::Error, fields: Option<&[&str]>) -> Diagnostic {
     let message = e.message().trim().to_string();
@@ -281,12 +321,17 @@ fn toml_error(map: &SourceMap, e: &toml::de::Error, fields: Option<&[&str]>) -> 
             let key = rest.split('`').next().unwrap_or_default();
             did_you_mean(key, fields.iter().copied()).or_else(|| Some(format!("accepted keys: {}", backticked(fields))))
         }
-        _ if message.starts_with("duplicate key") => Some("each key (and each stage name) may appear only once".into()),
-        _ if message.starts_with("invalid type") => Some("check the value's type against the stage kind's documentation".into()),
+        _ if message.starts_with("duplicate key") => Some("each key may appear only once in a table".into()),
+        _ if message.starts_with("invalid type") || message.starts_with("invalid value") => {
+            Some("check the value against the documented type of this key".into())
+        }
         _ if message.starts_with("missing field") => Some("add the missing key to this table".into()),
         _ => None,
     };
-    let message = message.split(", expected one of").next().unwrap_or(&message).to_string();
+    let message = match message.strip_prefix("unknown field `") {
+        Some(_) => message.split(", expected").next().unwrap_or(&message).to_string(),
+        None => message,
+    };
     map.diagnostic(e.span().unwrap_or(0..0), message, help)
 }
 

@@ -104,7 +104,9 @@ impl Stage for Sql {
                 .map(|i| format!("`{}` ({})", i.name, i.schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")))
                 .collect();
             let help = if tables.is_empty() { "add `inputs = [\"...\"]`: the query can only read input stages".to_string() } else { format!("tables: {}", tables.join("; ")) };
-            vec![Problem::new("query", format!("the query does not fit its inputs: {}", e.strip_backtrace())).help(help)]
+            let error = e.strip_backtrace();
+            let first_line = error.lines().next().unwrap_or_default();
+            vec![Problem::new("query", format!("the query does not fit its inputs: {first_line}")).help(help)]
         })?;
         shape(df.schema().as_arrow()).map(|s| s.output).map_err(|p| vec![p])
     }

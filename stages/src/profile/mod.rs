@@ -314,6 +314,10 @@ fn sidecar_description(path: &Path) -> Option<String> {
         .map(|text| text.trim().chars().take(4000).collect())
 }
 
+fn shown_dir(dir: &Path) -> String {
+    if dir.as_os_str().is_empty() { ".".into() } else { dir.display().to_string() }
+}
+
 /// Expands one pattern against the pipeline folder, sorted.
 fn expand(cx: &CheckCx, pattern: &str) -> std::result::Result<Vec<PathBuf>, String> {
     let full = cx.resolve(pattern);
@@ -339,7 +343,7 @@ impl Stage for Profile {
                 Err(e) => problems.push(Problem::new(&format!("paths.{i}"), format!("`{pattern}` is not a valid glob pattern: {e}"))),
                 Ok(found) if found.is_empty() => problems.push(
                     Problem::new(&format!("paths.{i}"), format!("`{pattern}` matches no file"))
-                        .help(format!("paths are relative to the pipeline file's folder `{}`", cx.base_dir.display())),
+                        .help(format!("paths are relative to the pipeline file's folder `{}`", shown_dir(&cx.base_dir))),
                 ),
                 Ok(_) => {}
             }

@@ -1,0 +1,37 @@
+//! Golden tests of `kiln check` on malformed pipelines: each `tests/pipelines/bad/NAME.toml`
+//! must fail with exactly the messages in `NAME.expected` (file:line:col, message, help).
+//! Run with `KILN_BLESS=1` to rewrite the expected files after an intended change.
+
+mod util;
+
+#[test]
+fn malformed_pipelines_report_every_problem_with_its_position() {
+    let dir = util::root().join("tests/pipelines/bad");
+    let bless = std::env::var_os("KILN_BLESS").is_some();
+    let mut cases: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "toml")).collect();
+    cases.sort();
+    assert!(cases.len() >= 15, "at least 15 malformed pipelines, found {}", cases.len());
+    let mut failures = Vec::new();
+    for case in &cases {
+        let name = case.file_name().unwrap().to_str().unwrap();
+        let out = util::kiln_err(&dir, &["check", name]);
+        assert_eq!(out.status.code(), Some(2), "{name}: config errors exit with 2");
+        let got = util::text(&out.stderr);
+        let expected_path = case.with_extension("expected");
+        if bless {
+            std::fs::write(&expected_path, &got).unwrap();
+            continue;
+        }
+        let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
+        if got != expected {
+            failures.push(format!("--- {name}: expected\n{expected}--- got\n{got}"));
+        }
+    }
+    assert!(failures.is_empty(), "{} case(s) differ (KILN_BLESS=1 rewrites):\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn the_quickstart_checks_clean() {
+    let out = util::kiln_ok(&util::root(), &["check", "recipes/quickstart.toml"]);
+    assert_eq!(out, "recipes/quickstart.toml: ok, 2 stages\n");
+}

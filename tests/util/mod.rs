@@ -1,0 +1,72 @@
+//! Helpers for integration tests: run the real `kiln` binary, read datasets back.
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kiln_pipeline::rows::to_json_rows;
+use kiln_pipeline::store::{read_dataset, read_manifest, Manifest};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shared corpus of real data files (`../shared/corpus`).
+pub fn corpus() -> PathBuf {
+    root().join("../shared/corpus").canonicalize().expect("../shared/corpus is present beside the repository")
+}
+
+/// A `kiln` command running in `dir`, with logs quiet and no colours.
+pub fn kiln(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.current_dir(dir).env("KILN_LOG", "warn").env("NO_COLOR", "1");
+    cmd
+}
+
+/// Runs `kiln args...` in `dir` and returns its output; panics with stderr on failure.
+pub fn kiln_ok(dir: &Path, args: &[&str]) -> String {
+    let out = kiln(dir).args(args).output().expect("kiln starts");
+    assert!(out.status.success(), "kiln {args:?} failed:\n{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// Runs `kiln args...` in `dir`, expecting failure; returns the output.
+pub fn kiln_err(dir: &Path, args: &[&str]) -> Output {
+    let out = kiln(dir).args(args).output().expect("kiln starts");
+    assert!(!out.status.success(), "kiln {args:?} should fail:\n{}", text(&out.stdout));
+    out
+}
+
+/// Bytes as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Every row of the dataset in `dir`, as JSON objects.
+pub fn rows(dir: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    to_json_rows(&read_dataset(dir).expect("dataset readable")).expect("rows to JSON")
+}
+
+/// The manifest of the dataset in `dir`.
+pub fn manifest(dir: &Path) -> Manifest {
+    read_manifest(dir).expect("manifest readable").expect("dataset finished")
+}
+
+/// The Python interpreter for independent checks (`KILN_PYTHON`, else `python3`).
+pub fn python(script: &str) -> String {
+    let python = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(python).arg("-c").arg(script).output().expect("python runs");
+    assert!(out.status.success(), "python failed:\n{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// Copies the quickstart sample files into `dir/data`.
+pub fn copy_sample_data(dir: &Path) {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for entry in std::fs::read_dir(root().join("recipes/data")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), data.join(entry.file_name())).unwrap();
+    }
+}
