@@ -9,7 +9,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln_pipeline::executor::{self, Freshness, Outcome, RunOptions};
 use kiln_pipeline::plan::Plan;
-use kiln_pipeline::rows::to_json_rows;
 use kiln_pipeline::store::{self, Store, LEDGER};
 use kiln_pipeline::Error;
 
@@ -231,9 +230,12 @@ const CELL_CHARS: usize = 60;
 fn print_rows(out: &mut impl Write, batches: &[arrow::record_batch::RecordBatch], format: RowFormat) -> anyhow::Result<()> {
     match format {
         RowFormat::Json => {
-            for row in to_json_rows(batches)? {
-                writeln!(out, "{}", serde_json::Value::Object(row))?;
+            // One object per line, keys in column order.
+            let mut writer = arrow::json::LineDelimitedWriter::new(out);
+            for b in batches {
+                writer.write(b)?;
             }
+            writer.finish()?;
         }
         RowFormat::Table => {
             let options = arrow::util::display::FormatOptions::default().with_null("");

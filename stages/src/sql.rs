@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, ListArray, RecordBatch, StringArray};
-use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SQLOptions;
@@ -135,7 +135,7 @@ impl Stage for Sql {
             } else {
                 let ids: Vec<String> = to_json_rows(std::slice::from_ref(&batch))?.iter().map(|row| row_id(&[], serde_json::to_string(row).unwrap_or_default().as_bytes())).collect();
                 let offsets = arrow::buffer::OffsetBuffer::new_zeroed(batch.num_rows());
-                let empty = ListArray::new(Arc::new(lineage_fields()[1].clone().with_name("item").with_nullable(true)), offsets, Arc::new(StringArray::new_null(0)), None);
+                let empty = ListArray::new(Arc::new(Field::new("item", DataType::Utf8, true)), offsets, Arc::new(StringArray::new_null(0)), None);
                 (Some(Arc::new(StringArray::from(ids)) as ArrayRef), Some(Arc::new(empty) as ArrayRef))
             };
             let (Some(ids), Some(parents)) = (ids, parents) else { return Err(Error::Internal("lineage columns vanished".into())) };
