@@ -107,11 +107,13 @@ pub async fn read_with_datafusion(path: &Path, format: Format, sample_rows: usiz
     let ext = path.extension().and_then(|e| e.to_str()).map(|e| format!(".{e}")).unwrap_or_default();
     let df = match format {
         Format::Csv | Format::Tsv => {
+            let delimiter = if format == Format::Tsv { b'\t' } else { b',' };
+            let schema = csv_schema(path, delimiter, sample_rows.max(1000))?;
             let options = CsvReadOptions::new()
                 .has_header(true)
-                .delimiter(if format == Format::Tsv { b'\t' } else { b',' })
+                .delimiter(delimiter)
                 .newlines_in_values(true)
-                .schema_infer_max_records(sample_rows.max(1000))
+                .schema(&schema)
                 .file_extension(&ext);
             ctx.read_csv(location, options).await
         }
@@ -128,6 +130,16 @@ pub async fn read_with_datafusion(path: &Path, format: Format, sample_rows: usiz
     };
     let table = read.await.map_err(|e| TableError { name, reason: "unreadable", detail: e.strip_backtrace() });
     Ok(FileRead { tables: vec![table], ddl: None })
+}
+
+/// Infers a CSV file's schema from its first `max_records` rows, making blank or repeated
+/// header names unique (real files have both, and DataFusion would reject them).
+fn csv_schema(path: &Path, delimiter: u8, max_records: usize) -> Result<Schema, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let format = arrow::csv::reader::Format::default().with_header(true).with_delimiter(delimiter);
+    let (schema, _) = format.infer_schema(file, Some(max_records)).map_err(|e| e.to_string())?;
+    let names = header_names(schema.fields().iter().map(|f| f.name().clone()));
+    Ok(Schema::new(schema.fields().iter().zip(names).map(|(f, n)| f.as_ref().clone().with_name(n)).collect::<Vec<_>>()))
 }
 
 /// Reads a JSON file holding an array of objects.
