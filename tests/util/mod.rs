@@ -70,3 +70,8 @@ pub fn copy_sample_data(dir: &Path) {
         std::fs::copy(entry.path(), data.join(entry.file_name())).unwrap();
     }
 }
+
+/// The rows of the dataset in `dir`, or `None` when no finished dataset is there.
+pub fn rows_if_finished(dir: &Path) -> Option<Vec<serde_json::Map<String, serde_json::Value>>> {
+    read_manifest(dir).ok().flatten().map(|_| rows(dir))
+}
