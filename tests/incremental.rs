@@ -96,6 +96,8 @@ fn only_changed_stages_and_their_downstream_rerun() {
     std::fs::copy(dir.join("data/species.csv"), dir.join("data/species_copy.csv")).unwrap();
     assert_eq!(status(dir)[0], "files: stale (file `data/species_copy.csv` added)");
     assert_eq!(run(dir, &[]), ["files", "mid", "last", "side"]);
+    let counters = util::manifest(&dir.join("out/files")).counters;
+    assert_eq!((counters["computed"], counters["cache_hits"]), (1, 7), "only the new file is profiled");
     assert_eq!(run(dir, &[]), Vec::<String>::new());
 }
 

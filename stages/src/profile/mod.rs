@@ -72,6 +72,10 @@ pub struct Profile {
     /// (`anomalous_columns`). Between 0 and 1. Default: 0.5.
     #[serde(default = "default_max_empty_columns")]
     pub max_empty_columns: f64,
+    /// XLSX and JSON-array files are read whole; larger ones are rejected (`oversized`).
+    /// Default: 256.
+    #[serde(default = "default_max_loaded_mib")]
+    pub max_loaded_mib: u64,
     /// How many files are read at once. Default: the number of CPUs.
     #[serde(default)]
     pub parallelism: Option<usize>,
@@ -100,6 +104,9 @@ fn default_sample_rows() -> usize {
 }
 fn default_max_file_mib() -> u64 {
     1024
+}
+fn default_max_loaded_mib() -> u64 {
+    256
 }
 fn default_max_empty_columns() -> f64 {
     0.5
@@ -176,6 +183,12 @@ impl Profile {
         out
     }
 
+    /// The parameters that shape one file's profile: what the row cache key includes, so that
+    /// adding a pattern or changing `parallelism` reuses every file already profiled.
+    fn per_file_params(&self) -> Profile {
+        Profile { paths: Vec::new(), parallelism: None, ..self.clone() }
+    }
+
     fn keeps(&self, rows: u64) -> bool {
         (self.min_rows..=self.max_rows).contains(&rows)
     }
@@ -192,6 +205,9 @@ impl Profile {
             Ok(m) if m.len() == 0 => return reject("empty", "the file is empty".into()),
             Ok(m) if m.len() > self.max_file_mib * 1024 * 1024 => {
                 return reject("oversized", format!("{} bytes, over `max_file_mib` = {}", m.len(), self.max_file_mib));
+            }
+            Ok(m) if matches!(format, Format::Xlsx | Format::Json) && m.len() > self.max_loaded_mib * 1024 * 1024 => {
+                return reject("oversized", format!("{} bytes; {} files are read whole, up to `max_loaded_mib` = {}", m.len(), format.name(), self.max_loaded_mib));
             }
             Ok(_) => {}
         }
@@ -377,12 +393,13 @@ impl Stage for Profile {
         let bar = progress::bar(&cx.name, files.len() as u64);
         let parallelism = self.parallelism.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
         let namespace = format!("profile/{VERSION}");
+        let params = self.per_file_params();
         let results: Vec<Result<(Vec<TableOutcome>, bool)>> = stream::iter(0..files.len())
             .map(|i| {
-                let (namespace, bar, (shown, path)) = (&namespace, &bar, &files[i]);
+                let (namespace, bar, params, (shown, path)) = (&namespace, &bar, &params, &files[i]);
                 async move {
                     let state = std::fs::metadata(path).map(|m| (m.len(), m.modified().ok())).ok();
-                    let key = CacheKey::new(namespace, &(shown, format!("{state:?}"), self))?;
+                    let key = CacheKey::new(namespace, &(shown, format!("{state:?}"), params))?;
                     let result = cx.cache.get_or_compute(&key, namespace, || async { Ok(self.profile_file(shown, path).await) }).await;
                     bar.inc(1);
                     result
