@@ -15,7 +15,12 @@ use std::time::{Duration, Instant};
 
 fn kiln(dir: &Path, args: &[&str]) -> Duration {
     let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(dir).env("KILN_LOG", "warn").output().expect("kiln runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(dir)
+        .env("KILN_LOG", "warn")
+        .output()
+        .expect("kiln runs");
     assert!(out.status.success(), "kiln {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     start.elapsed()
 }
@@ -60,7 +65,13 @@ query = "SELECT * FROM b WHERE label <> ''"
     let full = kiln(dir, &["run", "p.toml"]);
     let noop = median((0..iterations).map(|_| kiln(dir, &["run", "p.toml"])).collect());
     let status = median((0..iterations).map(|_| kiln(dir, &["status", "p.toml"])).collect());
-    println!("no-op rerun (4 stages x 12,000 rows): {:.1} ms median of {iterations}; first run {:.1} ms; full/no-op = {:.1}x; status {:.1} ms", ms(noop), ms(full), full.as_secs_f64() / noop.as_secs_f64(), ms(status));
+    println!(
+        "no-op rerun (4 stages x 12,000 rows): {:.1} ms median of {iterations}; first run {:.1} ms; full/no-op = {:.1}x; status {:.1} ms",
+        ms(noop),
+        ms(full),
+        full.as_secs_f64() / noop.as_secs_f64(),
+        ms(status)
+    );
     assert!(noop < Duration::from_secs(1), "a no-op run must finish in under 1 second, took {noop:?}");
 }
 
@@ -75,7 +86,10 @@ fn profiling(iterations: usize) {
     };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let pipeline = format!("[pipeline]\nname = \"bench\"\noutput_dir = \"out\"\n\n[stages.files]\nkind = \"profile\"\npaths = [{}]\n", patterns.join(", "));
+    let pipeline = format!(
+        "[pipeline]\nname = \"bench\"\noutput_dir = \"out\"\n\n[stages.files]\nkind = \"profile\"\npaths = [{}]\n",
+        patterns.join(", ")
+    );
     std::fs::write(dir.join("p.toml"), pipeline).unwrap();
     let mut cold = Vec::new();
     for _ in 0..iterations {
@@ -84,7 +98,8 @@ fn profiling(iterations: usize) {
     }
     let warm = median((0..iterations).map(|_| kiln(dir, &["run", "p.toml", "--force"])).collect());
     let cold = median(cold);
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("out/files/manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("out/files/manifest.json")).unwrap()).unwrap();
     let tables = manifest["counters"]["tables"].as_u64().unwrap_or(0) as f64;
     println!(
         "profiling {tables} tables: cold {:.1} tables/s ({:.0} ms), warm row cache {:.1} tables/s ({:.0} ms); warm/cold = {:.1}x",

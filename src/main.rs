@@ -7,10 +7,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use kiln_pipeline::Error;
 use kiln_pipeline::executor::{self, Freshness, Outcome, RunOptions};
 use kiln_pipeline::plan::Plan;
-use kiln_pipeline::store::{self, Store, LEDGER};
-use kiln_pipeline::Error;
+use kiln_pipeline::store::{self, LEDGER, Store};
 
 /// kiln turns real data files into training data for data-analytic LLM agents.
 ///
@@ -187,7 +187,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             let dir = store.stage_dir(&stage);
             if !dir.join(store::MANIFEST).exists() {
-                anyhow::bail!("stage `{stage}` has no dataset yet in {}: run `kiln run {}` first", plan.output_dir.display(), pipeline.display());
+                anyhow::bail!(
+                    "stage `{stage}` has no dataset yet in {}: run `kiln run {}` first",
+                    plan.output_dir.display(),
+                    pipeline.display()
+                );
             }
             let batches = store::read_dataset(&dir)?;
             let batches = take_rows(&batches, limit);
@@ -227,7 +231,11 @@ fn take_rows(batches: &[arrow::record_batch::RecordBatch], limit: usize) -> Vec<
 /// Longest cell shown in table format; JSON format prints everything.
 const CELL_CHARS: usize = 60;
 
-fn print_rows(out: &mut impl Write, batches: &[arrow::record_batch::RecordBatch], format: RowFormat) -> anyhow::Result<()> {
+fn print_rows(
+    out: &mut impl Write,
+    batches: &[arrow::record_batch::RecordBatch],
+    format: RowFormat,
+) -> anyhow::Result<()> {
     match format {
         RowFormat::Json => {
             // One object per line, keys in column order.
@@ -246,13 +254,24 @@ fn print_rows(out: &mut impl Write, batches: &[arrow::record_batch::RecordBatch]
                     let fmt = arrow::util::display::ArrayFormatter::try_new(col.as_ref(), &options)?;
                     let cells = (0..col.len()).map(|i| {
                         let s = fmt.value(i).to_string().replace('\n', " ");
-                        if s.chars().count() > CELL_CHARS { format!("{}…", s.chars().take(CELL_CHARS - 1).collect::<String>()) } else { s }
+                        if s.chars().count() > CELL_CHARS {
+                            format!("{}…", s.chars().take(CELL_CHARS - 1).collect::<String>())
+                        } else {
+                            s
+                        }
                     });
                     columns.push(std::sync::Arc::new(arrow::array::StringArray::from_iter_values(cells)));
                 }
-                let fields: Vec<arrow::datatypes::Field> =
-                    b.schema().fields().iter().map(|f| arrow::datatypes::Field::new(f.name(), arrow::datatypes::DataType::Utf8, false)).collect();
-                short.push(arrow::record_batch::RecordBatch::try_new(std::sync::Arc::new(arrow::datatypes::Schema::new(fields)), columns)?);
+                let fields: Vec<arrow::datatypes::Field> = b
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| arrow::datatypes::Field::new(f.name(), arrow::datatypes::DataType::Utf8, false))
+                    .collect();
+                short.push(arrow::record_batch::RecordBatch::try_new(
+                    std::sync::Arc::new(arrow::datatypes::Schema::new(fields)),
+                    columns,
+                )?);
             }
             writeln!(out, "{}", arrow::util::pretty::pretty_format_batches(&short)?)?;
         }

@@ -8,7 +8,11 @@ mod util;
 fn malformed_pipelines_report_every_problem_with_its_position() {
     let dir = util::root().join("tests/pipelines/bad");
     let bless = std::env::var_os("KILN_BLESS").is_some();
-    let mut cases: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "toml")).collect();
+    let mut cases: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
     cases.sort();
     assert!(cases.len() >= 15, "at least 15 malformed pipelines, found {}", cases.len());
     let mut failures = Vec::new();

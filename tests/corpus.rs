@@ -46,7 +46,8 @@ fn every_table_of_the_corpus_is_profiled_or_rejected_with_a_reason() {
     let corpus = util::corpus();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let patterns: Vec<String> = ["csv", "xlsx", "sqlite", "db", "json"].iter().map(|e| format!("\"{}/**/*.{e}\"", corpus.display())).collect();
+    let patterns: Vec<String> =
+        ["csv", "xlsx", "sqlite", "db", "json"].iter().map(|e| format!("\"{}/**/*.{e}\"", corpus.display())).collect();
     let pipeline = format!(
         "[pipeline]\nname = \"corpus\"\noutput_dir = \"out\"\n\n[stages.files]\nkind = \"profile\"\npaths = [{}]\n",
         patterns.join(", ")
@@ -87,14 +88,27 @@ fn every_table_of_the_corpus_is_profiled_or_rejected_with_a_reason() {
                 }
                 let num = |v: &serde_json::Value| v.as_str().unwrap().parse::<f64>().unwrap();
                 let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(1.0);
-                assert!(close(num(&col["min"]), range[0].as_f64().unwrap()), "{path} column {} min: {} vs {}", col["name"], col["min"], range[0]);
-                assert!(close(num(&col["max"]), range[1].as_f64().unwrap()), "{path} column {} max: {} vs {}", col["name"], col["max"], range[1]);
+                assert!(
+                    close(num(&col["min"]), range[0].as_f64().unwrap()),
+                    "{path} column {} min: {} vs {}",
+                    col["name"],
+                    col["min"],
+                    range[0]
+                );
+                assert!(
+                    close(num(&col["max"]), range[1].as_f64().unwrap()),
+                    "{path} column {} max: {} vs {}",
+                    col["name"],
+                    col["max"],
+                    range[1]
+                );
             }
         }
     }
 
     // Spot checks: the SQLite DDL, the sidecar description, a multi-sheet workbook.
-    let chinook: Vec<_> = profiled.iter().filter(|r| r["path"].as_str().unwrap().ends_with("Chinook_Sqlite.sqlite")).collect();
+    let chinook: Vec<_> =
+        profiled.iter().filter(|r| r["path"].as_str().unwrap().ends_with("Chinook_Sqlite.sqlite")).collect();
     assert!(chinook.iter().all(|r| r["ddl"].as_str().unwrap().contains("CREATE TABLE [Album]")));
     let superstore = rejected.iter().find(|r| r["detail"].as_str().unwrap().contains("Superstore.xlsx")).unwrap();
     assert_eq!(superstore["reason"], "too_many_rows");

@@ -7,21 +7,32 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn pipeline(corpus: &Path) -> String {
-    let patterns: Vec<String> = ["csv", "xlsx", "sqlite", "db"].iter().map(|e| format!("\"{}/**/*.{e}\"", corpus.display())).collect();
-    format!("[pipeline]\nname = \"crash\"\noutput_dir = \"out\"\n\n[stages.files]\nkind = \"profile\"\nparallelism = 1\npaths = [{}]\n", patterns.join(", "))
+    let patterns: Vec<String> =
+        ["csv", "xlsx", "sqlite", "db"].iter().map(|e| format!("\"{}/**/*.{e}\"", corpus.display())).collect();
+    format!(
+        "[pipeline]\nname = \"crash\"\noutput_dir = \"out\"\n\n[stages.files]\nkind = \"profile\"\nparallelism = 1\npaths = [{}]\n",
+        patterns.join(", ")
+    )
 }
 
 /// Entries in the row cache of `out`, or 0 before it exists.
 fn cached(out: &Path) -> u64 {
     let path = out.join("_cache.sqlite");
-    let Ok(conn) = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else { return 0 };
+    let Ok(conn) = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return 0;
+    };
     conn.query_row("SELECT count(*) FROM rows", [], |r| r.get(0)).unwrap_or(0)
 }
 
 /// Starts `kiln run` and SIGKILLs it once the cache holds `k` entries. Returns whether the
 /// process was killed (rather than finishing first) and the entries at that moment.
 fn run_and_kill_at(dir: &Path, k: u64) -> (bool, u64) {
-    let mut child = util::kiln(dir).args(["run", "p.toml"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = util::kiln(dir)
+        .args(["run", "p.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         if child.try_wait().unwrap().is_some() {
@@ -69,7 +80,11 @@ fn killed_runs_resume_without_duplicates_or_repeated_work() {
     util::kiln_ok(dir, &["run", "p.toml"]);
     let manifest = util::manifest(&dir.join("out/files"));
     assert_eq!(manifest.counters.get("cache_hits").copied().unwrap_or(0), before, "every finished file is reused");
-    assert_eq!(manifest.counters.get("computed").copied().unwrap_or(0), files - before, "only unfinished files are profiled");
+    assert_eq!(
+        manifest.counters.get("computed").copied().unwrap_or(0),
+        files - before,
+        "only unfinished files are profiled"
+    );
     assert_eq!(cached(&dir.join("out")), files, "one cache entry per file, no duplicates");
 
     let got = util::rows(&dir.join("out/files"));

@@ -79,7 +79,8 @@ fn only_changed_stages_and_their_downstream_rerun() {
 
     assert_eq!(run(dir, &["--only", "last"]), ["last"]);
     assert_eq!(run(dir, &["--from", "mid"]), ["mid", "last"]);
-    let hashes = |dir: &Path| ["files", "mid", "last", "side"].map(|s| util::manifest(&dir.join("out").join(s)).content_hash);
+    let hashes =
+        |dir: &Path| ["files", "mid", "last", "side"].map(|s| util::manifest(&dir.join("out").join(s)).content_hash);
     let first = hashes(dir);
     assert_eq!(run(dir, &["--force"]), ["files", "mid", "last", "side"]);
     assert_eq!(hashes(dir), first, "forced reruns give byte-identical datasets");
@@ -139,13 +140,23 @@ fn show_and_sql_read_datasets_and_the_ledger() {
     assert_eq!(first["path"], "data/plots.csv");
     assert_eq!(first["row_count"], 24);
 
-    let out = util::kiln_ok(dir, &["sql", "p.toml", "SELECT reason, count(*) AS n FROM _rejections GROUP BY reason", "--format", "json"]);
+    let out = util::kiln_ok(
+        dir,
+        &["sql", "p.toml", "SELECT reason, count(*) AS n FROM _rejections GROUP BY reason", "--format", "json"],
+    );
     assert_eq!(out.trim(), r#"{"reason":"too_few_rows","n":4}"#);
-    let out = util::kiln_ok(dir, &["sql", "p.toml", "SELECT count(*) AS n FROM files f JOIN mid m ON f.row_id = m.row_id", "--format", "json"]);
+    let out = util::kiln_ok(
+        dir,
+        &["sql", "p.toml", "SELECT count(*) AS n FROM files f JOIN mid m ON f.row_id = m.row_id", "--format", "json"],
+    );
     assert_eq!(out.trim(), r#"{"n":9}"#);
 
     let err = util::kiln_err(dir, &["show", "p.toml", "flies"]);
     assert!(util::text(&err.stderr).contains("no stage named `flies`"), "{}", util::text(&err.stderr));
     let err = util::kiln_err(dir, &["sql", "p.toml", "DROP TABLE files"]);
-    assert!(util::text(&err.stderr).contains("not allowed") || util::text(&err.stderr).contains("DDL"), "{}", util::text(&err.stderr));
+    assert!(
+        util::text(&err.stderr).contains("not allowed") || util::text(&err.stderr).contains("DDL"),
+        "{}",
+        util::text(&err.stderr)
+    );
 }

@@ -18,11 +18,15 @@ fn the_quickstart_recipe_runs_offline() {
     let files = util::rows(&outputs.join("files"));
     let formats: std::collections::BTreeSet<&str> = files.iter().map(|r| r["format"].as_str().unwrap()).collect();
     assert_eq!(formats, ["csv", "sqlite", "xlsx"].into());
-    let sheets: Vec<&str> = files.iter().filter(|r| r["format"] == "xlsx").map(|r| r["table"].as_str().unwrap()).collect();
+    let sheets: Vec<&str> =
+        files.iter().filter(|r| r["format"] == "xlsx").map(|r| r["table"].as_str().unwrap()).collect();
     assert_eq!(sheets, ["species", "plots"], "every sheet of the workbook (the third is too small)");
     let species = files.iter().find(|r| r["path"] == "data/species.csv").unwrap();
     assert!(species["description"].as_str().unwrap().starts_with("Species observed"), "sidecar description");
-    assert!(species["head"].as_str().unwrap().starts_with(r#"[{"species_id":"AB","genus":"Amphispiza""#), "head keeps column order");
+    assert!(
+        species["head"].as_str().unwrap().starts_with(r#"[{"species_id":"AB","genus":"Amphispiza""#),
+        "head keeps column order"
+    );
     let surveys = files.iter().find(|r| r["path"] == "data/portal_small.sqlite" && r["table"] == "surveys").unwrap();
     assert_eq!(surveys["row_count"], 800);
     assert!(surveys["ddl"].as_str().unwrap().contains("CREATE TABLE plots"), "the DDL of the whole database");

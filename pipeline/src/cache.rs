@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension};
-use serde::de::DeserializeOwned;
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 
@@ -68,8 +68,9 @@ impl RowCache {
 
     /// The stored result for `key`, if any.
     pub fn get<T: DeserializeOwned>(&self, key: &CacheKey) -> Result<Option<T>> {
-        let bytes: Option<Vec<u8>> =
-            self.with_conn(|c| c.query_row("SELECT value FROM rows WHERE key = ?1", [&key.0[..]], |r| r.get(0)).optional())?;
+        let bytes: Option<Vec<u8>> = self.with_conn(|c| {
+            c.query_row("SELECT value FROM rows WHERE key = ?1", [&key.0[..]], |r| r.get(0)).optional()
+        })?;
         match bytes {
             None => Ok(None),
             // An entry that no longer decodes (its type changed) counts as missing.
@@ -81,7 +82,10 @@ impl RowCache {
     pub fn put<T: Serialize>(&self, key: &CacheKey, namespace: &str, value: &T) -> Result<()> {
         let bytes = serde_json::to_vec(value).map_err(|e| Error::Internal(format!("cache value: {e}")))?;
         self.with_conn(|c| {
-            c.execute("INSERT OR REPLACE INTO rows (key, namespace, value) VALUES (?1, ?2, ?3)", params![&key.0[..], namespace, bytes])
+            c.execute(
+                "INSERT OR REPLACE INTO rows (key, namespace, value) VALUES (?1, ?2, ?3)",
+                params![&key.0[..], namespace, bytes],
+            )
         })?;
         Ok(())
     }
@@ -129,5 +133,4 @@ mod tests {
         assert_eq!(cache.count("t").unwrap(), 1);
         assert_ne!(key, CacheKey::new("t", &("req", 2)).unwrap());
     }
-
 }

@@ -10,10 +10,10 @@ use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::cache::RowCache;
 use crate::error::{Error, Result};
-use crate::fingerprint::{file_states, FingerprintParts};
+use crate::fingerprint::{FingerprintParts, file_states};
 use crate::plan::Plan;
 use crate::stage::{Input, StageCx};
-use crate::store::{now, Manifest, Store};
+use crate::store::{Manifest, Store, now};
 
 /// Which stages `kiln run` may run.
 #[derive(Debug, Clone, Default)]
@@ -84,7 +84,13 @@ fn parts_of(plan: &Plan, i: usize, input_hashes: &BTreeMap<String, String>) -> F
     let s = &plan.spec.stages[i];
     let stage = plan.stage(i);
     let files = file_states(&stage.files(&plan.check_cx), &plan.check_cx.base_dir);
-    FingerprintParts { kind: s.kind.clone(), version: stage.version(), params: s.params.clone(), files, inputs: input_hashes.clone() }
+    FingerprintParts {
+        kind: s.kind.clone(),
+        version: stage.version(),
+        params: s.params.clone(),
+        files,
+        inputs: input_hashes.clone(),
+    }
 }
 
 /// Why stage `i` would run now (or that it would not), given its inputs' hashes.
@@ -118,7 +124,8 @@ pub fn status(plan: &Plan) -> Result<Vec<(String, Freshness)>> {
             .map(|&u| format!("input `{}` is stale and runs first", plan.spec.stages[u].name))
             .collect();
         let state = if stale_ups.is_empty() {
-            let inputs = plan.graph.inputs(i).iter().map(|&u| (plan.spec.stages[u].name.clone(), hashes[&u].clone())).collect();
+            let inputs =
+                plan.graph.inputs(i).iter().map(|&u| (plan.spec.stages[u].name.clone(), hashes[&u].clone())).collect();
             freshness(plan, &store, i, &parts_of(plan, i, &inputs))?
         } else {
             Freshness::Stale(stale_ups)
@@ -209,7 +216,14 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
     Ok(RunReport { stages })
 }
 
-async fn run_stage(plan: &Plan, i: usize, store: &Store, cache: Arc<RowCache>, parts: FingerprintParts, reasons: Vec<String>) -> Result<Outcome> {
+async fn run_stage(
+    plan: &Plan,
+    i: usize,
+    store: &Store,
+    cache: Arc<RowCache>,
+    parts: FingerprintParts,
+    reasons: Vec<String>,
+) -> Result<Outcome> {
     let spec = &plan.spec.stages[i];
     let name = spec.name.clone();
     tracing::info!(stage = %name, kind = %spec.kind, why = %reasons.join("; "), "Running stage.");
@@ -219,11 +233,14 @@ async fn run_stage(plan: &Plan, i: usize, store: &Store, cache: Arc<RowCache>, p
     for &u in plan.graph.inputs(i) {
         let up = &plan.spec.stages[u].name;
         if store.manifest(up)?.is_none() {
-            return Err(Error::Usage(format!("stage `{name}` needs the output of `{up}`, which does not exist yet: run `{up}` first")));
+            return Err(Error::Usage(format!(
+                "stage `{name}` needs the output of `{up}`, which does not exist yet: run `{up}` first"
+            )));
         }
         inputs.push(Input { name: up.clone(), dir: store.stage_dir(up), schema: plan.schemas[u].clone() });
     }
-    let cx = StageCx { name: name.clone(), base_dir: plan.check_cx.base_dir.clone(), seed: plan.spec.settings.seed, cache };
+    let cx =
+        StageCx { name: name.clone(), base_dir: plan.check_cx.base_dir.clone(), seed: plan.spec.settings.seed, cache };
     let output = plan.stage(i).run(&cx, &inputs).await.map_err(|e| match e {
         e @ Error::Stage { .. } => e,
         e => Error::stage(&name, e),

@@ -88,12 +88,8 @@ pub fn file_states(deps: &[FileDep], base_dir: &Path) -> BTreeMap<String, String
 }
 
 fn stat_state(m: &std::fs::Metadata) -> String {
-    let mtime = m
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let mtime =
+        m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{} bytes, mtime {mtime}", m.len())
 }
 

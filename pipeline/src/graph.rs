@@ -114,7 +114,11 @@ impl Graph {
     pub fn to_dot(&self, pipeline: &str) -> String {
         let mut out = format!("digraph \"{}\" {{\n  rankdir=LR;\n", pipeline.replace('"', "'"));
         for i in 0..self.len() {
-            let _ = writeln!(out, "  \"{}\" [label=\"{}\\n({})\", shape=box];", self.names[i], self.names[i], self.kinds[i]);
+            let _ = writeln!(
+                out,
+                "  \"{}\" [label=\"{}\\n({})\", shape=box];",
+                self.names[i], self.names[i], self.kinds[i]
+            );
         }
         for i in 0..self.len() {
             for &u in &self.inputs[i] {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use arrow::datatypes::SchemaRef;
 
-use crate::error::{did_you_mean, Diagnostic, Diagnostics, Error, Result};
+use crate::error::{Diagnostic, Diagnostics, Error, Result, did_you_mean};
 use crate::graph::Graph;
 use crate::registry::Registry;
 use crate::rows::check_lineage;
@@ -64,7 +64,8 @@ impl Plan {
             Some(dir) => spec.base_dir.join(dir),
             None => PathBuf::from("outputs").join(&spec.settings.name),
         };
-        let schemas = schemas.into_iter().map(|s| s.expect("every schema is known when there are no diagnostics")).collect();
+        let schemas =
+            schemas.into_iter().map(|s| s.expect("every schema is known when there are no diagnostics")).collect();
         Ok(Plan { spec, graph, order, schemas, output_dir, check_cx })
     }
 
@@ -72,7 +73,8 @@ impl Plan {
     pub fn stage_index(&self, name: &str) -> Result<usize> {
         self.spec.stages.iter().position(|s| s.name == name).ok_or_else(|| {
             let names = self.spec.stages.iter().map(|s| s.name.as_str());
-            let hint = did_you_mean(name, names).unwrap_or_else(|| format!("stages: {}", self.stage_names().join(", ")));
+            let hint =
+                did_you_mean(name, names).unwrap_or_else(|| format!("stages: {}", self.stage_names().join(", ")));
             Error::Usage(format!("no stage named `{name}` in {}; {hint}", self.spec.map.file().display()))
         })
     }
@@ -91,15 +93,15 @@ impl Plan {
 fn check_settings(spec: &Spec, cx: &CheckCx, diags: &mut Vec<Diagnostic>) {
     let dirs = [("templates", &spec.settings.templates), ("taxonomy", &spec.settings.taxonomy)];
     for (key, dir) in dirs {
-        if let Some(dir) = dir {
-            if !cx.resolve(dir).is_dir() {
-                let span = spec.settings_spans.get(key).cloned().unwrap_or(0..0);
-                diags.push(spec.map.diagnostic(
-                    span,
-                    format!("{key} folder `{}` not found (relative to the pipeline file)", dir.display()),
-                    Some(format!("create it, or remove `{key}` to use the built-in {key}")),
-                ));
-            }
+        if let Some(dir) = dir
+            && !cx.resolve(dir).is_dir()
+        {
+            let span = spec.settings_spans.get(key).cloned().unwrap_or(0..0);
+            diags.push(spec.map.diagnostic(
+                span,
+                format!("{key} folder `{}` not found (relative to the pipeline file)", dir.display()),
+                Some(format!("create it, or remove `{key}` to use the built-in {key}")),
+            ));
         }
     }
 }
@@ -113,12 +115,20 @@ fn resolve_inputs(spec: &Spec, diags: &mut Vec<Diagnostic>) -> Graph {
             let mut ups = Vec::new();
             for (i, input) in s.inputs.iter().enumerate() {
                 match names.iter().position(|n| n == input) {
-                    Some(u) if ups.contains(&u) => diags.push(spec.map.diagnostic(s.input_span(i), format!("stage `{}`: input `{input}` is listed twice", s.name), Some("list each input once".into()))),
+                    Some(u) if ups.contains(&u) => diags.push(spec.map.diagnostic(
+                        s.input_span(i),
+                        format!("stage `{}`: input `{input}` is listed twice", s.name),
+                        Some("list each input once".into()),
+                    )),
                     Some(u) => ups.push(u),
                     None => {
                         let help = did_you_mean(input, names.iter().copied())
                             .unwrap_or_else(|| format!("inputs name other stages of this file: {}", names.join(", ")));
-                        diags.push(spec.map.diagnostic(s.input_span(i), format!("stage `{}`: unknown input `{input}`", s.name), Some(help)));
+                        diags.push(spec.map.diagnostic(
+                            s.input_span(i),
+                            format!("stage `{}`: unknown input `{input}`", s.name),
+                            Some(help),
+                        ));
                     }
                 }
             }
@@ -128,7 +138,12 @@ fn resolve_inputs(spec: &Spec, diags: &mut Vec<Diagnostic>) -> Graph {
     Graph::new(nodes)
 }
 
-async fn check_schemas(spec: &Spec, graph: &Graph, order: &[usize], diags: &mut Vec<Diagnostic>) -> Vec<Option<SchemaRef>> {
+async fn check_schemas(
+    spec: &Spec,
+    graph: &Graph,
+    order: &[usize],
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<Option<SchemaRef>> {
     let mut schemas: Vec<Option<SchemaRef>> = vec![None; spec.stages.len()];
     for &i in order {
         let s = &spec.stages[i];

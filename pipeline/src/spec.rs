@@ -9,10 +9,10 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-use crate::error::{did_you_mean, Diagnostic, SourceMap};
+use crate::error::{Diagnostic, SourceMap, did_you_mean};
 use crate::registry::Registry;
 use crate::stage::{Problem, Stage};
 
@@ -131,7 +131,11 @@ pub fn parse(file: &Path, text: &str, registry: &Registry) -> (Option<Spec>, Vec
     }
 
     let Some(pipeline) = lookup(root_table, "pipeline") else {
-        diags.push(map.diagnostic(0..0, "missing `[pipeline]` table", Some("add `[pipeline]` with at least `name = \"...\"`".into())));
+        diags.push(map.diagnostic(
+            0..0,
+            "missing `[pipeline]` table",
+            Some("add `[pipeline]` with at least `name = \"...\"`".into()),
+        ));
         return (None, diags);
     };
     let settings = match PipelineSettings::deserialize(ValueDeserializer::from(pipeline.clone())) {
@@ -149,7 +153,11 @@ pub fn parse(file: &Path, text: &str, registry: &Registry) -> (Option<Spec>, Vec
 
     let mut stages = Vec::new();
     match lookup(root_table, "stages").map(|v| (v, v.get_ref())) {
-        None => diags.push(map.diagnostic(0..0, "the pipeline has no stages", Some("add a table such as `[stages.files]` with `kind = \"profile\"`".into()))),
+        None => diags.push(map.diagnostic(
+            0..0,
+            "the pipeline has no stages",
+            Some("add a table such as `[stages.files]` with `kind = \"profile\"`".into()),
+        )),
         Some((_, DeValue::Table(table))) => {
             for (name, value) in table.iter() {
                 if let Some(stage) = parse_stage(&map, name, value, registry, &mut diags) {
@@ -157,7 +165,11 @@ pub fn parse(file: &Path, text: &str, registry: &Registry) -> (Option<Spec>, Vec
                 }
             }
         }
-        Some((v, other)) => diags.push(map.diagnostic(v.span(), format!("`stages` must be a table, got {}", other.type_str()), Some("declare stages as `[stages.<name>]` tables".into()))),
+        Some((v, other)) => diags.push(map.diagnostic(
+            v.span(),
+            format!("`stages` must be a table, got {}", other.type_str()),
+            Some("declare stages as `[stages.<name>]` tables".into()),
+        )),
     }
 
     let base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -173,7 +185,11 @@ fn parse_stage(
 ) -> Option<StageSpec> {
     let stage_name = name.get_ref().to_string();
     let DeValue::Table(table) = value.get_ref() else {
-        diags.push(map.diagnostic(value.span(), format!("stage `{stage_name}` must be a table, got {}", value.get_ref().type_str()), Some(format!("write it as `[stages.{stage_name}]`")))); 
+        diags.push(map.diagnostic(
+            value.span(),
+            format!("stage `{stage_name}` must be a table, got {}", value.get_ref().type_str()),
+            Some(format!("write it as `[stages.{stage_name}]`")),
+        ));
         return None;
     };
     if !valid_name(&stage_name) {
@@ -191,12 +207,20 @@ fn parse_stage(
         Some(v) => match v.get_ref().as_str() {
             Some(k) => Some((k.to_string(), v.span())),
             None => {
-                diags.push(map.diagnostic(v.span(), format!("stage `{stage_name}`: `kind` must be a string, got {}", v.get_ref().type_str()), None));
+                diags.push(map.diagnostic(
+                    v.span(),
+                    format!("stage `{stage_name}`: `kind` must be a string, got {}", v.get_ref().type_str()),
+                    None,
+                ));
                 None
             }
         },
         None => {
-            diags.push(map.diagnostic(name.span(), format!("stage `{stage_name}` has no `kind`"), Some(format!("add `kind = \"...\"`; known kinds: {}", kind_list(registry)))));
+            diags.push(map.diagnostic(
+                name.span(),
+                format!("stage `{stage_name}` has no `kind`"),
+                Some(format!("add `kind = \"...\"`; known kinds: {}", kind_list(registry))),
+            ));
             None
         }
     };
@@ -213,17 +237,31 @@ fn parse_stage(
                             inputs.push(s.to_string());
                             input_spans.push(item.span());
                         }
-                        None => diags.push(map.diagnostic(item.span(), format!("stage `{stage_name}`: each input must be a stage name (a string), got {}", item.get_ref().type_str()), None)),
+                        None => diags.push(map.diagnostic(
+                            item.span(),
+                            format!(
+                                "stage `{stage_name}`: each input must be a stage name (a string), got {}",
+                                item.get_ref().type_str()
+                            ),
+                            None,
+                        )),
                     }
                 }
             }
-            other => diags.push(map.diagnostic(v.span(), format!("stage `{stage_name}`: `inputs` must be an array of stage names, got {}", other.type_str()), Some("write `inputs = [\"upstream\"]`".into()))),
+            other => diags.push(map.diagnostic(
+                v.span(),
+                format!("stage `{stage_name}`: `inputs` must be an array of stage names, got {}", other.type_str()),
+                Some("write `inputs = [\"upstream\"]`".into()),
+            )),
         }
     }
 
     let inputs_valid = diags.len() == problems_before;
-    let params: DeTable<'_> =
-        table.iter().filter(|(k, _)| !["kind", "inputs"].contains(&k.get_ref().as_ref())).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let params: DeTable<'_> = table
+        .iter()
+        .filter(|(k, _)| !["kind", "inputs"].contains(&k.get_ref().as_ref()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let params_value = Spanned::new(value.span(), DeValue::Table(params));
     let params_json = to_json(&params_value);
 
@@ -231,7 +269,11 @@ fn parse_stage(
         None => {
             let help = did_you_mean(kind, registry.kinds().iter().map(|k| k.name))
                 .unwrap_or_else(|| format!("known kinds: {}", kind_list(registry)));
-            diags.push(map.diagnostic(kind_span.clone(), format!("stage `{stage_name}`: unknown stage kind `{kind}`"), Some(help)));
+            diags.push(map.diagnostic(
+                kind_span.clone(),
+                format!("stage `{stage_name}`: unknown stage kind `{kind}`"),
+                Some(help),
+            ));
             None
         }
         Some(k) => match k.build(ValueDeserializer::from(params_value)) {
@@ -296,7 +338,10 @@ fn syntax_errors(map: &SourceMap, text: &str, errors: &[toml::de::Error]) -> Vec
                 duplicated_header = Some(span.start);
                 let key = text.get(span.clone()).unwrap_or_default();
                 let (what, help) = if line.starts_with("[stages.") {
-                    (format!("duplicate stage name `{key}`"), "stage names must be unique: rename or remove one of the two tables")
+                    (
+                        format!("duplicate stage name `{key}`"),
+                        "stage names must be unique: rename or remove one of the two tables",
+                    )
                 } else {
                     (format!("table `{key}` is declared twice"), "merge the two tables into one")
                 };

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -108,7 +108,13 @@ impl Store {
 
     /// Writes `stage`'s dataset atomically and returns its manifest, completed with the content
     /// hash, row count, schema and file list.
-    pub fn write(&self, schema: &SchemaRef, batches: &[RecordBatch], rejections: &[Rejection], mut manifest: Manifest) -> Result<Manifest> {
+    pub fn write(
+        &self,
+        schema: &SchemaRef,
+        batches: &[RecordBatch],
+        rejections: &[Rejection],
+        mut manifest: Manifest,
+    ) -> Result<Manifest> {
         let stage = manifest.stage.clone();
         let tmp = self.dir.join(format!(".tmp-{stage}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
@@ -178,7 +184,9 @@ impl Store {
 pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
     let path = dir.join(MANIFEST);
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::dataset(&path, format!("unreadable manifest ({e}); delete the folder to rebuild it"))),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::dataset(&path, format!("unreadable manifest ({e}); delete the folder to rebuild it"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(&path, e)),
     }
@@ -208,9 +216,8 @@ pub fn read_dataset(dir: &Path) -> Result<Vec<RecordBatch>> {
 /// Reads one Parquet file.
 pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
-        .map_err(|e| Error::dataset(path, e))?;
+    let reader =
+        ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.build()).map_err(|e| Error::dataset(path, e))?;
     reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| Error::dataset(path, e))
 }
 
@@ -243,7 +250,9 @@ fn split_rows(batches: &[RecordBatch], n: usize) -> Vec<Vec<RecordBatch>> {
                 filled = 0;
             }
             let take = (n - filled).min(batch.num_rows() - offset);
-            chunks.last_mut().map(|c| c.push(batch.slice(offset, take)));
+            if let Some(c) = chunks.last_mut() {
+                c.push(batch.slice(offset, take));
+            }
             filled += take;
             offset += take;
         }
@@ -277,7 +286,8 @@ fn rejection_batch(stage: &str, rejections: &[Rejection]) -> Result<RecordBatch>
         reason: &'a str,
         detail: &'a str,
     }
-    let rows: Vec<Row> = rejections.iter().map(|r| Row { row_id: &r.row_id, stage, reason: &r.reason, detail: &r.detail }).collect();
+    let rows: Vec<Row> =
+        rejections.iter().map(|r| Row { row_id: &r.row_id, stage, reason: &r.reason, detail: &r.detail }).collect();
     crate::rows::to_batch(&rejection_schema(), &rows)
 }
 

@@ -8,7 +8,10 @@ use crate::sql::Sql;
 /// The registry of all built-in stage kinds.
 pub fn registry() -> Registry {
     Registry::new(vec![
-        Kind::of::<Profile>("profile", "one row of metadata per table found in CSV, TSV, XLSX, SQLite, Parquet and JSON files"),
+        Kind::of::<Profile>(
+            "profile",
+            "one row of metadata per table found in CSV, TSV, XLSX, SQLite, Parquet and JSON files",
+        ),
         Kind::of::<Sql>("sql", "a DataFusion SQL query over the input stages, each a table named after its stage"),
     ])
 }

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
-use kiln_pipeline::rows::{lineage_fields, row_id, to_json_rows, PARENT_IDS, ROW_ID};
+use kiln_pipeline::rows::{PARENT_IDS, ROW_ID, lineage_fields, row_id, to_json_rows};
 use kiln_pipeline::stage::{Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::store::dataset_files;
 use kiln_pipeline::{Error, Result};
@@ -81,11 +81,17 @@ fn shape(result: &Schema) -> Result<Shape, Problem> {
         (Some(true), Some(true)) => true,
         (None, None) => false,
         _ => {
-            return Err(Problem::new("query", format!("the query returns `{ROW_ID}` or `{PARENT_IDS}` but not both with their types (Utf8, List<Utf8>)"))
-                .help("select both lineage columns (`SELECT *` does), or neither to derive new row ids"));
+            return Err(Problem::new(
+                "query",
+                format!(
+                    "the query returns `{ROW_ID}` or `{PARENT_IDS}` but not both with their types (Utf8, List<Utf8>)"
+                ),
+            )
+            .help("select both lineage columns (`SELECT *` does), or neither to derive new row ids"));
         }
     };
-    let rest = result.fields().iter().filter(|f| f.name() != ROW_ID && f.name() != PARENT_IDS).map(|f| f.as_ref().clone());
+    let rest =
+        result.fields().iter().filter(|f| f.name() != ROW_ID && f.name() != PARENT_IDS).map(|f| f.as_ref().clone());
     let fields: Vec<Field> = [id, parents].into_iter().chain(rest).collect();
     Ok(Shape { output: Arc::new(Schema::new(fields)), keeps_lineage })
 }
@@ -95,15 +101,27 @@ impl Stage for Sql {
     async fn output_schema(&self, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
         let ctx = session();
         for input in inputs {
-            let table = MemTable::try_new(input.schema.clone(), vec![vec![]]).map_err(|e| vec![Problem::new("", e.to_string())])?;
-            ctx.register_table(input.name.as_str(), Arc::new(table)).map_err(|e| vec![Problem::new("", e.to_string())])?;
+            let table = MemTable::try_new(input.schema.clone(), vec![vec![]])
+                .map_err(|e| vec![Problem::new("", e.to_string())])?;
+            ctx.register_table(input.name.as_str(), Arc::new(table))
+                .map_err(|e| vec![Problem::new("", e.to_string())])?;
         }
         let df = ctx.sql_with_options(&self.query, read_only()).await.map_err(|e| {
             let tables: Vec<String> = inputs
                 .iter()
-                .map(|i| format!("`{}` ({})", i.name, i.schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")))
+                .map(|i| {
+                    format!(
+                        "`{}` ({})",
+                        i.name,
+                        i.schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                    )
+                })
                 .collect();
-            let help = if tables.is_empty() { "add `inputs = [\"...\"]`: the query can only read input stages".to_string() } else { format!("tables: {}", tables.join("; ")) };
+            let help = if tables.is_empty() {
+                "add `inputs = [\"...\"]`: the query can only read input stages".to_string()
+            } else {
+                format!("tables: {}", tables.join("; "))
+            };
             let error = e.strip_backtrace();
             let first_line = error.lines().next().unwrap_or_default();
             vec![Problem::new("query", format!("the query does not fit its inputs: {first_line}")).help(help)]
@@ -133,12 +151,22 @@ impl Stage for Sql {
             let (ids, parents) = if shape.keeps_lineage {
                 (batch.column_by_name(ROW_ID).cloned(), batch.column_by_name(PARENT_IDS).cloned())
             } else {
-                let ids: Vec<String> = to_json_rows(std::slice::from_ref(&batch))?.iter().map(|row| row_id(&[], serde_json::to_string(row).unwrap_or_default().as_bytes())).collect();
+                let ids: Vec<String> = to_json_rows(std::slice::from_ref(&batch))?
+                    .iter()
+                    .map(|row| row_id(&[], serde_json::to_string(row).unwrap_or_default().as_bytes()))
+                    .collect();
                 let offsets = arrow::buffer::OffsetBuffer::new_zeroed(batch.num_rows());
-                let empty = ListArray::new(Arc::new(Field::new("item", DataType::Utf8, true)), offsets, Arc::new(StringArray::new_null(0)), None);
+                let empty = ListArray::new(
+                    Arc::new(Field::new("item", DataType::Utf8, true)),
+                    offsets,
+                    Arc::new(StringArray::new_null(0)),
+                    None,
+                );
                 (Some(Arc::new(StringArray::from(ids)) as ArrayRef), Some(Arc::new(empty) as ArrayRef))
             };
-            let (Some(ids), Some(parents)) = (ids, parents) else { return Err(Error::Internal("lineage columns vanished".into())) };
+            let (Some(ids), Some(parents)) = (ids, parents) else {
+                return Err(Error::Internal("lineage columns vanished".into()));
+            };
             let columns: Vec<ArrayRef> = [ids, parents].into_iter().chain(rest).collect();
             out.push(RecordBatch::try_new(shape.output.clone(), columns).map_err(|e| Error::stage(&cx.name, e))?);
         }

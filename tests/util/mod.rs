@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use kiln_pipeline::rows::to_json_rows;
-use kiln_pipeline::store::{read_dataset, read_manifest, Manifest};
+use kiln_pipeline::store::{Manifest, read_dataset, read_manifest};
 
 /// The repository root.
 pub fn root() -> PathBuf {

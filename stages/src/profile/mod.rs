@@ -30,7 +30,7 @@ use futures::stream::{self, StreamExt};
 use kiln_pipeline::cache::CacheKey;
 use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch};
 use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx};
-use kiln_pipeline::{progress, Error, Result};
+use kiln_pipeline::{Error, Result, progress};
 use serde::{Deserialize, Serialize};
 
 use readers::{FileRead, Format, Table, TableRead};
@@ -196,9 +196,18 @@ impl Profile {
     /// Profiles one file, every table of it.
     async fn profile_file(&self, shown: &str, path: &Path) -> Vec<TableOutcome> {
         let file_id = row_id(&[], shown.as_bytes());
-        let reject = |reason: &str, detail: String| vec![TableOutcome::Rejected(Rejection { row_id: file_id.clone(), reason: reason.into(), detail: format!("{shown}: {detail}") })];
+        let reject = |reason: &str, detail: String| {
+            vec![TableOutcome::Rejected(Rejection {
+                row_id: file_id.clone(),
+                reason: reason.into(),
+                detail: format!("{shown}: {detail}"),
+            })]
+        };
         let Some(format) = Format::of(path) else {
-            return reject("unsupported_format", "not a CSV, TSV, XLSX, SQLite, Parquet, JSON or JSON lines file (by extension)".into());
+            return reject(
+                "unsupported_format",
+                "not a CSV, TSV, XLSX, SQLite, Parquet, JSON or JSON lines file (by extension)".into(),
+            );
         };
         match std::fs::metadata(path) {
             Err(e) => return reject("unreadable", e.to_string()),
@@ -207,13 +216,23 @@ impl Profile {
                 return reject("oversized", format!("{} bytes, over `max_file_mib` = {}", m.len(), self.max_file_mib));
             }
             Ok(m) if matches!(format, Format::Xlsx | Format::Json) && m.len() > self.max_loaded_mib * 1024 * 1024 => {
-                return reject("oversized", format!("{} bytes; {} files are read whole, up to `max_loaded_mib` = {}", m.len(), format.name(), self.max_loaded_mib));
+                return reject(
+                    "oversized",
+                    format!(
+                        "{} bytes; {} files are read whole, up to `max_loaded_mib` = {}",
+                        m.len(),
+                        format.name(),
+                        self.max_loaded_mib
+                    ),
+                );
             }
             Ok(_) => {}
         }
         let keep = |rows: u64| self.keeps(rows);
         let read = match format {
-            Format::Csv | Format::Tsv | Format::Parquet | Format::Jsonl => readers::read_with_datafusion(path, format, self.sample_rows, &keep).await,
+            Format::Csv | Format::Tsv | Format::Parquet | Format::Jsonl => {
+                readers::read_with_datafusion(path, format, self.sample_rows, &keep).await
+            }
             Format::Json | Format::Xlsx | Format::Sqlite => {
                 let (path, this) = (path.to_path_buf(), self.clone());
                 tokio::task::spawn_blocking(move || {
@@ -239,13 +258,26 @@ impl Profile {
         tables.into_iter().map(|t| self.profile_table(shown, format, t, &description, &ddl)).collect()
     }
 
-    fn profile_table(&self, shown: &str, format: Format, table: TableRead, description: &Option<String>, ddl: &Option<String>) -> TableOutcome {
+    fn profile_table(
+        &self,
+        shown: &str,
+        format: Format,
+        table: TableRead,
+        description: &Option<String>,
+        ddl: &Option<String>,
+    ) -> TableOutcome {
         let name = match &table {
             Ok(t) => t.name.clone(),
             Err(e) => e.name.clone(),
         };
         let id = row_id(&[], format!("{shown}\0{name}").as_bytes());
-        let reject = |reason: &str, detail: String| TableOutcome::Rejected(Rejection { row_id: id.clone(), reason: reason.into(), detail: format!("{shown} [{name}]: {detail}") });
+        let reject = |reason: &str, detail: String| {
+            TableOutcome::Rejected(Rejection {
+                row_id: id.clone(),
+                reason: reason.into(),
+                detail: format!("{shown} [{name}]: {detail}"),
+            })
+        };
         let t: Table = match table {
             Ok(t) => t,
             Err(e) => return reject(e.reason, e.detail),
@@ -260,11 +292,15 @@ impl Profile {
         if columns < self.min_columns || columns > self.max_columns {
             return reject(
                 if columns < self.min_columns { "too_few_columns" } else { "too_many_columns" },
-                format!("{columns} columns, outside `min_columns`..=`max_columns` = {}..={}", self.min_columns, self.max_columns),
+                format!(
+                    "{columns} columns, outside `min_columns`..=`max_columns` = {}..={}",
+                    self.min_columns, self.max_columns
+                ),
             );
         }
 
-        let mut stats: Vec<ColumnStats> = t.schema.fields().iter().map(|f| ColumnStats::new(f.name(), f.data_type())).collect();
+        let mut stats: Vec<ColumnStats> =
+            t.schema.fields().iter().map(|f| ColumnStats::new(f.name(), f.data_type())).collect();
         let examined: u64 = t.rows.iter().map(|b| b.num_rows() as u64).sum();
         for batch in &t.rows {
             for (s, col) in stats.iter_mut().zip(batch.columns()) {
@@ -273,7 +309,13 @@ impl Profile {
         }
         let empty = stats.iter().filter(|s| s.is_empty(examined)).count();
         if columns > 0 && empty as f64 / columns as f64 > self.max_empty_columns {
-            return reject("anomalous_columns", format!("{empty} of {columns} columns hold no value, over `max_empty_columns` = {}", self.max_empty_columns));
+            return reject(
+                "anomalous_columns",
+                format!(
+                    "{empty} of {columns} columns hold no value, over `max_empty_columns` = {}",
+                    self.max_empty_columns
+                ),
+            );
         }
         let head = match head_json(&t, self.head_rows) {
             Ok(h) => h,
@@ -321,7 +363,8 @@ fn sidecar_description(path: &Path) -> Option<String> {
     let dir = path.parent()?;
     let stem = path.file_stem()?.to_string_lossy();
     let name = path.file_name()?.to_string_lossy();
-    let candidates = [format!("{stem}.md"), format!("{stem}.txt"), format!("{name}.md"), "README.md".into(), "README.txt".into()];
+    let candidates =
+        [format!("{stem}.md"), format!("{stem}.txt"), format!("{name}.md"), "README.md".into(), "README.txt".into()];
     candidates
         .iter()
         .map(|c| dir.join(c))
@@ -338,7 +381,8 @@ fn shown_dir(dir: &Path) -> String {
 fn expand(cx: &CheckCx, pattern: &str) -> std::result::Result<Vec<PathBuf>, String> {
     let full = cx.resolve(pattern);
     let full = full.to_str().ok_or("the pattern is not valid UTF-8")?;
-    let mut paths: Vec<PathBuf> = glob::glob(full).map_err(|e| e.to_string())?.filter_map(|p| p.ok()).filter(|p| p.is_file()).collect();
+    let mut paths: Vec<PathBuf> =
+        glob::glob(full).map_err(|e| e.to_string())?.filter_map(|p| p.ok()).filter(|p| p.is_file()).collect();
     paths.sort();
     Ok(paths)
 }
@@ -352,23 +396,34 @@ impl Stage for Profile {
     fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
         let mut problems = Vec::new();
         if self.paths.is_empty() {
-            problems.push(Problem::new("paths", "`paths` is empty").help("list files or glob patterns, e.g. `paths = [\"data/*.csv\"]`"));
+            problems.push(
+                Problem::new("paths", "`paths` is empty")
+                    .help("list files or glob patterns, e.g. `paths = [\"data/*.csv\"]`"),
+            );
         }
         for (i, pattern) in self.paths.iter().enumerate() {
             match expand(cx, pattern) {
-                Err(e) => problems.push(Problem::new(&format!("paths.{i}"), format!("`{pattern}` is not a valid glob pattern: {e}"))),
-                Ok(found) if found.is_empty() => problems.push(
-                    Problem::new(&format!("paths.{i}"), format!("`{pattern}` matches no file"))
-                        .help(format!("paths are relative to the pipeline file's folder `{}`", shown_dir(&cx.base_dir))),
-                ),
+                Err(e) => problems
+                    .push(Problem::new(&format!("paths.{i}"), format!("`{pattern}` is not a valid glob pattern: {e}"))),
+                Ok(found) if found.is_empty() => {
+                    problems.push(Problem::new(&format!("paths.{i}"), format!("`{pattern}` matches no file")).help(
+                        format!("paths are relative to the pipeline file's folder `{}`", shown_dir(&cx.base_dir)),
+                    ))
+                }
                 Ok(_) => {}
             }
         }
         if self.min_rows > self.max_rows {
-            problems.push(Problem::new("min_rows", format!("`min_rows` ({}) is over `max_rows` ({})", self.min_rows, self.max_rows)));
+            problems.push(Problem::new(
+                "min_rows",
+                format!("`min_rows` ({}) is over `max_rows` ({})", self.min_rows, self.max_rows),
+            ));
         }
         if !(0.0..=1.0).contains(&self.max_empty_columns) {
-            problems.push(Problem::new("max_empty_columns", format!("`max_empty_columns` must be between 0 and 1, got {}", self.max_empty_columns)));
+            problems.push(Problem::new(
+                "max_empty_columns",
+                format!("`max_empty_columns` must be between 0 and 1, got {}", self.max_empty_columns),
+            ));
         }
         if self.parallelism == Some(0) {
             problems.push(Problem::new("parallelism", "`parallelism` must be at least 1, got 0"));
@@ -382,7 +437,10 @@ impl Stage for Profile {
 
     async fn output_schema(&self, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
         if !inputs.is_empty() {
-            return Err(vec![Problem::new("inputs", "a `profile` stage reads files, not other stages").help("remove `inputs` and list files in `paths`")]);
+            return Err(vec![
+                Problem::new("inputs", "a `profile` stage reads files, not other stages")
+                    .help("remove `inputs` and list files in `paths`"),
+            ]);
         }
         Ok(schema())
     }
@@ -391,7 +449,8 @@ impl Stage for Profile {
         let check = CheckCx { base_dir: cx.base_dir.clone() };
         let files = self.matched_files(&check);
         let bar = progress::bar(&cx.name, files.len() as u64);
-        let parallelism = self.parallelism.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+        let parallelism =
+            self.parallelism.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
         let namespace = format!("profile/{VERSION}");
         let params = self.per_file_params();
         let results: Vec<Result<(Vec<TableOutcome>, bool)>> = stream::iter(0..files.len())
@@ -400,7 +459,10 @@ impl Stage for Profile {
                 async move {
                     let state = std::fs::metadata(path).map(|m| (m.len(), m.modified().ok())).ok();
                     let key = CacheKey::new(namespace, &(shown, format!("{state:?}"), params))?;
-                    let result = cx.cache.get_or_compute(&key, namespace, || async { Ok(self.profile_file(shown, path).await) }).await;
+                    let result = cx
+                        .cache
+                        .get_or_compute(&key, namespace, || async { Ok(self.profile_file(shown, path).await) })
+                        .await;
                     bar.inc(1);
                     result
                 }

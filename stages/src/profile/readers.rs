@@ -101,7 +101,12 @@ pub struct FileRead {
 pub type Keep<'a> = &'a (dyn Fn(u64) -> bool + Sync);
 
 /// Reads a file with DataFusion (CSV, TSV, Parquet, JSON lines).
-pub async fn read_with_datafusion(path: &Path, format: Format, sample_rows: usize, keep: Keep<'_>) -> Result<FileRead, String> {
+pub async fn read_with_datafusion(
+    path: &Path,
+    format: Format,
+    sample_rows: usize,
+    keep: Keep<'_>,
+) -> Result<FileRead, String> {
     let ctx = SessionContext::new();
     let location = path.to_str().ok_or("the path is not valid UTF-8")?;
     let ext = path.extension().and_then(|e| e.to_str()).map(|e| format!(".{e}")).unwrap_or_default();
@@ -126,7 +131,13 @@ pub async fn read_with_datafusion(path: &Path, format: Format, sample_rows: usiz
         let row_count = df.clone().count().await? as u64;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let rows = if keep(row_count) { df.limit(0, Some(sample_rows))?.collect().await? } else { Vec::new() };
-        Ok::<_, datafusion::error::DataFusionError>(Table { name: name.clone(), row_count, schema, rows, sampled: row_count > sample_rows as u64 })
+        Ok::<_, datafusion::error::DataFusionError>(Table {
+            name: name.clone(),
+            row_count,
+            schema,
+            rows,
+            sampled: row_count > sample_rows as u64,
+        })
     };
     let table = read.await.map_err(|e| TableError { name, reason: "unreadable", detail: e.strip_backtrace() });
     Ok(FileRead { tables: vec![table], ddl: None })
@@ -155,7 +166,8 @@ pub fn read_json_array(path: &Path, sample_rows: usize) -> Result<FileRead, Stri
     if !items.iter().all(|v| v.is_object()) {
         return Ok(not_table("the JSON array holds values that are not objects"));
     }
-    let schema = arrow::json::reader::infer_json_schema_from_iterator(items.iter().map(Ok)).map_err(|e| e.to_string())?;
+    let schema =
+        arrow::json::reader::infer_json_schema_from_iterator(items.iter().map(Ok)).map_err(|e| e.to_string())?;
     let schema = Arc::new(schema);
     let sample = &items[..items.len().min(sample_rows)];
     let mut decoder = arrow::json::ReaderBuilder::new(schema.clone()).build_decoder().map_err(|e| e.to_string())?;
@@ -167,7 +179,7 @@ pub fn read_json_array(path: &Path, sample_rows: usize) -> Result<FileRead, Stri
 
 /// Reads every sheet of a workbook; the first row of a sheet is its header.
 pub fn read_xlsx(path: &Path, sample_rows: usize, keep: Keep<'_>) -> Result<FileRead, String> {
-    use calamine::{open_workbook_auto, Data, Reader};
+    use calamine::{Data, Reader, open_workbook_auto};
     let mut book = open_workbook_auto(path).map_err(|e| e.to_string())?;
     let mut tables = Vec::new();
     for sheet in book.sheet_names() {
@@ -196,14 +208,22 @@ pub fn read_xlsx(path: &Path, sample_rows: usize, keep: Keep<'_>) -> Result<File
                         Some(Data::Bool(v)) => Cell::Bool(*v),
                         Some(Data::String(s)) if s.trim().is_empty() => Cell::Null,
                         Some(Data::String(s)) => Cell::Text(s.clone()),
-                        Some(Data::DateTime(d)) => Cell::Text(d.as_datetime().map(show_datetime).unwrap_or_else(|| d.to_string())),
+                        Some(Data::DateTime(d)) => {
+                            Cell::Text(d.as_datetime().map(show_datetime).unwrap_or_else(|| d.to_string()))
+                        }
                         Some(other) => Cell::Text(other.to_string()),
                     });
                 }
             }
         }
         let batch = cells_to_batch(&names, columns, true).map_err(|e| e.to_string())?;
-        tables.push(Ok(Table { name: sheet, row_count, schema: batch.schema(), rows: vec![batch], sampled: row_count > sample_rows as u64 }));
+        tables.push(Ok(Table {
+            name: sheet,
+            row_count,
+            schema: batch.schema(),
+            rows: vec![batch],
+            sampled: row_count > sample_rows as u64,
+        }));
     }
     Ok(FileRead { tables, ddl: None })
 }
@@ -249,8 +269,15 @@ pub fn read_sqlite(path: &Path, sample_rows: usize, keep: Keep<'_>) -> Result<Fi
                     });
                 }
             }
-            let batch = cells_to_batch(&names, columns, false).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-            Ok(Table { name: name.clone(), row_count: row_count as u64, schema: batch.schema(), rows: vec![batch], sampled: row_count > sample_rows as i64 })
+            let batch = cells_to_batch(&names, columns, false)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            Ok(Table {
+                name: name.clone(),
+                row_count: row_count as u64,
+                schema: batch.schema(),
+                rows: vec![batch],
+                sampled: row_count > sample_rows as i64,
+            })
         };
         tables.push(read().map_err(|e| TableError { name: name.clone(), reason: "unreadable", detail: e.to_string() }));
     }
@@ -275,9 +302,14 @@ pub enum Cell {
 /// Builds a batch from columns of cells, each typed by what it holds: integers, then floats,
 /// then booleans, else text. With `integral_floats`, floats that are all whole become integers
 /// (spreadsheets store every number as a float).
-pub fn cells_to_batch(names: &[String], columns: Vec<Vec<Cell>>, integral_floats: bool) -> Result<RecordBatch, arrow::error::ArrowError> {
+pub fn cells_to_batch(
+    names: &[String],
+    columns: Vec<Vec<Cell>>,
+    integral_floats: bool,
+) -> Result<RecordBatch, arrow::error::ArrowError> {
     let arrays: Vec<ArrayRef> = columns.into_iter().map(|c| cells_to_array(c, integral_floats)).collect();
-    let fields: Vec<Field> = names.iter().zip(&arrays).map(|(n, a)| Field::new(n, a.data_type().clone(), true)).collect();
+    let fields: Vec<Field> =
+        names.iter().zip(&arrays).map(|(n, a)| Field::new(n, a.data_type().clone(), true)).collect();
     let options = arrow::record_batch::RecordBatchOptions::new().with_row_count(arrays.first().map(|a| a.len()));
     RecordBatch::try_new_with_options(Arc::new(Schema::new(fields)), arrays, &options)
 }

@@ -64,12 +64,12 @@ impl ColumnStats {
     /// Adds the values of `array`.
     pub fn update(&mut self, array: &ArrayRef) {
         self.nulls += array.null_count() as u64;
-        if self.data_type.is_numeric() {
-            if let Ok(floats) = cast(array, &DataType::Float64) {
-                let floats = floats.as_primitive::<Float64Type>();
-                self.min_num = fold(self.min_num, min(floats), f64::min);
-                self.max_num = fold(self.max_num, max(floats), f64::max);
-            }
+        if self.data_type.is_numeric()
+            && let Ok(floats) = cast(array, &DataType::Float64)
+        {
+            let floats = floats.as_primitive::<Float64Type>();
+            self.min_num = fold(self.min_num, min(floats), f64::min);
+            self.max_num = fold(self.max_num, max(floats), f64::max);
         }
         let Ok(text) = cast(array, &DataType::Utf8) else { return };
         let text = text.as_string::<i32>();
