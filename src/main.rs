@@ -158,8 +158,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Run { pipeline, only, from, force } => {
-            let plan = load(&pipeline).await?;
-            let report = executor::run(&plan, &RunOptions { only, from, force }).await?;
+            let plan = std::sync::Arc::new(load(&pipeline).await?);
+            let report = executor::run(plan.clone(), &RunOptions { only, from, force }).await?;
             for (name, outcome) in &report.stages {
                 match outcome {
                     Outcome::Ran { manifest, seconds, .. } => writeln!(

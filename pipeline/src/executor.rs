@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::task::JoinSet;
 
 use crate::cache::RowCache;
 use crate::error::{Error, Result};
@@ -139,8 +139,9 @@ pub fn status(plan: &Plan) -> Result<Vec<(String, Freshness)>> {
     Ok(out)
 }
 
-/// Runs the plan. Stages fail independently: a failure blocks only what is downstream of it.
-pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
+/// Runs the plan. Independent stages run in parallel tasks. Stages fail independently: a
+/// failure blocks only what is downstream of it.
+pub async fn run(plan: Arc<Plan>, opts: &RunOptions) -> Result<RunReport> {
     let store = Store::new(&plan.output_dir);
     store.clean_leftovers()?;
     let cache = Arc::new(RowCache::open(&plan.output_dir)?);
@@ -155,7 +156,7 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
     let mut outcomes: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
     let mut hashes: Vec<Option<String>> = vec![None; n];
     let mut started = vec![false; n];
-    let mut running = FuturesUnordered::new();
+    let mut running = JoinSet::new();
     loop {
         for &i in &plan.order {
             if started[i] || !plan.graph.inputs(i).iter().all(|&u| outcomes[u].is_some()) {
@@ -163,8 +164,14 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
             }
             started[i] = true;
             let name = &plan.spec.stages[i].name;
-            if plan.graph.inputs(i).iter().any(|&u| hashes[u].is_none()) {
-                outcomes[i] = Some(Outcome::Blocked);
+            if let Some(&u) = plan.graph.inputs(i).iter().find(|&&u| hashes[u].is_none()) {
+                outcomes[i] = Some(match outcomes[u] {
+                    Some(Outcome::NotSelected) => Outcome::Failed(Error::Usage(format!(
+                        "stage `{name}` needs the output of `{}`, which does not exist yet: run it first",
+                        plan.spec.stages[u].name
+                    ))),
+                    _ => Outcome::Blocked,
+                });
                 continue;
             }
             if only.is_some_and(|o| o != i) {
@@ -179,8 +186,8 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
                 .iter()
                 .map(|&u| (plan.spec.stages[u].name.clone(), hashes[u].clone().unwrap_or_default()))
                 .collect();
-            let parts = parts_of(plan, i, &inputs);
-            let reasons = match freshness(plan, &store, i, &parts)? {
+            let parts = parts_of(&plan, i, &inputs);
+            let reasons = match freshness(&plan, &store, i, &parts)? {
                 Freshness::Fresh if !forced.contains(&i) && only.is_none() => {
                     hashes[i] = store.manifest(name)?.map(|m| m.content_hash);
                     outcomes[i] = Some(Outcome::Fresh);
@@ -189,11 +196,12 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
                 Freshness::Fresh => vec!["forced".to_string()],
                 Freshness::Stale(why) => why,
             };
-            let (store, cache) = (&store, cache.clone());
-            running.push(async move { (i, run_stage(plan, i, store, cache, parts, reasons).await) });
+            let (plan, store, cache) = (plan.clone(), store.clone(), cache.clone());
+            running.spawn(async move { (i, run_stage(&plan, i, &store, cache, parts, reasons).await) });
         }
         // Everything startable has started; wait for one stage to finish, or stop when idle.
-        let Some((i, result)) = running.next().await else { break };
+        let Some(joined) = running.join_next().await else { break };
+        let (i, result) = joined.map_err(|e| Error::Internal(format!("a stage task panicked: {e}")))?;
         match result {
             Ok(outcome) => {
                 if let Outcome::Ran { manifest, .. } = &outcome {
@@ -230,13 +238,15 @@ async fn run_stage(
     let clock = Instant::now();
     let started_at = now();
     let mut inputs = Vec::new();
+    let mut input_fingerprints = BTreeMap::new();
     for &u in plan.graph.inputs(i) {
         let up = &plan.spec.stages[u].name;
-        if store.manifest(up)?.is_none() {
+        let Some(upstream) = store.manifest(up)? else {
             return Err(Error::Usage(format!(
                 "stage `{name}` needs the output of `{up}`, which does not exist yet: run `{up}` first"
             )));
-        }
+        };
+        input_fingerprints.insert(up.clone(), upstream.fingerprint);
         inputs.push(Input { name: up.clone(), dir: store.stage_dir(up), schema: plan.schemas[u].clone() });
     }
     let cx =
@@ -255,6 +265,7 @@ async fn run_stage(
         stage: name.clone(),
         fingerprint: parts.fingerprint(),
         parts,
+        input_fingerprints,
         content_hash: String::new(),
         schema: Vec::new(),
         row_count: 0,

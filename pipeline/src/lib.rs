@@ -8,7 +8,7 @@
 //! ```no_run
 //! # async fn demo(registry: kiln_pipeline::registry::Registry) -> kiln_pipeline::Result<()> {
 //! let plan = kiln_pipeline::plan::Plan::load("recipes/quickstart.toml".as_ref(), &registry).await?;
-//! let report = kiln_pipeline::executor::run(&plan, &Default::default()).await?;
+//! let report = kiln_pipeline::executor::run(std::sync::Arc::new(plan), &Default::default()).await?;
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]

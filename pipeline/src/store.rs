@@ -38,6 +38,8 @@ pub struct Manifest {
     pub fingerprint: String,
     /// What the fingerprint was made of (kind, version, parameters, files, input hashes).
     pub parts: FingerprintParts,
+    /// Fingerprint of each input's dataset when this one was produced.
+    pub input_fingerprints: BTreeMap<String, String>,
     /// BLAKE3 of the part files: equal hashes mean byte-identical rows.
     pub content_hash: String,
     /// Columns: name, Arrow type, nullability.
