@@ -249,8 +249,7 @@ async fn run_stage(
         input_fingerprints.insert(up.clone(), upstream.fingerprint);
         inputs.push(Input { name: up.clone(), dir: store.stage_dir(up), schema: plan.schemas[u].clone() });
     }
-    let cx =
-        StageCx { name: name.clone(), base_dir: plan.check_cx.base_dir.clone(), seed: plan.spec.settings.seed, cache };
+    let cx = StageCx { name: name.clone(), pipeline: plan.check_cx.clone(), seed: plan.spec.settings.seed, cache };
     let output = plan.stage(i).run(&cx, &inputs).await.map_err(|e| match e {
         e @ Error::Stage { .. } => e,
         e => Error::stage(&name, e),

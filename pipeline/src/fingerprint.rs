@@ -77,12 +77,14 @@ fn map_changes<V: PartialEq>(what: &str, new: &BTreeMap<String, V>, old: &BTreeM
 pub fn file_states(deps: &[FileDep], base_dir: &Path) -> BTreeMap<String, String> {
     deps.iter()
         .map(|dep| {
-            let (path, state) = match dep {
-                FileDep::Contents(p) => (p, std::fs::read(p).map(|b| blake3::hash(&b).to_hex()[..32].to_string())),
-                FileDep::Stat(p) => (p, std::fs::metadata(p).map(|m| stat_state(&m))),
-            };
-            let name = path.strip_prefix(base_dir).unwrap_or(path).display().to_string();
-            (name, state.unwrap_or_else(|_| "missing".to_string()))
+            let hash = |bytes: &[u8]| blake3::hash(bytes).to_hex()[..32].to_string();
+            let shown = |p: &Path| p.strip_prefix(base_dir).unwrap_or(p).display().to_string();
+            let missing = |_| "missing".to_string();
+            match dep {
+                FileDep::Contents(p) => (shown(p), std::fs::read(p).map(|b| hash(&b)).unwrap_or_else(missing)),
+                FileDep::Stat(p) => (shown(p), std::fs::metadata(p).map(|m| stat_state(&m)).unwrap_or_else(missing)),
+                FileDep::Builtin(name, contents) => (format!("(built-in) {name}"), hash(contents.as_bytes())),
+            }
         })
         .collect()
 }

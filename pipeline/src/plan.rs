@@ -35,7 +35,12 @@ impl Plan {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let (spec, mut diags) = spec::parse(path, &text, registry);
         let Some(spec) = spec else { return Err(Error::Config(Diagnostics(diags).normalize())) };
-        let check_cx = CheckCx { base_dir: spec.base_dir.clone() };
+        let resolve = |dir: &Option<PathBuf>| dir.as_ref().map(|d| spec.base_dir.join(d));
+        let check_cx = CheckCx {
+            base_dir: spec.base_dir.clone(),
+            taxonomy: resolve(&spec.settings.taxonomy),
+            templates: resolve(&spec.settings.templates),
+        };
 
         check_settings(&spec, &check_cx, &mut diags);
         let graph = resolve_inputs(&spec, &mut diags);

@@ -43,11 +43,16 @@ pub trait Stage: Debug + Send + Sync {
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output>;
 }
 
-/// What validation knows about the pipeline.
-#[derive(Debug, Clone)]
+/// What validation (and a running stage) knows about the pipeline.
+#[derive(Debug, Clone, Default)]
 pub struct CheckCx {
     /// Folder of the pipeline file: relative paths in parameters resolve against it.
     pub base_dir: PathBuf,
+    /// The pipeline's own taxonomy folder (`[pipeline] taxonomy`), resolved; `None` for the
+    /// built-in taxonomy.
+    pub taxonomy: Option<PathBuf>,
+    /// The pipeline's own templates folder (`[pipeline] templates`), resolved.
+    pub templates: Option<PathBuf>,
 }
 
 impl CheckCx {
@@ -64,6 +69,9 @@ pub enum FileDep {
     Contents(PathBuf),
     /// Data files: fingerprinted by size and modification time, so checks stay fast.
     Stat(PathBuf),
+    /// Files compiled into kiln (the built-in taxonomy and templates): a name and the
+    /// contents.
+    Builtin(String, &'static str),
 }
 
 /// A problem with a stage's parameters, located by its key path inside the stage table
@@ -124,8 +132,8 @@ impl Input {
 pub struct StageCx {
     /// Name of the stage.
     pub name: String,
-    /// Folder of the pipeline file.
-    pub base_dir: PathBuf,
+    /// The pipeline's folders (as validation saw them).
+    pub pipeline: CheckCx,
     /// The pipeline seed.
     pub seed: u64,
     /// Row-level cache for expensive per-row work.

@@ -5,5 +5,6 @@
 pub mod profile;
 pub mod registry;
 pub mod sql;
+pub mod taxonomy;
 
 pub use registry::registry;

@@ -446,8 +446,7 @@ impl Stage for Profile {
     }
 
     async fn run(&self, cx: &StageCx, _inputs: &[Input]) -> Result<Output> {
-        let check = CheckCx { base_dir: cx.base_dir.clone() };
-        let files = self.matched_files(&check);
+        let files = self.matched_files(&cx.pipeline);
         let bar = progress::bar(&cx.name, files.len() as u64);
         let parallelism =
             self.parallelism.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
