@@ -37,5 +37,5 @@ fn malformed_pipelines_report_every_problem_with_its_position() {
 #[test]
 fn the_quickstart_checks_clean() {
     let out = util::kiln_ok(&util::root(), &["check", "recipes/quickstart.toml"]);
-    assert_eq!(out, "recipes/quickstart.toml: ok, 2 stages\n");
+    assert_eq!(out, "recipes/quickstart.toml: ok, 3 stages\n");
 }

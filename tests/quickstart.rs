@@ -14,6 +14,11 @@ fn the_quickstart_recipe_runs_offline() {
     let out = util::kiln_ok(dir, &["run", "recipes/quickstart.toml"]);
     assert!(out.contains("files: ran, 10 rows, 4 rejected"), "{out}");
     assert!(out.contains("small: ran, 9 rows, 0 rejected"), "{out}");
+    assert!(out.contains("questions: ran, "), "{out}");
+    let questions = util::rows(&dir.join("outputs/quickstart/questions"));
+    let categories: std::collections::BTreeSet<&str> = questions.iter().map(|q| q["category"].as_str().unwrap()).collect();
+    assert!(categories.len() >= 12, "offline questions over at least 12 categories: {categories:?}");
+    assert!(questions.iter().all(|q| !q["answer"].as_str().unwrap().is_empty()), "every question has a gold answer");
     let outputs = dir.join("outputs/quickstart");
     let files = util::rows(&outputs.join("files"));
     let formats: std::collections::BTreeSet<&str> = files.iter().map(|r| r["format"].as_str().unwrap()).collect();

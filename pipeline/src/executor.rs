@@ -90,6 +90,7 @@ fn parts_of(plan: &Plan, i: usize, input_hashes: &BTreeMap<String, String>) -> F
         params: s.params.clone(),
         files,
         inputs: input_hashes.clone(),
+        seed: stage.seeded().then_some(plan.spec.settings.seed),
     }
 }
 

@@ -26,6 +26,9 @@ pub struct FingerprintParts {
     pub files: BTreeMap<String, String>,
     /// Input stage name to the content hash of its dataset.
     pub inputs: BTreeMap<String, String>,
+    /// The pipeline seed, for stages whose output depends on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 impl FingerprintParts {
@@ -44,6 +47,9 @@ impl FingerprintParts {
         }
         if self.version != old.version {
             why.push(format!("implementation version changed from {} to {}", old.version, self.version));
+        }
+        if self.seed != old.seed {
+            why.push("the pipeline seed changed".to_string());
         }
         why.extend(map_changes("parameter", &as_map(&self.params), &as_map(&old.params)));
         why.extend(map_changes("file", &self.files, &old.files));
@@ -100,7 +106,14 @@ mod tests {
     use super::*;
 
     fn parts(params: serde_json::Value) -> FingerprintParts {
-        FingerprintParts { kind: "sql".into(), version: 1, params, files: BTreeMap::new(), inputs: BTreeMap::new() }
+        FingerprintParts {
+            kind: "sql".into(),
+            version: 1,
+            params,
+            files: BTreeMap::new(),
+            inputs: BTreeMap::new(),
+            seed: None,
+        }
     }
 
     #[test]

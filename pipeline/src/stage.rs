@@ -25,6 +25,11 @@ pub trait Stage: Debug + Send + Sync {
         1
     }
 
+    /// True when the output depends on the pipeline seed, which then joins the fingerprint.
+    fn seeded(&self) -> bool {
+        false
+    }
+
     /// Parameter checks that need no graph (a glob that matches nothing, a missing template).
     fn validate(&self, _cx: &CheckCx) -> Vec<Problem> {
         Vec::new()

@@ -39,6 +39,7 @@ pub struct Manifest {
     /// What the fingerprint was made of (kind, version, parameters, files, input hashes).
     pub parts: FingerprintParts,
     /// Fingerprint of each input's dataset when this one was produced.
+    #[serde(default)]
     pub input_fingerprints: BTreeMap<String, String>,
     /// BLAKE3 of the part files: equal hashes mean byte-identical rows.
     pub content_hash: String,
@@ -182,13 +183,19 @@ impl Store {
     }
 }
 
-/// Reads a manifest from a dataset folder; `None` if the folder holds no finished dataset.
+/// Reads a manifest from a dataset folder; `None` if the folder holds no finished dataset. A
+/// manifest that does not parse (written by another kiln version, or damaged) counts as no
+/// dataset, so the stage is rebuilt.
 pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
     let path = dir.join(MANIFEST);
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| Error::dataset(&path, format!("unreadable manifest ({e}); delete the folder to rebuild it"))),
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "Unreadable manifest; the stage will be rebuilt.");
+                Ok(None)
+            }
+        },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(&path, e)),
     }

@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod profile;
+pub mod programmatic;
 pub mod registry;
 pub mod sql;
 pub mod taxonomy;

@@ -3,6 +3,7 @@
 use kiln_pipeline::registry::{Kind, Registry};
 
 use crate::profile::Profile;
+use crate::programmatic::Programmatic;
 use crate::sql::Sql;
 
 /// The registry of all built-in stage kinds.
@@ -11,6 +12,10 @@ pub fn registry() -> Registry {
         Kind::of::<Profile>(
             "profile",
             "one row of metadata per table found in CSV, TSV, XLSX, SQLite, Parquet and JSON files",
+        ),
+        Kind::of::<Programmatic>(
+            "programmatic",
+            "offline questions with gold answers computed by SQL on each profiled table's real data",
         ),
         Kind::of::<Sql>("sql", "a DataFusion SQL query over the input stages, each a table named after its stage"),
     ])

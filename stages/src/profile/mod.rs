@@ -17,8 +17,8 @@
 //! max_rows = 1000
 //! ```
 
-mod readers;
-mod stats;
+pub(crate) mod readers;
+pub(crate) mod stats;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -140,7 +140,8 @@ enum TableOutcome {
     Rejected(Rejection),
 }
 
-fn schema() -> SchemaRef {
+/// The schema of a profile dataset.
+pub(crate) fn schema() -> SchemaRef {
     let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, true)));
     let column = Fields::from(vec![
         Field::new("name", DataType::Utf8, false),

@@ -130,7 +130,11 @@ pub async fn read_with_datafusion(
     let read = async {
         let row_count = df.clone().count().await? as u64;
         let schema = Arc::new(df.schema().as_arrow().clone());
-        let rows = if keep(row_count) { df.limit(0, Some(sample_rows))?.collect().await? } else { Vec::new() };
+        let rows = match keep(row_count) {
+            false => Vec::new(),
+            true if row_count <= sample_rows as u64 => df.collect().await?,
+            true => df.limit(0, Some(sample_rows))?.collect().await?,
+        };
         Ok::<_, datafusion::error::DataFusionError>(Table {
             name: name.clone(),
             row_count,
@@ -141,6 +145,37 @@ pub async fn read_with_datafusion(
     };
     let table = read.await.map_err(|e| TableError { name, reason: "unreadable", detail: e.strip_backtrace() });
     Ok(FileRead { tables: vec![table], ddl: None })
+}
+
+/// Reads every row of one table (`name`: the sheet or SQLite table; ignored for single-table
+/// formats). For tables already profiled, so of bounded size.
+pub async fn read_table(path: &Path, name: &str) -> Result<Table, String> {
+    let format = Format::of(path).ok_or("unsupported format")?;
+    let all = |_: u64| true;
+    let read = match format {
+        Format::Csv | Format::Tsv | Format::Parquet | Format::Jsonl => {
+            read_with_datafusion(path, format, usize::MAX, &all).await
+        }
+        Format::Json => read_json_array(path, usize::MAX),
+        Format::Xlsx | Format::Sqlite => {
+            let path = path.to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                if format == Format::Xlsx {
+                    read_xlsx(&path, usize::MAX, &all)
+                } else {
+                    read_sqlite(&path, usize::MAX, &all)
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        }
+    }?;
+    let single = !matches!(format, Format::Xlsx | Format::Sqlite);
+    read.tables
+        .into_iter()
+        .find(|t| single || t.as_ref().map_or_else(|e| e.name == name, |t| t.name == name))
+        .ok_or_else(|| format!("no table `{name}` in {}", path.display()))?
+        .map_err(|e| e.detail)
 }
 
 /// Infers a CSV file's schema from its first `max_records` rows, making blank or repeated
