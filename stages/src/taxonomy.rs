@@ -136,7 +136,7 @@ fn check(name: &str, c: &Category) -> Result<(), String> {
         Some("`templates` must hold at least one question template".to_string())
     } else if c.procedure.is_empty() {
         Some("`procedure` must hold at least one step".to_string())
-    } else if !(c.weight >= 0.0) {
+    } else if c.weight.is_nan() || c.weight < 0.0 {
         Some(format!("`weight` must be at least 0, got {}", c.weight))
     } else {
         None
