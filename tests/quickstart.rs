@@ -16,7 +16,8 @@ fn the_quickstart_recipe_runs_offline() {
     assert!(out.contains("small: ran, 9 rows, 0 rejected"), "{out}");
     assert!(out.contains("questions: ran, "), "{out}");
     let questions = util::rows(&dir.join("outputs/quickstart/questions"));
-    let categories: std::collections::BTreeSet<&str> = questions.iter().map(|q| q["category"].as_str().unwrap()).collect();
+    let categories: std::collections::BTreeSet<&str> =
+        questions.iter().map(|q| q["category"].as_str().unwrap()).collect();
     assert!(categories.len() >= 12, "offline questions over at least 12 categories: {categories:?}");
     assert!(questions.iter().all(|q| !q["answer"].as_str().unwrap().is_empty()), "every question has a gold answer");
     let outputs = dir.join("outputs/quickstart");

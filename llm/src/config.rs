@@ -1,0 +1,109 @@
+//! `[models.<name>]`: one OpenAI-compatible model endpoint and how kiln may use it.
+
+use serde::{Deserialize, Serialize};
+
+/// A model as declared in a pipeline file.
+///
+/// ```toml
+/// [models.teacher]
+/// base_url = "https://api.deepseek.com/v1"
+/// api_key_env = "DEEPSEEK_API_KEY"   # the name of the variable, never the key
+/// model = "deepseek-chat"
+/// temperature = 0.7
+/// max_concurrency = 32
+/// price_per_mtok_prompt = 0.27
+/// price_per_mtok_completion = 1.10
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Base URL of the API, up to and including `/v1`. Required.
+    pub base_url: String,
+    /// Name of the environment variable holding the API key; none for local servers.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Model name sent in each request. Required.
+    pub model: String,
+    /// Sampling temperature. Default: the server's.
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling. Default: the server's.
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    /// Most tokens per completion. Default: the server's.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Stop sequences. Default: none.
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Sampling seed sent to the server. Default: none.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Most requests in flight; the client halves its limit on 429/503 and grows it back
+    /// slowly up to this. Default: 16.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    /// Most requests started per minute. Default: unlimited.
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Most tokens (prompt estimate plus `max_tokens`) per minute. Default: unlimited.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
+    /// Seconds before one request is abandoned and retried. Default: 120.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
+    /// Retries after the first attempt, for 429, 5xx, timeouts, broken connections and replies
+    /// that are not valid JSON. Default: 6.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// First backoff delay in seconds, doubled per retry (with jitter), at most 60. Default: 1.
+    #[serde(default = "default_backoff_s")]
+    pub backoff_s: f64,
+    /// USD per million prompt tokens, for cost accounting. Default: 0.
+    #[serde(default)]
+    pub price_per_mtok_prompt: f64,
+    /// USD per million completion tokens. Default: 0.
+    #[serde(default)]
+    pub price_per_mtok_completion: f64,
+}
+
+fn default_max_concurrency() -> usize {
+    16
+}
+fn default_timeout_s() -> f64 {
+    120.0
+}
+fn default_max_retries() -> u32 {
+    6
+}
+fn default_backoff_s() -> f64 {
+    1.0
+}
+
+impl ModelConfig {
+    /// Problems with the values, as `(key, message)`.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if !(self.base_url.starts_with("http://") || self.base_url.starts_with("https://")) {
+            out.push(("base_url", format!("`base_url` must start with http:// or https://, got `{}`", self.base_url)));
+        }
+        if self.max_concurrency == 0 {
+            out.push(("max_concurrency", "`max_concurrency` must be at least 1, got 0".to_string()));
+        }
+        if !(self.timeout_s > 0.0) {
+            out.push(("timeout_s", format!("`timeout_s` must be > 0, got {}", self.timeout_s)));
+        }
+        if self.backoff_s.is_nan() || self.backoff_s < 0.0 {
+            out.push(("backoff_s", format!("`backoff_s` must be >= 0, got {}", self.backoff_s)));
+        }
+        if let Some(t) = self.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
+            out.push(("temperature", format!("`temperature` must be between 0 and 2, got {t}")));
+        }
+        out
+    }
+
+    /// Cost in USD of `prompt` and `completion` tokens.
+    pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
+        (prompt as f64 * self.price_per_mtok_prompt + completion as f64 * self.price_per_mtok_completion) / 1e6
+    }
+}
