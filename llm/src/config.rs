@@ -90,7 +90,7 @@ impl ModelConfig {
         if self.max_concurrency == 0 {
             out.push(("max_concurrency", "`max_concurrency` must be at least 1, got 0".to_string()));
         }
-        if !(self.timeout_s > 0.0) {
+        if self.timeout_s.is_nan() || self.timeout_s <= 0.0 {
             out.push(("timeout_s", format!("`timeout_s` must be > 0, got {}", self.timeout_s)));
         }
         if self.backoff_s.is_nan() || self.backoff_s < 0.0 {

@@ -40,6 +40,7 @@ impl Plan {
             base_dir: spec.base_dir.clone(),
             taxonomy: resolve(&spec.settings.taxonomy),
             templates: resolve(&spec.settings.templates),
+            models: spec.models.clone(),
         };
 
         check_settings(&spec, &check_cx, &mut diags);

@@ -58,6 +58,8 @@ pub struct CheckCx {
     pub taxonomy: Option<PathBuf>,
     /// The pipeline's own templates folder (`[pipeline] templates`), resolved.
     pub templates: Option<PathBuf>,
+    /// The `[models.<name>]` tables, as JSON (`null` when there are none).
+    pub models: serde_json::Value,
 }
 
 impl CheckCx {

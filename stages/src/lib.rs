@@ -7,5 +7,7 @@ pub mod programmatic;
 pub mod registry;
 pub mod sql;
 pub mod taxonomy;
+pub mod templates;
+pub mod llm_rows;
 
 pub use registry::registry;

@@ -341,6 +341,56 @@ impl Profile {
     }
 }
 
+/// One profiled table as later stages read it (the columns they use).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ProfiledTable {
+    pub row_id: String,
+    pub path: String,
+    pub format: String,
+    pub table: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub row_count: u64,
+    pub column_count: u64,
+    pub columns: Vec<ColumnProfile>,
+    pub head: String,
+    #[serde(default)]
+    pub ddl: Option<String>,
+}
+
+/// Input columns that stages reading a profile need.
+const PROFILE_COLUMNS: &[&str] = &["row_id", "path", "format", "table", "row_count", "column_count", "columns", "head"];
+
+/// Checks that a stage of `kind` reads exactly one input with the profile columns.
+pub(crate) fn check_profile_input(kind: &str, inputs: &[InputSchema]) -> Result<(), Vec<Problem>> {
+    let [input] = inputs else {
+        return Err(vec![Problem::new("inputs", format!("a `{kind}` stage reads exactly one `profile` stage, got {} inputs", inputs.len()))
+            .help("write `inputs = [\"files\"]` where `files` is a profile stage")]);
+    };
+    let profile = schema();
+    let missing: Vec<&str> = PROFILE_COLUMNS
+        .iter()
+        .copied()
+        .filter(|n| match (input.schema.field_with_name(n), profile.field_with_name(n)) {
+            (Ok(got), Ok(want)) => !got.data_type().equals_datatype(want.data_type()),
+            _ => true,
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(vec![Problem::new("inputs.0", format!("input `{}` lacks the profile columns {} (or their types differ)", input.name, missing.join(", ")))
+        .help("read a `profile` stage, or a `sql` stage that keeps its columns (`SELECT *`)")])
+}
+
+/// Reads every profiled table of `input`.
+pub(crate) fn read_profiles(input: &Input) -> Result<Vec<ProfiledTable>> {
+    kiln_pipeline::rows::to_json_rows(&input.read()?)?
+        .into_iter()
+        .map(|row| serde_json::from_value(serde_json::Value::Object(row)).map_err(|e| Error::stage(&input.name, format!("not a profile row: {e}"))))
+        .collect()
+}
+
 /// The first `n` rows as a JSON array of objects, keys in column order.
 fn head_json(t: &Table, n: usize) -> std::result::Result<String, arrow::error::ArrowError> {
     let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());

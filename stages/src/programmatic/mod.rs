@@ -25,13 +25,13 @@ use arrow::datatypes::{DataType, Field, SchemaRef};
 use async_trait::async_trait;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
-use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch, to_json_rows};
+use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch};
 use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::profile::readers::read_table;
-use crate::profile::stats::ColumnProfile;
+use crate::profile::ProfiledTable;
 use crate::taxonomy::Taxonomy;
 use questions::{Columns, Draft, Picker, SUPPORTED, draft};
 
@@ -50,16 +50,6 @@ pub struct Programmatic {
 
 fn default_decimals() -> usize {
     4
-}
-
-/// One profiled table, as read from the input.
-#[derive(Debug, Deserialize)]
-struct ProfiledTable {
-    row_id: String,
-    path: String,
-    format: String,
-    table: String,
-    columns: Vec<ColumnProfile>,
 }
 
 /// One output row.
@@ -94,9 +84,6 @@ fn schema() -> SchemaRef {
         Field::new("difficulty", DataType::UInt32, false),
     ])
 }
-
-/// Input columns this stage reads from a `profile` dataset.
-const NEEDS: &[&str] = &["row_id", "path", "format", "table", "columns"];
 
 impl Programmatic {
     fn categories(&self) -> Vec<String> {
@@ -251,37 +238,7 @@ impl Stage for Programmatic {
     }
 
     async fn output_schema(&self, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
-        let [input] = inputs else {
-            return Err(vec![
-                Problem::new(
-                    "inputs",
-                    format!("a `programmatic` stage reads exactly one `profile` stage, got {} inputs", inputs.len()),
-                )
-                .help("write `inputs = [\"files\"]` where `files` is a profile stage"),
-            ]);
-        };
-        let profile = crate::profile::schema();
-        let missing: Vec<&str> = NEEDS
-            .iter()
-            .copied()
-            .filter(|n| match (input.schema.field_with_name(n), profile.field_with_name(n)) {
-                (Ok(got), Ok(want)) => !got.data_type().equals_datatype(want.data_type()),
-                _ => true,
-            })
-            .collect();
-        if !missing.is_empty() {
-            return Err(vec![
-                Problem::new(
-                    "inputs.0",
-                    format!(
-                        "input `{}` lacks the profile columns {} (or their types differ)",
-                        input.name,
-                        missing.join(", ")
-                    ),
-                )
-                .help("read a `profile` stage, or a `sql` stage that keeps its columns (`SELECT *`)"),
-            ]);
-        }
+        crate::profile::check_profile_input("programmatic", inputs)?;
         Ok(schema())
     }
 
@@ -290,9 +247,7 @@ impl Stage for Programmatic {
         let mut output = Output::default();
         let mut rows = Vec::new();
         for input in inputs {
-            for json in to_json_rows(&input.read()?)? {
-                let table: ProfiledTable = serde_json::from_value(serde_json::Value::Object(json))
-                    .map_err(|e| Error::stage(&cx.name, format!("input `{}` row: {e}", input.name)))?;
+            for table in crate::profile::read_profiles(input)? {
                 rows.extend(self.table_questions(cx, &taxonomy, &table, &mut output).await?);
             }
         }

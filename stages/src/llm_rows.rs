@@ -1,0 +1,165 @@
+//! What every LLM stage shares: finding its model, and completing one request per row through
+//! the row cache, with parse retries and rejections.
+//!
+//! Every request goes through the row cache keyed by its full body, and is committed as soon as
+//! it returns: a rerun, or a rerun after a crash, never pays twice for a finished request. A
+//! reply that does not parse is retried with the parse error told to the model (that follow-up
+//! is itself a cached request); after `max_parse_retries` the row is rejected with the reason.
+
+use std::collections::BTreeMap;
+
+use futures::stream::{self, StreamExt};
+use kiln_llm::{Client, Completion, Message, ModelConfig};
+use kiln_pipeline::cache::CacheKey;
+use kiln_pipeline::stage::{CheckCx, Problem, Rejection, StageCx};
+use kiln_pipeline::{progress, Error, Result};
+
+/// The model named `name` in `[models]`.
+pub fn model_config(cx: &CheckCx, name: &str) -> Result<ModelConfig, Problem> {
+    let declared: Vec<String> = cx.models.as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+    let Some(table) = cx.models.get(name) else {
+        let help = kiln_pipeline::error::did_you_mean(name, declared.iter().map(String::as_str))
+            .unwrap_or_else(|| format!("declare it as `[models.{name}]` with `base_url` and `model`"));
+        return Err(Problem::new("model", format!("unknown model `{name}`")).help(help));
+    };
+    let config: ModelConfig = serde_json::from_value(table.clone())
+        .map_err(|e| Problem::new("model", format!("`[models.{name}]` is invalid: {e}")))?;
+    if let Some((key, message)) = config.problems().into_iter().next() {
+        return Err(Problem::new("model", format!("`[models.{name}]`: {message}")).help(format!("fix `{key}` in `[models.{name}]`")));
+    }
+    Ok(config)
+}
+
+/// One request, for one output row.
+#[derive(Debug, Clone)]
+pub struct RowRequest {
+    /// Id of the row the reply becomes (also used for its rejection).
+    pub row_id: String,
+    /// The conversation to send.
+    pub messages: Vec<Message>,
+}
+
+/// A parsed reply and what it cost.
+#[derive(Debug, Clone)]
+pub struct RowReply<T> {
+    /// The parsed value.
+    pub value: T,
+    /// Prompt tokens over every attempt.
+    pub prompt_tokens: u64,
+    /// Completion tokens over every attempt.
+    pub completion_tokens: u64,
+}
+
+/// Replies in request order (`None` for rejected rows), rejections and counters.
+pub type Completed<T> = (Vec<Option<RowReply<T>>>, Vec<Rejection>, BTreeMap<String, u64>);
+
+/// Completes every request, in parallel within the client's limits.
+pub async fn complete_rows<T, P>(cx: &StageCx, client: &Client, requests: Vec<RowRequest>, max_parse_retries: u32, parse: P) -> Result<Completed<T>>
+where
+    T: Send,
+    P: Fn(&str) -> Result<T, String> + Sync,
+{
+    let bar = progress::bar(&cx.name, requests.len() as u64);
+    let parallel = client.config().max_concurrency * 2;
+    let results: Vec<Result<(Result<RowReply<T>, Rejection>, u64)>> = stream::iter(0..requests.len())
+        .map(|i| {
+            let (request, parse, bar) = (&requests[i], &parse, &bar);
+            async move {
+                let r = complete_one(cx, client, request, max_parse_retries, parse).await;
+                bar.inc(1);
+                r
+            }
+        })
+        .buffered(parallel)
+        .collect()
+        .await;
+    bar.finish_and_clear();
+
+    let mut counters: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut replies, mut rejections) = (Vec::new(), Vec::new());
+    for result in results {
+        let (reply, hits) = result?;
+        *counters.entry("llm_cache_hits".into()).or_default() += hits;
+        match reply {
+            Ok(r) => {
+                *counters.entry("prompt_tokens".into()).or_default() += r.prompt_tokens;
+                *counters.entry("completion_tokens".into()).or_default() += r.completion_tokens;
+                replies.push(Some(r));
+            }
+            Err(rejection) => {
+                rejections.push(rejection);
+                replies.push(None);
+            }
+        }
+    }
+    let cost = client.config().cost(counters.get("prompt_tokens").copied().unwrap_or(0), counters.get("completion_tokens").copied().unwrap_or(0));
+    counters.insert("cost_micro_usd".into(), (cost * 1e6).round() as u64);
+    counters.extend(client.stats().snapshot().into_iter().map(|(k, v)| (k.to_string(), v)));
+    Ok((replies, rejections, counters))
+}
+
+/// One row: request, parse, and on a parse error ask again with the error, up to the limit.
+/// Returns the outcome and how many attempts were cache hits.
+async fn complete_one<T>(
+    cx: &StageCx,
+    client: &Client,
+    request: &RowRequest,
+    max_parse_retries: u32,
+    parse: &(impl Fn(&str) -> Result<T, String> + Sync),
+) -> Result<(Result<RowReply<T>, Rejection>, u64)> {
+    let reject = |reason: &str, detail: String| Rejection { row_id: request.row_id.clone(), reason: reason.into(), detail };
+    let mut messages = request.messages.clone();
+    let (mut prompt_tokens, mut completion_tokens, mut hits) = (0, 0, 0);
+    for attempt in 0..=max_parse_retries {
+        let body = client.request_body(&messages, 1);
+        let key = CacheKey::new("llm/chat", &body)?;
+        let completed = cx.cache.get_or_compute(&key, "llm/chat", || async { client.complete(&body).await.map_err(|e| Error::stage(&cx.name, e)) }).await;
+        let (completion, hit): (Completion, bool) = match completed {
+            Ok(c) => c,
+            Err(Error::Stage { source, .. }) => return Ok((Err(reject("llm_failed", source.to_string())), hits)),
+            Err(e) => return Err(e),
+        };
+        hits += hit as u64;
+        prompt_tokens += completion.prompt_tokens;
+        completion_tokens += completion.completion_tokens;
+        let text = completion.texts.first().cloned().unwrap_or_default();
+        match parse(&text) {
+            Ok(value) => return Ok((Ok(RowReply { value, prompt_tokens, completion_tokens }), hits)),
+            Err(why) if attempt == max_parse_retries => {
+                let head: String = text.chars().take(200).collect();
+                return Ok((Err(reject("unparseable", format!("{why} after {} attempts; last reply: {head}", attempt + 1))), hits));
+            }
+            Err(why) => {
+                messages.push(Message::new("assistant", text));
+                messages.push(Message::new("user", format!("Your reply could not be used: {why}. Answer again, exactly in the required format.")));
+            }
+        }
+    }
+    unreachable!("the loop returns on its last attempt")
+}
+
+/// Extracts `<tag>…</tag>` for each tag, trimmed; an error names the first missing or empty one.
+pub fn parse_tags(text: &str, tags: &[&str]) -> Result<Vec<String>, String> {
+    tags.iter()
+        .map(|tag| {
+            let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+            let start = text.find(&open).ok_or_else(|| format!("missing <{tag}>"))? + open.len();
+            let end = text[start..].find(&close).ok_or_else(|| format!("missing </{tag}>"))? + start;
+            let value = text[start..end].trim();
+            if value.is_empty() { Err(format!("<{tag}> is empty")) } else { Ok(value.to_string()) }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_are_extracted_or_named_as_missing() {
+        let t = "x <question> Why? </question><type>number</type>";
+        assert_eq!(parse_tags(t, &["question", "type"]).unwrap(), ["Why?", "number"]);
+        assert_eq!(parse_tags(t, &["description"]).unwrap_err(), "missing <description>");
+        assert_eq!(parse_tags("<type> </type>", &["type"]).unwrap_err(), "<type> is empty");
+    }
+}

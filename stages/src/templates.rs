@@ -1,0 +1,88 @@
+//! Prompt templates (minijinja). The repository's `templates/` is compiled into kiln; a pipeline
+//! may override any of them with a file of the same name in `[pipeline] templates = "dir"`.
+//! Rendering is strict: a variable the template uses but the stage does not provide is an
+//! error, found by `kiln check` where possible.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use kiln_pipeline::stage::FileDep;
+use minijinja::{Environment, UndefinedBehavior};
+use serde::Serialize;
+
+/// Built-in templates, as `(file name, contents)`.
+const BUILTIN: &[(&str, &str)] = &[("synthesize.j2", include_str!("../../templates/synthesize.j2"))];
+
+/// Loaded templates, ready to render.
+#[derive(Debug)]
+pub struct Templates {
+    env: Environment<'static>,
+    files: Vec<FileDep>,
+}
+
+impl Templates {
+    /// Loads `names`, each from `dir` when it holds that file, else built in.
+    pub fn load(dir: Option<&Path>, names: &[&str]) -> Result<Templates, String> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        let mut files = Vec::new();
+        for name in names {
+            let custom = dir.map(|d| d.join(name)).filter(|p| p.is_file());
+            let source = match &custom {
+                Some(path) => {
+                    files.push(FileDep::Contents(path.clone()));
+                    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?
+                }
+                None => {
+                    let (_, text) = BUILTIN.iter().find(|(n, _)| n == name).ok_or_else(|| {
+                        let place = dir.map(|d| format!(" in `{}` or", d.display())).unwrap_or_default();
+                        format!("template `{name}` not found{place} among the built-in templates")
+                    })?;
+                    files.push(FileDep::Builtin(format!("templates/{name}"), text));
+                    text.to_string()
+                }
+            };
+            let shown = custom.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| format!("templates/{name}"));
+            env.add_template_owned(name.to_string(), source).map_err(|e| format!("{shown}: {e}"))?;
+        }
+        Ok(Templates { env, files })
+    }
+
+    /// Renders `name` with `vars`.
+    pub fn render(&self, name: &str, vars: impl Serialize) -> Result<String, String> {
+        let t = self.env.get_template(name).map_err(|e| e.to_string())?;
+        t.render(vars).map_err(|e| format!("template `{name}`: {e:#}"))
+    }
+
+    /// Top-level variables `name` uses that are not in `provided`.
+    pub fn missing_variables(&self, name: &str, provided: &[&str]) -> Vec<String> {
+        let Ok(t) = self.env.get_template(name) else { return Vec::new() };
+        let used: BTreeSet<String> = t.undeclared_variables(false).into_iter().collect();
+        used.into_iter().filter(|v| !provided.contains(&v.as_str())).collect()
+    }
+
+    /// The template files, for stage fingerprints.
+    pub fn files(&self) -> Vec<FileDep> {
+        self.files.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_win_and_missing_variables_are_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let builtin = Templates::load(Some(tmp.path()), &["synthesize.j2"]).unwrap();
+        assert!(builtin.missing_variables("synthesize.j2", &["table", "categories", "category"]).is_empty());
+        assert_eq!(builtin.missing_variables("synthesize.j2", &["table", "category"]), ["categories"]);
+
+        std::fs::write(tmp.path().join("synthesize.j2"), "Q about {{ table.table }} in {{ langage }}").unwrap();
+        let custom = Templates::load(Some(tmp.path()), &["synthesize.j2"]).unwrap();
+        assert_eq!(custom.missing_variables("synthesize.j2", &["table", "categories", "category"]), ["langage"]);
+        let err = custom.render("synthesize.j2", serde_json::json!({"table": {"table": "t"}})).unwrap_err();
+        assert!(err.contains("undefined"), "{err}");
+        assert!(Templates::load(None, &["nope.j2"]).unwrap_err().contains("template `nope.j2` not found"));
+    }
+}
