@@ -2,12 +2,13 @@
 //! [`kiln_pipeline::stage::Stage`]; [`registry::registry`] lists them all.
 #![deny(missing_docs)]
 
+pub mod llm_rows;
 pub mod profile;
 pub mod programmatic;
 pub mod registry;
 pub mod sql;
+pub mod synthesize;
 pub mod taxonomy;
 pub mod templates;
-pub mod llm_rows;
 
 pub use registry::registry;

@@ -12,7 +12,7 @@ use futures::stream::{self, StreamExt};
 use kiln_llm::{Client, Completion, Message, ModelConfig};
 use kiln_pipeline::cache::CacheKey;
 use kiln_pipeline::stage::{CheckCx, Problem, Rejection, StageCx};
-use kiln_pipeline::{progress, Error, Result};
+use kiln_pipeline::{Error, Result, progress};
 
 /// The model named `name` in `[models]`.
 pub fn model_config(cx: &CheckCx, name: &str) -> Result<ModelConfig, Problem> {
@@ -24,8 +24,12 @@ pub fn model_config(cx: &CheckCx, name: &str) -> Result<ModelConfig, Problem> {
     };
     let config: ModelConfig = serde_json::from_value(table.clone())
         .map_err(|e| Problem::new("model", format!("`[models.{name}]` is invalid: {e}")))?;
-    if let Some((key, message)) = config.problems().into_iter().next() {
-        return Err(Problem::new("model", format!("`[models.{name}]`: {message}")).help(format!("fix `{key}` in `[models.{name}]`")));
+    let problems = config.problems();
+    if !problems.is_empty() {
+        let keys: Vec<String> = problems.iter().map(|(k, _)| format!("`{k}`")).collect();
+        let messages: Vec<String> = problems.into_iter().map(|(_, m)| m).collect();
+        return Err(Problem::new("model", format!("`[models.{name}]`: {}", messages.join("; ")))
+            .help(format!("fix {} in `[models.{name}]`", keys.join(", "))));
     }
     Ok(config)
 }
@@ -53,15 +57,24 @@ pub struct RowReply<T> {
 /// Replies in request order (`None` for rejected rows), rejections and counters.
 pub type Completed<T> = (Vec<Option<RowReply<T>>>, Vec<Rejection>, BTreeMap<String, u64>);
 
+/// One row's outcome, and how many of its requests were cache hits.
+type RowOutcome<T> = Result<(Result<RowReply<T>, Rejection>, u64)>;
+
 /// Completes every request, in parallel within the client's limits.
-pub async fn complete_rows<T, P>(cx: &StageCx, client: &Client, requests: Vec<RowRequest>, max_parse_retries: u32, parse: P) -> Result<Completed<T>>
+pub async fn complete_rows<T, P>(
+    cx: &StageCx,
+    client: &Client,
+    requests: Vec<RowRequest>,
+    max_parse_retries: u32,
+    parse: P,
+) -> Result<Completed<T>>
 where
     T: Send,
     P: Fn(&str) -> Result<T, String> + Sync,
 {
     let bar = progress::bar(&cx.name, requests.len() as u64);
     let parallel = client.config().max_concurrency * 2;
-    let results: Vec<Result<(Result<RowReply<T>, Rejection>, u64)>> = stream::iter(0..requests.len())
+    let results: Vec<RowOutcome<T>> = stream::iter(0..requests.len())
         .map(|i| {
             let (request, parse, bar) = (&requests[i], &parse, &bar);
             async move {
@@ -92,7 +105,10 @@ where
             }
         }
     }
-    let cost = client.config().cost(counters.get("prompt_tokens").copied().unwrap_or(0), counters.get("completion_tokens").copied().unwrap_or(0));
+    let cost = client.config().cost(
+        counters.get("prompt_tokens").copied().unwrap_or(0),
+        counters.get("completion_tokens").copied().unwrap_or(0),
+    );
     counters.insert("cost_micro_usd".into(), (cost * 1e6).round() as u64);
     counters.extend(client.stats().snapshot().into_iter().map(|(k, v)| (k.to_string(), v)));
     Ok((replies, rejections, counters))
@@ -106,14 +122,20 @@ async fn complete_one<T>(
     request: &RowRequest,
     max_parse_retries: u32,
     parse: &(impl Fn(&str) -> Result<T, String> + Sync),
-) -> Result<(Result<RowReply<T>, Rejection>, u64)> {
-    let reject = |reason: &str, detail: String| Rejection { row_id: request.row_id.clone(), reason: reason.into(), detail };
+) -> RowOutcome<T> {
+    let reject =
+        |reason: &str, detail: String| Rejection { row_id: request.row_id.clone(), reason: reason.into(), detail };
     let mut messages = request.messages.clone();
     let (mut prompt_tokens, mut completion_tokens, mut hits) = (0, 0, 0);
     for attempt in 0..=max_parse_retries {
         let body = client.request_body(&messages, 1);
         let key = CacheKey::new("llm/chat", &body)?;
-        let completed = cx.cache.get_or_compute(&key, "llm/chat", || async { client.complete(&body).await.map_err(|e| Error::stage(&cx.name, e)) }).await;
+        let completed = cx
+            .cache
+            .get_or_compute(&key, "llm/chat", || async {
+                client.complete(&body).await.map_err(|e| Error::stage(&cx.name, e))
+            })
+            .await;
         let (completion, hit): (Completion, bool) = match completed {
             Ok(c) => c,
             Err(Error::Stage { source, .. }) => return Ok((Err(reject("llm_failed", source.to_string())), hits)),
@@ -127,11 +149,17 @@ async fn complete_one<T>(
             Ok(value) => return Ok((Ok(RowReply { value, prompt_tokens, completion_tokens }), hits)),
             Err(why) if attempt == max_parse_retries => {
                 let head: String = text.chars().take(200).collect();
-                return Ok((Err(reject("unparseable", format!("{why} after {} attempts; last reply: {head}", attempt + 1))), hits));
+                return Ok((
+                    Err(reject("unparseable", format!("{why} after {} attempts; last reply: {head}", attempt + 1))),
+                    hits,
+                ));
             }
             Err(why) => {
                 messages.push(Message::new("assistant", text));
-                messages.push(Message::new("user", format!("Your reply could not be used: {why}. Answer again, exactly in the required format.")));
+                messages.push(Message::new(
+                    "user",
+                    format!("Your reply could not be used: {why}. Answer again, exactly in the required format."),
+                ));
             }
         }
     }

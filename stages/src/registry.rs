@@ -5,6 +5,7 @@ use kiln_pipeline::registry::{Kind, Registry};
 use crate::profile::Profile;
 use crate::programmatic::Programmatic;
 use crate::sql::Sql;
+use crate::synthesize::Synthesize;
 
 /// The registry of all built-in stage kinds.
 pub fn registry() -> Registry {
@@ -18,5 +19,6 @@ pub fn registry() -> Registry {
             "offline questions with gold answers computed by SQL on each profiled table's real data",
         ),
         Kind::of::<Sql>("sql", "a DataFusion SQL query over the input stages, each a table named after its stage"),
+        Kind::of::<Synthesize>("synthesize", "one LLM-written question per profiled table and sampled task category"),
     ])
 }

@@ -48,9 +48,9 @@ impl Default for Faults {
 /// What the server saw.
 #[derive(Debug, Default)]
 pub struct Seen {
-    /// Requests per last-user-message.
+    /// Requests per conversation (the whole message list).
     pub per_prompt: Mutex<HashMap<String, usize>>,
-    /// Normal (non-fault) replies per last-user-message.
+    /// Normal (non-fault) replies per conversation.
     pub answered: Mutex<HashMap<String, usize>>,
     /// Faults injected, by kind.
     pub faults: Mutex<HashMap<&'static str, usize>>,
@@ -153,16 +153,18 @@ async fn serve(mut stream: TcpStream, seen: &Seen, faults: &Faults, counter: &At
             buf.extend_from_slice(&chunk[..n]);
         }
         let body: serde_json::Value = serde_json::from_slice(&buf[header_end..header_end + length]).unwrap_or_default();
+        // Replies answer the first user message; requests are counted per whole conversation.
         let prompt = body["messages"]
             .as_array()
-            .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+            .and_then(|m| m.iter().find(|m| m["role"] == "user"))
             .and_then(|m| m["content"].as_str())
             .unwrap_or("")
             .to_string();
+        let conversation = body["messages"].to_string();
         let n = body["n"].as_u64().unwrap_or(1) as usize;
 
         seen.total.fetch_add(1, Ordering::SeqCst);
-        *seen.per_prompt.lock().unwrap().entry(prompt.clone()).or_default() += 1;
+        *seen.per_prompt.lock().unwrap().entry(conversation.clone()).or_default() += 1;
         let now = seen.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         seen.max_in_flight.fetch_max(now, Ordering::SeqCst);
 
@@ -210,7 +212,7 @@ async fn serve(mut stream: TcpStream, seen: &Seen, faults: &Faults, counter: &At
             }
             None => {
                 tokio::time::sleep(faults.latency).await;
-                *seen.answered.lock().unwrap().entry(prompt.clone()).or_default() += 1;
+                *seen.answered.lock().unwrap().entry(conversation.clone()).or_default() += 1;
                 let b = ok_body(&reply(&prompt));
                 format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}", b.len())
             }

@@ -364,8 +364,13 @@ const PROFILE_COLUMNS: &[&str] = &["row_id", "path", "format", "table", "row_cou
 /// Checks that a stage of `kind` reads exactly one input with the profile columns.
 pub(crate) fn check_profile_input(kind: &str, inputs: &[InputSchema]) -> Result<(), Vec<Problem>> {
     let [input] = inputs else {
-        return Err(vec![Problem::new("inputs", format!("a `{kind}` stage reads exactly one `profile` stage, got {} inputs", inputs.len()))
-            .help("write `inputs = [\"files\"]` where `files` is a profile stage")]);
+        return Err(vec![
+            Problem::new(
+                "inputs",
+                format!("a `{kind}` stage reads exactly one `profile` stage, got {} inputs", inputs.len()),
+            )
+            .help("write `inputs = [\"files\"]` where `files` is a profile stage"),
+        ]);
     };
     let profile = schema();
     let missing: Vec<&str> = PROFILE_COLUMNS
@@ -379,15 +384,23 @@ pub(crate) fn check_profile_input(kind: &str, inputs: &[InputSchema]) -> Result<
     if missing.is_empty() {
         return Ok(());
     }
-    Err(vec![Problem::new("inputs.0", format!("input `{}` lacks the profile columns {} (or their types differ)", input.name, missing.join(", ")))
-        .help("read a `profile` stage, or a `sql` stage that keeps its columns (`SELECT *`)")])
+    Err(vec![
+        Problem::new(
+            "inputs.0",
+            format!("input `{}` lacks the profile columns {} (or their types differ)", input.name, missing.join(", ")),
+        )
+        .help("read a `profile` stage, or a `sql` stage that keeps its columns (`SELECT *`)"),
+    ])
 }
 
 /// Reads every profiled table of `input`.
 pub(crate) fn read_profiles(input: &Input) -> Result<Vec<ProfiledTable>> {
     kiln_pipeline::rows::to_json_rows(&input.read()?)?
         .into_iter()
-        .map(|row| serde_json::from_value(serde_json::Value::Object(row)).map_err(|e| Error::stage(&input.name, format!("not a profile row: {e}"))))
+        .map(|row| {
+            serde_json::from_value(serde_json::Value::Object(row))
+                .map_err(|e| Error::stage(&input.name, format!("not a profile row: {e}")))
+        })
         .collect()
 }
 

@@ -30,8 +30,8 @@ use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Problem
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::profile::readers::read_table;
 use crate::profile::ProfiledTable;
+use crate::profile::readers::read_table;
 use crate::taxonomy::Taxonomy;
 use questions::{Columns, Draft, Picker, SUPPORTED, draft};
 

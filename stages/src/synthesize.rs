@@ -1,0 +1,288 @@
+//! `synthesize`: taxonomy-guided query synthesis (RECIPE section 3).
+//!
+//! For each profiled table, `per_table` categories are sampled from the mix (weighted, without
+//! replacement, seeded by the pipeline seed and the table, so every category with a positive
+//! weight is reachable). Each (table, category) is one LLM call whose prompt holds the table's
+//! metadata, every category definition, and the chosen category's templates and examples
+//! (`templates/synthesize.j2`). The reply must be
+//! `<question>…</question><description>…</description><type>…</type>`; replies that do not
+//! parse are retried, then rejected with the reason.
+//!
+//! ```toml
+//! [stages.queries]
+//! kind = "synthesize"
+//! inputs = ["files"]
+//! model = "teacher"
+//! per_table = 3
+//! mix = { aggregation = 14, ranking = 11 }   # default: the taxonomy's weights
+//! ```
+
+use std::collections::BTreeMap;
+
+use arrow::datatypes::{DataType, Field, SchemaRef};
+use async_trait::async_trait;
+use kiln_llm::{Client, Message};
+use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch};
+use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::llm_rows::{RowRequest, complete_rows, model_config, parse_tags};
+use crate::profile::{ProfiledTable, check_profile_input, read_profiles};
+use crate::taxonomy::{Category, Taxonomy};
+use crate::templates::Templates;
+
+/// Parameters of a `synthesize` stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Synthesize {
+    /// Name of a `[models.<name>]` table. Required.
+    pub model: String,
+    /// Categories sampled per table. Default: 3.
+    #[serde(default = "default_per_table")]
+    pub per_table: usize,
+    /// Relative weight per category id; categories left out are not sampled. Default: the
+    /// weights in the taxonomy.
+    #[serde(default)]
+    pub mix: Option<BTreeMap<String, f64>>,
+    /// Prompt template. Default: `synthesize.j2`.
+    #[serde(default = "default_template")]
+    pub template: String,
+    /// Extra requests when a reply does not parse. Default: 2.
+    #[serde(default = "default_parse_retries")]
+    pub max_parse_retries: u32,
+}
+
+fn default_per_table() -> usize {
+    3
+}
+fn default_template() -> String {
+    "synthesize.j2".into()
+}
+fn default_parse_retries() -> u32 {
+    2
+}
+
+/// Variables the template receives.
+const VARIABLES: &[&str] = &["table", "categories", "category"];
+
+#[derive(Debug, Serialize)]
+struct Query {
+    row_id: String,
+    parent_ids: Vec<String>,
+    path: String,
+    format: String,
+    table: String,
+    category: String,
+    category_name: String,
+    question: String,
+    description: String,
+    answer_type: String,
+    model: String,
+    seed: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+fn schema() -> SchemaRef {
+    let text = |n: &str| Field::new(n, DataType::Utf8, false);
+    let count = |n: &str| Field::new(n, DataType::UInt64, false);
+    schema_with_lineage(vec![
+        text("path"),
+        text("format"),
+        text("table"),
+        text("category"),
+        text("category_name"),
+        text("question"),
+        text("description"),
+        text("answer_type"),
+        text("model"),
+        count("seed"),
+        count("prompt_tokens"),
+        count("completion_tokens"),
+    ])
+}
+
+impl Synthesize {
+    /// `(category, weight)` pairs with a positive weight, sorted by id.
+    fn weights<'t>(&self, taxonomy: &'t Taxonomy) -> Vec<(&'t Category, f64)> {
+        taxonomy
+            .categories
+            .iter()
+            .filter_map(|c| {
+                let w = match &self.mix {
+                    Some(mix) => *mix.get(&c.id)?,
+                    None => c.weight,
+                };
+                (w > 0.0).then_some((c, w))
+            })
+            .collect()
+    }
+}
+
+/// Weighted sampling without replacement (Efraimidis-Spirakis keys), deterministic in `seed`.
+fn sample<'t>(weights: &[(&'t Category, f64)], k: usize, seed: &[&str]) -> Vec<&'t Category> {
+    let mut keyed: Vec<(f64, &Category)> = weights
+        .iter()
+        .map(|(c, w)| {
+            let h = blake3::hash(format!("{}\0{}", seed.join("\0"), c.id).as_bytes());
+            let u = (u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default()) >> 11) as f64
+                / (1u64 << 53) as f64;
+            (u.max(f64::MIN_POSITIVE).powf(1.0 / w), *c)
+        })
+        .collect();
+    keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id)));
+    keyed.into_iter().take(k).map(|(_, c)| c).collect()
+}
+
+#[async_trait]
+impl Stage for Synthesize {
+    fn seeded(&self) -> bool {
+        true
+    }
+
+    fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if let Err(p) = model_config(cx, &self.model) {
+            problems.push(p);
+        }
+        if self.per_table == 0 {
+            problems.push(Problem::new("per_table", "`per_table` must be at least 1, got 0"));
+        }
+        match Templates::load(cx.templates.as_deref(), &[&self.template]) {
+            Err(e) => {
+                problems.push(Problem::new("template", e).help("put the file in the pipeline's `templates` folder"))
+            }
+            Ok(t) => {
+                let missing = t.missing_variables(&self.template, VARIABLES);
+                if !missing.is_empty() {
+                    problems.push(
+                        Problem::new(
+                            "template",
+                            format!("template `{}` uses undefined variables: {}", self.template, missing.join(", ")),
+                        )
+                        .help(format!("a synthesize template may use {}", VARIABLES.join(", "))),
+                    );
+                }
+            }
+        }
+        match Taxonomy::load(cx.taxonomy.as_deref()) {
+            Err(e) => problems.push(Problem::new("", format!("the taxonomy does not load: {e}"))),
+            Ok(t) => {
+                for (id, w) in self.mix.iter().flatten() {
+                    if t.get(id).is_none() {
+                        let help = kiln_pipeline::error::did_you_mean(id, t.categories.iter().map(|c| c.id.as_str()));
+                        let p = Problem::new(&format!("mix.{id}"), format!("unknown category `{id}`"));
+                        problems.push(match help {
+                            Some(h) => p.help(h),
+                            None => p,
+                        });
+                    } else if w.is_nan() || *w < 0.0 {
+                        problems
+                            .push(Problem::new(&format!("mix.{id}"), format!("weights must be at least 0, got {w}")));
+                    }
+                }
+                if self.weights(&t).is_empty() {
+                    problems.push(Problem::new("mix", "no category has a positive weight"));
+                }
+            }
+        }
+        problems
+    }
+
+    fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
+        let mut files = Taxonomy::load(cx.taxonomy.as_deref()).map(|t| t.files()).unwrap_or_default();
+        files
+            .extend(Templates::load(cx.templates.as_deref(), &[&self.template]).map(|t| t.files()).unwrap_or_default());
+        files
+    }
+
+    async fn output_schema(&self, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
+        check_profile_input("synthesize", inputs)?;
+        Ok(schema())
+    }
+
+    async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
+        let fail = |e: String| Error::stage(&cx.name, e);
+        let taxonomy = Taxonomy::load(cx.pipeline.taxonomy.as_deref()).map_err(fail)?;
+        let templates = Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?;
+        let config = model_config(&cx.pipeline, &self.model).map_err(|p| fail(p.message))?;
+        let client = Client::new(&self.model, config).map_err(|e| fail(e.to_string()))?;
+        let weights = self.weights(&taxonomy);
+        let definitions: Vec<serde_json::Value> = taxonomy
+            .categories
+            .iter()
+            .map(|c| serde_json::json!({"id": c.id, "name": c.name, "definition": c.definition}))
+            .collect();
+
+        let mut planned: Vec<(ProfiledTable, &Category)> = Vec::new();
+        let mut requests = Vec::new();
+        let seed = cx.seed.to_string();
+        for input in inputs {
+            for table in read_profiles(input)? {
+                for category in sample(&weights, self.per_table, &[&seed, &table.row_id]) {
+                    let vars = serde_json::json!({"table": &table, "categories": &definitions, "category": category});
+                    let prompt = templates.render(&self.template, vars).map_err(fail)?;
+                    let id =
+                        row_id(&[&table.row_id], format!("synthesize\0{}\0{}", category.id, self.model).as_bytes());
+                    requests.push(RowRequest { row_id: id, messages: vec![Message::new("user", prompt)] });
+                    planned.push((table.clone(), category));
+                }
+            }
+        }
+        let parse = |text: &str| parse_tags(text, &["question", "description", "type"]);
+        let (replies, rejections, counters) =
+            complete_rows(cx, &client, requests.clone(), self.max_parse_retries, parse).await?;
+        let mut rows = Vec::new();
+        for ((request, (table, category)), reply) in requests.iter().zip(&planned).zip(replies) {
+            let Some(reply) = reply else { continue };
+            let [question, description, answer_type]: [String; 3] =
+                reply.value.try_into().map_err(|_| Error::Internal("three tags".into()))?;
+            rows.push(Query {
+                row_id: request.row_id.clone(),
+                parent_ids: vec![table.row_id.clone()],
+                path: table.path.clone(),
+                format: table.format.clone(),
+                table: table.table.clone(),
+                category: category.id.clone(),
+                category_name: category.name.clone(),
+                question,
+                description,
+                answer_type,
+                model: self.model.clone(),
+                seed: cx.seed,
+                prompt_tokens: reply.prompt_tokens,
+                completion_tokens: reply.completion_tokens,
+            });
+        }
+        let mut output = Output { rejections, counters, ..Default::default() };
+        output.counters.insert("requested".into(), planned.len() as u64);
+        output.counters.insert("queries".into(), rows.len() as u64);
+        output.batches = vec![to_batch(&schema(), &rows)?];
+        Ok(output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_is_weighted_deterministic_and_reaches_every_category() {
+        let t = Taxonomy::load(None).unwrap();
+        let weights: Vec<(&Category, f64)> = t.categories.iter().map(|c| (c, c.weight)).collect();
+        let a = sample(&weights, 3, &["0", "table"]);
+        assert_eq!(a.len(), 3);
+        assert_eq!(a, sample(&weights, 3, &["0", "table"]));
+        let mut seen = std::collections::BTreeSet::new();
+        let mut counts = BTreeMap::new();
+        for i in 0..4000 {
+            for c in sample(&weights, 1, &["0", &i.to_string()]) {
+                seen.insert(c.id.clone());
+                *counts.entry(c.id.clone()).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(seen.len(), 18, "every category reachable");
+        assert!(counts["aggregation"] > counts["comprehensive_data_preprocessing"] * 3, "{counts:?}");
+    }
+}

@@ -1,0 +1,126 @@
+//! `synthesize` against a local fault-injecting OpenAI-compatible server (127.0.0.1): with 20%
+//! faults over 500 requests every row ends done or rejected with a reason, none lost, none
+//! duplicated; reruns and runs killed with SIGKILL never send a completed request again.
+
+mod util;
+
+#[path = "../llm/tests/support/fault_server.rs"]
+mod fault_server;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use fault_server::{FaultServer, Faults, start_in_background};
+
+/// Five copies of the sample files (50 tables), 10 categories each: 500 requests.
+fn setup(dir: &Path, server: &FaultServer, concurrency: usize) {
+    for i in 0..5 {
+        let copy = dir.join(format!("copy{i}"));
+        util::copy_sample_data(&copy);
+    }
+    let pipeline = format!(
+        r#"
+[pipeline]
+name = "synth"
+output_dir = "out"
+
+[models.fake]
+base_url = "{}"
+model = "test-model"
+max_concurrency = {concurrency}
+timeout_s = 0.5
+max_retries = 10
+backoff_s = 0.01
+
+[stages.files]
+kind = "profile"
+paths = ["copy*/data/*.csv", "copy*/data/*.xlsx", "copy*/data/*.sqlite", "copy*/data/*.db"]
+
+[stages.queries]
+kind = "synthesize"
+inputs = ["files"]
+model = "fake"
+per_table = 10
+"#,
+        server.base_url()
+    );
+    std::fs::write(dir.join("p.toml"), pipeline).unwrap();
+}
+
+fn answered_twice(server: &FaultServer) -> usize {
+    server.seen.answered.lock().unwrap().values().filter(|&&n| n > 1).count()
+}
+
+#[test]
+fn every_row_is_done_or_rejected_despite_faults_and_nothing_is_paid_twice() {
+    let server =
+        start_in_background(Faults { rate: 0.2, slow: Duration::from_millis(1500), seed: 11, ..Faults::default() });
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir, &server, 16);
+    let out = util::kiln_ok(dir, &["run", "p.toml"]);
+    assert!(out.contains("queries: ran"), "{out}");
+
+    let manifest = util::manifest(&dir.join("out/queries"));
+    assert_eq!(manifest.counters["requested"], 500);
+    let rows = util::rows(&dir.join("out/queries"));
+    let rejected: Vec<_> =
+        util::rows(&dir.join("out/_rejections")).into_iter().filter(|r| r["stage"] == "queries").collect();
+    assert_eq!(rows.len() + rejected.len(), 500, "every row done or rejected");
+    assert!(rows.len() >= 480, "retries rescue almost every row: {}", rows.len());
+    for r in &rejected {
+        assert!(["unparseable", "llm_failed"].contains(&r["reason"].as_str().unwrap()), "{r:?}");
+    }
+    let mut ids: Vec<&str> = rows.iter().chain(&rejected).map(|r| r["row_id"].as_str().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 500, "no duplicates");
+    assert!(rows.iter().all(|r| r["question"].as_str().unwrap().starts_with("What about ")));
+    assert!(manifest.counters["llm_retries"] > 50 && manifest.counters["llm_throttled"] > 0, "{:?}", manifest.counters);
+    assert_eq!(answered_twice(&server), 0, "no completed request sent twice");
+
+    // A rerun sends nothing; a forced rerun is answered from the row cache.
+    let sent = server.seen.total.load(Ordering::SeqCst);
+    assert!(util::kiln_ok(dir, &["run", "p.toml"]).contains("queries: fresh"));
+    util::kiln_ok(dir, &["run", "p.toml", "--force"]);
+    let resent = server.seen.total.load(Ordering::SeqCst) - sent;
+    assert!(resent <= 3 * rejected.len() * 11, "only failed rows are retried, sent {resent}");
+    assert_eq!(answered_twice(&server), 0);
+    assert!(util::rows(&dir.join("out/queries")).len() >= rows.len());
+}
+
+#[test]
+fn a_killed_synthesis_resumes_without_resending_finished_requests() {
+    let server = start_in_background(Faults { latency: Duration::from_millis(20), ..Faults::default() });
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir, &server, 4);
+    let answered = || server.seen.answered.lock().unwrap().values().sum::<usize>();
+    for kill_at in [60, 250] {
+        let mut child = util::kiln(dir)
+            .args(["run", "p.toml"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while answered() < kill_at && child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "no progress");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    util::kiln_ok(dir, &["run", "p.toml"]);
+    assert_eq!(util::rows(&dir.join("out/queries")).len(), 500);
+    // Only requests in flight at a kill (at most the concurrency, per kill) may be sent again.
+    assert!(answered_twice(&server) <= 2 * 4, "{} prompts answered twice", answered_twice(&server));
+    assert_eq!(server.seen.per_prompt.lock().unwrap().len(), 500);
+    let manifest = util::manifest(&dir.join("out/queries"));
+    assert!(
+        manifest.counters["llm_cache_hits"] >= 250 - 2 * 4,
+        "finished requests come from the cache: {:?}",
+        manifest.counters
+    );
+}
