@@ -62,7 +62,7 @@ impl Plan {
                 Vec::new()
             }
         };
-        let schemas = check_schemas(&spec, &graph, &order, &mut diags).await;
+        let schemas = check_schemas(&spec, &check_cx, &graph, &order, &mut diags).await;
         if !diags.is_empty() {
             return Err(Error::Config(Diagnostics(diags).normalize()));
         }
@@ -146,6 +146,7 @@ fn resolve_inputs(spec: &Spec, diags: &mut Vec<Diagnostic>) -> Graph {
 
 async fn check_schemas(
     spec: &Spec,
+    cx: &CheckCx,
     graph: &Graph,
     order: &[usize],
     diags: &mut Vec<Diagnostic>,
@@ -164,7 +165,7 @@ async fn check_schemas(
         if !s.inputs_valid() || inputs.len() != s.inputs.len() {
             continue;
         }
-        match stage.output_schema(&inputs).await {
+        match stage.output_schema(cx, &inputs).await {
             Ok(schema) => match check_lineage(&schema) {
                 Ok(()) => schemas[i] = Some(schema),
                 Err(e) => diags.push(spec.map.diagnostic(s.name_span(), format!("stage `{}`: {e}", s.name), None)),

@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use arrow::array::{ArrayRef, ListArray, StringArray};
+use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use serde::Serialize;
@@ -52,6 +54,38 @@ pub fn check_lineage(schema: &Schema) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A `parent_ids` column from one list of parents per row.
+pub fn parents_array(parents: &[Vec<String>]) -> ArrayRef {
+    let mut builder = arrow::array::ListBuilder::new(arrow::array::StringBuilder::new());
+    for list in parents {
+        for p in list {
+            builder.values().append_value(p);
+        }
+        builder.append(true);
+    }
+    Arc::new(builder.finish())
+}
+
+/// `parent_ids` for `n` rows that have no parents.
+pub fn no_parents(n: usize) -> ArrayRef {
+    let item = Arc::new(Field::new("item", DataType::Utf8, true));
+    Arc::new(ListArray::new(item, OffsetBuffer::new_zeroed(n), Arc::new(StringArray::new_null(0)), None))
+}
+
+/// Prepends lineage to rows that have none: each `row_id` is hashed from the row's values, and
+/// `parent_ids` are empty. `schema` is the output schema (lineage fields, then `batch`'s).
+pub fn with_content_lineage(schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatch> {
+    let ids: Vec<String> = to_json_rows(std::slice::from_ref(batch))?
+        .iter()
+        .map(|row| row_id(&[], serde_json::to_string(row).unwrap_or_default().as_bytes()))
+        .collect();
+    let columns: Vec<ArrayRef> = [Arc::new(StringArray::from(ids)) as ArrayRef, no_parents(batch.num_rows())]
+        .into_iter()
+        .chain(batch.columns().iter().cloned())
+        .collect();
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::Internal(format!("lineage columns: {e}")))
 }
 
 /// Converts serializable rows (field names matching `schema`) into one record batch.

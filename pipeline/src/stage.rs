@@ -42,7 +42,7 @@ pub trait Stage: Debug + Send + Sync {
 
     /// Checks the inputs' schemas and returns the output schema, which must start with the
     /// lineage columns of [`crate::rows::lineage_fields`].
-    async fn output_schema(&self, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>>;
+    async fn output_schema(&self, cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>>;
 
     /// Produces the stage's rows (and rejections) from its inputs.
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output>;

@@ -2,7 +2,9 @@
 //! [`kiln_pipeline::stage::Stage`]; [`registry::registry`] lists them all.
 #![deny(missing_docs)]
 
+pub mod generate;
 pub mod llm_rows;
+pub mod load;
 pub mod profile;
 pub mod programmatic;
 pub mod registry;

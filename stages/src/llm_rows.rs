@@ -41,6 +41,9 @@ pub struct RowRequest {
     pub row_id: String,
     /// The conversation to send.
     pub messages: Vec<Message>,
+    /// Which of several samples of the same conversation this is (0 for the first): part of
+    /// the cache key, so `n` samples are `n` cached requests, even on servers without `n`.
+    pub sample: u32,
 }
 
 /// A parsed reply and what it cost.
@@ -129,7 +132,11 @@ async fn complete_one<T>(
     let (mut prompt_tokens, mut completion_tokens, mut hits) = (0, 0, 0);
     for attempt in 0..=max_parse_retries {
         let body = client.request_body(&messages, 1);
-        let key = CacheKey::new("llm/chat", &body)?;
+        let key = if request.sample == 0 {
+            CacheKey::new("llm/chat", &body)?
+        } else {
+            CacheKey::new("llm/chat", &(&body, request.sample))?
+        };
         let completed = cx
             .cache
             .get_or_compute(&key, "llm/chat", || async {

@@ -2,6 +2,8 @@
 
 use kiln_pipeline::registry::{Kind, Registry};
 
+use crate::generate::Generate;
+use crate::load::Load;
 use crate::profile::Profile;
 use crate::programmatic::Programmatic;
 use crate::sql::Sql;
@@ -10,6 +12,11 @@ use crate::synthesize::Synthesize;
 /// The registry of all built-in stage kinds.
 pub fn registry() -> Registry {
     Registry::new(vec![
+        Kind::of::<Generate>(
+            "generate",
+            "one LLM request per input row (n samples), with the reply or its tags as new columns",
+        ),
+        Kind::of::<Load>("load", "rows from JSONL, JSON, CSV or Parquet files, such as questions users bring"),
         Kind::of::<Profile>(
             "profile",
             "one row of metadata per table found in CSV, TSV, XLSX, SQLite, Parquet and JSON files",

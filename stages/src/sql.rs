@@ -16,14 +16,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, ListArray, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::array::{ArrayRef, RecordBatch};
+use arrow::datatypes::{Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
-use kiln_pipeline::rows::{PARENT_IDS, ROW_ID, lineage_fields, row_id, to_json_rows};
-use kiln_pipeline::stage::{Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::rows::{PARENT_IDS, ROW_ID, lineage_fields, with_content_lineage};
+use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::store::dataset_files;
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -98,7 +98,7 @@ fn shape(result: &Schema) -> Result<Shape, Problem> {
 
 #[async_trait]
 impl Stage for Sql {
-    async fn output_schema(&self, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
+    async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
         let ctx = session();
         for input in inputs {
             let table = MemTable::try_new(input.schema.clone(), vec![vec![]])
@@ -141,32 +141,21 @@ impl Stage for Sql {
         let shape = shape(&result_schema).map_err(|p| Error::stage(&cx.name, p.message))?;
         let mut out = Vec::new();
         for batch in batches {
-            let rest: Vec<ArrayRef> = result_schema
+            if !shape.keeps_lineage {
+                out.push(with_content_lineage(&shape.output, &batch)?);
+                continue;
+            }
+            // Lineage columns first, the others in query order.
+            let lineage = [ROW_ID, PARENT_IDS].map(|n| batch.column_by_name(n).cloned());
+            let [Some(ids), Some(parents)] = lineage else {
+                return Err(Error::Internal("lineage columns vanished".into()));
+            };
+            let rest = result_schema
                 .fields()
                 .iter()
                 .zip(batch.columns())
                 .filter(|(f, _)| f.name() != ROW_ID && f.name() != PARENT_IDS)
-                .map(|(_, c)| c.clone())
-                .collect();
-            let (ids, parents) = if shape.keeps_lineage {
-                (batch.column_by_name(ROW_ID).cloned(), batch.column_by_name(PARENT_IDS).cloned())
-            } else {
-                let ids: Vec<String> = to_json_rows(std::slice::from_ref(&batch))?
-                    .iter()
-                    .map(|row| row_id(&[], serde_json::to_string(row).unwrap_or_default().as_bytes()))
-                    .collect();
-                let offsets = arrow::buffer::OffsetBuffer::new_zeroed(batch.num_rows());
-                let empty = ListArray::new(
-                    Arc::new(Field::new("item", DataType::Utf8, true)),
-                    offsets,
-                    Arc::new(StringArray::new_null(0)),
-                    None,
-                );
-                (Some(Arc::new(StringArray::from(ids)) as ArrayRef), Some(Arc::new(empty) as ArrayRef))
-            };
-            let (Some(ids), Some(parents)) = (ids, parents) else {
-                return Err(Error::Internal("lineage columns vanished".into()));
-            };
+                .map(|(_, c)| c.clone());
             let columns: Vec<ArrayRef> = [ids, parents].into_iter().chain(rest).collect();
             out.push(RecordBatch::try_new(shape.output.clone(), columns).map_err(|e| Error::stage(&cx.name, e))?);
         }

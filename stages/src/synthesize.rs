@@ -197,7 +197,7 @@ impl Stage for Synthesize {
         files
     }
 
-    async fn output_schema(&self, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
+    async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
         check_profile_input("synthesize", inputs)?;
         Ok(schema())
     }
@@ -225,7 +225,7 @@ impl Stage for Synthesize {
                     let prompt = templates.render(&self.template, vars).map_err(fail)?;
                     let id =
                         row_id(&[&table.row_id], format!("synthesize\0{}\0{}", category.id, self.model).as_bytes());
-                    requests.push(RowRequest { row_id: id, messages: vec![Message::new("user", prompt)] });
+                    requests.push(RowRequest { row_id: id, messages: vec![Message::new("user", prompt)], sample: 0 });
                     planned.push((table.clone(), category));
                 }
             }

@@ -48,6 +48,14 @@ impl Templates {
         Ok(Templates { env, files })
     }
 
+    /// One template given inline (a `prompt` parameter), named `name`.
+    pub fn inline(name: &str, source: &str) -> Result<Templates, String> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.add_template_owned(name.to_string(), source.to_string()).map_err(|e| format!("`{name}`: {e}"))?;
+        Ok(Templates { env, files: Vec::new() })
+    }
+
     /// Renders `name` with `vars`.
     pub fn render(&self, name: &str, vars: impl Serialize) -> Result<String, String> {
         let t = self.env.get_template(name).map_err(|e| e.to_string())?;

@@ -499,7 +499,7 @@ impl Stage for Profile {
         self.matched_files(cx).into_iter().map(|(_, p)| FileDep::Stat(p)).collect()
     }
 
-    async fn output_schema(&self, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
+    async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
         if !inputs.is_empty() {
             return Err(vec![
                 Problem::new("inputs", "a `profile` stage reads files, not other stages")

@@ -237,7 +237,7 @@ impl Stage for Programmatic {
         Taxonomy::load(cx.taxonomy.as_deref()).map(|t| t.files()).unwrap_or_default()
     }
 
-    async fn output_schema(&self, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
+    async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
         crate::profile::check_profile_input("programmatic", inputs)?;
         Ok(schema())
     }

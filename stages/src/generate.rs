@@ -1,0 +1,204 @@
+//! `generate`: the generic LLM step, for what the recipe does not name (rewriting, summarising
+//! reasoning, translating...). For each input row it renders a prompt in which every input
+//! column is a variable, requests `n` samples, optionally parses tags out of each reply, and
+//! writes the input columns plus the new ones. One output row per (input row, sample).
+//!
+//! ```toml
+//! [stages.rewrite]
+//! kind = "generate"
+//! inputs = ["questions"]
+//! model = "teacher"
+//! prompt = "Rewrite this question more formally: {{ question }}\nReply as <rewritten>...</rewritten>"
+//! tags = ["rewritten"]
+//! n = 2
+//! ```
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow::compute::{concat_batches, take_record_batch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use async_trait::async_trait;
+use kiln_llm::{Client, Message};
+use kiln_pipeline::rows::{PARENT_IDS, ROW_ID, parents_array, row_id, to_json_rows};
+use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::llm_rows::{RowRequest, complete_rows, model_config, parse_tags};
+use crate::templates::Templates;
+
+/// Parameters of a `generate` stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Generate {
+    /// Name of a `[models.<name>]` table. Required.
+    pub model: String,
+    /// The prompt, as an inline minijinja template. Exactly one of `prompt` and `template`.
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// The prompt, as a template file of the pipeline's templates folder.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// A system message sent before the prompt. Default: none.
+    #[serde(default)]
+    pub system: Option<String>,
+    /// Samples per input row. Default: 1.
+    #[serde(default = "default_n")]
+    pub n: u32,
+    /// Tags to parse out of each reply, each into a column of the same name. Default: none,
+    /// and the whole reply goes to a `text` column.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Extra requests when a reply lacks a tag. Default: 2.
+    #[serde(default = "default_parse_retries")]
+    pub max_parse_retries: u32,
+}
+
+fn default_n() -> u32 {
+    1
+}
+fn default_parse_retries() -> u32 {
+    2
+}
+
+/// Name under which the prompt template is registered.
+const PROMPT: &str = "prompt";
+
+impl Generate {
+    fn templates(&self, cx: &CheckCx) -> Result<(Templates, String), Problem> {
+        match (&self.prompt, &self.template) {
+            (Some(p), None) => {
+                Templates::inline(PROMPT, p).map(|t| (t, PROMPT.to_string())).map_err(|e| Problem::new("prompt", e))
+            }
+            (None, Some(name)) => Templates::load(cx.templates.as_deref(), &[name])
+                .map(|t| (t, name.clone()))
+                .map_err(|e| Problem::new("template", e)),
+            _ => Err(Problem::new("", "give exactly one of `prompt` (inline) and `template` (a file)")),
+        }
+    }
+
+    /// Names of the columns this stage adds.
+    fn new_columns(&self) -> Vec<String> {
+        if self.tags.is_empty() { vec!["text".into()] } else { self.tags.clone() }
+    }
+}
+
+#[async_trait]
+impl Stage for Generate {
+    fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
+        let mut problems: Vec<Problem> = model_config(cx, &self.model).err().into_iter().collect();
+        problems.extend(self.templates(cx).err());
+        if self.n == 0 {
+            problems.push(Problem::new("n", "`n` must be at least 1, got 0"));
+        }
+        problems
+    }
+
+    fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
+        self.templates(cx).map(|(t, _)| t.files()).unwrap_or_default()
+    }
+
+    async fn output_schema(&self, cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
+        let [input] = inputs else {
+            return Err(vec![Problem::new(
+                "inputs",
+                format!("a `generate` stage reads exactly one stage, got {}", inputs.len()),
+            )]);
+        };
+        let columns: Vec<&str> = input.schema.fields().iter().map(|f| f.name().as_str()).collect();
+        if let Ok((t, name)) = self.templates(cx) {
+            let missing = t.missing_variables(&name, &columns);
+            if !missing.is_empty() {
+                let key = if self.prompt.is_some() { "prompt" } else { "template" };
+                return Err(vec![
+                    Problem::new(
+                        key,
+                        format!("the prompt uses {}, which `{}` does not have", missing.join(", "), input.name),
+                    )
+                    .help(format!("columns of `{}`: {}", input.name, columns.join(", "))),
+                ]);
+            }
+        }
+        let added = self.new_columns();
+        let fixed = ["sample", "model", "prompt_tokens", "completion_tokens"];
+        if let Some(clash) = added.iter().map(String::as_str).chain(fixed).find(|c| columns.contains(c)) {
+            return Err(vec![
+                Problem::new("tags", format!("column `{clash}` already exists in `{}`", input.name))
+                    .help("rename the tag, or drop the column upstream with a `sql` stage"),
+            ]);
+        }
+        let mut fields: Vec<Field> = input.schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new("sample", DataType::UInt32, false));
+        fields.extend(added.iter().map(|c| Field::new(c, DataType::Utf8, false)));
+        fields.push(Field::new("model", DataType::Utf8, false));
+        fields.push(Field::new("prompt_tokens", DataType::UInt64, false));
+        fields.push(Field::new("completion_tokens", DataType::UInt64, false));
+        Ok(Arc::new(Schema::new(fields)))
+    }
+
+    async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
+        let fail = |e: String| Error::stage(&cx.name, e);
+        let input = &inputs[0];
+        let (templates, name) = self.templates(&cx.pipeline).map_err(|p| fail(p.message))?;
+        let config = model_config(&cx.pipeline, &self.model).map_err(|p| fail(p.message))?;
+        let client = Client::new(&self.model, config).map_err(|e| fail(e.to_string()))?;
+        let data = concat_batches(&input.schema, &input.read()?).map_err(|e| fail(e.to_string()))?;
+
+        let mut requests = Vec::new();
+        let mut sources = Vec::new();
+        for (i, row) in to_json_rows(std::slice::from_ref(&data))?.into_iter().enumerate() {
+            let parent = row.get(ROW_ID).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+            let prompt = templates.render(&name, &row).map_err(fail)?;
+            let mut messages: Vec<Message> = self.system.iter().map(|s| Message::new("system", s.clone())).collect();
+            messages.push(Message::new("user", prompt));
+            for sample in 0..self.n {
+                let body = serde_json::to_string(&messages).unwrap_or_default();
+                let id = row_id(&[&parent], format!("generate\0{}\0{sample}\0{body}", self.model).as_bytes());
+                requests.push(RowRequest { row_id: id, messages: messages.clone(), sample });
+                sources.push((i as u32, parent.clone(), sample));
+            }
+        }
+        let tags: Vec<&str> = self.tags.iter().map(String::as_str).collect();
+        let parse = |text: &str| if tags.is_empty() { Ok(vec![text.to_string()]) } else { parse_tags(text, &tags) };
+        let (replies, rejections, counters) =
+            complete_rows(cx, &client, requests.clone(), self.max_parse_retries, parse).await?;
+
+        let (mut take, mut ids, mut parents, mut samples, mut tokens) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), (Vec::new(), Vec::new()));
+        let mut values: Vec<Vec<String>> = vec![Vec::new(); self.new_columns().len()];
+        for ((request, (index, parent, sample)), reply) in requests.iter().zip(&sources).zip(replies) {
+            let Some(reply) = reply else { continue };
+            take.push(*index);
+            ids.push(request.row_id.clone());
+            parents.push(vec![parent.clone()]);
+            samples.push(*sample);
+            tokens.0.push(reply.prompt_tokens);
+            tokens.1.push(reply.completion_tokens);
+            for (column, value) in values.iter_mut().zip(reply.value) {
+                column.push(value);
+            }
+        }
+        let kept = take_record_batch(&data, &UInt32Array::from(take)).map_err(|e| fail(e.to_string()))?;
+        let schema = self
+            .output_schema(&cx.pipeline, &[InputSchema { name: input.name.clone(), schema: input.schema.clone() }])
+            .await
+            .map_err(|p| fail(p[0].message.clone()))?;
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        for (field, column) in input.schema.fields().iter().zip(kept.columns()) {
+            columns.push(match field.name().as_str() {
+                ROW_ID => Arc::new(StringArray::from(ids.clone())),
+                PARENT_IDS => parents_array(&parents),
+                _ => column.clone(),
+            });
+        }
+        let n = ids.len();
+        columns.push(Arc::new(UInt32Array::from(samples)));
+        columns.extend(values.into_iter().map(|v| Arc::new(StringArray::from(v)) as ArrayRef));
+        columns.push(Arc::new(StringArray::from(vec![self.model.clone(); n])));
+        columns.push(Arc::new(UInt64Array::from(tokens.0)));
+        columns.push(Arc::new(UInt64Array::from(tokens.1)));
+        let batch = RecordBatch::try_new(schema, columns).map_err(|e| fail(e.to_string()))?;
+        Ok(Output { batches: vec![batch], rejections, counters })
+    }
+}

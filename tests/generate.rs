@@ -1,0 +1,72 @@
+//! `load` then `generate` against a local OpenAI-compatible server (127.0.0.1): every input row
+//! gets `n` samples, tags become columns, lineage points back to the loaded row.
+
+mod util;
+
+#[path = "../llm/tests/support/fault_server.rs"]
+mod fault_server;
+
+use fault_server::{Faults, reply, start_in_background};
+
+#[test]
+fn loaded_questions_are_rewritten_with_n_samples() {
+    let server = start_in_background(Faults::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let lines: Vec<String> =
+        (0..40).map(|i| format!(r#"{{"question": "What is {i} + {i}?", "answer": {}}}"#, 2 * i)).collect();
+    std::fs::write(dir.join("questions.jsonl"), lines.join("\n")).unwrap();
+    let pipeline = format!(
+        r#"
+[pipeline]
+name = "gen"
+output_dir = "out"
+
+[models.local]
+base_url = "{}"
+model = "m"
+
+[stages.questions]
+kind = "load"
+paths = ["questions.jsonl"]
+
+[stages.rewrite]
+kind = "generate"
+inputs = ["questions"]
+model = "local"
+system = "You rewrite questions."
+prompt = "Rewrite as <rewritten>...</rewritten>: {{{{ question }}}} (answer {{{{ answer }}}})"
+# The test server replies with <question>, <description> and <type> tags.
+tags = ["description"]
+n = 2
+"#,
+        server.base_url()
+    );
+    std::fs::write(dir.join("p.toml"), &pipeline).unwrap();
+    let out = util::kiln_ok(dir, &["run", "p.toml"]);
+    assert!(out.contains("rewrite: ran, 80 rows, 0 rejected"), "{out}");
+    let loaded = util::rows(&dir.join("out/questions"));
+    let rows = util::rows(&dir.join("out/rewrite"));
+    assert_eq!(loaded.len(), 40);
+    for r in &rows {
+        let parent = &r["parent_ids"][0];
+        let source = loaded.iter().find(|l| &l["row_id"] == parent).expect("lineage to the loaded row");
+        let prompt = format!(
+            "Rewrite as <rewritten>...</rewritten>: {} (answer {})",
+            source["question"].as_str().unwrap(),
+            source["answer"]
+        );
+        let expected = reply(&prompt);
+        let description = expected.split("<description>").nth(1).unwrap().split("</description>").next().unwrap();
+        assert_eq!(r["description"], description);
+        assert_eq!(r["question"], source["question"], "input columns are kept");
+    }
+    let samples: std::collections::BTreeSet<u64> = rows.iter().map(|r| r["sample"].as_u64().unwrap()).collect();
+    assert_eq!(samples, [0, 1].into());
+    assert_eq!(
+        server.seen.total.load(std::sync::atomic::Ordering::SeqCst),
+        80,
+        "two requests per row, n samples without `n`"
+    );
+    assert!(util::kiln_ok(dir, &["run", "p.toml"]).contains("rewrite: fresh"));
+}
