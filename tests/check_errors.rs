@@ -35,7 +35,9 @@ fn malformed_pipelines_report_every_problem_with_its_position() {
 }
 
 #[test]
-fn the_quickstart_checks_clean() {
+fn the_recipes_check_clean() {
     let out = util::kiln_ok(&util::root(), &["check", "recipes/quickstart.toml"]);
     assert_eq!(out, "recipes/quickstart.toml: ok, 3 stages\n");
+    let out = util::kiln_ok(&util::root(), &["check", "recipes/throughput.toml"]);
+    assert_eq!(out, "recipes/throughput.toml: ok, 2 stages\n");
 }
