@@ -2,6 +2,7 @@
 //! [`kiln_pipeline::stage::Stage`]; [`registry::registry`] lists them all.
 #![deny(missing_docs)]
 
+pub mod compose;
 pub mod generate;
 pub mod llm_rows;
 pub mod load;

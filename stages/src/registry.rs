@@ -2,6 +2,7 @@
 
 use kiln_pipeline::registry::{Kind, Registry};
 
+use crate::compose::Compose;
 use crate::generate::Generate;
 use crate::load::Load;
 use crate::profile::Profile;
@@ -12,6 +13,10 @@ use crate::synthesize::Synthesize;
 /// The registry of all built-in stage kinds.
 pub fn registry() -> Registry {
     Registry::new(vec![
+        Kind::of::<Compose>(
+            "compose",
+            "harder questions: chains of 2 to 5 questions on one table fused step by step by an LLM",
+        ),
         Kind::of::<Generate>(
             "generate",
             "one LLM request per input row (n samples), with the reply or its tags as new columns",

@@ -11,7 +11,10 @@ use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
 
 /// Built-in templates, as `(file name, contents)`.
-const BUILTIN: &[(&str, &str)] = &[("synthesize.j2", include_str!("../../templates/synthesize.j2"))];
+const BUILTIN: &[(&str, &str)] = &[
+    ("compose.j2", include_str!("../../templates/compose.j2")),
+    ("synthesize.j2", include_str!("../../templates/synthesize.j2")),
+];
 
 /// Loaded templates, ready to render.
 #[derive(Debug)]

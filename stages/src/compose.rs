@@ -1,0 +1,287 @@
+//! `compose`: recursive easy-to-hard composition (RECIPE section 4).
+//!
+//! The recipe publishes no algorithm; this is ours. A chain starts from one input question
+//! (the seed). Follow-up questions are drawn from the *same table*, each of a category not yet
+//! in the chain, in a seeded order. One LLM call per step fuses the current (composite)
+//! question with the next follow-up into a single question in which the first part's answer
+//! feeds the second (a filter, threshold, group or entity chosen by the first part), using
+//! `templates/compose.j2`. A chain of depth `d` fuses `d` questions with `d - 1` calls; all
+//! chains advance one step per round, and every call goes through the row cache. The output
+//! row keeps the chain (source questions and categories, in order), its depth (the
+//! difficulty) and the source rows as `parent_ids`. A seed whose table has too few questions
+//! of other categories, or whose fusion fails, is rejected with the reason.
+//!
+//! ```toml
+//! [stages.hard]
+//! kind = "compose"
+//! inputs = ["queries"]      # rows with question, category, path, table
+//! model = "teacher"
+//! depth = 3                 # 2..=5
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, SchemaRef};
+use async_trait::async_trait;
+use kiln_llm::{Client, Message};
+use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch, to_json_rows};
+use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx};
+use kiln_pipeline::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::llm_rows::{RowRequest, complete_rows, model_config, parse_tags};
+use crate::templates::Templates;
+
+/// Parameters of a `compose` stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compose {
+    /// Name of a `[models.<name>]` table. Required.
+    pub model: String,
+    /// Questions fused per chain, 2 to 5: the difficulty. Default: 3.
+    #[serde(default = "default_depth")]
+    pub depth: u32,
+    /// Prompt template. Default: `compose.j2`.
+    #[serde(default = "default_template")]
+    pub template: String,
+    /// Extra requests when a reply does not parse. Default: 2.
+    #[serde(default = "default_parse_retries")]
+    pub max_parse_retries: u32,
+}
+
+fn default_depth() -> u32 {
+    3
+}
+fn default_template() -> String {
+    "compose.j2".into()
+}
+fn default_parse_retries() -> u32 {
+    2
+}
+
+/// Variables the template receives.
+const VARIABLES: &[&str] = &["table", "path", "current", "follow_up", "follow_up_category", "step", "depth"];
+/// Input columns a chain needs.
+const NEEDS: &[&str] = &["row_id", "question", "category", "path", "table"];
+
+/// One input question.
+#[derive(Debug, Clone, Deserialize)]
+struct Source {
+    row_id: String,
+    question: String,
+    category: String,
+    path: String,
+    table: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Composed {
+    row_id: String,
+    parent_ids: Vec<String>,
+    path: String,
+    table: String,
+    question: String,
+    description: String,
+    chain_questions: Vec<String>,
+    chain_categories: Vec<String>,
+    depth: u32,
+    model: String,
+}
+
+fn schema() -> SchemaRef {
+    let text = |n: &str| Field::new(n, DataType::Utf8, false);
+    let list = |n: &str| Field::new(n, DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), false);
+    schema_with_lineage(vec![
+        text("path"),
+        text("table"),
+        text("question"),
+        text("description"),
+        list("chain_questions"),
+        list("chain_categories"),
+        Field::new("depth", DataType::UInt32, false),
+        text("model"),
+    ])
+}
+
+/// A chain in progress: its sources so far and the current composite question.
+#[derive(Debug, Clone)]
+struct Chain {
+    sources: Vec<Source>,
+    question: String,
+    description: String,
+}
+
+/// Follow-ups for `seed`: questions of the same table, one per category other than the seed's,
+/// in an order seeded by `seed_text` and the seed row.
+fn follow_ups<'a>(seed: &Source, pool: &'a [Source], seed_text: &str) -> Vec<&'a Source> {
+    let mut by_category: BTreeMap<&str, Vec<&Source>> = BTreeMap::new();
+    for s in pool.iter().filter(|s| s.path == seed.path && s.table == seed.table && s.category != seed.category) {
+        by_category.entry(&s.category).or_default().push(s);
+    }
+    let key = |s: &str| blake3::hash(format!("{seed_text}\0{}\0{s}", seed.row_id).as_bytes()).to_hex().to_string();
+    let mut picked: Vec<&Source> =
+        by_category.into_values().filter_map(|v| v.into_iter().min_by_key(|s| key(&s.row_id))).collect();
+    picked.sort_by_key(|s| key(&s.category));
+    picked
+}
+
+#[async_trait]
+impl Stage for Compose {
+    fn seeded(&self) -> bool {
+        true
+    }
+
+    fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
+        let mut problems: Vec<Problem> = model_config(cx, &self.model).err().into_iter().collect();
+        if !(2..=5).contains(&self.depth) {
+            problems.push(Problem::new("depth", format!("`depth` must be between 2 and 5, got {}", self.depth)));
+        }
+        match Templates::load(cx.templates.as_deref(), &[&self.template]) {
+            Err(e) => problems.push(Problem::new("template", e)),
+            Ok(t) => {
+                let missing = t.missing_variables(&self.template, VARIABLES);
+                if !missing.is_empty() {
+                    problems.push(
+                        Problem::new(
+                            "template",
+                            format!("template `{}` uses undefined variables: {}", self.template, missing.join(", ")),
+                        )
+                        .help(format!("a compose template may use {}", VARIABLES.join(", "))),
+                    );
+                }
+            }
+        }
+        problems
+    }
+
+    fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
+        Templates::load(cx.templates.as_deref(), &[&self.template]).map(|t| t.files()).unwrap_or_default()
+    }
+
+    async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
+        let [input] = inputs else {
+            return Err(vec![Problem::new(
+                "inputs",
+                format!("a `compose` stage reads exactly one stage of questions, got {}", inputs.len()),
+            )]);
+        };
+        let missing: Vec<&str> = NEEDS
+            .iter()
+            .copied()
+            .filter(|n| input.schema.field_with_name(n).map(|f| f.data_type() != &DataType::Utf8).unwrap_or(true))
+            .collect();
+        if !missing.is_empty() {
+            return Err(vec![
+                Problem::new(
+                    "inputs.0",
+                    format!("input `{}` lacks the text columns {}", input.name, missing.join(", ")),
+                )
+                .help("read a `synthesize` or `programmatic` stage"),
+            ]);
+        }
+        Ok(schema())
+    }
+
+    async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
+        let fail = |e: String| Error::stage(&cx.name, e);
+        let templates = Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?;
+        let config = model_config(&cx.pipeline, &self.model).map_err(|p| fail(p.message))?;
+        let client = Client::new(&self.model, config).map_err(|e| fail(e.to_string()))?;
+        let pool: Vec<Source> = to_json_rows(&inputs[0].read()?)?
+            .into_iter()
+            .map(|r| serde_json::from_value(serde_json::Value::Object(r)).map_err(|e| fail(format!("input row: {e}"))))
+            .collect::<Result<_>>()?;
+
+        let mut output = Output::default();
+        let seed_text = cx.seed.to_string();
+        // Each live chain with its planned follow-ups.
+        let mut live: Vec<(Chain, Vec<&Source>)> = Vec::new();
+        for seed in &pool {
+            let ups = follow_ups(seed, &pool, &seed_text);
+            if ups.len() + 1 < self.depth as usize {
+                output.rejections.push(Rejection {
+                    row_id: seed.row_id.clone(),
+                    reason: "not_enough_questions".into(),
+                    detail: format!(
+                        "{} [{}]: depth {} needs {} other categories of questions on this table, found {}",
+                        seed.path,
+                        seed.table,
+                        self.depth,
+                        self.depth - 1,
+                        ups.len()
+                    ),
+                });
+                continue;
+            }
+            let chain =
+                Chain { sources: vec![seed.clone()], question: seed.question.clone(), description: String::new() };
+            live.push((chain, ups.into_iter().take(self.depth as usize - 1).collect()));
+        }
+        let mut counters: BTreeMap<String, u64> = BTreeMap::new();
+        for step in 1..self.depth {
+            let mut requests = Vec::new();
+            for (chain, ups) in &live {
+                let next = ups[step as usize - 1];
+                let vars = serde_json::json!({
+                    "table": next.table, "path": next.path, "current": chain.question, "follow_up": next.question,
+                    "follow_up_category": next.category, "step": step, "depth": self.depth,
+                });
+                let prompt = templates.render(&self.template, vars).map_err(fail)?;
+                let ids: Vec<&str> =
+                    chain.sources.iter().map(|s| s.row_id.as_str()).chain([next.row_id.as_str()]).collect();
+                requests.push(RowRequest {
+                    row_id: row_id(&ids, format!("compose\0{}", self.model).as_bytes()),
+                    messages: vec![Message::new("user", prompt)],
+                    sample: 0,
+                });
+            }
+            let parse = |text: &str| parse_tags(text, &["question", "description"]);
+            let (replies, rejections, step_counters) =
+                complete_rows(cx, &client, requests, self.max_parse_retries, parse).await?;
+            output.rejections.extend(rejections);
+            for (k, v) in step_counters {
+                if k.starts_with("llm_") && !k.starts_with("llm_cache") {
+                    counters.insert(k, v); // client totals: the latest snapshot is cumulative
+                } else {
+                    *counters.entry(k).or_default() += v;
+                }
+            }
+            live = live
+                .into_iter()
+                .zip(replies)
+                .filter_map(|((mut chain, ups), reply)| {
+                    let [question, description]: [String; 2] = reply?.value.try_into().ok()?;
+                    chain.sources.push(ups[step as usize - 1].clone());
+                    chain.question = question;
+                    chain.description = description;
+                    Some((chain, ups))
+                })
+                .collect();
+        }
+        let rows: Vec<Composed> = live
+            .into_iter()
+            .map(|(chain, _)| {
+                let ids: Vec<String> = chain.sources.iter().map(|s| s.row_id.clone()).collect();
+                let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+                Composed {
+                    row_id: row_id(&refs, format!("compose\0{}\0{}", self.model, chain.question).as_bytes()),
+                    parent_ids: ids,
+                    path: chain.sources[0].path.clone(),
+                    table: chain.sources[0].table.clone(),
+                    question: chain.question,
+                    description: chain.description,
+                    chain_questions: chain.sources.iter().map(|s| s.question.clone()).collect(),
+                    chain_categories: chain.sources.iter().map(|s| s.category.clone()).collect(),
+                    depth: self.depth,
+                    model: self.model.clone(),
+                }
+            })
+            .collect();
+        output.counters = counters;
+        output.counters.insert("seeds".into(), pool.len() as u64);
+        output.counters.insert("composed".into(), rows.len() as u64);
+        output.batches = vec![to_batch(&schema(), &rows)?];
+        Ok(output)
+    }
+}
