@@ -124,3 +124,28 @@ fn a_killed_synthesis_resumes_without_resending_finished_requests() {
         manifest.counters
     );
 }
+
+#[test]
+fn a_spent_budget_stops_the_run_and_a_higher_cap_resumes_it() {
+    let server = start_in_background(Faults::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir, &server, 2);
+    let text = std::fs::read_to_string(dir.join("p.toml")).unwrap();
+    // The server bills about 1,400 prompt + 20 completion tokens per request at $1 per Mtok.
+    let capped = text
+        .replace("output_dir = \"out\"", "output_dir = \"out\"\nmax_cost_usd = 0.05")
+        .replace("backoff_s = 0.01", "backoff_s = 0.01\nprice_per_mtok_prompt = 1.0\nprice_per_mtok_completion = 1.0");
+    std::fs::write(dir.join("p.toml"), &capped).unwrap();
+    let out = util::kiln_err(dir, &["run", "p.toml"]);
+    let stderr = util::text(&out.stderr);
+    assert!(stderr.contains("cost budget is spent") && stderr.contains("raise the cap and rerun"), "{stderr}");
+    let paid = server.seen.total.load(Ordering::SeqCst);
+    assert!((30..=60).contains(&paid), "stopped near the cap: {paid} requests");
+    assert!(util::rows_if_finished(&dir.join("out/queries")).is_none(), "no partial dataset passes for a finished one");
+
+    std::fs::write(dir.join("p.toml"), capped.replace("max_cost_usd = 0.05", "max_cost_usd = 10.0")).unwrap();
+    util::kiln_ok(dir, &["run", "p.toml"]);
+    assert_eq!(util::rows(&dir.join("out/queries")).len(), 500);
+    assert_eq!(server.seen.total.load(Ordering::SeqCst), 500, "the paid requests were not sent again");
+}

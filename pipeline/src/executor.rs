@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tokio::task::JoinSet;
 
+use crate::budget::Budget;
 use crate::cache::RowCache;
 use crate::error::{Error, Result};
 use crate::fingerprint::{FingerprintParts, file_states};
@@ -146,6 +147,7 @@ pub async fn run(plan: Arc<Plan>, opts: &RunOptions) -> Result<RunReport> {
     let store = Store::new(&plan.output_dir);
     store.clean_leftovers()?;
     let cache = Arc::new(RowCache::open(&plan.output_dir)?);
+    let budget = Arc::new(Budget::new(plan.spec.settings.max_tokens, plan.spec.settings.max_cost_usd));
     let only = opts.only.as_deref().map(|n| plan.stage_index(n)).transpose()?;
     let forced = match (&opts.from, opts.force) {
         (_, true) => (0..plan.graph.len()).collect(),
@@ -197,8 +199,8 @@ pub async fn run(plan: Arc<Plan>, opts: &RunOptions) -> Result<RunReport> {
                 Freshness::Fresh => vec!["forced".to_string()],
                 Freshness::Stale(why) => why,
             };
-            let (plan, store, cache) = (plan.clone(), store.clone(), cache.clone());
-            running.spawn(async move { (i, run_stage(&plan, i, &store, cache, parts, reasons).await) });
+            let (plan, store, cache, budget) = (plan.clone(), store.clone(), cache.clone(), budget.clone());
+            running.spawn(async move { (i, run_stage(&plan, i, &store, cache, budget, parts, reasons).await) });
         }
         // Everything startable has started; wait for one stage to finish, or stop when idle.
         let Some(joined) = running.join_next().await else { break };
@@ -230,6 +232,7 @@ async fn run_stage(
     i: usize,
     store: &Store,
     cache: Arc<RowCache>,
+    budget: Arc<Budget>,
     parts: FingerprintParts,
     reasons: Vec<String>,
 ) -> Result<Outcome> {
@@ -250,7 +253,8 @@ async fn run_stage(
         input_fingerprints.insert(up.clone(), upstream.fingerprint);
         inputs.push(Input { name: up.clone(), dir: store.stage_dir(up), schema: plan.schemas[u].clone() });
     }
-    let cx = StageCx { name: name.clone(), pipeline: plan.check_cx.clone(), seed: plan.spec.settings.seed, cache };
+    let cx =
+        StageCx { name: name.clone(), pipeline: plan.check_cx.clone(), seed: plan.spec.settings.seed, cache, budget };
     let output = plan.stage(i).run(&cx, &inputs).await.map_err(|e| match e {
         e @ Error::Stage { .. } => e,
         e => Error::stage(&name, e),

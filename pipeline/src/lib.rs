@@ -13,6 +13,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod budget;
 pub mod cache;
 pub mod error;
 pub mod executor;

@@ -38,6 +38,12 @@ pub struct PipelineSettings {
     /// Folder of the task taxonomy, relative to the pipeline file.
     #[serde(default)]
     pub taxonomy: Option<PathBuf>,
+    /// Most LLM tokens (prompt and completion) one run may spend. Default: unlimited.
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    /// Most USD one run may spend on LLM requests (from the models' prices). Default: unlimited.
+    #[serde(default)]
+    pub max_cost_usd: Option<f64>,
 }
 
 /// Top-level tables a pipeline file may hold.
@@ -321,7 +327,7 @@ fn backticked(names: &[&str]) -> String {
 }
 
 fn pipeline_fields() -> &'static [&'static str] {
-    &["name", "output_dir", "seed", "description", "templates", "taxonomy"]
+    &["name", "output_dir", "seed", "description", "templates", "taxonomy", "max_tokens", "max_cost_usd"]
 }
 
 /// Diagnostics for TOML syntax errors. A table declared twice gives one "duplicate stage" (or

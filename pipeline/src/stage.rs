@@ -12,6 +12,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 
+use crate::budget::Budget;
 use crate::cache::RowCache;
 use crate::error::Result;
 use crate::store;
@@ -145,6 +146,8 @@ pub struct StageCx {
     pub seed: u64,
     /// Row-level cache for expensive per-row work.
     pub cache: Arc<RowCache>,
+    /// What the run may still spend on LLM requests.
+    pub budget: Arc<Budget>,
 }
 
 /// A row a stage refused, with why. It goes to the rejection ledger.

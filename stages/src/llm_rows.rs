@@ -140,7 +140,17 @@ async fn complete_one<T>(
         let completed = cx
             .cache
             .get_or_compute(&key, "llm/chat", || async {
-                client.complete(&body).await.map_err(|e| Error::stage(&cx.name, e))
+                cx.budget.check().map_err(|spent| {
+                    Error::Usage(format!(
+                        "{spent}; every finished request is kept in the row cache: raise the cap and rerun to continue"
+                    ))
+                })?;
+                let c = client.complete(&body).await.map_err(|e| Error::stage(&cx.name, e))?;
+                cx.budget.spend(
+                    c.prompt_tokens + c.completion_tokens,
+                    client.config().cost(c.prompt_tokens, c.completion_tokens),
+                );
+                Ok(c)
             })
             .await;
         let (completion, hit): (Completion, bool) = match completed {
