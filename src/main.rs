@@ -41,6 +41,9 @@ enum Command {
         /// Rerun every stage.
         #[arg(long)]
         force: bool,
+        /// Say what would run and what its LLM requests would cost; send and write nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Check the pipeline file without running anything.
     Check {
@@ -157,7 +160,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Run { pipeline, only, from, force } => {
+        Command::Run { pipeline, dry_run: true, .. } => {
+            let plan = load(&pipeline).await?;
+            print_dry_run(&mut out, &executor::dry_run(&plan).await?)?;
+        }
+        Command::Run { pipeline, only, from, force, dry_run: false } => {
             let plan = std::sync::Arc::new(load(&pipeline).await?);
             let report = executor::run(plan.clone(), &RunOptions { only, from, force }).await?;
             for (name, outcome) in &report.stages {
@@ -212,6 +219,39 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_dry_run(out: &mut impl Write, lines: &[executor::DryRun]) -> anyhow::Result<()> {
+    let (mut requests, mut tokens, mut cost) = (0, 0, 0.0);
+    for line in lines {
+        let what = match &line.freshness {
+            Freshness::Fresh => {
+                writeln!(out, "{}: fresh", line.stage)?;
+                continue;
+            }
+            Freshness::Stale(why) => format!("{}: would run ({})", line.stage, why.join("; ")),
+        };
+        match &line.estimate {
+            Some(e) => {
+                let about = if e.approximate { "about " } else { "" };
+                write!(
+                    out,
+                    "{what}: {about}{} requests ({} cached), ~{} prompt + at most {} completion tokens, ~${:.4}",
+                    e.requests, e.cached, e.prompt_tokens, e.completion_tokens, e.cost_usd
+                )?;
+                requests += e.requests - e.cached;
+                tokens += e.prompt_tokens + e.completion_tokens;
+                cost += e.cost_usd;
+            }
+            None => write!(out, "{what}")?,
+        }
+        match &line.note {
+            Some(note) => writeln!(out, " [{note}]")?,
+            None => writeln!(out)?,
+        }
+    }
+    writeln!(out, "total to send: {requests} requests, ~{tokens} tokens, ~${cost:.4} (nothing was sent)")?;
+    Ok(())
 }
 
 fn take_rows(batches: &[arrow::record_batch::RecordBatch], limit: usize) -> Vec<arrow::record_batch::RecordBatch> {

@@ -149,3 +149,35 @@ fn a_spent_budget_stops_the_run_and_a_higher_cap_resumes_it() {
     assert_eq!(util::rows(&dir.join("out/queries")).len(), 500);
     assert_eq!(server.seen.total.load(Ordering::SeqCst), 500, "the paid requests were not sent again");
 }
+
+#[test]
+fn a_dry_run_estimates_requests_and_sends_nothing() {
+    let server = start_in_background(Faults::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir, &server, 8);
+    let text = std::fs::read_to_string(dir.join("p.toml")).unwrap();
+    let priced = text.replace(
+        "backoff_s = 0.01",
+        "backoff_s = 0.01\nmax_tokens = 100\nprice_per_mtok_prompt = 1.0\nprice_per_mtok_completion = 2.0",
+    );
+    std::fs::write(dir.join("p.toml"), &priced).unwrap();
+
+    let out = util::kiln_ok(dir, &["run", "p.toml", "--dry-run"]);
+    assert!(
+        out.contains("queries: would run (input `files` is stale and runs first) [cost known once files has run]"),
+        "{out}"
+    );
+    util::kiln_ok(dir, &["run", "p.toml", "--only", "files"]);
+    let out = util::kiln_ok(dir, &["run", "p.toml", "--dry-run"]);
+    assert!(out.contains("queries: would run (no output yet): 500 requests (0 cached)"), "{out}");
+    assert!(out.contains("at most 50000 completion tokens"), "{out}");
+    assert_eq!(server.seen.total.load(Ordering::SeqCst), 0, "a dry run sends nothing");
+
+    util::kiln_ok(dir, &["run", "p.toml"]);
+    std::fs::write(dir.join("p.toml"), priced.replace("per_table = 10", "per_table = 12")).unwrap();
+    let out = util::kiln_ok(dir, &["run", "p.toml", "--dry-run"]);
+    assert!(out.contains("queries: would run (parameter `per_table` changed): 600 requests (500 cached)"), "{out}");
+    assert!(out.contains("total to send: 100 requests"), "{out}");
+    assert_eq!(server.seen.total.load(Ordering::SeqCst), 500);
+}

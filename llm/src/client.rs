@@ -165,27 +165,10 @@ impl Client {
         self.limit.limit()
     }
 
-    /// The full request body for `messages` with `n` choices: what is sent, and what the row
-    /// cache keys on. The API key is never part of it.
+    /// The full request body for `messages` with `n` choices (see
+    /// [`ModelConfig::request_body`]).
     pub fn request_body(&self, messages: &[Message], n: u32) -> serde_json::Value {
-        let c = &self.config;
-        let mut body = serde_json::json!({ "model": c.model, "messages": messages });
-        let mut set = |k: &str, v: serde_json::Value| {
-            if !v.is_null() {
-                body[k] = v;
-            }
-        };
-        set("temperature", serde_json::json!(c.temperature));
-        set("top_p", serde_json::json!(c.top_p));
-        set("max_tokens", serde_json::json!(c.max_tokens));
-        set("seed", serde_json::json!(c.seed));
-        if !c.stop.is_empty() {
-            set("stop", serde_json::json!(c.stop));
-        }
-        if n > 1 {
-            set("n", serde_json::json!(n));
-        }
-        body
+        self.config.request_body(messages, n)
     }
 
     /// Sends `body`, retrying what can be retried, within the model's limits.

@@ -102,6 +102,28 @@ impl ModelConfig {
         out
     }
 
+    /// The full request body for `messages` with `n` choices: what is sent, and what the row
+    /// cache keys on. The API key is never part of it.
+    pub fn request_body(&self, messages: &[crate::Message], n: u32) -> serde_json::Value {
+        let mut body = serde_json::json!({ "model": self.model, "messages": messages });
+        let mut set = |k: &str, v: serde_json::Value| {
+            if !v.is_null() {
+                body[k] = v;
+            }
+        };
+        set("temperature", serde_json::json!(self.temperature));
+        set("top_p", serde_json::json!(self.top_p));
+        set("max_tokens", serde_json::json!(self.max_tokens));
+        set("seed", serde_json::json!(self.seed));
+        if !self.stop.is_empty() {
+            set("stop", serde_json::json!(self.stop));
+        }
+        if n > 1 {
+            set("n", serde_json::json!(n));
+        }
+        body
+    }
+
     /// Cost in USD of `prompt` and `completion` tokens.
     pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
         (prompt as f64 * self.price_per_mtok_prompt + completion as f64 * self.price_per_mtok_completion) / 1e6

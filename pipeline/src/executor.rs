@@ -13,7 +13,7 @@ use crate::cache::RowCache;
 use crate::error::{Error, Result};
 use crate::fingerprint::{FingerprintParts, file_states};
 use crate::plan::Plan;
-use crate::stage::{Input, StageCx};
+use crate::stage::{Estimate, Input, StageCx};
 use crate::store::{Manifest, Store, now};
 
 /// Which stages `kiln run` may run.
@@ -137,6 +137,68 @@ pub fn status(plan: &Plan) -> Result<Vec<(String, Freshness)>> {
         }
         states.insert(i, state.clone());
         out.push((name, state));
+    }
+    Ok(out)
+}
+
+/// What `kiln run --dry-run` says about one stage.
+#[derive(Debug)]
+pub struct DryRun {
+    /// Stage name.
+    pub stage: String,
+    /// Whether it would run, and why.
+    pub freshness: Freshness,
+    /// Its LLM cost, when it calls a model and its inputs exist.
+    pub estimate: Option<Estimate>,
+    /// Why the estimate is missing or rough.
+    pub note: Option<String>,
+}
+
+/// What `kiln run` would run and what its LLM stages would cost, sending nothing. Stages whose
+/// inputs do not exist yet cannot be estimated; stages whose inputs will change first are
+/// estimated from the current inputs.
+pub async fn dry_run(plan: &Plan) -> Result<Vec<DryRun>> {
+    let store = Store::new(&plan.output_dir);
+    let cache = Arc::new(RowCache::open(&plan.output_dir)?);
+    let mut out = Vec::new();
+    for (name, freshness) in status(plan)? {
+        let i = plan.stage_index(&name)?;
+        let mut line = DryRun { stage: name.clone(), freshness, estimate: None, note: None };
+        if matches!(line.freshness, Freshness::Stale(_)) {
+            let ups: Vec<usize> = plan.graph.inputs(i).to_vec();
+            let missing: Vec<&str> = ups
+                .iter()
+                .map(|&u| plan.spec.stages[u].name.as_str())
+                .filter(|n| store.manifest(n).ok().flatten().is_none())
+                .collect();
+            if missing.is_empty() {
+                let inputs: Vec<Input> = ups
+                    .iter()
+                    .map(|&u| Input {
+                        name: plan.spec.stages[u].name.clone(),
+                        dir: store.stage_dir(&plan.spec.stages[u].name),
+                        schema: plan.schemas[u].clone(),
+                    })
+                    .collect();
+                let cx = StageCx {
+                    name: name.clone(),
+                    pipeline: plan.check_cx.clone(),
+                    seed: plan.spec.settings.seed,
+                    cache: cache.clone(),
+                    budget: Arc::new(Budget::default()),
+                };
+                line.estimate = plan.stage(i).estimate(&cx, &inputs).await?;
+                let changing = ups.iter().any(|&u| {
+                    out.iter().any(|d: &DryRun| d.stage == plan.spec.stages[u].name && d.freshness != Freshness::Fresh)
+                });
+                if changing && line.estimate.is_some() {
+                    line.note = Some("estimated from the current inputs, which run first".into());
+                }
+            } else {
+                line.note = Some(format!("cost known once {} has run", missing.join(", ")));
+            }
+        }
+        out.push(line);
     }
     Ok(out)
 }

@@ -47,6 +47,12 @@ pub trait Stage: Debug + Send + Sync {
 
     /// Produces the stage's rows (and rejections) from its inputs.
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output>;
+
+    /// What running would cost in LLM requests, without sending any (for `kiln run
+    /// --dry-run`). `None` for stages that call no model.
+    async fn estimate(&self, _cx: &StageCx, _inputs: &[Input]) -> Result<Option<Estimate>> {
+        Ok(None)
+    }
 }
 
 /// What validation (and a running stage) knows about the pipeline.
@@ -159,6 +165,23 @@ pub struct Rejection {
     pub reason: String,
     /// Human-readable detail naming the file and values.
     pub detail: String,
+}
+
+/// The LLM cost of running a stage, estimated without sending anything.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Estimate {
+    /// Requests the stage would make.
+    pub requests: u64,
+    /// Of those, requests already in the row cache (free).
+    pub cached: u64,
+    /// Prompt tokens of the requests to send (about 4 characters a token).
+    pub prompt_tokens: u64,
+    /// Completion tokens at most (`max_tokens` per request, 512 when unset).
+    pub completion_tokens: u64,
+    /// Cost in USD of those tokens at the model's prices.
+    pub cost_usd: f64,
+    /// True when later steps depend on earlier replies, so only a rough count is possible.
+    pub approximate: bool,
 }
 
 /// What a stage produced.

@@ -26,11 +26,13 @@ use arrow::datatypes::{DataType, Field, SchemaRef};
 use async_trait::async_trait;
 use kiln_llm::{Client, Message};
 use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch, to_json_rows};
-use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx};
+use kiln_pipeline::stage::{
+    CheckCx, Estimate, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx,
+};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::llm_rows::{RowRequest, complete_rows, model_config, parse_tags};
+use crate::llm_rows::{RowRequest, complete_rows, estimate_rows, model_config, parse_tags};
 use crate::templates::Templates;
 
 /// Parameters of a `compose` stage.
@@ -126,6 +128,70 @@ fn follow_ups<'a>(seed: &Source, pool: &'a [Source], seed_text: &str) -> Vec<&'a
     picked
 }
 
+/// Every input question.
+fn read_sources(cx: &StageCx, input: &Input) -> Result<Vec<Source>> {
+    to_json_rows(&input.read()?)?
+        .into_iter()
+        .map(|r| {
+            serde_json::from_value(serde_json::Value::Object(r))
+                .map_err(|e| Error::stage(&cx.name, format!("input row: {e}")))
+        })
+        .collect()
+}
+
+impl Compose {
+    /// A chain per seed question with its planned follow-ups; seeds without enough follow-ups
+    /// are rejected.
+    fn start_chains<'a>(&self, pool: &'a [Source], seed_text: &str) -> (Vec<(Chain, Vec<&'a Source>)>, Vec<Rejection>) {
+        let (mut live, mut rejections) = (Vec::new(), Vec::new());
+        for seed in pool {
+            let ups = follow_ups(seed, pool, seed_text);
+            if ups.len() + 1 < self.depth as usize {
+                rejections.push(Rejection {
+                    row_id: seed.row_id.clone(),
+                    reason: "not_enough_questions".into(),
+                    detail: format!(
+                        "{} [{}]: depth {} needs {} other categories of questions on this table, found {}",
+                        seed.path,
+                        seed.table,
+                        self.depth,
+                        self.depth - 1,
+                        ups.len()
+                    ),
+                });
+                continue;
+            }
+            let chain =
+                Chain { sources: vec![seed.clone()], question: seed.question.clone(), description: String::new() };
+            live.push((chain, ups.into_iter().take(self.depth as usize - 1).collect()));
+        }
+        (live, rejections)
+    }
+
+    /// The fusion request of every live chain at `step` (1-based).
+    fn step_requests(
+        &self,
+        templates: &Templates,
+        live: &[(Chain, Vec<&Source>)],
+        step: u32,
+    ) -> Result<Vec<RowRequest>, String> {
+        live.iter()
+            .map(|(chain, ups)| {
+                let next = ups[step as usize - 1];
+                let vars = serde_json::json!({
+                    "table": next.table, "path": next.path, "current": chain.question, "follow_up": next.question,
+                    "follow_up_category": next.category, "step": step, "depth": self.depth,
+                });
+                let prompt = templates.render(&self.template, vars)?;
+                let ids: Vec<&str> =
+                    chain.sources.iter().map(|s| s.row_id.as_str()).chain([next.row_id.as_str()]).collect();
+                let id = row_id(&ids, format!("compose\0{}", self.model).as_bytes());
+                Ok(RowRequest { row_id: id, messages: vec![Message::new("user", prompt)], sample: 0 })
+            })
+            .collect()
+    }
+}
+
 #[async_trait]
 impl Stage for Compose {
     fn seeded(&self) -> bool {
@@ -183,59 +249,28 @@ impl Stage for Compose {
         Ok(schema())
     }
 
+    async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
+        let fail = |e: String| Error::stage(&cx.name, e);
+        let templates = Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?;
+        let config = model_config(&cx.pipeline, &self.model).map_err(|p| fail(p.message))?;
+        let pool = read_sources(cx, &inputs[0])?;
+        let (live, _) = self.start_chains(&pool, &cx.seed.to_string());
+        // Later steps depend on earlier replies: count the first step's prompts once per step.
+        let requests = self.step_requests(&templates, &live, 1).map_err(fail)?;
+        estimate_rows(cx, &config, &requests, u64::from(self.depth - 1)).map(Some)
+    }
+
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
         let fail = |e: String| Error::stage(&cx.name, e);
         let templates = Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?;
         let config = model_config(&cx.pipeline, &self.model).map_err(|p| fail(p.message))?;
         let client = Client::new(&self.model, config).map_err(|e| fail(e.to_string()))?;
-        let pool: Vec<Source> = to_json_rows(&inputs[0].read()?)?
-            .into_iter()
-            .map(|r| serde_json::from_value(serde_json::Value::Object(r)).map_err(|e| fail(format!("input row: {e}"))))
-            .collect::<Result<_>>()?;
-
-        let mut output = Output::default();
-        let seed_text = cx.seed.to_string();
-        // Each live chain with its planned follow-ups.
-        let mut live: Vec<(Chain, Vec<&Source>)> = Vec::new();
-        for seed in &pool {
-            let ups = follow_ups(seed, &pool, &seed_text);
-            if ups.len() + 1 < self.depth as usize {
-                output.rejections.push(Rejection {
-                    row_id: seed.row_id.clone(),
-                    reason: "not_enough_questions".into(),
-                    detail: format!(
-                        "{} [{}]: depth {} needs {} other categories of questions on this table, found {}",
-                        seed.path,
-                        seed.table,
-                        self.depth,
-                        self.depth - 1,
-                        ups.len()
-                    ),
-                });
-                continue;
-            }
-            let chain =
-                Chain { sources: vec![seed.clone()], question: seed.question.clone(), description: String::new() };
-            live.push((chain, ups.into_iter().take(self.depth as usize - 1).collect()));
-        }
+        let pool = read_sources(cx, &inputs[0])?;
+        let (mut live, rejections) = self.start_chains(&pool, &cx.seed.to_string());
+        let mut output = Output { rejections, ..Default::default() };
         let mut counters: BTreeMap<String, u64> = BTreeMap::new();
         for step in 1..self.depth {
-            let mut requests = Vec::new();
-            for (chain, ups) in &live {
-                let next = ups[step as usize - 1];
-                let vars = serde_json::json!({
-                    "table": next.table, "path": next.path, "current": chain.question, "follow_up": next.question,
-                    "follow_up_category": next.category, "step": step, "depth": self.depth,
-                });
-                let prompt = templates.render(&self.template, vars).map_err(fail)?;
-                let ids: Vec<&str> =
-                    chain.sources.iter().map(|s| s.row_id.as_str()).chain([next.row_id.as_str()]).collect();
-                requests.push(RowRequest {
-                    row_id: row_id(&ids, format!("compose\0{}", self.model).as_bytes()),
-                    messages: vec![Message::new("user", prompt)],
-                    sample: 0,
-                });
-            }
+            let requests = self.step_requests(&templates, &live, step).map_err(fail)?;
             let parse = |text: &str| parse_tags(text, &["question", "description"]);
             let (replies, rejections, step_counters) =
                 complete_rows(cx, &client, requests, self.max_parse_retries, parse).await?;

@@ -21,11 +21,11 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use kiln_llm::{Client, Message};
 use kiln_pipeline::rows::{PARENT_IDS, ROW_ID, parents_array, row_id, to_json_rows};
-use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Estimate, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::llm_rows::{RowRequest, complete_rows, model_config, parse_tags};
+use crate::llm_rows::{RowRequest, complete_rows, estimate_rows, model_config, parse_tags};
 use crate::templates::Templates;
 
 /// Parameters of a `generate` stage.
@@ -62,6 +62,10 @@ fn default_parse_retries() -> u32 {
     2
 }
 
+/// The input rows as one batch, the requests, and per request its input row index, parent id
+/// and sample number.
+type Plan = (RecordBatch, Vec<RowRequest>, Vec<(u32, String, u32)>);
+
 /// Name under which the prompt template is registered.
 const PROMPT: &str = "prompt";
 
@@ -76,6 +80,29 @@ impl Generate {
                 .map_err(|e| Problem::new("template", e)),
             _ => Err(Problem::new("", "give exactly one of `prompt` (inline) and `template` (a file)")),
         }
+    }
+
+    /// The input rows as one batch, one request per (row, sample), and for each request its
+    /// input row index, parent id and sample number.
+    fn plan(&self, cx: &StageCx, input: &Input) -> Result<Plan> {
+        let fail = |e: String| Error::stage(&cx.name, e);
+        let (templates, name) = self.templates(&cx.pipeline).map_err(|p| fail(p.message))?;
+        let data = concat_batches(&input.schema, &input.read()?).map_err(|e| fail(e.to_string()))?;
+        let mut requests = Vec::new();
+        let mut sources = Vec::new();
+        for (i, row) in to_json_rows(std::slice::from_ref(&data))?.into_iter().enumerate() {
+            let parent = row.get(ROW_ID).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+            let prompt = templates.render(&name, &row).map_err(fail)?;
+            let mut messages: Vec<Message> = self.system.iter().map(|s| Message::new("system", s.clone())).collect();
+            messages.push(Message::new("user", prompt));
+            for sample in 0..self.n {
+                let body = serde_json::to_string(&messages).unwrap_or_default();
+                let id = row_id(&[&parent], format!("generate\0{}\0{sample}\0{body}", self.model).as_bytes());
+                requests.push(RowRequest { row_id: id, messages: messages.clone(), sample });
+                sources.push((i as u32, parent.clone(), sample));
+            }
+        }
+        Ok((data, requests, sources))
     }
 
     /// Names of the columns this stage adds.
@@ -137,28 +164,18 @@ impl Stage for Generate {
         Ok(Arc::new(Schema::new(fields)))
     }
 
+    async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
+        let (_, requests, _) = self.plan(cx, &inputs[0])?;
+        let config = model_config(&cx.pipeline, &self.model).map_err(|p| Error::stage(&cx.name, p.message))?;
+        estimate_rows(cx, &config, &requests, 1).map(Some)
+    }
+
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
         let fail = |e: String| Error::stage(&cx.name, e);
         let input = &inputs[0];
-        let (templates, name) = self.templates(&cx.pipeline).map_err(|p| fail(p.message))?;
         let config = model_config(&cx.pipeline, &self.model).map_err(|p| fail(p.message))?;
         let client = Client::new(&self.model, config).map_err(|e| fail(e.to_string()))?;
-        let data = concat_batches(&input.schema, &input.read()?).map_err(|e| fail(e.to_string()))?;
-
-        let mut requests = Vec::new();
-        let mut sources = Vec::new();
-        for (i, row) in to_json_rows(std::slice::from_ref(&data))?.into_iter().enumerate() {
-            let parent = row.get(ROW_ID).and_then(|v| v.as_str()).unwrap_or_default().to_string();
-            let prompt = templates.render(&name, &row).map_err(fail)?;
-            let mut messages: Vec<Message> = self.system.iter().map(|s| Message::new("system", s.clone())).collect();
-            messages.push(Message::new("user", prompt));
-            for sample in 0..self.n {
-                let body = serde_json::to_string(&messages).unwrap_or_default();
-                let id = row_id(&[&parent], format!("generate\0{}\0{sample}\0{body}", self.model).as_bytes());
-                requests.push(RowRequest { row_id: id, messages: messages.clone(), sample });
-                sources.push((i as u32, parent.clone(), sample));
-            }
-        }
+        let (data, requests, sources) = self.plan(cx, input)?;
         let tags: Vec<&str> = self.tags.iter().map(String::as_str).collect();
         let parse = |text: &str| if tags.is_empty() { Ok(vec![text.to_string()]) } else { parse_tags(text, &tags) };
         let (replies, rejections, counters) =

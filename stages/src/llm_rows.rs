@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use futures::stream::{self, StreamExt};
 use kiln_llm::{Client, Completion, Message, ModelConfig};
 use kiln_pipeline::cache::CacheKey;
-use kiln_pipeline::stage::{CheckCx, Problem, Rejection, StageCx};
+use kiln_pipeline::stage::{CheckCx, Estimate, Problem, Rejection, StageCx};
 use kiln_pipeline::{Error, Result, progress};
 
 /// The model named `name` in `[models]`.
@@ -181,6 +181,31 @@ async fn complete_one<T>(
         }
     }
     unreachable!("the loop returns on its last attempt")
+}
+
+/// The cost of `requests` (times `repeat`, for stages whose later steps depend on replies),
+/// counting requests already in the row cache as free.
+pub fn estimate_rows(cx: &StageCx, config: &ModelConfig, requests: &[RowRequest], repeat: u64) -> Result<Estimate> {
+    let mut e = Estimate { approximate: repeat > 1, ..Default::default() };
+    for request in requests {
+        let body = config.request_body(&request.messages, 1);
+        let key = if request.sample == 0 {
+            CacheKey::new("llm/chat", &body)?
+        } else {
+            CacheKey::new("llm/chat", &(&body, request.sample))?
+        };
+        e.requests += repeat;
+        if cx.cache.get::<Completion>(&key)?.is_some() {
+            e.cached += 1;
+            e.requests -= repeat - 1;
+            continue;
+        }
+        let chars: usize = request.messages.iter().map(|m| m.content.len()).sum();
+        e.prompt_tokens += repeat * (chars as u64 / 4 + 8);
+        e.completion_tokens += repeat * u64::from(config.max_tokens.unwrap_or(512));
+    }
+    e.cost_usd = config.cost(e.prompt_tokens, e.completion_tokens);
+    Ok(e)
 }
 
 /// Extracts `<tag>…</tag>` for each tag, trimmed; an error names the first missing or empty one.

@@ -23,11 +23,11 @@ use arrow::datatypes::{DataType, Field, SchemaRef};
 use async_trait::async_trait;
 use kiln_llm::{Client, Message};
 use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch};
-use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Estimate, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::llm_rows::{RowRequest, complete_rows, model_config, parse_tags};
+use crate::llm_rows::{RowRequest, complete_rows, estimate_rows, model_config, parse_tags};
 use crate::profile::{ProfiledTable, check_profile_input, read_profiles};
 use crate::taxonomy::{Category, Taxonomy};
 use crate::templates::Templates;
@@ -62,6 +62,9 @@ fn default_template() -> String {
 fn default_parse_retries() -> u32 {
     2
 }
+
+/// The requests, and for each the table and category it is about.
+type Plan = (Vec<RowRequest>, Vec<(ProfiledTable, Category)>);
 
 /// Variables the template receives.
 const VARIABLES: &[&str] = &["table", "categories", "category"];
@@ -117,6 +120,36 @@ impl Synthesize {
                 (w > 0.0).then_some((c, w))
             })
             .collect()
+    }
+}
+
+impl Synthesize {
+    /// One request per (table, sampled category), with what it is about.
+    fn plan(&self, cx: &StageCx, inputs: &[Input]) -> Result<Plan> {
+        let fail = |e: String| Error::stage(&cx.name, e);
+        let taxonomy = Taxonomy::load(cx.pipeline.taxonomy.as_deref()).map_err(fail)?;
+        let templates = Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?;
+        let weights = self.weights(&taxonomy);
+        let definitions: Vec<serde_json::Value> = taxonomy
+            .categories
+            .iter()
+            .map(|c| serde_json::json!({"id": c.id, "name": c.name, "definition": c.definition}))
+            .collect();
+        let (mut requests, mut planned) = (Vec::new(), Vec::new());
+        let seed = cx.seed.to_string();
+        for input in inputs {
+            for table in read_profiles(input)? {
+                for category in sample(&weights, self.per_table, &[&seed, &table.row_id]) {
+                    let vars = serde_json::json!({"table": &table, "categories": &definitions, "category": category});
+                    let prompt = templates.render(&self.template, vars).map_err(fail)?;
+                    let id =
+                        row_id(&[&table.row_id], format!("synthesize\0{}\0{}", category.id, self.model).as_bytes());
+                    requests.push(RowRequest { row_id: id, messages: vec![Message::new("user", prompt)], sample: 0 });
+                    planned.push((table.clone(), category.clone()));
+                }
+            }
+        }
+        Ok((requests, planned))
     }
 }
 
@@ -202,34 +235,17 @@ impl Stage for Synthesize {
         Ok(schema())
     }
 
+    async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
+        let (requests, _) = self.plan(cx, inputs)?;
+        let config = model_config(&cx.pipeline, &self.model).map_err(|p| Error::stage(&cx.name, p.message))?;
+        estimate_rows(cx, &config, &requests, 1).map(Some)
+    }
+
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
         let fail = |e: String| Error::stage(&cx.name, e);
-        let taxonomy = Taxonomy::load(cx.pipeline.taxonomy.as_deref()).map_err(fail)?;
-        let templates = Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?;
         let config = model_config(&cx.pipeline, &self.model).map_err(|p| fail(p.message))?;
         let client = Client::new(&self.model, config).map_err(|e| fail(e.to_string()))?;
-        let weights = self.weights(&taxonomy);
-        let definitions: Vec<serde_json::Value> = taxonomy
-            .categories
-            .iter()
-            .map(|c| serde_json::json!({"id": c.id, "name": c.name, "definition": c.definition}))
-            .collect();
-
-        let mut planned: Vec<(ProfiledTable, &Category)> = Vec::new();
-        let mut requests = Vec::new();
-        let seed = cx.seed.to_string();
-        for input in inputs {
-            for table in read_profiles(input)? {
-                for category in sample(&weights, self.per_table, &[&seed, &table.row_id]) {
-                    let vars = serde_json::json!({"table": &table, "categories": &definitions, "category": category});
-                    let prompt = templates.render(&self.template, vars).map_err(fail)?;
-                    let id =
-                        row_id(&[&table.row_id], format!("synthesize\0{}\0{}", category.id, self.model).as_bytes());
-                    requests.push(RowRequest { row_id: id, messages: vec![Message::new("user", prompt)], sample: 0 });
-                    planned.push((table.clone(), category));
-                }
-            }
-        }
+        let (requests, planned) = self.plan(cx, inputs)?;
         let parse = |text: &str| parse_tags(text, &["question", "description", "type"]);
         let (replies, rejections, counters) =
             complete_rows(cx, &client, requests.clone(), self.max_parse_retries, parse).await?;
