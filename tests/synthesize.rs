@@ -144,6 +144,13 @@ fn a_spent_budget_stops_the_run_and_a_higher_cap_resumes_it() {
     assert!((30..=60).contains(&paid), "stopped near the cap: {paid} requests");
     assert!(util::rows_if_finished(&dir.join("out/queries")).is_none(), "no partial dataset passes for a finished one");
 
+    // A stage cap works the same way.
+    let stage_capped =
+        capped.replace("max_cost_usd = 0.05", "").replace("per_table = 10", "per_table = 10\nmax_tokens = 100000");
+    std::fs::write(dir.join("p.toml"), &stage_capped).unwrap();
+    let stderr = util::text(&util::kiln_err(dir, &["run", "p.toml"]).stderr);
+    assert!(stderr.contains("the stage's token budget is spent"), "{stderr}");
+
     std::fs::write(dir.join("p.toml"), capped.replace("max_cost_usd = 0.05", "max_cost_usd = 10.0")).unwrap();
     util::kiln_ok(dir, &["run", "p.toml"]);
     assert_eq!(util::rows(&dir.join("out/queries")).len(), 500);

@@ -315,8 +315,13 @@ async fn run_stage(
         input_fingerprints.insert(up.clone(), upstream.fingerprint);
         inputs.push(Input { name: up.clone(), dir: store.stage_dir(up), schema: plan.schemas[u].clone() });
     }
-    let cx =
-        StageCx { name: name.clone(), pipeline: plan.check_cx.clone(), seed: plan.spec.settings.seed, cache, budget };
+    let cx = StageCx {
+        name: name.clone(),
+        pipeline: plan.check_cx.clone(),
+        seed: plan.spec.settings.seed,
+        cache,
+        budget: Arc::new(Budget::stage(budget, spec.limits.max_tokens, spec.limits.max_cost_usd)),
+    };
     let output = plan.stage(i).run(&cx, &inputs).await.map_err(|e| match e {
         e @ Error::Stage { .. } => e,
         e => Error::stage(&name, e),

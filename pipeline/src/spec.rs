@@ -46,6 +46,20 @@ pub struct PipelineSettings {
     pub max_cost_usd: Option<f64>,
 }
 
+/// Keys of a stage table that the engine reads itself, whatever the kind.
+const ENGINE_KEYS: &[&str] = &["kind", "inputs", "max_tokens", "max_cost_usd"];
+
+/// Spending caps any stage may set, besides the pipeline's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+pub struct StageLimits {
+    /// Most LLM tokens this stage may spend in one run.
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    /// Most USD this stage may spend in one run.
+    #[serde(default)]
+    pub max_cost_usd: Option<f64>,
+}
+
 /// Top-level tables a pipeline file may hold.
 const TOP_LEVEL: &[&str] = &["pipeline", "models", "sandbox", "stages"];
 
@@ -81,6 +95,8 @@ pub struct StageSpec {
     pub params: serde_json::Value,
     /// The built stage, when its parameters were valid.
     pub stage: Option<Box<dyn Stage>>,
+    /// Spending caps of this stage alone (`max_tokens`, `max_cost_usd` in its table).
+    pub limits: StageLimits,
     name_span: Range<usize>,
     input_spans: Vec<Range<usize>>,
     inputs_valid: bool,
@@ -263,9 +279,20 @@ fn parse_stage(
     }
 
     let inputs_valid = diags.len() == problems_before;
+    let limit_keys: DeTable<'_> = table
+        .iter()
+        .filter(|(k, _)| ["max_tokens", "max_cost_usd"].contains(&k.get_ref().as_ref()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let limits =
+        StageLimits::deserialize(ValueDeserializer::from(Spanned::new(value.span(), DeValue::Table(limit_keys))))
+            .unwrap_or_else(|e| {
+                diags.push(toml_error(map, &e, None));
+                StageLimits::default()
+            });
     let params: DeTable<'_> = table
         .iter()
-        .filter(|(k, _)| !["kind", "inputs"].contains(&k.get_ref().as_ref()))
+        .filter(|(k, _)| !ENGINE_KEYS.contains(&k.get_ref().as_ref()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let params_value = Spanned::new(value.span(), DeValue::Table(params));
@@ -299,6 +326,7 @@ fn parse_stage(
         inputs,
         params: params_json,
         stage,
+        limits,
         name_span: name.span(),
         input_spans,
         inputs_valid,
