@@ -1,0 +1,52 @@
+//! `synthesize` against a real model, when one is served locally: set `KILN_TEST_LLM_URL`
+//! (e.g. `http://127.0.0.1:8080/v1` for llama-server) and optionally `KILN_TEST_LLM_MODEL`.
+//! Without the variable the test says so and passes; only loopback addresses are accepted.
+
+mod util;
+
+#[test]
+fn synthesize_against_a_real_local_model() {
+    let Ok(url) = std::env::var("KILN_TEST_LLM_URL") else {
+        eprintln!("skipped: set KILN_TEST_LLM_URL to a local OpenAI-compatible endpoint to run this test");
+        return;
+    };
+    let host = url.split("://").nth(1).unwrap_or("").split(['/', ':']).next().unwrap_or("");
+    assert!(["127.0.0.1", "localhost", "[", ""].contains(&host) || url.contains("[::1]"), "tests only talk to loopback, got {url}");
+    let model = std::env::var("KILN_TEST_LLM_MODEL").unwrap_or_else(|_| "local".into());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    util::copy_sample_data(dir);
+    let pipeline = format!(
+        r#"
+[pipeline]
+name = "real"
+output_dir = "out"
+
+[models.real]
+base_url = "{url}"
+model = "{model}"
+temperature = 0.7
+max_tokens = 256
+max_concurrency = 1
+timeout_s = 300
+
+[stages.files]
+kind = "profile"
+paths = ["data/species.csv", "data/plots.csv"]
+
+[stages.queries]
+kind = "synthesize"
+inputs = ["files"]
+model = "real"
+per_table = 2
+"#
+    );
+    std::fs::write(dir.join("p.toml"), pipeline).unwrap();
+    util::kiln_ok(dir, &["run", "p.toml"]);
+    let rows = util::rows(&dir.join("out/queries"));
+    let rejected = util::rows(&dir.join("out/_rejections")).into_iter().filter(|r| r["stage"] == "queries").count();
+    assert_eq!(rows.len() + rejected, 4, "every request done or rejected with a reason");
+    assert!(rows.iter().all(|r| !r["question"].as_str().unwrap().is_empty()));
+    let manifest = util::manifest(&dir.join("out/queries"));
+    assert!(manifest.counters["prompt_tokens"] > 0 || rows.is_empty(), "the server's token counts are recorded");
+}
