@@ -46,11 +46,18 @@ pub struct Generate {
     /// Samples per input row. Default: 1.
     #[serde(default = "default_n")]
     pub n: u32,
-    /// Tags to parse out of each reply, each into a column of the same name. Default: none,
-    /// and the whole reply goes to a `text` column.
+    /// Tags to parse out of each reply, each into a column of the same name. At most one of
+    /// `tags`, `regex` and `json_fields`; with none, the whole reply goes to a `text` column.
     #[serde(default)]
     pub tags: Vec<String>,
-    /// Extra requests when a reply lacks a tag. Default: 2.
+    /// A regular expression whose named groups become columns; it must match the reply.
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// The reply must be a JSON object (optionally in a ```json fence) with these fields; each
+    /// becomes a column holding the field's value (strings as is, other values as JSON).
+    #[serde(default)]
+    pub json_fields: Vec<String>,
+    /// Extra requests when a reply does not parse. Default: 2.
     #[serde(default = "default_parse_retries")]
     pub max_parse_retries: u32,
 }
@@ -107,7 +114,52 @@ impl Generate {
 
     /// Names of the columns this stage adds.
     fn new_columns(&self) -> Vec<String> {
-        if self.tags.is_empty() { vec!["text".into()] } else { self.tags.clone() }
+        if let Some(re) = self.regex.as_deref().and_then(|r| regex::Regex::new(r).ok()) {
+            return re.capture_names().flatten().map(str::to_string).collect();
+        }
+        match (self.tags.is_empty(), self.json_fields.is_empty()) {
+            (false, _) => self.tags.clone(),
+            (true, false) => self.json_fields.clone(),
+            (true, true) => vec!["text".into()],
+        }
+    }
+
+    /// The reply parser: tags, regex groups, JSON fields, or the whole text.
+    fn parser(&self) -> Result<Box<dyn Fn(&str) -> Result<Vec<String>, String> + Send + Sync>, Problem> {
+        if let Some(pattern) = &self.regex {
+            let re = regex::Regex::new(pattern).map_err(|e| Problem::new("regex", format!("invalid regular expression: {e}")))?;
+            let names: Vec<String> = re.capture_names().flatten().map(str::to_string).collect();
+            if names.is_empty() {
+                return Err(Problem::new("regex", "the regular expression has no named group").help("name the parts to keep: `(?P<answer>.+)`"));
+            }
+            return Ok(Box::new(move |text: &str| {
+                let caps = re.captures(text).ok_or("the reply does not match the expected pattern")?;
+                names.iter().map(|n| caps.name(n).map(|m| m.as_str().trim().to_string()).ok_or(format!("no `{n}` in the reply"))).collect()
+            }));
+        }
+        if !self.json_fields.is_empty() {
+            let fields = self.json_fields.clone();
+            return Ok(Box::new(move |text: &str| {
+                let body = text.trim().trim_start_matches("```json").trim_start_matches("```").trim_end_matches("```").trim();
+                let value: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("the reply is not JSON: {e}"))?;
+                fields
+                    .iter()
+                    .map(|f| match value.get(f) {
+                        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                        Some(other) => Ok(other.to_string()),
+                        None => Err(format!("the JSON reply has no field `{f}`")),
+                    })
+                    .collect()
+            }));
+        }
+        let tags = self.tags.clone();
+        Ok(Box::new(move |text: &str| {
+            if tags.is_empty() {
+                return Ok(vec![text.to_string()]);
+            }
+            let names: Vec<&str> = tags.iter().map(String::as_str).collect();
+            parse_tags(text, &names)
+        }))
     }
 }
 
@@ -119,6 +171,11 @@ impl Stage for Generate {
         if self.n == 0 {
             problems.push(Problem::new("n", "`n` must be at least 1, got 0"));
         }
+        let modes = [!self.tags.is_empty(), self.regex.is_some(), !self.json_fields.is_empty()];
+        if modes.iter().filter(|&&m| m).count() > 1 {
+            problems.push(Problem::new("", "give at most one of `tags`, `regex` and `json_fields`"));
+        }
+        problems.extend(self.parser().err());
         problems
     }
 
@@ -176,8 +233,7 @@ impl Stage for Generate {
         let config = model_config(&cx.pipeline, &self.model).map_err(|p| fail(p.message))?;
         let client = Client::new(&self.model, config).map_err(|e| fail(e.to_string()))?;
         let (data, requests, sources) = self.plan(cx, input)?;
-        let tags: Vec<&str> = self.tags.iter().map(String::as_str).collect();
-        let parse = |text: &str| if tags.is_empty() { Ok(vec![text.to_string()]) } else { parse_tags(text, &tags) };
+        let parse = self.parser().map_err(|p| fail(p.message))?;
         let (replies, rejections, counters) =
             complete_rows(cx, &client, requests.clone(), self.max_parse_retries, parse).await?;
 
@@ -217,5 +273,30 @@ impl Stage for Generate {
         columns.push(Arc::new(UInt64Array::from(tokens.1)));
         let batch = RecordBatch::try_new(schema, columns).map_err(|e| fail(e.to_string()))?;
         Ok(Output { batches: vec![batch], rejections, counters })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(extra: &str) -> Generate {
+        toml::from_str(&format!("model = \"m\"\nprompt = \"p\"\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn replies_parse_by_regex_json_or_tags() {
+        let g = stage("regex = 'Answer: (?P<answer>\\d+) because (?P<why>.+)'");
+        assert_eq!(g.new_columns(), ["answer", "why"]);
+        assert_eq!(g.parser().unwrap()("Answer: 42 because math").unwrap(), ["42", "math"]);
+        assert!(g.parser().unwrap()("no idea").is_err());
+
+        let j = stage("json_fields = ['answer', 'steps']");
+        let parsed = j.parser().unwrap()("```json\n{\"answer\": \"7\", \"steps\": [1, 2]}\n```").unwrap();
+        assert_eq!(parsed, ["7", "[1,2]"]);
+        assert_eq!(j.parser().unwrap()("{\"answer\": 1}").unwrap_err(), "the JSON reply has no field `steps`");
+
+        assert_eq!(stage("").parser().unwrap()("free text").unwrap(), ["free text"]);
+        assert!(stage("regex = '(unnamed)'").parser().is_err());
     }
 }
