@@ -61,6 +61,8 @@ fn main() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let engine = start.elapsed();
+    let exported = std::fs::read_to_string(dir.join("out/answers.jsonl")).unwrap();
+    assert_eq!(exported.lines().count(), n, "every answer exported");
     let peak = children_peak_mib();
     let cached_start = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))

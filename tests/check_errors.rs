@@ -39,5 +39,5 @@ fn the_recipes_check_clean() {
     let out = util::kiln_ok(&util::root(), &["check", "recipes/quickstart.toml"]);
     assert_eq!(out, "recipes/quickstart.toml: ok, 3 stages\n");
     let out = util::kiln_ok(&util::root(), &["check", "recipes/throughput.toml"]);
-    assert_eq!(out, "recipes/throughput.toml: ok, 2 stages\n");
+    assert_eq!(out, "recipes/throughput.toml: ok, 3 stages\n");
 }

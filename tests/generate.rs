@@ -69,4 +69,12 @@ n = 2
         "two requests per row, n samples without `n`"
     );
     assert!(util::kiln_ok(dir, &["run", "p.toml"]).contains("rewrite: fresh"));
+
+    let exported: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("out/exports/rewrite.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(exported.len(), 80, "the export holds every row");
+    assert_eq!(exported[0]["row_id"], rows[0]["row_id"], "in dataset order, lineage included");
 }

@@ -11,7 +11,10 @@ fn synthesize_against_a_real_local_model() {
         return;
     };
     let host = url.split("://").nth(1).unwrap_or("").split(['/', ':']).next().unwrap_or("");
-    assert!(["127.0.0.1", "localhost", "[", ""].contains(&host) || url.contains("[::1]"), "tests only talk to loopback, got {url}");
+    assert!(
+        ["127.0.0.1", "localhost", "[", ""].contains(&host) || url.contains("[::1]"),
+        "tests only talk to loopback, got {url}"
+    );
     let model = std::env::var("KILN_TEST_LLM_MODEL").unwrap_or_else(|_| "local".into());
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();

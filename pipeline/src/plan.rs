@@ -36,11 +36,16 @@ impl Plan {
         let (spec, mut diags) = spec::parse(path, &text, registry);
         let Some(spec) = spec else { return Err(Error::Config(Diagnostics(diags).normalize())) };
         let resolve = |dir: &Option<PathBuf>| dir.as_ref().map(|d| spec.base_dir.join(d));
+        let output_dir = match &spec.settings.output_dir {
+            Some(dir) => spec.base_dir.join(dir),
+            None => PathBuf::from("outputs").join(&spec.settings.name),
+        };
         let check_cx = CheckCx {
             base_dir: spec.base_dir.clone(),
             taxonomy: resolve(&spec.settings.taxonomy),
             templates: resolve(&spec.settings.templates),
             models: spec.models.clone(),
+            output_dir: output_dir.clone(),
         };
 
         check_settings(&spec, &check_cx, &mut diags);

@@ -67,6 +67,8 @@ pub struct CheckCx {
     pub templates: Option<PathBuf>,
     /// The `[models.<name>]` tables, as JSON (`null` when there are none).
     pub models: serde_json::Value,
+    /// Where the run writes its datasets.
+    pub output_dir: PathBuf,
 }
 
 impl CheckCx {

@@ -127,21 +127,30 @@ impl Generate {
     /// The reply parser: tags, regex groups, JSON fields, or the whole text.
     fn parser(&self) -> Result<Box<dyn Fn(&str) -> Result<Vec<String>, String> + Send + Sync>, Problem> {
         if let Some(pattern) = &self.regex {
-            let re = regex::Regex::new(pattern).map_err(|e| Problem::new("regex", format!("invalid regular expression: {e}")))?;
+            let re = regex::Regex::new(pattern)
+                .map_err(|e| Problem::new("regex", format!("invalid regular expression: {e}")))?;
             let names: Vec<String> = re.capture_names().flatten().map(str::to_string).collect();
             if names.is_empty() {
-                return Err(Problem::new("regex", "the regular expression has no named group").help("name the parts to keep: `(?P<answer>.+)`"));
+                return Err(Problem::new("regex", "the regular expression has no named group")
+                    .help("name the parts to keep: `(?P<answer>.+)`"));
             }
             return Ok(Box::new(move |text: &str| {
                 let caps = re.captures(text).ok_or("the reply does not match the expected pattern")?;
-                names.iter().map(|n| caps.name(n).map(|m| m.as_str().trim().to_string()).ok_or(format!("no `{n}` in the reply"))).collect()
+                names
+                    .iter()
+                    .map(|n| {
+                        caps.name(n).map(|m| m.as_str().trim().to_string()).ok_or(format!("no `{n}` in the reply"))
+                    })
+                    .collect()
             }));
         }
         if !self.json_fields.is_empty() {
             let fields = self.json_fields.clone();
             return Ok(Box::new(move |text: &str| {
-                let body = text.trim().trim_start_matches("```json").trim_start_matches("```").trim_end_matches("```").trim();
-                let value: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("the reply is not JSON: {e}"))?;
+                let body =
+                    text.trim().trim_start_matches("```json").trim_start_matches("```").trim_end_matches("```").trim();
+                let value: serde_json::Value =
+                    serde_json::from_str(body).map_err(|e| format!("the reply is not JSON: {e}"))?;
                 fields
                     .iter()
                     .map(|f| match value.get(f) {

@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod compose;
+pub mod export;
 pub mod generate;
 pub mod llm_rows;
 pub mod load;

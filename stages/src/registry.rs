@@ -3,6 +3,7 @@
 use kiln_pipeline::registry::{Kind, Registry};
 
 use crate::compose::Compose;
+use crate::export::Export;
 use crate::generate::Generate;
 use crate::load::Load;
 use crate::profile::Profile;
@@ -17,6 +18,7 @@ pub fn registry() -> Registry {
             "compose",
             "harder questions: chains of 2 to 5 questions on one table fused step by step by an LLM",
         ),
+        Kind::of::<Export>("export", "writes the input's rows to a file (JSON lines), atomically"),
         Kind::of::<Generate>(
             "generate",
             "one LLM request per input row (n samples), with the reply or its tags as new columns",
