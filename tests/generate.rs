@@ -39,6 +39,11 @@ prompt = "Rewrite as <rewritten>...</rewritten>: {{{{ question }}}} (answer {{{{
 # The test server replies with <question>, <description> and <type> tags.
 tags = ["description"]
 n = 2
+
+[stages.export]
+kind = "export"
+inputs = ["rewrite"]
+path = "exports/rewrite.jsonl"
 "#,
         server.base_url()
     );

@@ -73,6 +73,9 @@ fn default_parse_retries() -> u32 {
 /// and sample number.
 type Plan = (RecordBatch, Vec<RowRequest>, Vec<(u32, String, u32)>);
 
+/// Turns a reply into the values of the new columns, or says why it cannot.
+type Parser = Box<dyn Fn(&str) -> Result<Vec<String>, String> + Send + Sync>;
+
 /// Name under which the prompt template is registered.
 const PROMPT: &str = "prompt";
 
@@ -125,7 +128,7 @@ impl Generate {
     }
 
     /// The reply parser: tags, regex groups, JSON fields, or the whole text.
-    fn parser(&self) -> Result<Box<dyn Fn(&str) -> Result<Vec<String>, String> + Send + Sync>, Problem> {
+    fn parser(&self) -> Result<Parser, Problem> {
         if let Some(pattern) = &self.regex {
             let re = regex::Regex::new(pattern)
                 .map_err(|e| Problem::new("regex", format!("invalid regular expression: {e}")))?;
