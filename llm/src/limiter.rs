@@ -102,6 +102,20 @@ mod tests {
         assert_eq!(held.len(), 8);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn per_minute_budgets_pace_requests() {
+        let b = Budget::new(60);
+        let start = tokio::time::Instant::now();
+        for _ in 0..60 {
+            b.take(1.0).await;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_millis(10), "a full budget starts at once");
+        b.take(1.0).await;
+        b.take(1.0).await;
+        let waited = start.elapsed().as_secs_f64();
+        assert!((1.9..2.2).contains(&waited), "then one per second: {waited}");
+    }
+
     async fn futures_lite(l: &AdaptiveLimit, n: usize) -> Vec<Slot<'_>> {
         let mut v = Vec::new();
         for _ in 0..n {
