@@ -188,3 +188,17 @@ fn a_dry_run_estimates_requests_and_sends_nothing() {
     assert!(out.contains("total to send: 100 requests"), "{out}");
     assert_eq!(server.seen.total.load(Ordering::SeqCst), 500);
 }
+
+#[test]
+fn stages_sharing_a_model_share_its_concurrency_limit() {
+    let server = start_in_background(Faults { latency: Duration::from_millis(5), ..Faults::default() });
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir, &server, 2);
+    let mut text = std::fs::read_to_string(dir.join("p.toml")).unwrap();
+    text.push_str("\n[stages.more]\nkind = \"synthesize\"\ninputs = [\"files\"]\nmodel = \"fake\"\nper_table = 2\nmix = { causal_analysis = 1, impact_analysis = 1 }\n");
+    std::fs::write(dir.join("p.toml"), text).unwrap();
+    let out = util::kiln_ok(dir, &["run", "p.toml"]);
+    assert!(out.contains("queries: ran") && out.contains("more: ran"), "{out}");
+    assert!(server.seen.max_in_flight.load(Ordering::SeqCst) <= 2, "one limit for the model across both stages");
+}

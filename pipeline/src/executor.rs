@@ -13,7 +13,7 @@ use crate::cache::RowCache;
 use crate::error::{Error, Result};
 use crate::fingerprint::{FingerprintParts, file_states};
 use crate::plan::Plan;
-use crate::stage::{Estimate, Input, StageCx};
+use crate::stage::{Estimate, Input, Shared, StageCx};
 use crate::store::{Manifest, Store, now};
 
 /// Which stages `kiln run` may run.
@@ -186,6 +186,7 @@ pub async fn dry_run(plan: &Plan) -> Result<Vec<DryRun>> {
                     seed: plan.spec.settings.seed,
                     cache: cache.clone(),
                     budget: Arc::new(Budget::default()),
+                    shared: Arc::new(Shared::default()),
                 };
                 line.estimate = plan.stage(i).estimate(&cx, &inputs).await?;
                 let changing = ups.iter().any(|&u| {
@@ -210,6 +211,7 @@ pub async fn run(plan: Arc<Plan>, opts: &RunOptions) -> Result<RunReport> {
     store.clean_leftovers()?;
     let cache = Arc::new(RowCache::open(&plan.output_dir)?);
     let budget = Arc::new(Budget::new(plan.spec.settings.max_tokens, plan.spec.settings.max_cost_usd));
+    let shared = Arc::new(Shared::default());
     let only = opts.only.as_deref().map(|n| plan.stage_index(n)).transpose()?;
     let forced = match (&opts.from, opts.force) {
         (_, true) => (0..plan.graph.len()).collect(),
@@ -261,8 +263,10 @@ pub async fn run(plan: Arc<Plan>, opts: &RunOptions) -> Result<RunReport> {
                 Freshness::Fresh => vec!["forced".to_string()],
                 Freshness::Stale(why) => why,
             };
-            let (plan, store, cache, budget) = (plan.clone(), store.clone(), cache.clone(), budget.clone());
-            running.spawn(async move { (i, run_stage(&plan, i, &store, cache, budget, parts, reasons).await) });
+            let (plan, store, cache, budget, shared) =
+                (plan.clone(), store.clone(), cache.clone(), budget.clone(), shared.clone());
+            running
+                .spawn(async move { (i, run_stage(&plan, i, &store, (cache, budget, shared), parts, reasons).await) });
         }
         // Everything startable has started; wait for one stage to finish, or stop when idle.
         let Some(joined) = running.join_next().await else { break };
@@ -293,8 +297,7 @@ async fn run_stage(
     plan: &Plan,
     i: usize,
     store: &Store,
-    cache: Arc<RowCache>,
-    budget: Arc<Budget>,
+    (cache, budget, shared): (Arc<RowCache>, Arc<Budget>, Arc<Shared>),
     parts: FingerprintParts,
     reasons: Vec<String>,
 ) -> Result<Outcome> {
@@ -321,6 +324,7 @@ async fn run_stage(
         seed: plan.spec.settings.seed,
         cache,
         budget: Arc::new(Budget::stage(budget, spec.limits.max_tokens, spec.limits.max_cost_usd)),
+        shared,
     };
     let output = plan.stage(i).run(&cx, &inputs).await.map_err(|e| match e {
         e @ Error::Stage { .. } => e,

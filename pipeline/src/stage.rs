@@ -156,6 +156,31 @@ pub struct StageCx {
     pub cache: Arc<RowCache>,
     /// What the run may still spend on LLM requests.
     pub budget: Arc<Budget>,
+    /// Resources shared by every stage of the run (such as one client per model, so that a
+    /// model's concurrency limit holds across stages).
+    pub shared: Arc<Shared>,
+}
+
+/// Run-wide resources, created on first use and keyed by name.
+#[derive(Debug, Default)]
+pub struct Shared(std::sync::Mutex<std::collections::HashMap<String, Arc<dyn std::any::Any + Send + Sync>>>);
+
+impl Shared {
+    /// The resource under `key`, created with `make` the first time. Fails if `make` fails or
+    /// a resource of another type is stored under `key`.
+    pub fn get_or_try_insert<T: Send + Sync + 'static, E>(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> Result<T, E>,
+    ) -> Result<Arc<T>, E> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = map.get(key).and_then(|v| v.clone().downcast::<T>().ok()) {
+            return Ok(found);
+        }
+        let made = Arc::new(make()?);
+        map.insert(key.to_string(), made.clone());
+        Ok(made)
+    }
 }
 
 /// A row a stage refused, with why. It goes to the rejection ledger.

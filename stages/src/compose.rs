@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use async_trait::async_trait;
-use kiln_llm::{Client, Message};
+use kiln_llm::Message;
 use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch, to_json_rows};
 use kiln_pipeline::stage::{
     CheckCx, Estimate, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx,
@@ -32,7 +32,7 @@ use kiln_pipeline::stage::{
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::llm_rows::{RowRequest, complete_rows, estimate_rows, model_config, parse_tags};
+use crate::llm_rows::{RowRequest, client, complete_rows, estimate_rows, model_config, parse_tags};
 use crate::templates::Templates;
 
 /// Parameters of a `compose` stage.
@@ -263,8 +263,7 @@ impl Stage for Compose {
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
         let fail = |e: String| Error::stage(&cx.name, e);
         let templates = Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?;
-        let config = model_config(&cx.pipeline, &self.model).map_err(|p| fail(p.message))?;
-        let client = Client::new(&self.model, config).map_err(|e| fail(e.to_string()))?;
+        let client = client(cx, &self.model)?;
         let pool = read_sources(cx, &inputs[0])?;
         let (mut live, rejections) = self.start_chains(&pool, &cx.seed.to_string());
         let mut output = Output { rejections, ..Default::default() };
@@ -273,7 +272,7 @@ impl Stage for Compose {
             let requests = self.step_requests(&templates, &live, step).map_err(fail)?;
             let parse = |text: &str| parse_tags(text, &["question", "description"]);
             let (replies, rejections, step_counters) =
-                complete_rows(cx, &client, requests, self.max_parse_retries, parse).await?;
+                complete_rows(cx, client.as_ref(), requests, self.max_parse_retries, parse).await?;
             output.rejections.extend(rejections);
             for (k, v) in step_counters {
                 if k.starts_with("llm_") && !k.starts_with("llm_cache") {

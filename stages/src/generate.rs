@@ -19,13 +19,13 @@ use arrow::array::{ArrayRef, RecordBatch, StringArray, UInt32Array, UInt64Array}
 use arrow::compute::{concat_batches, take_record_batch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
-use kiln_llm::{Client, Message};
+use kiln_llm::Message;
 use kiln_pipeline::rows::{PARENT_IDS, ROW_ID, parents_array, row_id, to_json_rows};
 use kiln_pipeline::stage::{CheckCx, Estimate, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::llm_rows::{RowRequest, complete_rows, estimate_rows, model_config, parse_tags};
+use crate::llm_rows::{RowRequest, client, complete_rows, estimate_rows, model_config, parse_tags};
 use crate::templates::Templates;
 
 /// Parameters of a `generate` stage.
@@ -242,12 +242,11 @@ impl Stage for Generate {
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
         let fail = |e: String| Error::stage(&cx.name, e);
         let input = &inputs[0];
-        let config = model_config(&cx.pipeline, &self.model).map_err(|p| fail(p.message))?;
-        let client = Client::new(&self.model, config).map_err(|e| fail(e.to_string()))?;
+        let client = client(cx, &self.model)?;
         let (data, requests, sources) = self.plan(cx, input)?;
         let parse = self.parser().map_err(|p| fail(p.message))?;
         let (replies, rejections, counters) =
-            complete_rows(cx, &client, requests.clone(), self.max_parse_retries, parse).await?;
+            complete_rows(cx, client.as_ref(), requests.clone(), self.max_parse_retries, parse).await?;
 
         let (mut take, mut ids, mut parents, mut samples, mut tokens) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), (Vec::new(), Vec::new()));

@@ -21,13 +21,13 @@ use std::collections::BTreeMap;
 
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use async_trait::async_trait;
-use kiln_llm::{Client, Message};
+use kiln_llm::Message;
 use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch};
 use kiln_pipeline::stage::{CheckCx, Estimate, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::llm_rows::{RowRequest, complete_rows, estimate_rows, model_config, parse_tags};
+use crate::llm_rows::{RowRequest, client, complete_rows, estimate_rows, model_config, parse_tags};
 use crate::profile::{ProfiledTable, check_profile_input, read_profiles};
 use crate::taxonomy::{Category, Taxonomy};
 use crate::templates::Templates;
@@ -242,13 +242,11 @@ impl Stage for Synthesize {
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
-        let fail = |e: String| Error::stage(&cx.name, e);
-        let config = model_config(&cx.pipeline, &self.model).map_err(|p| fail(p.message))?;
-        let client = Client::new(&self.model, config).map_err(|e| fail(e.to_string()))?;
+        let client = client(cx, &self.model)?;
         let (requests, planned) = self.plan(cx, inputs)?;
         let parse = |text: &str| parse_tags(text, &["question", "description", "type"]);
         let (replies, rejections, counters) =
-            complete_rows(cx, &client, requests.clone(), self.max_parse_retries, parse).await?;
+            complete_rows(cx, client.as_ref(), requests.clone(), self.max_parse_retries, parse).await?;
         let mut rows = Vec::new();
         for ((request, (table, category)), reply) in requests.iter().zip(&planned).zip(replies) {
             let Some(reply) = reply else { continue };
