@@ -33,7 +33,7 @@ use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::llm_rows::{RowRequest, client, complete_rows, estimate_rows, model_config, parse_tags};
-use crate::templates::Templates;
+use crate::templates::{Templates, check_template};
 
 /// Parameters of a `compose` stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,7 +48,7 @@ pub struct Compose {
     #[serde(default = "default_template")]
     pub template: String,
     /// Extra requests when a reply does not parse. Default: 2.
-    #[serde(default = "default_parse_retries")]
+    #[serde(default = "crate::llm_rows::default_parse_retries")]
     pub max_parse_retries: u32,
 }
 
@@ -57,9 +57,6 @@ fn default_depth() -> u32 {
 }
 fn default_template() -> String {
     "compose.j2".into()
-}
-fn default_parse_retries() -> u32 {
-    2
 }
 
 /// Variables the template receives.
@@ -203,21 +200,7 @@ impl Stage for Compose {
         if !(2..=5).contains(&self.depth) {
             problems.push(Problem::new("depth", format!("`depth` must be between 2 and 5, got {}", self.depth)));
         }
-        match Templates::load(cx.templates.as_deref(), &[&self.template]) {
-            Err(e) => problems.push(Problem::new("template", e)),
-            Ok(t) => {
-                let missing = t.missing_variables(&self.template, VARIABLES);
-                if !missing.is_empty() {
-                    problems.push(
-                        Problem::new(
-                            "template",
-                            format!("template `{}` uses undefined variables: {}", self.template, missing.join(", ")),
-                        )
-                        .help(format!("a compose template may use {}", VARIABLES.join(", "))),
-                    );
-                }
-            }
-        }
+        problems.extend(check_template(cx, &self.template, VARIABLES, "compose"));
         problems
     }
 

@@ -58,15 +58,12 @@ pub struct Generate {
     #[serde(default)]
     pub json_fields: Vec<String>,
     /// Extra requests when a reply does not parse. Default: 2.
-    #[serde(default = "default_parse_retries")]
+    #[serde(default = "crate::llm_rows::default_parse_retries")]
     pub max_parse_retries: u32,
 }
 
 fn default_n() -> u32 {
     1
-}
-fn default_parse_retries() -> u32 {
-    2
 }
 
 /// The input rows as one batch, the requests, and per request its input row index, parent id

@@ -42,6 +42,11 @@ pub fn client(cx: &StageCx, name: &str) -> Result<std::sync::Arc<Client>> {
     cx.shared.get_or_try_insert(&key, || Client::new(name, config)).map_err(|e| Error::stage(&cx.name, e))
 }
 
+/// Default of every LLM stage's `max_parse_retries`.
+pub fn default_parse_retries() -> u32 {
+    2
+}
+
 /// One request, for one output row.
 #[derive(Debug, Clone)]
 pub struct RowRequest {

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::llm_rows::{RowRequest, client, complete_rows, estimate_rows, model_config, parse_tags};
 use crate::profile::{ProfiledTable, check_profile_input, read_profiles};
 use crate::taxonomy::{Category, Taxonomy};
-use crate::templates::Templates;
+use crate::templates::{Templates, check_template};
 
 /// Parameters of a `synthesize` stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,7 +49,7 @@ pub struct Synthesize {
     #[serde(default = "default_template")]
     pub template: String,
     /// Extra requests when a reply does not parse. Default: 2.
-    #[serde(default = "default_parse_retries")]
+    #[serde(default = "crate::llm_rows::default_parse_retries")]
     pub max_parse_retries: u32,
 }
 
@@ -58,9 +58,6 @@ fn default_per_table() -> usize {
 }
 fn default_template() -> String {
     "synthesize.j2".into()
-}
-fn default_parse_retries() -> u32 {
-    2
 }
 
 /// The requests, and for each the table and category it is about.
@@ -182,23 +179,7 @@ impl Stage for Synthesize {
         if self.per_table == 0 {
             problems.push(Problem::new("per_table", "`per_table` must be at least 1, got 0"));
         }
-        match Templates::load(cx.templates.as_deref(), &[&self.template]) {
-            Err(e) => {
-                problems.push(Problem::new("template", e).help("put the file in the pipeline's `templates` folder"))
-            }
-            Ok(t) => {
-                let missing = t.missing_variables(&self.template, VARIABLES);
-                if !missing.is_empty() {
-                    problems.push(
-                        Problem::new(
-                            "template",
-                            format!("template `{}` uses undefined variables: {}", self.template, missing.join(", ")),
-                        )
-                        .help(format!("a synthesize template may use {}", VARIABLES.join(", "))),
-                    );
-                }
-            }
-        }
+        problems.extend(check_template(cx, &self.template, VARIABLES, "synthesize"));
         match Taxonomy::load(cx.taxonomy.as_deref()) {
             Err(e) => problems.push(Problem::new("", format!("the taxonomy does not load: {e}"))),
             Ok(t) => {

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use kiln_pipeline::stage::FileDep;
+use kiln_pipeline::stage::{CheckCx, FileDep, Problem};
 use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
 
@@ -75,6 +75,21 @@ impl Templates {
     /// The template files, for stage fingerprints.
     pub fn files(&self) -> Vec<FileDep> {
         self.files.clone()
+    }
+}
+
+/// The problem with a stage's `template` parameter, if any: not found, not valid, or using
+/// variables a `kind` stage does not provide.
+pub fn check_template(cx: &CheckCx, name: &str, provided: &[&str], kind: &str) -> Option<Problem> {
+    match Templates::load(cx.templates.as_deref(), &[name]) {
+        Err(e) => Some(Problem::new("template", e).help("put the file in the pipeline's `templates` folder")),
+        Ok(t) => {
+            let missing = t.missing_variables(name, provided);
+            (!missing.is_empty()).then(|| {
+                Problem::new("template", format!("template `{name}` uses undefined variables: {}", missing.join(", ")))
+                    .help(format!("a {kind} template may use {}", provided.join(", ")))
+            })
+        }
     }
 }
 
