@@ -15,7 +15,7 @@ fn chains_fuse_questions_of_distinct_categories_on_one_table() {
     let server = start_in_background(Faults {
         rate: 0.1,
         seed: 5,
-        slow: std::time::Duration::from_millis(1200),
+        slow: std::time::Duration::from_millis(3000),
         ..Faults::default()
     });
     let tmp = tempfile::tempdir().unwrap();
@@ -30,7 +30,7 @@ output_dir = "out"
 [models.fake]
 base_url = "{}"
 model = "m"
-timeout_s = 0.5
+timeout_s = 2
 max_retries = 10
 backoff_s = 0.01
 

@@ -29,7 +29,7 @@ output_dir = "out"
 base_url = "{}"
 model = "test-model"
 max_concurrency = {concurrency}
-timeout_s = 0.5
+timeout_s = 2
 max_retries = 10
 backoff_s = 0.01
 
@@ -55,7 +55,7 @@ fn answered_twice(server: &FaultServer) -> usize {
 #[test]
 fn every_row_is_done_or_rejected_despite_faults_and_nothing_is_paid_twice() {
     let server =
-        start_in_background(Faults { rate: 0.2, slow: Duration::from_millis(1500), seed: 11, ..Faults::default() });
+        start_in_background(Faults { rate: 0.2, slow: Duration::from_millis(3000), seed: 11, ..Faults::default() });
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     setup(dir, &server, 16);

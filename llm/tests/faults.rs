@@ -13,14 +13,14 @@ use kiln_llm::{Client, Message, ModelConfig};
 
 fn config(base_url: String) -> ModelConfig {
     toml::from_str(&format!(
-        "base_url = \"{base_url}\"\nmodel = \"m\"\nmax_concurrency = 8\ntimeout_s = 0.5\nmax_retries = 10\nbackoff_s = 0.01\n"
+        "base_url = \"{base_url}\"\nmodel = \"m\"\nmax_concurrency = 8\ntimeout_s = 1.5\nmax_retries = 10\nbackoff_s = 0.01\n"
     ))
     .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_finishes_despite_twenty_percent_faults() {
-    let server = FaultServer::start(Faults { rate: 0.2, slow: Duration::from_secs(2), ..Faults::default() }).await;
+    let server = FaultServer::start(Faults { rate: 0.2, slow: Duration::from_secs(3), ..Faults::default() }).await;
     let client = Arc::new(Client::new("m", config(server.base_url())).unwrap());
     let mut tasks = Vec::new();
     for i in 0..500 {
