@@ -201,4 +201,8 @@ fn stages_sharing_a_model_share_its_concurrency_limit() {
     let out = util::kiln_ok(dir, &["run", "p.toml"]);
     assert!(out.contains("queries: ran") && out.contains("more: ran"), "{out}");
     assert!(server.seen.max_in_flight.load(Ordering::SeqCst) <= 2, "one limit for the model across both stages");
+    // Where both stages ask the same question of the same table, it is sent once.
+    assert_eq!(answered_twice(&server), 0);
+    let more = util::manifest(&dir.join("out/more")).counters["requested"] as usize;
+    assert!(server.seen.total.load(Ordering::SeqCst) < 500 + more, "shared requests were paid once");
 }

@@ -47,6 +47,17 @@ pub fn default_parse_retries() -> u32 {
     2
 }
 
+/// One lock per request key, so that a request is never sent twice at the same time.
+#[derive(Debug, Default)]
+struct InFlight(std::sync::Mutex<std::collections::HashMap<CacheKey, std::sync::Arc<tokio::sync::Mutex<()>>>>);
+
+impl InFlight {
+    async fn lock(&self, key: CacheKey) -> tokio::sync::OwnedMutexGuard<()> {
+        let entry = self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().clone();
+        entry.lock_owned().await
+    }
+}
+
 /// One request, for one output row.
 #[derive(Debug, Clone)]
 pub struct RowRequest {
@@ -150,6 +161,13 @@ async fn complete_one<T>(
         } else {
             CacheKey::new("llm/chat", &(&body, request.sample))?
         };
+        // Identical requests in flight at once (two stages, two rows) are sent once: the others
+        // wait for it and find the reply in the cache.
+        let in_flight = cx
+            .shared
+            .get_or_try_insert("llm-in-flight", || Ok::<_, ()>(InFlight::default()))
+            .map_err(|_| Error::Internal("in-flight table".into()))?;
+        let _turn = in_flight.lock(key).await;
         let completed = cx
             .cache
             .get_or_compute(&key, "llm/chat", || async {
