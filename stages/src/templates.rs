@@ -13,7 +13,9 @@ use serde::Serialize;
 /// Built-in templates, as `(file name, contents)`.
 const BUILTIN: &[(&str, &str)] = &[
     ("compose.j2", include_str!("../../templates/compose.j2")),
+    ("judge_consistency.j2", include_str!("../../templates/judge_consistency.j2")),
     ("synthesize.j2", include_str!("../../templates/synthesize.j2")),
+    ("trajectory_system.j2", include_str!("../../templates/trajectory_system.j2")),
 ];
 
 /// Loaded templates, ready to render.
@@ -96,6 +98,20 @@ pub fn check_template(cx: &CheckCx, name: &str, provided: &[&str], kind: &str) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_builtin_template_parses_and_covers_the_repository_folder() {
+        let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
+        let t = Templates::load(None, &names).unwrap();
+        assert_eq!(t.files().len(), names.len());
+        let on_disk = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../templates")).unwrap().count();
+        assert_eq!(on_disk, BUILTIN.len(), "every file of templates/ is compiled in");
+        let judge =
+            t.render("judge_consistency.j2", serde_json::json!({"question": "q", "answers": ["1", "1.01"]})).unwrap();
+        assert!(judge.contains("[2] 1.01"));
+        let vars = serde_json::json!({"sql": false, "data_dir": "/data", "files": ["a.csv"], "max_turns": 10, "procedure": ["Load.", "Count."], "category": "Counting"});
+        assert!(t.render("trajectory_system.j2", vars).unwrap().contains("2. Count."));
+    }
 
     #[test]
     fn overrides_win_and_missing_variables_are_found() {
