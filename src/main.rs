@@ -76,6 +76,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = RowFormat::Table)]
         format: RowFormat,
     },
+    /// List the stage kinds and their parameters.
+    Kinds,
     /// Run a SQL query over every stage dataset and the `_rejections` ledger.
     Sql {
         /// The pipeline file.
@@ -140,6 +142,12 @@ async fn load(pipeline: &Path) -> anyhow::Result<Plan> {
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     match command {
+        Command::Kinds => {
+            for kind in kiln_stages::registry().kinds() {
+                writeln!(out, "{}: {}\n  parameters: {}", kind.name, kind.summary, kind.fields().join(", "))?;
+            }
+            writeln!(out, "every stage also takes: kind, inputs, max_tokens, max_cost_usd")?;
+        }
         Command::Check { pipeline } => {
             let plan = load(&pipeline).await?;
             writeln!(out, "{}: ok, {} stages", pipeline.display(), plan.graph.len())?;

@@ -41,3 +41,15 @@ fn the_recipes_check_clean() {
     let out = util::kiln_ok(&util::root(), &["check", "recipes/throughput.toml"]);
     assert_eq!(out, "recipes/throughput.toml: ok, 3 stages\n");
 }
+
+#[test]
+fn every_kind_is_listed_with_its_parameters() {
+    let out = util::kiln_ok(&util::root(), &["kinds"]);
+    for kind in ["compose", "export", "generate", "load", "profile", "programmatic", "sql", "synthesize"] {
+        assert!(
+            out.contains(&format!("\n{kind}: ")) || out.starts_with(&format!("{kind}: ")),
+            "{kind} missing:\n{out}"
+        );
+    }
+    assert!(out.contains("parameters: paths, min_rows, max_rows"), "{out}");
+}
