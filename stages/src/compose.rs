@@ -258,11 +258,7 @@ impl Stage for Compose {
                 complete_rows(cx, client.as_ref(), requests, self.max_parse_retries, parse).await?;
             output.rejections.extend(rejections);
             for (k, v) in step_counters {
-                if k.starts_with("llm_") && !k.starts_with("llm_cache") {
-                    counters.insert(k, v); // client totals: the latest snapshot is cumulative
-                } else {
-                    *counters.entry(k).or_default() += v;
-                }
+                *counters.entry(k).or_default() += v;
             }
             live = live
                 .into_iter()

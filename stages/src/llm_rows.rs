@@ -99,6 +99,7 @@ where
     T: Send,
     P: Fn(&str) -> Result<T, String> + Sync,
 {
+    let before = client.stats().snapshot();
     let bar = progress::bar(&cx.name, requests.len() as u64);
     let parallel = client.config().max_concurrency * 2;
     let results: Vec<RowOutcome<T>> = stream::iter(0..requests.len())
@@ -137,7 +138,11 @@ where
         counters.get("completion_tokens").copied().unwrap_or(0),
     );
     counters.insert("cost_micro_usd".into(), (cost * 1e6).round() as u64);
-    counters.extend(client.stats().snapshot().into_iter().map(|(k, v)| (k.to_string(), v)));
+    // The client is shared by the run's stages: record what it did during this call. (Stages
+    // using one model at the same moment may see each other's attempts here.)
+    for ((name, after), (_, earlier)) in client.stats().snapshot().into_iter().zip(before) {
+        counters.insert(name.to_string(), after - earlier);
+    }
     Ok((replies, rejections, counters))
 }
 
