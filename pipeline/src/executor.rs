@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::fingerprint::{FingerprintParts, file_states};
 use crate::plan::Plan;
 use crate::stage::{Estimate, Input, Shared, StageCx};
-use crate::store::{Manifest, Store, now};
+use crate::store::{LEDGER, MANIFEST, Manifest, Store, now};
 
 /// Which stages `kiln run` may run.
 #[derive(Debug, Clone, Default)]
@@ -95,19 +95,19 @@ fn parts_of(plan: &Plan, i: usize, input_hashes: &BTreeMap<String, String>) -> F
     }
 }
 
-/// Why stage `i` would run now (or that it would not), given its inputs' hashes.
-fn freshness(plan: &Plan, store: &Store, i: usize, parts: &FingerprintParts) -> Result<Freshness> {
-    let Some(manifest) = store.manifest(&plan.spec.stages[i].name)? else {
-        return Ok(Freshness::Stale(vec!["no output yet".into()]));
+/// Why a stage whose dataset has `manifest` would run now with `parts` (or that it would not).
+fn freshness(manifest: Option<&Manifest>, parts: &FingerprintParts) -> Freshness {
+    let Some(manifest) = manifest else {
+        return Freshness::Stale(vec!["no output yet".into()]);
     };
     if manifest.fingerprint == parts.fingerprint() {
-        return Ok(Freshness::Fresh);
+        return Freshness::Fresh;
     }
     let mut why = parts.changes_from(&manifest.parts);
     if why.is_empty() {
         why.push("fingerprint changed".into());
     }
-    Ok(Freshness::Stale(why))
+    Freshness::Stale(why)
 }
 
 /// One line per stage, in topological order: fresh, or stale with the reasons.
@@ -118,6 +118,7 @@ pub fn status(plan: &Plan) -> Result<Vec<(String, Freshness)>> {
     let mut out = Vec::new();
     for &i in &plan.order {
         let name = plan.spec.stages[i].name.clone();
+        let manifest = store.manifest(&name)?;
         let stale_ups: Vec<String> = plan
             .graph
             .inputs(i)
@@ -128,11 +129,11 @@ pub fn status(plan: &Plan) -> Result<Vec<(String, Freshness)>> {
         let state = if stale_ups.is_empty() {
             let inputs =
                 plan.graph.inputs(i).iter().map(|&u| (plan.spec.stages[u].name.clone(), hashes[&u].clone())).collect();
-            freshness(plan, &store, i, &parts_of(plan, i, &inputs))?
+            freshness(manifest.as_ref(), &parts_of(plan, i, &inputs))
         } else {
             Freshness::Stale(stale_ups)
         };
-        if let Some(m) = store.manifest(&name)? {
+        if let Some(m) = manifest {
             hashes.insert(i, m.content_hash);
         }
         states.insert(i, state.clone());
@@ -254,9 +255,10 @@ pub async fn run(plan: Arc<Plan>, opts: &RunOptions) -> Result<RunReport> {
                 .map(|&u| (plan.spec.stages[u].name.clone(), hashes[u].clone().unwrap_or_default()))
                 .collect();
             let parts = parts_of(&plan, i, &inputs);
-            let reasons = match freshness(&plan, &store, i, &parts)? {
+            let manifest = store.manifest(name)?;
+            let reasons = match freshness(manifest.as_ref(), &parts) {
                 Freshness::Fresh if !forced.contains(&i) && only.is_none() => {
-                    hashes[i] = store.manifest(name)?.map(|m| m.content_hash);
+                    hashes[i] = manifest.map(|m| m.content_hash);
                     outcomes[i] = Some(Outcome::Fresh);
                     continue;
                 }
@@ -284,7 +286,11 @@ pub async fn run(plan: Arc<Plan>, opts: &RunOptions) -> Result<RunReport> {
             }
         }
     }
-    store.write_ledger(&plan.stage_names())?;
+    // The ledger only changes when a stage ran (or it was never written).
+    let ran = outcomes.iter().any(|o| matches!(o, Some(Outcome::Ran { .. })));
+    if ran || !store.stage_dir(LEDGER).join(MANIFEST).exists() {
+        store.write_ledger(&plan.stage_names())?;
+    }
     let stages = plan
         .order
         .iter()
