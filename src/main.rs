@@ -209,7 +209,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 );
             }
             let batches = store::read_dataset(&dir)?;
-            let batches = take_rows(&batches, limit);
+            let batches = kiln_pipeline::rows::head(&batches, limit);
             print_rows(&mut out, &batches, format)?;
         }
         Command::Sql { pipeline, query, format } => {
@@ -260,20 +260,6 @@ fn print_dry_run(out: &mut impl Write, lines: &[executor::DryRun]) -> anyhow::Re
     }
     writeln!(out, "total to send: {requests} requests, ~{tokens} tokens, ~${cost:.4} (nothing was sent)")?;
     Ok(())
-}
-
-fn take_rows(batches: &[arrow::record_batch::RecordBatch], limit: usize) -> Vec<arrow::record_batch::RecordBatch> {
-    let mut left = limit;
-    let mut out = Vec::new();
-    for b in batches {
-        if left == 0 {
-            break;
-        }
-        let n = left.min(b.num_rows());
-        out.push(b.slice(0, n));
-        left -= n;
-    }
-    out
 }
 
 /// Longest cell shown in table format; JSON format prints everything.

@@ -74,7 +74,7 @@ impl Registry {
 }
 
 /// Reads the field names a derived `Deserialize` struct declares, without any input.
-fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {
+pub(crate) fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {
     struct Probe(Option<&'static [&'static str]>);
     #[derive(Debug)]
     struct Stop;

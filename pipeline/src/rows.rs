@@ -88,6 +88,21 @@ pub fn with_content_lineage(schema: &SchemaRef, batch: &RecordBatch) -> Result<R
     RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::Internal(format!("lineage columns: {e}")))
 }
 
+/// The first `n` rows of `batches`, as slices (no copy).
+pub fn head(batches: &[RecordBatch], n: usize) -> Vec<RecordBatch> {
+    let mut left = n;
+    let mut out = Vec::new();
+    for b in batches {
+        if left == 0 {
+            break;
+        }
+        let take = left.min(b.num_rows());
+        out.push(b.slice(0, take));
+        left -= take;
+    }
+    out
+}
+
 /// Converts serializable rows (field names matching `schema`) into one record batch.
 pub fn to_batch<T: Serialize>(schema: &SchemaRef, rows: &[T]) -> Result<RecordBatch> {
     let convert = || -> std::result::Result<RecordBatch, arrow::error::ArrowError> {

@@ -163,7 +163,7 @@ pub fn parse(file: &Path, text: &str, registry: &Registry) -> (Option<Spec>, Vec
     let settings = match PipelineSettings::deserialize(ValueDeserializer::from(pipeline.clone())) {
         Ok(s) => s,
         Err(e) => {
-            diags.push(toml_error(&map, &e, Some(pipeline_fields())));
+            diags.push(toml_error(&map, &e, Some(crate::registry::struct_fields::<PipelineSettings>())));
             return (None, diags);
         }
     };
@@ -352,10 +352,6 @@ fn kind_list(registry: &Registry) -> String {
 
 fn backticked(names: &[&str]) -> String {
     names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
-}
-
-fn pipeline_fields() -> &'static [&'static str] {
-    &["name", "output_dir", "seed", "description", "templates", "taxonomy", "max_tokens", "max_cost_usd"]
 }
 
 /// Diagnostics for TOML syntax errors. A table declared twice gives one "duplicate stage" (or

@@ -7,6 +7,7 @@ pub mod export;
 pub mod generate;
 pub mod llm_rows;
 pub mod load;
+pub mod paths;
 pub mod profile;
 pub mod programmatic;
 pub mod registry;

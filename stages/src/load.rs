@@ -20,6 +20,8 @@ use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Problem
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::paths::expand;
+
 /// Parameters of a `load` stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,14 +36,9 @@ impl Load {
     fn resolve(&self, cx: &CheckCx) -> Result<(Vec<PathBuf>, String), Problem> {
         let mut files = Vec::new();
         for (i, pattern) in self.paths.iter().enumerate() {
-            let full = cx.resolve(pattern).display().to_string();
-            let found: Vec<PathBuf> = glob::glob(&full)
-                .map_err(|e| {
-                    Problem::new(&format!("paths.{i}"), format!("`{pattern}` is not a valid glob pattern: {e}"))
-                })?
-                .filter_map(|p| p.ok())
-                .filter(|p| p.is_file())
-                .collect();
+            let found = expand(cx, pattern).map_err(|e| {
+                Problem::new(&format!("paths.{i}"), format!("`{pattern}` is not a valid glob pattern: {e}"))
+            })?;
             if found.is_empty() {
                 return Err(Problem::new(&format!("paths.{i}"), format!("`{pattern}` matches no file"))
                     .help("paths are relative to the pipeline file's folder"));

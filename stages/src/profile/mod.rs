@@ -34,6 +34,8 @@ use kiln_pipeline::{Error, Result, progress};
 use serde::{Deserialize, Serialize};
 
 use readers::{FileRead, Format, Table, TableRead};
+
+use crate::paths::expand;
 use stats::{ColumnProfile, ColumnStats};
 
 /// Parameters of a `profile` stage.
@@ -407,14 +409,8 @@ pub(crate) fn read_profiles(input: &Input) -> Result<Vec<ProfiledTable>> {
 /// The first `n` rows as a JSON array of objects, keys in column order.
 fn head_json(t: &Table, n: usize) -> std::result::Result<String, arrow::error::ArrowError> {
     let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
-    let mut left = n;
-    for b in &t.rows {
-        if left == 0 {
-            break;
-        }
-        let take = left.min(b.num_rows());
-        writer.write(&b.slice(0, take))?;
-        left -= take;
+    for b in kiln_pipeline::rows::head(&t.rows, n) {
+        writer.write(&b)?;
     }
     writer.finish()?;
     let text = String::from_utf8_lossy(&writer.into_inner()).into_owned();
@@ -439,16 +435,6 @@ fn sidecar_description(path: &Path) -> Option<String> {
 
 fn shown_dir(dir: &Path) -> String {
     if dir.as_os_str().is_empty() { ".".into() } else { dir.display().to_string() }
-}
-
-/// Expands one pattern against the pipeline folder, sorted.
-fn expand(cx: &CheckCx, pattern: &str) -> std::result::Result<Vec<PathBuf>, String> {
-    let full = cx.resolve(pattern);
-    let full = full.to_str().ok_or("the pattern is not valid UTF-8")?;
-    let mut paths: Vec<PathBuf> =
-        glob::glob(full).map_err(|e| e.to_string())?.filter_map(|p| p.ok()).filter(|p| p.is_file()).collect();
-    paths.sort();
-    Ok(paths)
 }
 
 #[async_trait]
