@@ -242,8 +242,8 @@ impl Profile {
                     let keep = |rows: u64| this.keeps(rows);
                     match format {
                         Format::Json => readers::read_json_array(&path, this.sample_rows),
-                        Format::Xlsx => readers::read_xlsx(&path, this.sample_rows, &keep),
-                        _ => readers::read_sqlite(&path, this.sample_rows, &keep),
+                        Format::Xlsx => readers::read_xlsx(&path, None, this.sample_rows, &keep),
+                        _ => readers::read_sqlite(&path, None, this.sample_rows, &keep),
                     }
                 })
                 .await

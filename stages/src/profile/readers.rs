@@ -158,12 +158,13 @@ pub async fn read_table(path: &Path, name: &str) -> Result<Table, String> {
         }
         Format::Json => read_json_array(path, usize::MAX),
         Format::Xlsx | Format::Sqlite => {
-            let path = path.to_path_buf();
+            let (path, name) = (path.to_path_buf(), name.to_string());
             tokio::task::spawn_blocking(move || {
+                // Only the table asked for is read, not the whole workbook or database.
                 if format == Format::Xlsx {
-                    read_xlsx(&path, usize::MAX, &all)
+                    read_xlsx(&path, Some(&name), usize::MAX, &all)
                 } else {
-                    read_sqlite(&path, usize::MAX, &all)
+                    read_sqlite(&path, Some(&name), usize::MAX, &all)
                 }
             })
             .await
@@ -212,12 +213,16 @@ pub fn read_json_array(path: &Path, sample_rows: usize) -> Result<FileRead, Stri
     Ok(FileRead { tables: vec![Ok(table)], ddl: None })
 }
 
-/// Reads every sheet of a workbook; the first row of a sheet is its header.
-pub fn read_xlsx(path: &Path, sample_rows: usize, keep: Keep<'_>) -> Result<FileRead, String> {
+/// Reads every sheet of a workbook (or only the sheet `only`); the first row of a sheet is its
+/// header.
+pub fn read_xlsx(path: &Path, only: Option<&str>, sample_rows: usize, keep: Keep<'_>) -> Result<FileRead, String> {
     use calamine::{Data, Reader, open_workbook_auto};
     let mut book = open_workbook_auto(path).map_err(|e| e.to_string())?;
     let mut tables = Vec::new();
     for sheet in book.sheet_names() {
+        if only.is_some_and(|o| o != sheet) {
+            continue;
+        }
         let range = match book.worksheet_range(&sheet) {
             Ok(r) => r,
             Err(e) => {
@@ -267,8 +272,9 @@ fn show_datetime(d: chrono::NaiveDateTime) -> String {
     if d.time() == chrono::NaiveTime::MIN { d.date().to_string() } else { d.to_string() }
 }
 
-/// Reads every table of a SQLite database, read-only.
-pub fn read_sqlite(path: &Path, sample_rows: usize, keep: Keep<'_>) -> Result<FileRead, String> {
+/// Reads every table of a SQLite database (or only the table `only`), read-only. The DDL
+/// always covers the whole database.
+pub fn read_sqlite(path: &Path, only: Option<&str>, sample_rows: usize, keep: Keep<'_>) -> Result<FileRead, String> {
     use rusqlite::types::ValueRef;
     use rusqlite::{Connection, OpenFlags};
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
@@ -284,7 +290,7 @@ pub fn read_sqlite(path: &Path, sample_rows: usize, keep: Keep<'_>) -> Result<Fi
     let ddl = listed.iter().filter_map(|(_, sql)| sql.clone()).map(|s| format!("{s};")).collect::<Vec<_>>().join("\n");
 
     let mut tables = Vec::new();
-    for (name, _) in listed {
+    for (name, _) in listed.into_iter().filter(|(n, _)| only.is_none_or(|o| o == n)) {
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
         let read = || -> rusqlite::Result<Table> {
             let row_count: i64 = conn.query_row(&format!("SELECT count(*) FROM {quoted}"), [], |r| r.get(0))?;
