@@ -131,8 +131,7 @@ impl Store {
         for (i, chunk) in chunks.iter().enumerate() {
             let name = format!("part-{i:05}.parquet");
             let path = tmp.join(&name);
-            write_parquet(&path, schema, chunk)?;
-            hasher.update(&std::fs::read(&path).map_err(|e| Error::io(&path, e))?);
+            hasher.update(&write_parquet(&path, schema, chunk)?);
             files.push(name);
         }
         write_parquet(&tmp.join(REJECTIONS), &rejection_schema(), &[rejection_batch(&stage, rejections)?])?;
@@ -236,14 +235,16 @@ pub fn parquet_schema(path: &Path) -> Result<SchemaRef> {
     ParquetRecordBatchReaderBuilder::try_new(file).map(|b| b.schema().clone()).map_err(|e| Error::dataset(path, e))
 }
 
-fn write_parquet(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<()> {
-    let file = File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut writer = ArrowWriter::try_new(file, schema.clone(), None).map_err(|e| Error::dataset(path, e))?;
+/// Writes `batches` as one Parquet file at `path` and returns its bytes (for hashing without
+/// reading the file back). A part holds at most `ROWS_PER_PART` rows, so it fits in memory.
+fn write_parquet(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
+    let mut writer = ArrowWriter::try_new(Vec::new(), schema.clone(), None).map_err(|e| Error::dataset(path, e))?;
     for b in batches {
         writer.write(b).map_err(|e| Error::dataset(path, e))?;
     }
-    writer.close().map_err(|e| Error::dataset(path, e))?;
-    Ok(())
+    let bytes = writer.into_inner().map_err(|e| Error::dataset(path, e))?;
+    std::fs::write(path, &bytes).map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
 }
 
 /// Splits batches into chunks of at most `n` rows each; no rows gives one empty chunk, so that
