@@ -4,7 +4,6 @@
 mod util;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 fn pipeline(corpus: &Path) -> String {
     let patterns: Vec<String> =
@@ -27,25 +26,8 @@ fn cached(out: &Path) -> u64 {
 /// Starts `kiln run` and SIGKILLs it once the cache holds `k` entries. Returns whether the
 /// process was killed (rather than finishing first) and the entries at that moment.
 fn run_and_kill_at(dir: &Path, k: u64) -> (bool, u64) {
-    let mut child = util::kiln(dir)
-        .args(["run", "p.toml"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return (false, cached(&dir.join("out")));
-        }
-        if cached(&dir.join("out")) >= k {
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
-            return (true, cached(&dir.join("out")));
-        }
-        assert!(Instant::now() < deadline, "kiln run did not progress");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let killed = util::run_and_kill_when(dir, || cached(&dir.join("out")) >= k);
+    (killed, cached(&dir.join("out")))
 }
 
 #[test]

@@ -9,7 +9,7 @@ mod fault_server;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fault_server::{FaultServer, Faults, start_in_background};
 
@@ -98,19 +98,7 @@ fn a_killed_synthesis_resumes_without_resending_finished_requests() {
     setup(dir, &server, 4);
     let answered = || server.seen.answered.lock().unwrap().values().sum::<usize>();
     for kill_at in [60, 250] {
-        let mut child = util::kiln(dir)
-            .args(["run", "p.toml"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while answered() < kill_at && child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "no progress");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        util::run_and_kill_when(dir, || answered() >= kill_at);
     }
     util::kiln_ok(dir, &["run", "p.toml"]);
     assert_eq!(util::rows(&dir.join("out/queries")).len(), 500);

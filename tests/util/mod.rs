@@ -75,3 +75,24 @@ pub fn copy_sample_data(dir: &Path) {
 pub fn rows_if_finished(dir: &Path) -> Option<Vec<serde_json::Map<String, serde_json::Value>>> {
     read_manifest(dir).ok().flatten().map(|_| rows(dir))
 }
+
+/// Starts `kiln run p.toml` in `dir` and SIGKILLs it as soon as `ready()` holds (polled every
+/// 2 ms). Returns true when it was killed, false when it finished first.
+pub fn run_and_kill_when(dir: &Path, ready: impl Fn() -> bool) -> bool {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut child = kiln(dir).args(["run", "p.toml"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if ready() {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            return true;
+        }
+        assert!(Instant::now() < deadline, "kiln run did not progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
