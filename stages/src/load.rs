@@ -79,6 +79,20 @@ impl Load {
     }
 }
 
+/// The lineage columns followed by the files' columns, which must not use the lineage names.
+fn output_schema(data: &Schema) -> Result<SchemaRef, Problem> {
+    if let Some(reserved) = data.fields().iter().find(|f| f.name() == ROW_ID || f.name() == PARENT_IDS) {
+        return Err(Problem::new(
+            "paths",
+            format!("the files have a column `{}`, which kiln reserves for lineage", reserved.name()),
+        )
+        .help("rename that column in the files"));
+    }
+    let fields: Vec<Field> =
+        lineage_fields().into_iter().chain(data.fields().iter().map(|f| f.as_ref().clone())).collect();
+    Ok(Arc::new(Schema::new(fields)))
+}
+
 #[async_trait]
 impl Stage for Load {
     fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
@@ -92,25 +106,12 @@ impl Stage for Load {
             ]);
         }
         let df = self.frame(cx).await.map_err(|p| vec![p])?;
-        let data = df.schema().as_arrow();
-        if let Some(reserved) = data.fields().iter().find(|f| f.name() == ROW_ID || f.name() == PARENT_IDS) {
-            return Err(vec![
-                Problem::new(
-                    "paths",
-                    format!("the files have a column `{}`, which kiln reserves for lineage", reserved.name()),
-                )
-                .help("rename that column in the files"),
-            ]);
-        }
-        let fields: Vec<Field> =
-            lineage_fields().into_iter().chain(data.fields().iter().map(|f| f.as_ref().clone())).collect();
-        Ok(Arc::new(Schema::new(fields)))
+        output_schema(df.schema().as_arrow()).map_err(|p| vec![p])
     }
 
     async fn run(&self, cx: &StageCx, _inputs: &[Input]) -> Result<Output> {
         let df = self.frame(&cx.pipeline).await.map_err(|p| Error::stage(&cx.name, p.message))?;
-        let schema =
-            self.output_schema(&cx.pipeline, &[]).await.map_err(|p| Error::stage(&cx.name, p[0].message.clone()))?;
+        let schema = output_schema(df.schema().as_arrow()).map_err(|p| Error::stage(&cx.name, p.message))?;
         let batches = df.collect().await.map_err(|e| Error::stage(&cx.name, e.strip_backtrace()))?;
         let batches = batches.iter().map(|b| with_content_lineage(&schema, b)).collect::<Result<Vec<_>>>()?;
         Ok(Output { batches, ..Default::default() })
