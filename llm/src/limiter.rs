@@ -98,8 +98,15 @@ mod tests {
         assert_eq!(l.limit(), 3);
         (0..100).for_each(|_| l.success());
         assert_eq!(l.limit(), 8);
-        let held: Vec<_> = futures_lite(&l, 8).await;
+        let held: Vec<_> = acquire_all(&l, 8).await;
         assert_eq!(held.len(), 8);
+        let ninth = tokio::time::timeout(std::time::Duration::from_millis(20), l.acquire()).await;
+        assert!(ninth.is_err(), "a ninth request waits while eight are in flight");
+        drop(held);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), l.acquire()).await.is_ok(),
+            "freed slots are reused"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -116,7 +123,7 @@ mod tests {
         assert!((1.9..2.2).contains(&waited), "then one per second: {waited}");
     }
 
-    async fn futures_lite(l: &AdaptiveLimit, n: usize) -> Vec<Slot<'_>> {
+    async fn acquire_all(l: &AdaptiveLimit, n: usize) -> Vec<Slot<'_>> {
         let mut v = Vec::new();
         for _ in 0..n {
             v.push(l.acquire().await);
