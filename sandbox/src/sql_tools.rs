@@ -96,15 +96,14 @@ impl SqlTools {
         let deadline = Instant::now() + timeout;
         conn.progress_handler(1_000, Some(move || Instant::now() > deadline));
         let refusal = |e: rusqlite::Error| {
-            if let Some(what) = refused.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                return format!("only read-only SELECT statements are allowed ({what} is not)");
-            }
-            match e {
-                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::OperationInterrupted => {
+            let refused = refused.lock().unwrap_or_else(|e| e.into_inner()).take();
+            match (e, refused) {
+                (rusqlite::Error::MultipleStatement, _) => "execute_sql runs exactly one statement".to_string(),
+                (_, Some(what)) => format!("only read-only SELECT statements are allowed ({what} is not)"),
+                (rusqlite::Error::SqliteFailure(f, _), None) if f.code == rusqlite::ErrorCode::OperationInterrupted => {
                     format!("the query ran longer than {:.0} s and was stopped", timeout.as_secs_f64())
                 }
-                rusqlite::Error::MultipleStatement => "execute_sql runs exactly one statement".to_string(),
-                other => other.to_string(),
+                (other, None) => other.to_string(),
             }
         };
         let mut stmt = conn.prepare(sql).map_err(refusal)?;
@@ -134,7 +133,7 @@ impl SqlTools {
                 record.push(match row.get_ref(i).map_err(|e| e.to_string())? {
                     ValueRef::Null => String::new(),
                     ValueRef::Integer(v) => v.to_string(),
-                    ValueRef::Real(v) => v.to_string(),
+                    ValueRef::Real(v) => format!("{v:?}"),
                     ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
                     ValueRef::Blob(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
                 });
