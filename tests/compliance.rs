@@ -1,6 +1,8 @@
 //! One compliance test for every stage kind: a pipeline using them all, run twice from scratch
 //! (fresh output folders and row caches) against the same deterministic local server, gives
 //! byte-identical datasets with the same row ids, and every rejection has a reason and detail.
+//! (Trajectories also record the wall-clock time of each turn; everything else in them must be
+//! identical.)
 
 mod util;
 
@@ -69,6 +71,11 @@ model = "fake"
 prompt = "{{{{ question }}}}"
 tags = ["description"]
 
+[stages.agent]
+kind = "trajectories"
+inputs = ["easy"]
+scripted = true
+
 [stages.out]
 kind = "export"
 inputs = ["hard"]
@@ -79,7 +86,7 @@ path = "hard.jsonl"
     for out in ["run1", "run2"] {
         std::fs::write(dir.join("p.toml"), pipeline.replace("OUT", out)).unwrap();
         let printed = util::kiln_ok(dir, &["run", "p.toml"]);
-        assert_eq!(printed.matches(": ran,").count(), 8, "{printed}");
+        assert_eq!(printed.matches(": ran,").count(), 9, "{printed}");
     }
     let kinds: BTreeSet<String> = util::kiln_ok(dir, &["kinds"])
         .lines()
@@ -87,7 +94,7 @@ path = "hard.jsonl"
         .map(|l| l.split(':').next().unwrap().to_string())
         .collect();
     let used: BTreeSet<String> =
-        ["profile", "sql", "programmatic", "synthesize", "compose", "load", "generate", "export"]
+        ["profile", "sql", "programmatic", "synthesize", "compose", "load", "generate", "trajectories", "export"]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -97,10 +104,24 @@ path = "hard.jsonl"
         "the test covers every kind"
     );
 
-    for stage in ["files", "small", "easy", "queries", "hard", "mine", "answers", "out"] {
+    for stage in ["files", "small", "easy", "queries", "hard", "mine", "answers", "agent", "out"] {
         let (a, b) = (util::manifest(&dir.join("run1").join(stage)), util::manifest(&dir.join("run2").join(stage)));
         assert!(a.row_count > 0, "{stage} produced rows");
-        assert_eq!(a.content_hash, b.content_hash, "{stage}: independent runs give byte-identical rows");
+        if stage == "agent" {
+            let untimed = |run: &str| {
+                let mut rows = util::rows(&dir.join(run).join(stage));
+                for r in &mut rows {
+                    for step in r["steps"].as_array_mut().unwrap() {
+                        step["teacher_ms"] = 0.into();
+                        step["exec_ms"] = 0.into();
+                    }
+                }
+                rows
+            };
+            assert_eq!(untimed("run1"), untimed("run2"), "{stage}: independent runs give the same trajectories");
+        } else {
+            assert_eq!(a.content_hash, b.content_hash, "{stage}: independent runs give byte-identical rows");
+        }
         let ids: Vec<_> = util::rows(&dir.join("run1").join(stage)).iter().map(|r| r["row_id"].clone()).collect();
         let unique: BTreeSet<String> = ids.iter().map(|v| v.to_string()).collect();
         assert_eq!(unique.len(), ids.len(), "{stage}: row ids are unique");

@@ -61,7 +61,7 @@ pub struct StageLimits {
 }
 
 /// Top-level tables a pipeline file may hold.
-const TOP_LEVEL: &[&str] = &["pipeline", "models", "sandbox", "stages"];
+const TOP_LEVEL: &[&str] = &["pipeline", "models", "stages"];
 
 /// A parsed pipeline file.
 #[derive(Debug)]
@@ -76,8 +76,6 @@ pub struct Spec {
     pub settings_spans: BTreeMap<String, Range<usize>>,
     /// `[models.<name>]` tables, shared by stages that call LLMs (as canonical JSON).
     pub models: serde_json::Value,
-    /// The `[sandbox]` table, shared by stages that run code (as canonical JSON).
-    pub sandbox: serde_json::Value,
     /// Stages, in file order.
     pub stages: Vec<StageSpec>,
 }
@@ -171,7 +169,6 @@ pub fn parse(file: &Path, text: &str, registry: &Registry) -> (Option<Spec>, Vec
     collect_spans(pipeline, "", &mut settings_spans);
 
     let models = lookup(root_table, "models").map(to_json).unwrap_or(serde_json::Value::Null);
-    let sandbox = lookup(root_table, "sandbox").map(to_json).unwrap_or(serde_json::Value::Null);
 
     let mut stages = Vec::new();
     match lookup(root_table, "stages").map(|v| (v, v.get_ref())) {
@@ -195,7 +192,7 @@ pub fn parse(file: &Path, text: &str, registry: &Registry) -> (Option<Spec>, Vec
     }
 
     let base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    (Some(Spec { map, base_dir, settings, settings_spans, models, sandbox, stages }), diags)
+    (Some(Spec { map, base_dir, settings, settings_spans, models, stages }), diags)
 }
 
 fn parse_stage(
@@ -391,6 +388,13 @@ fn syntax_errors(map: &SourceMap, text: &str, errors: &[toml::de::Error]) -> Vec
 /// Turns a toml error into a diagnostic, adding "did you mean" for unknown keys.
 fn toml_error(map: &SourceMap, e: &toml::de::Error, fields: Option<&[&str]>) -> Diagnostic {
     let message = e.message().trim().to_string();
+    // serde names the fields of the table that holds the unknown key (a nested table's own,
+    // not the stage's); the probed stage fields are the fallback.
+    let expected: Option<Vec<&str>> = message
+        .split_once(", expected ")
+        .map(|(_, list)| list.split('`').skip(1).step_by(2).collect::<Vec<_>>())
+        .filter(|list| !list.is_empty());
+    let fields = expected.as_deref().or(fields);
     let help = match (message.strip_prefix("unknown field `"), fields) {
         (Some(rest), Some(fields)) => {
             let key = rest.split('`').next().unwrap_or_default();

@@ -15,5 +15,6 @@ pub mod sql;
 pub mod synthesize;
 pub mod taxonomy;
 pub mod templates;
+pub mod trajectories;
 
 pub use registry::registry;

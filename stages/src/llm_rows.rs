@@ -161,34 +161,7 @@ async fn complete_one<T>(
     let (mut prompt_tokens, mut completion_tokens, mut hits) = (0, 0, 0);
     for attempt in 0..=max_parse_retries {
         let body = client.request_body(&messages, 1);
-        let key = if request.sample == 0 {
-            CacheKey::new("llm/chat", &body)?
-        } else {
-            CacheKey::new("llm/chat", &(&body, request.sample))?
-        };
-        // Identical requests in flight at once (two stages, two rows) are sent once: the others
-        // wait for it and find the reply in the cache.
-        let in_flight = cx
-            .shared
-            .get_or_try_insert("llm-in-flight", || Ok::<_, ()>(InFlight::default()))
-            .map_err(|_| Error::Internal("in-flight table".into()))?;
-        let _turn = in_flight.lock(key).await;
-        let completed = cx
-            .cache
-            .get_or_compute(&key, "llm/chat", || async {
-                cx.budget.check().map_err(|spent| {
-                    Error::Usage(format!(
-                        "{spent}; every finished request is kept in the row cache: raise the cap and rerun to continue"
-                    ))
-                })?;
-                let c = client.complete(&body).await.map_err(|e| Error::stage(&cx.name, e))?;
-                cx.budget.spend(
-                    c.prompt_tokens + c.completion_tokens,
-                    client.config().cost(c.prompt_tokens, c.completion_tokens),
-                );
-                Ok(c)
-            })
-            .await;
+        let completed = cached_chat(cx, client, &body, request.sample).await;
         let (completion, hit): (Completion, bool) = match completed {
             Ok(c) => c,
             Err(Error::Stage { source, .. }) => return Ok((Err(reject("llm_failed", source.to_string())), hits)),
@@ -219,17 +192,51 @@ async fn complete_one<T>(
     unreachable!("the loop returns on its last attempt")
 }
 
+/// The cache key of one chat request: its body, and the sample number when it is not the first
+/// (so that `n` samples of one conversation are `n` cached requests).
+pub fn chat_key(body: &serde_json::Value, sample: u32) -> Result<CacheKey> {
+    if sample == 0 { CacheKey::new("llm/chat", body) } else { CacheKey::new("llm/chat", &(body, sample)) }
+}
+
+/// Sends `body` unless the row cache has its reply, and stores the reply as soon as it comes:
+/// a rerun (even after a crash) never pays twice. Identical requests in flight at once (two
+/// stages, two rows) are sent once. Checks and charges the budget. The flag is true on a hit;
+/// a request that fails after the client's retries is `Error::Stage`.
+pub async fn cached_chat(
+    cx: &StageCx,
+    client: &Client,
+    body: &serde_json::Value,
+    sample: u32,
+) -> Result<(Completion, bool)> {
+    let key = chat_key(body, sample)?;
+    let in_flight = cx
+        .shared
+        .get_or_try_insert("llm-in-flight", || Ok::<_, ()>(InFlight::default()))
+        .map_err(|_| Error::Internal("in-flight table".into()))?;
+    let _turn = in_flight.lock(key).await;
+    cx.cache
+        .get_or_compute(&key, "llm/chat", || async {
+            cx.budget.check().map_err(|spent| {
+                Error::Usage(format!(
+                    "{spent}; every finished request is kept in the row cache: raise the cap and rerun to continue"
+                ))
+            })?;
+            let c = client.complete(body).await.map_err(|e| Error::stage(&cx.name, e))?;
+            cx.budget.spend(
+                c.prompt_tokens + c.completion_tokens,
+                client.config().cost(c.prompt_tokens, c.completion_tokens),
+            );
+            Ok(c)
+        })
+        .await
+}
+
 /// The cost of `requests` (times `repeat`, for stages whose later steps depend on replies),
 /// counting requests already in the row cache as free.
 pub fn estimate_rows(cx: &StageCx, config: &ModelConfig, requests: &[RowRequest], repeat: u64) -> Result<Estimate> {
     let mut e = Estimate { approximate: repeat > 1, ..Default::default() };
     for request in requests {
-        let body = config.request_body(&request.messages, 1);
-        let key = if request.sample == 0 {
-            CacheKey::new("llm/chat", &body)?
-        } else {
-            CacheKey::new("llm/chat", &(&body, request.sample))?
-        };
+        let key = chat_key(&config.request_body(&request.messages, 1), request.sample)?;
         e.requests += repeat;
         if cx.cache.get::<Completion>(&key)?.is_some() {
             e.cached += 1;

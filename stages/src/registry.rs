@@ -10,6 +10,7 @@ use crate::profile::Profile;
 use crate::programmatic::Programmatic;
 use crate::sql::Sql;
 use crate::synthesize::Synthesize;
+use crate::trajectories::Trajectories;
 
 /// The registry of all built-in stage kinds.
 pub fn registry() -> Registry {
@@ -34,5 +35,9 @@ pub fn registry() -> Registry {
         ),
         Kind::of::<Sql>("sql", "a DataFusion SQL query over the input stages, each a table named after its stage"),
         Kind::of::<Synthesize>("synthesize", "one LLM-written question per profiled table and sampled task category"),
+        Kind::of::<Trajectories>(
+            "trajectories",
+            "n multi-turn agent trajectories per question, code run in an isolated persistent Python worker",
+        ),
     ])
 }

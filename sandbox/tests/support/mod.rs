@@ -1,5 +1,6 @@
 //! Shared by the sandbox tests: one sandbox per isolation mode that works on this machine,
-//! and a task folder with a small data file.
+//! and a task folder with a small data file. (Each test file uses part of it.)
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};

@@ -1,0 +1,275 @@
+//! The `trajectories` stage end to end, through the real `kiln` binary and the real sandbox:
+//! scripted (offline) trajectories on the shared corpus agree with the gold answers and obey
+//! the turn protocol; a SIGKILL mid-stage loses no finished trajectory; a model teacher that
+//! writes garbage behind a faulty endpoint gives sensible rows, and a rerun sends nothing.
+
+mod util;
+
+#[path = "../llm/tests/support/fault_server.rs"]
+mod fault_server;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use kiln_stages::trajectories::protocol::{Action, parse_action};
+use serde_json::{Map, Value};
+
+type Row = Map<String, Value>;
+
+/// The messages of a trajectory row, as (role, content).
+fn messages(row: &Row) -> Vec<(String, String)> {
+    row["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["role"].as_str().unwrap().to_string(), m["content"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+/// The protocol, checked turn by turn: system, user, then assistant turns each answered by an
+/// `<interpreter>` user turn, except a final answer, which ends the conversation.
+fn assert_protocol(row: &Row, allow_invalid: bool) {
+    let m = messages(row);
+    assert_eq!((m[0].0.as_str(), m[1].0.as_str()), ("system", "user"), "{row:?}");
+    let mut answered = false;
+    for (i, (role, content)) in m.iter().enumerate().skip(2) {
+        assert!(!answered, "nothing may follow the answer: {row:?}");
+        if (i - 2) % 2 == 0 {
+            assert_eq!(role, "assistant");
+            match parse_action(content) {
+                Action::Answer(_) => answered = true,
+                Action::Code(_) => {}
+                Action::Invalid(why) => assert!(allow_invalid, "invalid turn ({why}): {content}"),
+            }
+        } else {
+            assert_eq!(role, "user");
+            assert!(content.starts_with("<interpreter>\n") && content.ends_with("\n</interpreter>"), "{content}");
+        }
+    }
+    assert_eq!(answered, row["end_reason"] == "answer", "{row:?}");
+    assert_eq!(row["turns"].as_u64().unwrap() as usize, (m.len() - 1) / 2, "{row:?}");
+}
+
+/// `answer` agrees with `gold`: numbers within 0.01% (or 1e-6), text case-insensitively.
+fn agrees(answer: &str, gold: &str) -> bool {
+    let answer = answer.split(" (result saved in").next().unwrap_or(answer).trim();
+    match (answer.parse::<f64>(), gold.parse::<f64>()) {
+        (Ok(a), Ok(g)) => (a - g).abs() <= 1e-6_f64.max(g.abs() * 1e-4),
+        _ => answer.eq_ignore_ascii_case(gold.trim()),
+    }
+}
+
+#[test]
+fn scripted_trajectories_on_the_corpus_answer_from_real_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = util::corpus();
+    let pipeline = format!(
+        r#"
+[pipeline]
+name = "corpus-trajectories"
+output_dir = "OUT"
+
+[stages.files]
+kind = "profile"
+paths = ["{c}/csv/tablebench/0*.csv", "{c}/csv/tablebench/1*.csv", "{c}/xlsx/sheetcopilot/[A-E]*.xlsx", "{c}/sqlite/chinook/*.sqlite", "{c}/sqlite/swc_survey/*.db"]
+min_rows = 5
+
+[stages.some]
+kind = "sql"
+inputs = ["files"]
+query = """
+(SELECT * FROM files WHERE format = 'csv' AND row_count < 5000 ORDER BY path LIMIT 5)
+UNION ALL (SELECT * FROM files WHERE format = 'xlsx' AND row_count < 5000 ORDER BY path, "table" LIMIT 5)
+UNION ALL (SELECT * FROM files WHERE format = 'sqlite' AND row_count < 5000 ORDER BY path, "table" LIMIT 5)
+"""
+
+[stages.questions]
+kind = "programmatic"
+inputs = ["some"]
+categories = ["aggregation", "counting", "ranking", "statistical_analysis", "time_based_calculation", "comprehensive_data_preprocessing"]
+
+[stages.trajectories]
+kind = "trajectories"
+inputs = ["questions"]
+scripted = true
+sandbox = {{ cell_timeout_s = 20, hard_timeout_s = 30 }}
+"#,
+        c = corpus.display()
+    );
+    std::fs::write(tmp.path().join("p.toml"), pipeline).unwrap();
+    util::kiln_ok(tmp.path(), &["run", "p.toml"]);
+
+    let out = tmp.path().join("OUT");
+    let questions = util::rows(&out.join("questions"));
+    let rows = util::rows(&out.join("trajectories"));
+    assert!(rows.len() >= 20, "only {} trajectories", rows.len());
+    assert_eq!(rows.len() + util::manifest(&out.join("trajectories")).rejected as usize, questions.len());
+    let ids: BTreeSet<&str> = rows.iter().map(|r| r["row_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), rows.len(), "row ids are unique");
+
+    let mut formats = BTreeSet::new();
+    let mut wrong = Vec::new();
+    for row in &rows {
+        assert_protocol(row, false);
+        assert_eq!(row["end_reason"], "answer", "{row:?}");
+        let (answer, gold) = (row["final_answer"].as_str().unwrap(), row["gold_answer"].as_str().unwrap());
+        if !agrees(answer, gold) {
+            wrong.push(format!("{} {}: {answer} vs gold {gold}", row["path"], row["category"]));
+        }
+        let format = row["format"].as_str().unwrap().to_string();
+        if format == "sqlite" {
+            let csv = row["result_csv"].as_str().expect("SQL tasks keep their result CSV");
+            assert!(csv.lines().count() >= 2, "{csv}");
+        }
+        formats.insert(format);
+    }
+    assert_eq!(formats, BTreeSet::from(["csv".into(), "sqlite".into(), "xlsx".into()]));
+    // pandas and DataFusion may read a few odd cells differently; the rest must agree.
+    assert!(
+        wrong.len() * 10 <= rows.len(),
+        "{} of {} disagree with gold:\n{}",
+        wrong.len(),
+        rows.len(),
+        wrong.join("\n")
+    );
+    let leftovers = std::fs::read_dir(out.join("_scratch/trajectories")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(leftovers, 0, "scratch folders are removed after each trajectory");
+}
+
+/// Finished trajectories in the row cache of `out`.
+fn cached_trajectories(out: &Path) -> u64 {
+    let Ok(conn) =
+        rusqlite::Connection::open_with_flags(out.join("_cache.sqlite"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return 0;
+    };
+    conn.query_row("SELECT count(*) FROM rows WHERE namespace = 'trajectory'", [], |r| r.get(0)).unwrap_or(0)
+}
+
+const SCRIPTED: &str = r#"
+[pipeline]
+name = "t"
+output_dir = "OUT"
+
+[stages.files]
+kind = "profile"
+paths = ["data/*.csv", "data/*.xlsx", "data/*.sqlite"]
+min_rows = 20
+max_rows = 1000
+
+[stages.questions]
+kind = "programmatic"
+inputs = ["files"]
+
+[stages.trajectories]
+kind = "trajectories"
+inputs = ["questions"]
+scripted = true
+parallel = 2
+"#;
+
+/// What identifies a trajectory's content (timings aside).
+fn content(rows: &[Row]) -> Vec<(String, String, String)> {
+    let mut v: Vec<_> = rows
+        .iter()
+        .map(|r| (r["row_id"].to_string(), r["messages"].to_string(), r["final_answer"].to_string()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn kill_during_trajectories_then_rerun_keeps_finished_ones() {
+    let reference = tempfile::tempdir().unwrap();
+    util::copy_sample_data(reference.path());
+    std::fs::write(reference.path().join("p.toml"), SCRIPTED).unwrap();
+    util::kiln_ok(reference.path(), &["run", "p.toml"]);
+    let expected = util::rows(&reference.path().join("OUT/trajectories"));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    util::copy_sample_data(dir);
+    std::fs::write(dir.join("p.toml"), SCRIPTED).unwrap();
+    let out = dir.join("OUT");
+    let killed = util::run_and_kill_when(dir, || cached_trajectories(&out) >= 8);
+    assert!(killed, "the run finished before it could be killed");
+    let finished_before = cached_trajectories(&out);
+    assert!(util::rows_if_finished(&out.join("trajectories")).is_none(), "killed mid-stage");
+
+    util::kiln_ok(dir, &["run", "p.toml"]);
+    let m = util::manifest(&out.join("trajectories"));
+    let replayed = m.counters.get("trajectories_cached").copied().unwrap_or(0);
+    assert!(replayed >= finished_before, "rerun replayed {replayed} of {finished_before} finished trajectories");
+    assert_eq!(m.counters["trajectories"], expected.len() as u64);
+    let rows = util::rows(&out.join("trajectories"));
+    assert_eq!(content(&rows), content(&expected), "same trajectories as an uninterrupted run, no duplicates");
+}
+
+#[test]
+fn garbage_from_a_faulty_model_gives_rows_with_reasons_and_reruns_send_nothing() {
+    let server = fault_server::start_in_background(fault_server::Faults { rate: 0.2, ..Default::default() });
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    util::copy_sample_data(dir);
+    let pipeline = format!(
+        r#"
+[pipeline]
+name = "t"
+output_dir = "OUT"
+
+[models.weak]
+base_url = "{}"
+model = "m"
+max_retries = 6
+backoff_s = 0.01
+timeout_s = 2
+
+[stages.files]
+kind = "profile"
+paths = ["data/*.csv"]
+min_rows = 20
+max_rows = 1000
+
+[stages.questions]
+kind = "programmatic"
+inputs = ["files"]
+categories = ["aggregation", "counting"]
+
+[stages.trajectories]
+kind = "trajectories"
+inputs = ["questions"]
+model = "weak"
+n = 2
+max_turns = 3
+"#,
+        server.base_url()
+    );
+    std::fs::write(dir.join("p.toml"), pipeline).unwrap();
+    util::kiln_ok(dir, &["run", "p.toml"]);
+    let out = dir.join("OUT");
+    let questions = util::rows(&out.join("questions")).len();
+    let rows = util::rows(&out.join("trajectories"));
+    let m = util::manifest(&out.join("trajectories"));
+    assert_eq!(rows.len() + m.rejected as usize, 2 * questions, "every trajectory is a row or a rejection");
+    assert!(!rows.is_empty());
+    for row in &rows {
+        // The server answers every turn with synthesis tags, never a valid action: each turn
+        // gets the corrective observation and the trajectory ends at max_turns.
+        assert_protocol(row, true);
+        assert_eq!(row["end_reason"], "max_turns");
+        assert_eq!(row["turns"], 3);
+        let m = messages(row);
+        assert!(m[3].1.contains("Invalid action: the turn must start with <think>"), "{}", m[3].1);
+        assert!(row["prompt_tokens"].as_u64().unwrap() > 0);
+    }
+    let sent = server.seen.total.load(Ordering::SeqCst);
+    util::kiln_ok(dir, &["run", "p.toml", "--force"]);
+    let resent = server.seen.total.load(Ordering::SeqCst) - sent;
+    // Rejected trajectories (the server failed past the retries) are tried again; finished
+    // ones come from the cache whole.
+    let rejected = m.rejected as usize;
+    assert!(resent <= rejected * 3 * 8, "a forced rerun sent {resent} requests for {rejected} rejected trajectories");
+    let again = util::manifest(&out.join("trajectories"));
+    assert!(again.counters["trajectories_cached"] >= rows.len() as u64);
+}
