@@ -78,6 +78,9 @@ enum Command {
     },
     /// List the stage kinds and their parameters.
     Kinds,
+    /// Create the managed Python environment of the sandbox (pinned pandas, numpy, scipy,
+    /// scikit-learn, openpyxl) and say which isolation works here. Runs on first use anyway.
+    Setup,
     /// Run a SQL query over every stage dataset and the `_rejections` ledger.
     Sql {
         /// The pipeline file.
@@ -147,6 +150,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 writeln!(out, "{}: {}\n  parameters: {}", kind.name, kind.summary, kind.fields().join(", "))?;
             }
             writeln!(out, "every stage also takes: kind, inputs, max_tokens, max_cost_usd")?;
+        }
+        Command::Setup => {
+            let setup = tokio::task::spawn_blocking(|| {
+                let env = kiln_sandbox::PythonEnv::ensure()?;
+                let sandbox = kiln_sandbox::Sandbox::new(env.clone(), None)?;
+                Ok::<_, kiln_sandbox::Error>((env, sandbox.mode()))
+            });
+            let (env, mode) = setup.await??;
+            writeln!(out, "python environment: {}
+isolation: {mode}", env.dir.display())?;
         }
         Command::Check { pipeline } => {
             let plan = load(&pipeline).await?;

@@ -1,21 +1,26 @@
-//! `synthesize` against a real model, when one is served locally: set `KILN_TEST_LLM_URL`
+//! `synthesize` and `trajectories` against a real model, when one is served locally: set `KILN_TEST_LLM_URL`
 //! (e.g. `http://127.0.0.1:8080/v1` for llama-server) and optionally `KILN_TEST_LLM_MODEL`.
 //! Without the variable the test says so and passes; only loopback addresses are accepted.
 
 mod util;
 
-#[test]
-fn synthesize_against_a_real_local_model() {
+/// The local endpoint and model name, or `None` (with a note) when none is configured.
+fn local_model() -> Option<(String, String)> {
     let Ok(url) = std::env::var("KILN_TEST_LLM_URL") else {
         eprintln!("skipped: set KILN_TEST_LLM_URL to a local OpenAI-compatible endpoint to run this test");
-        return;
+        return None;
     };
     let host = url.split("://").nth(1).unwrap_or("").split(['/', ':']).next().unwrap_or("");
     assert!(
         ["127.0.0.1", "localhost", "[", ""].contains(&host) || url.contains("[::1]"),
         "tests only talk to loopback, got {url}"
     );
-    let model = std::env::var("KILN_TEST_LLM_MODEL").unwrap_or_else(|_| "local".into());
+    Some((url, std::env::var("KILN_TEST_LLM_MODEL").unwrap_or_else(|_| "local".into())))
+}
+
+#[test]
+fn synthesize_against_a_real_local_model() {
+    let Some((url, model)) = local_model() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     util::copy_sample_data(dir);
@@ -52,4 +57,57 @@ per_table = 2
     assert!(rows.iter().all(|r| !r["question"].as_str().unwrap().is_empty()));
     let manifest = util::manifest(&dir.join("out/queries"));
     assert!(manifest.counters["prompt_tokens"] > 0 || rows.is_empty(), "the server's token counts are recorded");
+}
+
+#[test]
+fn trajectories_against_a_real_local_model() {
+    let Some((url, model)) = local_model() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    util::copy_sample_data(dir);
+    let pipeline = format!(
+        r#"
+[pipeline]
+name = "real"
+output_dir = "out"
+
+[models.real]
+base_url = "{url}"
+model = "{model}"
+temperature = 0.7
+max_tokens = 384
+max_concurrency = 2
+timeout_s = 300
+
+[stages.files]
+kind = "profile"
+paths = ["data/plots.csv", "data/*.sqlite"]
+max_rows = 1000
+
+[stages.questions]
+kind = "programmatic"
+inputs = ["files"]
+categories = ["counting", "aggregation"]
+
+[stages.trajectories]
+kind = "trajectories"
+inputs = ["questions"]
+model = "real"
+n = 2
+max_turns = 4
+"#
+    );
+    std::fs::write(dir.join("p.toml"), pipeline).unwrap();
+    util::kiln_ok(dir, &["run", "p.toml"]);
+    let questions = util::rows(&dir.join("out/questions")).len();
+    let rows = util::rows(&dir.join("out/trajectories"));
+    let rejected = util::manifest(&dir.join("out/trajectories")).rejected as usize;
+    assert_eq!(rows.len() + rejected, 2 * questions, "every trajectory is a row or a rejection");
+    for row in &rows {
+        let turns = row["turns"].as_u64().unwrap();
+        assert!((1..=4).contains(&turns), "{row:?}");
+        let reason = row["end_reason"].as_str().unwrap();
+        assert!(["answer", "max_turns"].contains(&reason), "{row:?}");
+        assert_eq!(reason == "answer", row["final_answer"].is_string(), "{row:?}");
+    }
 }

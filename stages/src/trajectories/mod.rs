@@ -674,6 +674,7 @@ impl Stage for Trajectories {
         }
         let mut counters = run.tally.0.into_inner().unwrap_or_else(|e| e.into_inner());
         counters.insert("trajectories".into(), rows.len() as u64);
+        counters.insert(format!("isolation_{}", run.sandbox.mode()), 1);
         counters.insert("prompt_tokens".into(), rows.iter().map(|t| t.prompt_tokens).sum());
         counters.insert("completion_tokens".into(), rows.iter().map(|t| t.completion_tokens).sum());
         if let Teacher::Model { config, .. } = &run.teacher {
