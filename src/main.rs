@@ -158,8 +158,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Ok::<_, kiln_sandbox::Error>((env, sandbox.mode()))
             });
             let (env, mode) = setup.await??;
-            writeln!(out, "python environment: {}
-isolation: {mode}", env.dir.display())?;
+            writeln!(
+                out,
+                "python environment: {}
+isolation: {mode}",
+                env.dir.display()
+            )?;
         }
         Command::Check { pipeline } => {
             let plan = load(&pipeline).await?;

@@ -162,11 +162,14 @@ max_rows = 1000
 kind = "programmatic"
 inputs = ["files"]
 
+# The corpus test uses the isolation probed first (bubblewrap where installed): this one
+# covers the Landlock fallback end to end.
 [stages.trajectories]
 kind = "trajectories"
 inputs = ["questions"]
 scripted = true
 parallel = 2
+isolation = "landlock"
 "#;
 
 /// What identifies a trajectory's content (timings aside).
@@ -186,6 +189,10 @@ fn kill_during_trajectories_then_rerun_keeps_finished_ones() {
     std::fs::write(reference.path().join("p.toml"), SCRIPTED).unwrap();
     util::kiln_ok(reference.path(), &["run", "p.toml"]);
     let expected = util::rows(&reference.path().join("OUT/trajectories"));
+    let reasons: Vec<&Value> = expected.iter().map(|r| &r["end_reason"]).collect();
+    assert!(expected.len() >= 20 && reasons.iter().all(|r| *r == "answer"), "{} rows: {reasons:?}", expected.len());
+    let m = util::manifest(&reference.path().join("OUT/trajectories"));
+    assert_eq!(m.counters.get("isolation_landlock"), Some(&1));
 
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();

@@ -42,8 +42,8 @@ impl std::fmt::Display for Isolation {
 
 /// Folders of the host a worker may read (and run code from), besides the Python environment.
 const SYSTEM_DIRS: &[&str] = &["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin"];
-/// Files of `/etc` the loader and time functions need.
-const SYSTEM_FILES: &[&str] = &["/etc/ld.so.cache", "/etc/localtime"];
+/// Files of `/etc` the loader, time zones and `mimetypes` (which pandas uses for Excel) read.
+const SYSTEM_FILES: &[&str] = &["/etc/ld.so.cache", "/etc/localtime", "/etc/mime.types"];
 /// Where the scratch folder appears inside bubblewrap.
 const BWRAP_WORK: &str = "/work";
 /// File descriptors the worker reads requests from and writes replies to.

@@ -144,7 +144,14 @@ impl std::fmt::Debug for Worker {
 
 impl Worker {
     /// Starts a worker for `spec` and waits until it has imported pandas.
-    pub async fn start(sandbox: Arc<Sandbox>, spec: WorkerSpec) -> Result<Self, Error> {
+    pub async fn start(sandbox: Arc<Sandbox>, mut spec: WorkerSpec) -> Result<Self, Error> {
+        // Absolute paths: the worker runs elsewhere, and Landlock mode links to the data files.
+        let absolute = |p: &std::path::Path| std::path::absolute(p).map_err(|e| Error::io(p, e));
+        spec.scratch = absolute(&spec.scratch)?;
+        for file in &mut spec.data {
+            file.path = absolute(&file.path)?;
+        }
+        spec.database = spec.database.as_deref().map(absolute).transpose()?;
         let sql = spec.database.clone().map(SqlTools::new);
         let mut worker = Worker { sandbox, spec, sql, live: None, starts: 0 };
         worker.live = Some(worker.spawn().await?);
