@@ -4,6 +4,7 @@
 
 pub mod compose;
 pub mod export;
+pub mod filters;
 pub mod generate;
 pub mod llm_rows;
 pub mod load;

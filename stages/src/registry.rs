@@ -4,6 +4,9 @@ use kiln_pipeline::registry::{Kind, Registry};
 
 use crate::compose::Compose;
 use crate::export::Export;
+use crate::filters::format::FormatFilter;
+use crate::filters::language::LanguageFilter;
+use crate::filters::length::LengthFilter;
 use crate::generate::Generate;
 use crate::load::Load;
 use crate::profile::Profile;
@@ -20,9 +23,21 @@ pub fn registry() -> Registry {
             "harder questions: chains of 2 to 5 questions on one table fused step by step by an LLM",
         ),
         Kind::of::<Export>("export", "writes the input's rows to a file (JSON lines), atomically"),
+        Kind::of::<FormatFilter>(
+            "format_filter",
+            "keeps trajectories that follow the turn protocol exactly and end in one final answer",
+        ),
         Kind::of::<Generate>(
             "generate",
             "one LLM request per input row (n samples), with the reply or its tags as new columns",
+        ),
+        Kind::of::<LanguageFilter>(
+            "language_filter",
+            "drops trajectories with garbled text or mixed natural languages",
+        ),
+        Kind::of::<LengthFilter>(
+            "length_filter",
+            "drops trajectories whose final answer (or turns, or total) is over a token limit",
         ),
         Kind::of::<Load>("load", "rows from JSONL, JSON, CSV or Parquet files, such as questions users bring"),
         Kind::of::<Profile>(
