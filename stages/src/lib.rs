@@ -2,10 +2,12 @@
 //! [`kiln_pipeline::stage::Stage`]; [`registry::registry`] lists them all.
 #![deny(missing_docs)]
 
+pub mod answers;
 pub mod compose;
 pub mod export;
 pub mod filters;
 pub mod generate;
+pub mod judge;
 pub mod llm_rows;
 pub mod load;
 pub mod paths;

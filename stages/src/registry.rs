@@ -8,6 +8,7 @@ use crate::filters::format::FormatFilter;
 use crate::filters::language::LanguageFilter;
 use crate::filters::length::LengthFilter;
 use crate::generate::Generate;
+use crate::judge::Judge;
 use crate::load::Load;
 use crate::profile::Profile;
 use crate::programmatic::Programmatic;
@@ -30,6 +31,10 @@ pub fn registry() -> Registry {
         Kind::of::<Generate>(
             "generate",
             "one LLM request per input row (n samples), with the reply or its tags as new columns",
+        ),
+        Kind::of::<Judge>(
+            "judge",
+            "self-consistency: keeps trajectories whose answers agree (with the gold answer, or per a judge model)",
         ),
         Kind::of::<LanguageFilter>(
             "language_filter",

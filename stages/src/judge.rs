@@ -1,0 +1,341 @@
+//! `judge`: the self-consistency filter (RECIPE section 6), which the paper's ablation found
+//! mattered most.
+//!
+//! Trajectories are grouped by question (their first parent). A question whose rows carry a
+//! gold answer (from `programmatic`) is checked against it: each final answer must agree
+//! within `tolerance` (numbers) or after normalisation (text). Any other question needs a
+//! judge model: one call per question over its N final answers (`judge_consistency.j2`), whose
+//! reply gives its reasoning, whether the answers agree (same meaning, numbers within 3%,
+//! complete) and the best one; a consistent question's best answer becomes the gold answer of
+//! its rows. Inconsistent questions, and answers that miss the gold, are rejected with the
+//! judge's reasoning.
+//!
+//! Which of the agreeing trajectories are kept: `keep_all_consistent` (default; best in the
+//! paper's ablation), `keep_best` (the judge's best, or the first correct one), or
+//! `keep_random` (one, chosen by the pipeline seed).
+//!
+//! ```toml
+//! [stages.judged]
+//! kind = "judge"
+//! inputs = ["clean"]
+//! model = "judge"             # needed for questions without a gold answer
+//! mode = "keep_all_consistent"
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use async_trait::async_trait;
+use kiln_llm::Message;
+use kiln_pipeline::rows::{to_batch, to_json_rows};
+use kiln_pipeline::stage::{
+    CheckCx, Estimate, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx,
+};
+use kiln_pipeline::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::answers::agree;
+use crate::llm_rows::{RowRequest, client, complete_rows, estimate_rows, model_config, parse_tags};
+use crate::templates::{Templates, check_template};
+
+/// Which agreeing trajectories a question keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Every trajectory whose answer agrees.
+    KeepAllConsistent,
+    /// Only the best one.
+    KeepBest,
+    /// One agreeing trajectory, chosen by the pipeline seed.
+    KeepRandom,
+}
+
+/// Parameters of a `judge` stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Judge {
+    /// The judge model, a `[models.<name>]` table; needed when some question has no gold answer.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Which agreeing trajectories to keep. Default: `keep_all_consistent`.
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    /// Relative tolerance when a numeric answer is checked against a gold answer. Default: 0.03.
+    #[serde(default = "default_tolerance")]
+    pub tolerance: f64,
+    /// Judge prompt template. Default: `judge_consistency.j2`.
+    #[serde(default = "default_template")]
+    pub template: String,
+    /// Extra requests when the judge's reply does not parse. Default: 2.
+    #[serde(default = "crate::llm_rows::default_parse_retries")]
+    pub max_parse_retries: u32,
+}
+
+fn default_mode() -> Mode {
+    Mode::KeepAllConsistent
+}
+fn default_tolerance() -> f64 {
+    0.03
+}
+fn default_template() -> String {
+    "judge_consistency.j2".into()
+}
+
+const REQUIRED: &[&str] = &["question", "final_answer", "gold_answer", "sample"];
+
+/// The judge's reading of one question.
+#[derive(Debug, Clone)]
+struct Verdict {
+    /// Index (in the question's rows) of the trajectories kept.
+    keep: Vec<usize>,
+    /// The gold answer to write into kept rows.
+    gold: Option<String>,
+    /// `gold_match` or `consistent`.
+    how: &'static str,
+    reasoning: Option<String>,
+    /// Why the other rows are dropped: (rule, detail).
+    dropped: (String, String),
+}
+
+/// A question's trajectories, in sample order.
+type Group = Vec<Map<String, Value>>;
+
+fn answer(row: &Map<String, Value>) -> &str {
+    row.get("final_answer").and_then(Value::as_str).unwrap_or("")
+}
+
+fn output_schema(input: &Schema) -> SchemaRef {
+    let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new("judge_verdict", DataType::Utf8, false));
+    fields.push(Field::new("judge_reasoning", DataType::Utf8, true));
+    Arc::new(Schema::new(fields))
+}
+
+impl Judge {
+    fn templates(&self, cx: &CheckCx) -> Result<Templates, String> {
+        Templates::load(cx.templates.as_deref(), &[&self.template])
+    }
+
+    /// The indices of `agreeing` to keep under the mode; `best` is the judge's pick.
+    fn select(&self, agreeing: &[usize], best: usize, seed: u64, question: &str) -> Vec<usize> {
+        match self.mode {
+            Mode::KeepAllConsistent => agreeing.to_vec(),
+            Mode::KeepBest => vec![if agreeing.contains(&best) { best } else { agreeing[0] }],
+            Mode::KeepRandom => {
+                let h = blake3::hash(format!("{seed}\0{question}").as_bytes());
+                let pick = u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default());
+                vec![agreeing[(pick % agreeing.len() as u64) as usize]]
+            }
+        }
+    }
+
+    /// A question with a gold answer: the trajectories whose answer agrees with it.
+    fn against_gold(&self, group: &Group, gold: &str, seed: u64, question: &str) -> Verdict {
+        let agreeing: Vec<usize> =
+            (0..group.len()).filter(|&i| agree(answer(&group[i]), gold, self.tolerance)).collect();
+        let wrong: Vec<String> =
+            (0..group.len()).filter(|i| !agreeing.contains(i)).map(|i| answer(&group[i]).to_string()).collect();
+        let detail = format!("gold answer {gold:?}; answers that do not agree: {wrong:?}");
+        if agreeing.is_empty() {
+            return Verdict {
+                keep: vec![],
+                gold: None,
+                how: "gold_match",
+                reasoning: None,
+                dropped: ("wrong_answer".into(), detail),
+            };
+        }
+        let keep = self.select(&agreeing, agreeing[0], seed, question);
+        let dropped = if wrong.is_empty() {
+            ("not_selected".into(), format!("mode {:?}", self.mode))
+        } else {
+            ("wrong_answer".into(), detail)
+        };
+        Verdict { keep, gold: Some(gold.to_string()), how: "gold_match", reasoning: None, dropped }
+    }
+}
+
+/// The judge's reply: reasoning, whether the answers agree, the best (1-based).
+fn parse_reply(text: &str) -> Result<(String, bool, usize), String> {
+    let [reasoning, consistent, best] =
+        <[String; 3]>::try_from(parse_tags(text, &["reasoning", "consistent", "best"])?)
+            .map_err(|_| "three tags expected".to_string())?;
+    let consistent = match consistent.to_lowercase().as_str() {
+        "yes" | "true" => true,
+        "no" | "false" => false,
+        other => return Err(format!("<consistent> must be yes or no, got {other:?}")),
+    };
+    let best = best
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<usize>()
+        .map_err(|_| format!("<best> must be a number, got {best:?}"))?;
+    Ok((reasoning, consistent, best))
+}
+
+#[async_trait]
+impl Stage for Judge {
+    fn seeded(&self) -> bool {
+        self.mode == Mode::KeepRandom
+    }
+
+    fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if let Some(model) = &self.model
+            && let Err(p) = model_config(cx, model)
+        {
+            problems.push(p);
+        }
+        if !(0.0..1.0).contains(&self.tolerance) {
+            problems.push(Problem::new(
+                "tolerance",
+                format!("`tolerance` is relative, between 0 and 1; got {}", self.tolerance),
+            ));
+        }
+        problems.extend(check_template(cx, &self.template, &["question", "answers"], "judge"));
+        problems
+    }
+
+    fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
+        self.templates(cx).map(|t| t.files()).unwrap_or_default()
+    }
+
+    async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
+        let schema = crate::filters::filter_schema("judge", inputs, REQUIRED)?;
+        Ok(output_schema(&schema))
+    }
+
+    async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
+        let Some(model) = &self.model else { return Ok(None) };
+        let config = model_config(&cx.pipeline, model).map_err(|p| Error::stage(&cx.name, p.message))?;
+        let (_, requests) = self.plan(cx, &inputs[0])?;
+        estimate_rows(cx, &config, &requests, 1).map(Some)
+    }
+
+    async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
+        let fail = |e: String| Error::stage(&cx.name, e);
+        let (groups, requests) = self.plan(cx, &inputs[0])?;
+        let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
+        let mut out = Output::default();
+        for (id, group) in &groups {
+            let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
+            if let Some(gold) = group[0].get("gold_answer").and_then(Value::as_str) {
+                verdicts.insert(id.clone(), self.against_gold(group, gold, cx.seed, question));
+            }
+        }
+        if !requests.is_empty() {
+            let Some(model) = &self.model else {
+                return Err(fail(format!(
+                    "{} questions have no gold answer: set `model` to a judge model for the self-consistency check",
+                    requests.len()
+                )));
+            };
+            let client = client(cx, model)?;
+            let (replies, rejections, counters) =
+                complete_rows(cx, client.as_ref(), requests.clone(), self.max_parse_retries, parse_reply).await?;
+            out.counters.extend(counters);
+            for r in rejections {
+                for row in &groups[&r.row_id] {
+                    out.rejections.push(Rejection {
+                        row_id: row_id(row),
+                        reason: "judge:unparseable".into(),
+                        detail: r.detail.clone(),
+                    });
+                }
+            }
+            for (request, reply) in requests.iter().zip(replies) {
+                let Some(reply) = reply else { continue };
+                let group = &groups[&request.row_id];
+                let (reasoning, consistent, best) = reply.value;
+                let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
+                let verdict = if consistent && (1..=group.len()).contains(&best) {
+                    let all: Vec<usize> = (0..group.len()).collect();
+                    Verdict {
+                        keep: self.select(&all, best - 1, cx.seed, question),
+                        gold: Some(answer(&group[best - 1]).to_string()),
+                        how: "consistent",
+                        reasoning: Some(reasoning),
+                        dropped: ("not_selected".into(), format!("mode {:?}", self.mode)),
+                    }
+                } else {
+                    let why = if consistent { format!("best answer {best} is out of range; ") } else { String::new() };
+                    Verdict {
+                        keep: vec![],
+                        gold: None,
+                        how: "consistent",
+                        reasoning: None,
+                        dropped: ("inconsistent".into(), format!("{why}{reasoning}")),
+                    }
+                };
+                verdicts.insert(request.row_id.clone(), verdict);
+            }
+        }
+
+        let mut rows = Vec::new();
+        for (id, group) in groups {
+            let Some(v) = verdicts.get(&id) else { continue };
+            *out.counters
+                .entry(format!("questions_{}", if v.keep.is_empty() { v.dropped.0.as_str() } else { "kept" }))
+                .or_default() += 1;
+            for (i, mut row) in group.into_iter().enumerate() {
+                if v.keep.contains(&i) {
+                    row.insert("gold_answer".into(), v.gold.clone().map(Value::String).unwrap_or(Value::Null));
+                    row.insert("judge_verdict".into(), Value::String(v.how.into()));
+                    row.insert("judge_reasoning".into(), v.reasoning.clone().map(Value::String).unwrap_or(Value::Null));
+                    rows.push(row);
+                } else {
+                    out.rejections.push(Rejection {
+                        row_id: row_id(&row),
+                        reason: format!("judge:{}", v.dropped.0),
+                        detail: format!("answer {:?}: {}", answer(&row), v.dropped.1),
+                    });
+                }
+            }
+        }
+        out.counters.insert("kept".into(), rows.len() as u64);
+        let schema = output_schema(&inputs[0].schema);
+        out.batches = vec![to_batch(&schema, &rows)?];
+        Ok(out)
+    }
+}
+
+fn row_id(row: &Map<String, Value>) -> String {
+    row.get("row_id").and_then(Value::as_str).unwrap_or_default().to_string()
+}
+
+impl Judge {
+    /// The trajectories grouped by question (in input order of questions, sample order within),
+    /// and one judge request per question without a gold answer.
+    fn plan(&self, cx: &StageCx, input: &Input) -> Result<(BTreeMap<String, Group>, Vec<RowRequest>)> {
+        let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+        for row in to_json_rows(&input.read()?)? {
+            let question = row
+                .get("parent_ids")
+                .and_then(Value::as_array)
+                .and_then(|p| p.first())
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| row_id(&row));
+            groups.entry(question).or_default().push(row);
+        }
+        for group in groups.values_mut() {
+            group.sort_by_key(|r| r.get("sample").and_then(Value::as_u64).unwrap_or(0));
+        }
+        let templates = self.templates(&cx.pipeline).map_err(|e| Error::stage(&cx.name, e))?;
+        let mut requests = Vec::new();
+        for (id, group) in &groups {
+            if group[0].get("gold_answer").and_then(Value::as_str).is_some() {
+                continue;
+            }
+            let answers: Vec<&str> = group.iter().map(answer).collect();
+            let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
+            let prompt = templates
+                .render(&self.template, serde_json::json!({"question": question, "answers": answers}))
+                .map_err(|e| Error::stage(&cx.name, e))?;
+            requests.push(RowRequest { row_id: id.clone(), messages: vec![Message::new("user", prompt)], sample: 0 });
+        }
+        Ok((groups, requests))
+    }
+}
