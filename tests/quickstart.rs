@@ -1,5 +1,6 @@
 //! The README's main job: the offline quickstart recipe runs from a fresh checkout and gives
-//! the datasets it promises.
+//! the datasets it promises, ending in exports that the `datasets` library reads as
+//! LLaMA-Factory and verl would.
 
 mod util;
 
@@ -40,5 +41,59 @@ fn the_quickstart_recipe_runs_offline() {
     assert_eq!(weight["data_type"], "Float64");
     assert!(weight["null_count"].as_u64().unwrap() > 0);
 
+    let judged = util::rows(&outputs.join("judged"));
+    assert!(judged.len() * 10 >= questions.len() * 9, "most scripted trajectories pass the filters and the judge");
+    check_exports(&outputs.join("export"), &judged);
+
     assert!(util::kiln_ok(dir, &["run", "recipes/quickstart.toml"]).contains("files: fresh"));
+}
+
+/// Reads the sharegpt export through its dataset_info.json entry, with `datasets`, and checks
+/// it as LLaMA-Factory's sharegpt converter does (optional system first, then user and
+/// assistant alternating, ending with the assistant); reads the RL Parquet with `datasets` too.
+fn check_exports(export: &std::path::Path, judged: &[serde_json::Map<String, serde_json::Value>]) {
+    let questions: std::collections::BTreeSet<&str> =
+        judged.iter().map(|r| r["parent_ids"][0].as_str().unwrap()).collect();
+    let script = format!(
+        r#"
+import json, os
+from datasets import load_dataset
+root = {root:?}
+info = json.load(open(os.path.join(root, "dataset_info.json")))["kiln_quickstart"]
+assert info["formatting"] == "sharegpt", info
+tags, column = info["tags"], info["columns"]["messages"]
+sft = load_dataset("json", data_files=os.path.join(root, info["file_name"]), split="train")
+interpreter_turns = 0
+for ex in sft:
+    messages = ex[column]
+    assert ex["row_id"] and ex["parent_ids"], ex
+    if messages[0][tags["role_tag"]] == tags["system_tag"]:
+        messages = messages[1:]
+    assert len(messages) % 2 == 0, "ends with the assistant"
+    for i, m in enumerate(messages):
+        want = tags["user_tag"] if i % 2 == 0 else tags["assistant_tag"]
+        assert m[tags["role_tag"]] == want, (i, m)
+        if i > 0 and i % 2 == 0:
+            assert m[tags["content_tag"]].startswith("<interpreter>"), m
+            interpreter_turns += 1
+    assert "<answer>" in messages[-1][tags["content_tag"]]
+rl = load_dataset("parquet", data_files=os.path.join(root, "quickstart_rl.parquet"), split="train")
+sql = 0
+for ex in rl:
+    assert [m["role"] for m in ex["prompt"]] == ["system", "user"], ex["prompt"]
+    assert ex["expert_trajectory"][-1]["role"] == "assistant"
+    assert ex["gold_answer"] and ex["data_files"] and ex["category"] and ex["difficulty"] == 1
+    if ex["gold_result_csv"]:
+        sql += 1
+        assert open(os.path.join(root, ex["gold_result_csv"])).read().count(chr(10)) >= 2
+print(len(sft), interpreter_turns, len(rl), len(set(rl["row_id"])), sql)
+"#,
+        root = export.display().to_string()
+    );
+    let printed = util::run_python(&util::tools_python(), &script);
+    let n: Vec<usize> = printed.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    assert_eq!(n[0], judged.len(), "one sharegpt record per kept trajectory");
+    assert!(n[1] >= 2 * judged.len(), "code turns are answered by interpreter turns");
+    assert_eq!((n[2], n[3]), (questions.len(), questions.len()), "one RL row per question");
+    assert!(n[4] > 0, "SQL questions carry their gold result CSV");
 }

@@ -29,8 +29,8 @@ pub struct PythonEnv {
     pub base_prefix: PathBuf,
 }
 
-fn pins_hash() -> String {
-    blake3::hash(REQUIREMENTS.join("\n").as_bytes()).to_hex()[..12].to_string()
+fn pins_hash(requirements: &[&str]) -> String {
+    blake3::hash(requirements.join("\n").as_bytes()).to_hex()[..12].to_string()
 }
 
 impl PythonEnv {
@@ -43,7 +43,7 @@ impl PythonEnv {
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
             .unwrap_or_else(std::env::temp_dir);
-        cache.join("kiln").join(format!("python-{}", pins_hash()))
+        cache.join("kiln").join(format!("python-{}", pins_hash(REQUIREMENTS)))
     }
 
     /// The environment in the default place, created first if needed.
@@ -51,10 +51,10 @@ impl PythonEnv {
         Self::setup(&Self::default_dir(), |line| tracing::info!("{line}"))
     }
 
-    /// The environment in `dir`, if it is ready.
-    pub fn open(dir: &Path) -> Result<Option<Self>, Error> {
+    /// The environment in `dir`, if it is ready with `requirements`.
+    pub fn open(dir: &Path, requirements: &[&str]) -> Result<Option<Self>, Error> {
         match std::fs::read_to_string(dir.join(MARKER)) {
-            Ok(m) if m.trim() == pins_hash() => {}
+            Ok(m) if m.trim() == pins_hash(requirements) => {}
             _ => return Ok(None),
         }
         let python = dir.join("bin").join("python");
@@ -74,10 +74,15 @@ impl PythonEnv {
         Ok(Some(PythonEnv { dir: dir.to_path_buf(), python, base_prefix }))
     }
 
-    /// Creates the environment in `dir` (venv + pinned packages from the package index) unless
-    /// it is ready already; `log` hears what is being done.
+    /// Creates the sandbox environment in `dir` (venv + the pinned [`REQUIREMENTS`] from the
+    /// package index) unless it is ready already; `log` hears what is being done.
     pub fn setup(dir: &Path, log: impl Fn(&str)) -> Result<Self, Error> {
-        if let Some(env) = Self::open(dir)? {
+        Self::setup_with(dir, REQUIREMENTS, log)
+    }
+
+    /// Like [`PythonEnv::setup`], with other packages (tools for tests, for instance).
+    pub fn setup_with(dir: &Path, requirements: &[&str], log: impl Fn(&str)) -> Result<Self, Error> {
+        if let Some(env) = Self::open(dir, requirements)? {
             return Ok(env);
         }
         let parent = dir.parent().unwrap_or(Path::new("."));
@@ -86,22 +91,22 @@ impl PythonEnv {
             &parent.join(format!("{}.lock", dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default())),
         )?;
         // Another process may have finished while this one waited for the lock.
-        if let Some(env) = Self::open(dir)? {
+        if let Some(env) = Self::open(dir, requirements)? {
             return Ok(env);
         }
         let base = std::env::var_os("KILN_PYTHON").unwrap_or_else(|| "python3".into());
         log(&format!("creating the Python environment in {} (one time, about a minute)", dir.display()));
         let _ = std::fs::remove_dir_all(dir);
         run(Command::new(&base).args(["-m", "venv"]).arg(dir), "python3 -m venv")?;
-        log(&format!("installing {}", REQUIREMENTS.join(" ")));
+        log(&format!("installing {}", requirements.join(" ")));
         run(
             Command::new(dir.join("bin").join("python"))
                 .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input"])
-                .args(REQUIREMENTS),
+                .args(requirements),
             "pip install",
         )?;
-        std::fs::write(dir.join(MARKER), pins_hash()).map_err(|e| Error::io(dir, e))?;
-        Self::open(dir)?.ok_or_else(|| Error::Setup(format!("{} is not usable after setup", dir.display())))
+        std::fs::write(dir.join(MARKER), pins_hash(requirements)).map_err(|e| Error::io(dir, e))?;
+        Self::open(dir, requirements)?.ok_or_else(|| Error::Setup(format!("{} is not usable after setup", dir.display())))
     }
 }
 

@@ -1,26 +1,54 @@
-//! `export`: writes its input's rows to a file datasets tools read directly. For now one format,
-//! `jsonl` (one JSON object per row, columns in order, lineage included); the training formats
-//! (LLaMA-Factory sharegpt, RL prompts) come with the filtering stages.
+//! `export`: writes its input's rows to files that training tools read unchanged.
 //!
-//! The file is written next to a temporary name and renamed into place, so a reader never sees
-//! half a file. The stage's own dataset has one row describing the export (path, rows, bytes,
-//! BLAKE3 of the file).
+//! - `jsonl`: one JSON object per row, columns in order, lineage included.
+//! - `sharegpt` (RECIPE section 7): a JSON array of LLaMA-Factory "sharegpt" records
+//!   `{"messages": [{"role", "content"}…], "row_id", "parent_ids"}` (system, user, then
+//!   assistant and `<interpreter>` user turns, ending with the assistant's answer), and the
+//!   entry LLaMA-Factory needs to load it by name, merged into `dataset_info.json` beside it.
+//! - `rl`: Parquet, one row per question: the prompt messages (system and user), the gold
+//!   answer, for SQL tasks the path of the gold result CSV (written beside the file), the data
+//!   files, category and difficulty, and the expert trajectory for the SFT term.
+//!
+//! Every exported record keeps a `row_id` and `parent_ids`, so it traces back through the
+//! rejection ledger and the datasets to its question and source file. Files are written under
+//! a temporary name and renamed into place, so a reader never sees half a file. The stage's own
+//! dataset has one row describing the export (path, rows, bytes, BLAKE3 of the file).
 //!
 //! ```toml
-//! [stages.out]
+//! [stages.sft]
 //! kind = "export"
-//! inputs = ["answers"]
-//! path = "answers.jsonl"   # relative to the output folder
+//! inputs = ["judged"]
+//! format = "sharegpt"
+//! path = "sft/quickstart.json"        # relative to the output folder
+//! dataset_name = "kiln_quickstart"    # the dataset_info.json key; default: the file stem
 //! ```
 
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use arrow::datatypes::{DataType, Field, SchemaRef};
+use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
-use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch};
+use datafusion::parquet::arrow::ArrowWriter;
+use kiln_pipeline::rows::{lineage_fields, row_id, schema_with_lineage, to_batch, to_json_rows};
 use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+/// The file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// One JSON object per row.
+    Jsonl,
+    /// LLaMA-Factory sharegpt JSON and its `dataset_info.json` entry.
+    Sharegpt,
+    /// Parquet, one row per question, for RL.
+    Rl,
+}
 
 /// Parameters of an `export` stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -28,13 +56,25 @@ use serde::{Deserialize, Serialize};
 pub struct Export {
     /// The file to write, relative to the pipeline's output folder. Required.
     pub path: String,
-    /// The format: `jsonl`. Default: `jsonl`.
+    /// `jsonl`, `sharegpt` or `rl`. Default: `jsonl`.
     #[serde(default = "default_format")]
-    pub format: String,
+    pub format: Format,
+    /// The name LLaMA-Factory loads a sharegpt export by. Default: the file stem.
+    #[serde(default)]
+    pub dataset_name: Option<String>,
 }
 
-fn default_format() -> String {
-    "jsonl".into()
+fn default_format() -> Format {
+    Format::Jsonl
+}
+
+/// Columns each format reads.
+fn required(format: Format) -> &'static [&'static str] {
+    match format {
+        Format::Jsonl => &[],
+        Format::Sharegpt => &["messages"],
+        Format::Rl => &["messages", "question", "gold_answer", "path", "format", "sample"],
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -59,57 +99,191 @@ fn schema() -> SchemaRef {
     ])
 }
 
+/// The RL export's schema.
+fn rl_schema() -> SchemaRef {
+    let text = |n: &str| Field::new(n, DataType::Utf8, false);
+    let maybe = |n: &str| Field::new(n, DataType::Utf8, true);
+    let messages = |n: &str| {
+        let item = Fields::from(vec![text("role"), text("content")]);
+        Field::new(n, DataType::List(Arc::new(Field::new("item", DataType::Struct(item), false))), false)
+    };
+    let mut fields: Vec<Field> = lineage_fields().into();
+    fields.extend([
+        messages("prompt"),
+        text("question"),
+        maybe("gold_answer"),
+        maybe("gold_result_csv"),
+        Field::new("data_files", DataType::List(Arc::new(Field::new("item", DataType::Utf8, false))), false),
+        maybe("category"),
+        Field::new("difficulty", DataType::UInt32, true),
+        messages("expert_trajectory"),
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+/// Writes `target` through a temporary file renamed into place.
+fn write_atomic(target: &Path, write: impl FnOnce(&mut (dyn Write + Send)) -> std::io::Result<()>) -> Result<()> {
+    let io = |e: std::io::Error| Error::io(target, e);
+    if let Some(dir) = target.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let tmp = target.with_extension(format!("tmp-{}", std::process::id()));
+    {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+        write(&mut file).map_err(io)?;
+        file.flush().map_err(io)?;
+    }
+    std::fs::rename(&tmp, target).map_err(io)
+}
+
+fn other(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl Export {
+    fn dataset_name(&self) -> String {
+        self.dataset_name.clone().unwrap_or_else(|| {
+            Path::new(&self.path).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "kiln".into())
+        })
+    }
+
+    /// The sharegpt file and its `dataset_info.json` entry.
+    fn sharegpt(&self, target: &Path, rows: &[Map<String, Value>]) -> Result<()> {
+        let records: Vec<Value> = rows
+            .iter()
+            .map(|r| json!({"messages": r["messages"], "row_id": r["row_id"], "parent_ids": r["parent_ids"]}))
+            .collect();
+        write_atomic(target, |w| serde_json::to_writer_pretty(&mut *w, &records).map_err(other))?;
+        let info_path = target.with_file_name("dataset_info.json");
+        let mut info: Map<String, Value> =
+            std::fs::read(&info_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let file_name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        info.insert(
+            self.dataset_name(),
+            json!({
+                "file_name": file_name,
+                "formatting": "sharegpt",
+                "columns": {"messages": "messages"},
+                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}
+            }),
+        );
+        write_atomic(&info_path, |w| serde_json::to_writer_pretty(&mut *w, &info).map_err(other))
+    }
+
+    /// The RL Parquet file (and the gold result CSVs of SQL tasks, beside it).
+    fn rl(&self, target: &Path, rows: &[Map<String, Value>]) -> Result<u64> {
+        let mut questions: BTreeMap<String, Vec<&Map<String, Value>>> = BTreeMap::new();
+        for r in rows {
+            let question = r["parent_ids"].get(0).and_then(Value::as_str).unwrap_or_default().to_string();
+            questions.entry(question).or_default().push(r);
+        }
+        let results_dir = target.with_extension("results");
+        let mut out = Vec::new();
+        for (question_id, mut group) in questions {
+            group.sort_by_key(|r| r["sample"].as_u64().unwrap_or(0));
+            let expert = group[0];
+            let messages = expert["messages"].as_array().cloned().unwrap_or_default();
+            let gold_csv = match expert.get("result_csv").and_then(Value::as_str) {
+                Some(csv) => {
+                    let file = results_dir.join(format!("{question_id}.csv"));
+                    write_atomic(&file, |w| w.write_all(csv.as_bytes()))?;
+                    let relative = file.strip_prefix(target.parent().unwrap_or(Path::new(""))).unwrap_or(&file);
+                    Some(relative.to_string_lossy().into_owned())
+                }
+                None => None,
+            };
+            out.push(json!({
+                "row_id": row_id(&[&question_id], b"rl"),
+                "parent_ids": group.iter().map(|r| r["row_id"].clone()).collect::<Vec<_>>(),
+                "prompt": messages.iter().take(2).collect::<Vec<_>>(),
+                "question": expert["question"],
+                "gold_answer": expert["gold_answer"],
+                "gold_result_csv": gold_csv,
+                "data_files": [expert["path"]],
+                "category": expert.get("category").cloned().unwrap_or(Value::Null),
+                "difficulty": expert.get("difficulty").cloned().unwrap_or(Value::Null),
+                "expert_trajectory": messages,
+            }));
+        }
+        let batch: RecordBatch = to_batch(&rl_schema(), &out)?;
+        write_atomic(target, |w| {
+            let mut writer = ArrowWriter::try_new(w, batch.schema(), None).map_err(other)?;
+            writer.write(&batch).map_err(other)?;
+            writer.close().map(|_| ()).map_err(other)
+        })?;
+        Ok(out.len() as u64)
+    }
+}
+
 #[async_trait]
 impl Stage for Export {
     fn validate(&self, _cx: &CheckCx) -> Vec<Problem> {
         let mut problems = Vec::new();
-        if self.format != "jsonl" {
-            problems.push(
-                Problem::new("format", format!("unknown export format `{}`", self.format)).help("supported: jsonl"),
-            );
-        }
         if self.path.trim().is_empty() {
             problems.push(Problem::new("path", "`path` is empty"));
+        }
+        if self.dataset_name.is_some() && self.format != Format::Sharegpt {
+            problems.push(
+                Problem::new("dataset_name", "`dataset_name` names a sharegpt export")
+                    .help("remove it, or set `format = \"sharegpt\"`"),
+            );
         }
         problems
     }
 
     async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
-        if inputs.len() != 1 {
+        let [input] = inputs else {
             return Err(vec![Problem::new(
                 "inputs",
                 format!("an `export` stage writes exactly one stage, got {} inputs", inputs.len()),
             )]);
+        };
+        let missing: Vec<&str> =
+            required(self.format).iter().filter(|c| input.schema.field_with_name(c).is_err()).copied().collect();
+        if !missing.is_empty() {
+            return Err(vec![
+                Problem::new(
+                    "format",
+                    format!(
+                        "a {:?} export needs the columns {}, which `{}` lacks",
+                        self.format,
+                        missing.join(", "),
+                        input.name
+                    ),
+                )
+                .help(
+                    "export trajectories (after the filters and the judge) in this format, or use `format = \"jsonl\"`",
+                ),
+            ]);
         }
         Ok(schema())
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
-        let target = cx.pipeline.output_dir.join(&self.path);
-        let io = |e: std::io::Error| Error::io(&target, e);
-        if let Some(dir) = target.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let tmp = target.with_extension(format!("tmp-{}", std::process::id()));
+        let target: PathBuf = cx.pipeline.output_dir.join(&self.path);
         let batches = inputs[0].read()?;
-        {
-            let file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-            let mut writer = arrow::json::LineDelimitedWriter::new(file);
-            for b in &batches {
-                writer.write(b).map_err(|e| Error::stage(&cx.name, e))?;
-            }
-            writer.finish().map_err(|e| Error::stage(&cx.name, e))?;
-            writer.into_inner().flush().map_err(io)?;
+        let mut rows_written: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+        match self.format {
+            Format::Jsonl => write_atomic(&target, |w| {
+                let mut writer = arrow::json::LineDelimitedWriter::new(w);
+                for b in &batches {
+                    writer.write(b).map_err(other)?;
+                }
+                writer.finish().map_err(other)
+            })?,
+            Format::Sharegpt => self.sharegpt(&target, &to_json_rows(&batches)?)?,
+            Format::Rl => rows_written = self.rl(&target, &to_json_rows(&batches)?)?,
         }
-        std::fs::rename(&tmp, &target).map_err(io)?;
-        let bytes = std::fs::read(&target).map_err(io)?;
+        let bytes = std::fs::read(&target).map_err(|e| Error::io(&target, e))?;
         let hash = blake3::hash(&bytes).to_hex().to_string();
+        let format =
+            serde_json::to_value(self.format).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         let row = Exported {
             row_id: row_id(&[], format!("export\0{}\0{hash}", self.path).as_bytes()),
             parent_ids: Vec::new(),
             path: self.path.clone(),
-            format: self.format.clone(),
-            rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
+            format,
+            rows: rows_written,
             bytes: bytes.len() as u64,
             blake3: hash,
         };

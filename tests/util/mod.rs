@@ -61,6 +61,22 @@ pub fn python(script: &str) -> String {
     text(&out.stdout)
 }
 
+/// A Python with the `datasets` library (and pyarrow), to read exports as training tools do:
+/// a venv next to the sandbox's, created from PyPI on first use.
+pub fn tools_python() -> PathBuf {
+    let dir = kiln_sandbox::PythonEnv::default_dir().with_file_name("test-tools");
+    let env = kiln_sandbox::PythonEnv::setup_with(&dir, &["datasets==3.6.0"], |l| eprintln!("{l}"))
+        .expect("a venv with the datasets library");
+    env.python
+}
+
+/// Runs `script` with `python`, returning stdout; panics with stderr on failure.
+pub fn run_python(python: &Path, script: &str) -> String {
+    let out = Command::new(python).arg("-c").arg(script).output().expect("python runs");
+    assert!(out.status.success(), "python failed:\n{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
 /// Copies the quickstart sample files into `dir/data`.
 pub fn copy_sample_data(dir: &Path) {
     let data = dir.join("data");

@@ -97,7 +97,7 @@ const REQUIRED: &[&str] = &["question", "path", "format", "table"];
 /// Input columns the scripted teacher needs on top.
 const SCRIPTED: &[&str] = &["category", "params"];
 /// Bump when the same inputs would now give other trajectories.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// Most bytes of a result CSV kept in the row.
 const RESULT_CSV_BYTES: usize = 64 * 1024;
 
@@ -127,6 +127,7 @@ struct Trajectory {
     format: String,
     table: String,
     gold_answer: Option<String>,
+    difficulty: Option<u32>,
     sample: u32,
     teacher: String,
     messages: Vec<Message>,
@@ -164,6 +165,7 @@ fn schema() -> SchemaRef {
         text("format"),
         text("table"),
         maybe("gold_answer"),
+        Field::new("difficulty", DataType::UInt32, true),
         Field::new("sample", DataType::UInt32, false),
         text("teacher"),
         list("messages", message),
@@ -188,6 +190,7 @@ struct Task {
     format: String,
     table: String,
     gold_answer: Option<String>,
+    difficulty: Option<u32>,
     params: serde_json::Value,
     query: Option<String>,
 }
@@ -203,6 +206,7 @@ impl Task {
             format: text("format").unwrap_or_default(),
             table: text("table").unwrap_or_default(),
             gold_answer: text("answer"),
+            difficulty: row.get("difficulty").and_then(|v| v.as_u64()).map(|d| d as u32),
             params: text("params").and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default(),
             query: text("query"),
         }
@@ -358,6 +362,7 @@ impl Run<'_> {
             format: task.format.clone(),
             table: task.table.clone(),
             gold_answer: task.gold_answer.clone(),
+            difficulty: task.difficulty,
             sample,
             teacher: self.teacher.name(),
             messages: opening,
