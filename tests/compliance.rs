@@ -76,6 +76,28 @@ kind = "trajectories"
 inputs = ["easy"]
 scripted = true
 
+[stages.formed]
+kind = "format_filter"
+inputs = ["agent"]
+
+[stages.short]
+kind = "length_filter"
+inputs = ["formed"]
+
+[stages.clean]
+kind = "language_filter"
+inputs = ["short"]
+
+[stages.judged]
+kind = "judge"
+inputs = ["clean"]
+
+[stages.sft]
+kind = "export"
+inputs = ["judged"]
+format = "sharegpt"
+path = "sft.json"
+
 [stages.out]
 kind = "export"
 inputs = ["hard"]
@@ -86,7 +108,7 @@ path = "hard.jsonl"
     for out in ["run1", "run2"] {
         std::fs::write(dir.join("p.toml"), pipeline.replace("OUT", out)).unwrap();
         let printed = util::kiln_ok(dir, &["run", "p.toml"]);
-        assert_eq!(printed.matches(": ran,").count(), 9, "{printed}");
+        assert_eq!(printed.matches(": ran,").count(), 14, "{printed}");
     }
     let kinds: BTreeSet<String> = util::kiln_ok(dir, &["kinds"])
         .lines()
@@ -94,7 +116,21 @@ path = "hard.jsonl"
         .map(|l| l.split(':').next().unwrap().to_string())
         .collect();
     let used: BTreeSet<String> =
-        ["profile", "sql", "programmatic", "synthesize", "compose", "load", "generate", "trajectories", "export"]
+        [
+            "profile",
+            "sql",
+            "programmatic",
+            "synthesize",
+            "compose",
+            "load",
+            "generate",
+            "trajectories",
+            "format_filter",
+            "length_filter",
+            "language_filter",
+            "judge",
+            "export",
+        ]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -104,10 +140,10 @@ path = "hard.jsonl"
         "the test covers every kind"
     );
 
-    for stage in ["files", "small", "easy", "queries", "hard", "mine", "answers", "agent", "out"] {
+    for stage in ["files", "small", "easy", "queries", "hard", "mine", "answers", "agent", "judged", "sft", "out"] {
         let (a, b) = (util::manifest(&dir.join("run1").join(stage)), util::manifest(&dir.join("run2").join(stage)));
         assert!(a.row_count > 0, "{stage} produced rows");
-        if stage == "agent" {
+        if stage == "agent" || stage == "judged" {
             let untimed = |run: &str| {
                 let mut rows = util::rows(&dir.join(run).join(stage));
                 for r in &mut rows {
