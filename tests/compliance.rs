@@ -115,25 +115,24 @@ path = "hard.jsonl"
         .filter(|l| !l.starts_with(' ') && l.contains(": "))
         .map(|l| l.split(':').next().unwrap().to_string())
         .collect();
-    let used: BTreeSet<String> =
-        [
-            "profile",
-            "sql",
-            "programmatic",
-            "synthesize",
-            "compose",
-            "load",
-            "generate",
-            "trajectories",
-            "format_filter",
-            "length_filter",
-            "language_filter",
-            "judge",
-            "export",
-        ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    let used: BTreeSet<String> = [
+        "profile",
+        "sql",
+        "programmatic",
+        "synthesize",
+        "compose",
+        "load",
+        "generate",
+        "trajectories",
+        "format_filter",
+        "length_filter",
+        "language_filter",
+        "judge",
+        "export",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     assert_eq!(
         kinds.into_iter().filter(|k| k != "every stage also takes").collect::<BTreeSet<_>>(),
         used,

@@ -106,7 +106,8 @@ impl PythonEnv {
             "pip install",
         )?;
         std::fs::write(dir.join(MARKER), pins_hash(requirements)).map_err(|e| Error::io(dir, e))?;
-        Self::open(dir, requirements)?.ok_or_else(|| Error::Setup(format!("{} is not usable after setup", dir.display())))
+        Self::open(dir, requirements)?
+            .ok_or_else(|| Error::Setup(format!("{} is not usable after setup", dir.display())))
     }
 }
 

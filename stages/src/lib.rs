@@ -4,6 +4,7 @@
 
 pub mod answers;
 pub mod compose;
+pub mod dedup;
 pub mod export;
 pub mod filters;
 pub mod generate;

@@ -3,6 +3,7 @@
 use kiln_pipeline::registry::{Kind, Registry};
 
 use crate::compose::Compose;
+use crate::dedup::Dedup;
 use crate::export::Export;
 use crate::filters::format::FormatFilter;
 use crate::filters::language::LanguageFilter;
@@ -23,7 +24,14 @@ pub fn registry() -> Registry {
             "compose",
             "harder questions: chains of 2 to 5 questions on one table fused step by step by an LLM",
         ),
-        Kind::of::<Export>("export", "writes the input's rows to a file (JSON lines), atomically"),
+        Kind::of::<Dedup>(
+            "dedup",
+            "drops exact and near-duplicate questions (MinHash + LSH over word shingles), keeping one of each group",
+        ),
+        Kind::of::<Export>(
+            "export",
+            "writes rows to a file training tools read: JSON lines, LLaMA-Factory sharegpt, or RL Parquet",
+        ),
         Kind::of::<FormatFilter>(
             "format_filter",
             "keeps trajectories that follow the turn protocol exactly and end in one final answer",
