@@ -37,7 +37,7 @@ fn malformed_pipelines_report_every_problem_with_its_position() {
 #[test]
 fn the_recipes_check_clean() {
     let out = util::kiln_ok(&util::root(), &["check", "recipes/quickstart.toml"]);
-    assert_eq!(out, "recipes/quickstart.toml: ok, 10 stages\n");
+    assert_eq!(out, "recipes/quickstart.toml: ok, 12 stages\n");
     let out = util::kiln_ok(&util::root(), &["check", "recipes/throughput.toml"]);
     assert_eq!(out, "recipes/throughput.toml: ok, 3 stages\n");
 }

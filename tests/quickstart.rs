@@ -43,7 +43,17 @@ fn the_quickstart_recipe_runs_offline() {
 
     let judged = util::rows(&outputs.join("judged"));
     assert!(judged.len() * 10 >= questions.len() * 9, "most scripted trajectories pass the filters and the judge");
-    check_exports(&outputs.join("export"), &judged);
+    let unique = util::rows(&outputs.join("unique"));
+    check_exports(&outputs.join("export"), &unique);
+    let card = std::fs::read_to_string(outputs.join("export/README.md")).unwrap();
+    assert!(card.contains(&format!("{} trajectories over", unique.len())), "{card}");
+    for section in ["## Funnel", "| trajectories | trajectories |", "| judged | judge |", "![Trajectories per category](readme_categories.svg)"] {
+        assert!(card.contains(section), "card lacks {section}:\n{card}");
+    }
+    for plot in ["readme_categories.svg", "readme_turns.svg", "readme_funnel.svg"] {
+        let svg = std::fs::read_to_string(outputs.join("export").join(plot)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("<rect"), "{plot} is an SVG chart");
+    }
 
     assert!(util::kiln_ok(dir, &["run", "recipes/quickstart.toml"]).contains("files: fresh"));
 }

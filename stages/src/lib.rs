@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod answers;
+pub mod card;
 pub mod compose;
 pub mod dedup;
 pub mod export;

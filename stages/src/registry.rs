@@ -2,6 +2,7 @@
 
 use kiln_pipeline::registry::{Kind, Registry};
 
+use crate::card::Card;
 use crate::compose::Compose;
 use crate::dedup::Dedup;
 use crate::export::Export;
@@ -20,6 +21,10 @@ use crate::trajectories::Trajectories;
 /// The registry of all built-in stage kinds.
 pub fn registry() -> Registry {
     Registry::new(vec![
+        Kind::of::<Card>(
+            "card",
+            "the dataset card: Markdown with counts, lengths, the funnel, cost and SVG plots, beside the exports",
+        ),
         Kind::of::<Compose>(
             "compose",
             "harder questions: chains of 2 to 5 questions on one table fused step by step by an LLM",
