@@ -92,9 +92,19 @@ inputs = ["short"]
 kind = "judge"
 inputs = ["clean"]
 
+[stages.unique]
+kind = "dedup"
+inputs = ["judged"]
+
+[stages.card]
+kind = "card"
+inputs = ["unique"]
+path = "card.md"
+title = "compliance"
+
 [stages.sft]
 kind = "export"
-inputs = ["judged"]
+inputs = ["unique"]
 format = "sharegpt"
 path = "sft.json"
 
@@ -108,7 +118,7 @@ path = "hard.jsonl"
     for out in ["run1", "run2"] {
         std::fs::write(dir.join("p.toml"), pipeline.replace("OUT", out)).unwrap();
         let printed = util::kiln_ok(dir, &["run", "p.toml"]);
-        assert_eq!(printed.matches(": ran,").count(), 14, "{printed}");
+        assert_eq!(printed.matches(": ran,").count(), 16, "{printed}");
     }
     let kinds: BTreeSet<String> = util::kiln_ok(dir, &["kinds"])
         .lines()
@@ -128,6 +138,8 @@ path = "hard.jsonl"
         "length_filter",
         "language_filter",
         "judge",
+        "dedup",
+        "card",
         "export",
     ]
     .iter()
@@ -139,10 +151,13 @@ path = "hard.jsonl"
         "the test covers every kind"
     );
 
-    for stage in ["files", "small", "easy", "queries", "hard", "mine", "answers", "agent", "judged", "sft", "out"] {
+    for stage in [
+        "files", "small", "easy", "queries", "hard", "mine", "answers", "agent", "judged", "unique", "card", "sft",
+        "out",
+    ] {
         let (a, b) = (util::manifest(&dir.join("run1").join(stage)), util::manifest(&dir.join("run2").join(stage)));
         assert!(a.row_count > 0, "{stage} produced rows");
-        if stage == "agent" || stage == "judged" {
+        if ["agent", "judged", "unique"].contains(&stage) {
             let untimed = |run: &str| {
                 let mut rows = util::rows(&dir.join(run).join(stage));
                 for r in &mut rows {

@@ -47,7 +47,12 @@ fn the_quickstart_recipe_runs_offline() {
     check_exports(&outputs.join("export"), &unique);
     let card = std::fs::read_to_string(outputs.join("export/README.md")).unwrap();
     assert!(card.contains(&format!("{} trajectories over", unique.len())), "{card}");
-    for section in ["## Funnel", "| trajectories | trajectories |", "| judged | judge |", "![Trajectories per category](readme_categories.svg)"] {
+    for section in [
+        "## Funnel",
+        "| trajectories | trajectories |",
+        "| judged | judge |",
+        "![Trajectories per category](readme_categories.svg)",
+    ] {
         assert!(card.contains(section), "card lacks {section}:\n{card}");
     }
     for plot in ["readme_categories.svg", "readme_turns.svg", "readme_funnel.svg"] {

@@ -5,7 +5,7 @@
 //! difficulty and number of turns; answer and trajectory length distributions (tokens, by the
 //! approximation of `filters::tokens`); the funnel of every upstream stage (rows out, rows
 //! rejected, the top rejection reasons); the tokens and cost spent upstream; and the pipeline
-//! fingerprint (a hash of the upstream stages' fingerprints). Plots: category bars, a turns
+//! fingerprint (a hash of the upstream stages' kinds, versions, parameters and files). Plots: category bars, a turns
 //! histogram and the funnel. Nothing in it depends on the clock, so an unchanged pipeline
 //! gives a byte-identical card.
 //!
@@ -173,9 +173,14 @@ impl Card {
         let title = self.title.clone().unwrap_or_else(|| {
             out_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "kiln dataset".into())
         });
+        // The pipeline fingerprint identifies the configuration that made the data: every
+        // upstream stage's kind, version, parameters, files and seed (not its inputs' content,
+        // which for trajectories includes wall-clock timings).
         let mut fingerprints = blake3::Hasher::new();
         for m in &stages {
-            fingerprints.update(format!("{}\0{}\n", m.stage, m.fingerprint).as_bytes());
+            let mut parts = m.parts.clone();
+            parts.inputs.clear();
+            fingerprints.update(format!("{}\0{}\n", m.stage, parts.fingerprint()).as_bytes());
         }
         let fingerprint = fingerprints.finalize().to_hex()[..32].to_string();
         let questions: BTreeSet<String> = rows.iter().map(|r| r["parent_ids"][0].to_string()).collect();
