@@ -62,8 +62,18 @@ pub struct Seen {
     pub total: AtomicUsize,
 }
 
-/// The deterministic reply to a prompt.
+/// The deterministic reply to a prompt: in the judge's format for consistency prompts (the
+/// answers agree when their texts are equal, the first is best), else synthesis tags.
 pub fn reply(prompt: &str) -> String {
+    if prompt.contains("<consistent>yes or no</consistent>") {
+        let answers: Vec<&str> = prompt
+            .lines()
+            .filter_map(|l| l.strip_prefix('[').and_then(|l| l.split_once("] ")).map(|(_, a)| a.trim()))
+            .collect();
+        let same = answers.windows(2).all(|w| w[0] == w[1]);
+        let (why, verdict) = if same { ("the answers are equal", "yes") } else { ("the answers differ", "no") };
+        return format!("<reasoning>{why}</reasoning><consistent>{verdict}</consistent><best>1</best>");
+    }
     format!("<question>What about {prompt}?</question><description>d:{prompt}</description><type>t</type>")
 }
 
