@@ -91,7 +91,8 @@ fn judge_keeps_agreeing_answers_and_rejects_the_rest_with_reasons() {
         .iter()
         .map(|q| (q["row_id"].as_str().unwrap().to_string(), q["category"].as_str().unwrap().to_string()))
         .collect();
-    let category_of = |r: &serde_json::Map<String, serde_json::Value>| categories[r["parent_ids"][0].as_str().unwrap()].clone();
+    let category_of =
+        |r: &serde_json::Map<String, serde_json::Value>| categories[r["parent_ids"][0].as_str().unwrap()].clone();
 
     // Self-consistency: counting questions disagree and are dropped; the others keep both
     // samples, with the agreed answer as their gold answer.
@@ -107,7 +108,11 @@ fn judge_keeps_agreeing_answers_and_rejects_the_rest_with_reasons() {
     let dropped = rejections(dir, "consistent");
     let counting = questions.iter().filter(|q| q["category"] == "counting").count();
     assert_eq!(dropped.len(), 2 * counting);
-    assert!(dropped.iter().all(|r| r["reason"] == "judge:inconsistent" && r["detail"].as_str().unwrap().contains("the answers differ")));
+    assert!(
+        dropped.iter().all(
+            |r| r["reason"] == "judge:inconsistent" && r["detail"].as_str().unwrap().contains("the answers differ")
+        )
+    );
     let judged = questions.len() as usize;
     let sent = server.seen.total.load(Ordering::SeqCst);
     assert!(sent >= judged, "one judge request per question, plus retries");
