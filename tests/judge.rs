@@ -61,6 +61,15 @@ inputs = ["pairs"]
 model = "judge"
 mode = "{mode}"
 
+# Rescue: the inconsistent questions go back to a teacher with the critique. This teacher
+# (the fault server) writes garbage, so no new trajectory passes the format check.
+[stages.rescued]
+kind = "judge"
+inputs = ["pairs"]
+model = "judge"
+mode = "{mode}"
+rescue = {{ teacher = "judge", rounds = 2, max_turns = 2 }}
+
 [stages.wrong]
 kind = "sql"
 inputs = ["trajectories"]
@@ -116,6 +125,17 @@ fn judge_keeps_agreeing_answers_and_rejects_the_rest_with_reasons() {
     let judged = questions.len() as usize;
     let sent = server.seen.total.load(Ordering::SeqCst);
     assert!(sent >= judged, "one judge request per question, plus retries");
+
+    // Rescue ran two rounds for each counting question, sampling two trajectories each time
+    // with the critique in the question; none was well formed, so nothing changed.
+    let m = util::manifest(&dir.join("OUT/rescued"));
+    assert_eq!(m.counters["rescue_attempts"], 2 * counting as u64, "{:?}", m.counters);
+    assert_eq!(m.counters["rescue_dropped_turn"], 2 * 2 * counting as u64, "{:?}", m.counters);
+    assert!(!m.counters.contains_key("rescued"));
+    assert_eq!(util::rows(&dir.join("OUT/rescued")).len(), kept.len());
+    let critique_sent =
+        server.seen.per_prompt.lock().unwrap().keys().any(|p| p.contains("A reviewer said: the answers differ"));
+    assert!(critique_sent, "the judge's reasoning reached the teacher");
 
     // Gold check: wrong aggregation answers are rejected, the rest kept with their verdict.
     let gold = util::rows(&dir.join("OUT/gold"));

@@ -10,6 +10,12 @@
 //! its rows. Inconsistent questions, and answers that miss the gold, are rejected with the
 //! judge's reasoning.
 //!
+//! Rescue (optional): an inconsistent question goes back to the teacher with the judge's
+//! reasoning as a critique in the question; the teacher samples N new trajectories in the
+//! sandbox (as the `trajectories` stage does, cached the same way), those that pass the format
+//! check are judged again, up to `rounds` times. A rescued question keeps its new trajectories;
+//! its first ones go to the ledger.
+//!
 //! Which of the agreeing trajectories are kept: `keep_all_consistent` (default; best in the
 //! paper's ablation), `keep_best` (the judge's best, or the first correct one), or
 //! `keep_random` (one, chosen by the pipeline seed).
@@ -20,6 +26,7 @@
 //! inputs = ["clean"]
 //! model = "judge"             # needed for questions without a gold answer
 //! mode = "keep_all_consistent"
+//! rescue = { teacher = "teacher", rounds = 2 }   # optional
 //! ```
 
 use std::collections::BTreeMap;
@@ -71,6 +78,33 @@ pub struct Judge {
     /// Extra requests when the judge's reply does not parse. Default: 2.
     #[serde(default = "crate::llm_rows::default_parse_retries")]
     pub max_parse_retries: u32,
+    /// Re-sample inconsistent questions with the judge's critique. Default: no rescue.
+    #[serde(default)]
+    pub rescue: Option<Rescue>,
+}
+
+/// How inconsistent questions are rescued.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rescue {
+    /// The teacher model, a `[models.<name>]` table.
+    pub teacher: String,
+    /// Rounds of critique, re-sampling and judging. Default: 1.
+    #[serde(default = "one")]
+    pub rounds: u32,
+    /// Most assistant turns per new trajectory. Default: 10.
+    #[serde(default = "ten")]
+    pub max_turns: u32,
+    /// Sandbox limits of the new trajectories. Default: the recipe's.
+    #[serde(default)]
+    pub sandbox: kiln_sandbox::Limits,
+}
+
+fn one() -> u32 {
+    1
+}
+fn ten() -> u32 {
+    10
 }
 
 fn default_mode() -> Mode {
@@ -195,6 +229,18 @@ impl Stage for Judge {
             ));
         }
         problems.extend(check_template(cx, &self.template, &["question", "answers"], "judge"));
+        if let Some(rescue) = &self.rescue {
+            if self.model.is_none() {
+                problems.push(Problem::new("rescue", "rescue needs a judge `model` to judge the new answers"));
+            }
+            if let Err(mut p) = model_config(cx, &rescue.teacher) {
+                p.at = vec!["rescue".into(), "teacher".into()];
+                problems.push(p);
+            }
+            for (key, message) in rescue.sandbox.problems() {
+                problems.push(Problem::new(&format!("rescue.sandbox.{key}"), message));
+            }
+        }
         problems
     }
 
@@ -225,6 +271,7 @@ impl Stage for Judge {
                 verdicts.insert(id.clone(), self.against_gold(group, gold, cx.seed, question));
             }
         }
+        let mut rescued: BTreeMap<String, (Group, u32)> = BTreeMap::new();
         if !requests.is_empty() {
             let Some(model) = &self.model else {
                 return Err(fail(format!(
@@ -233,49 +280,30 @@ impl Stage for Judge {
                 )));
             };
             let client = client(cx, model)?;
-            let (replies, rejections, counters) =
-                complete_rows(cx, client.as_ref(), requests.clone(), self.max_parse_retries, parse_reply).await?;
-            out.counters.extend(counters);
-            for r in rejections {
-                for row in &groups[&r.row_id] {
-                    out.rejections.push(Rejection {
-                        row_id: row_id(row),
-                        reason: "judge:unparseable".into(),
-                        detail: r.detail.clone(),
-                    });
-                }
-            }
-            for (request, reply) in requests.iter().zip(replies) {
-                let Some(reply) = reply else { continue };
-                let group = &groups[&request.row_id];
-                let (reasoning, consistent, best) = reply.value;
-                let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
-                let verdict = if consistent && (1..=group.len()).contains(&best) {
-                    let all: Vec<usize> = (0..group.len()).collect();
-                    Verdict {
-                        keep: self.select(&all, best - 1, cx.seed, question),
-                        gold: Some(answer(&group[best - 1]).to_string()),
-                        how: "consistent",
-                        reasoning: Some(reasoning),
-                        dropped: ("not_selected".into(), format!("mode {:?}", self.mode)),
-                    }
-                } else {
-                    let why = if consistent { format!("best answer {best} is out of range; ") } else { String::new() };
-                    Verdict {
-                        keep: vec![],
-                        gold: None,
-                        how: "consistent",
-                        reasoning: None,
-                        dropped: ("inconsistent".into(), format!("{why}{reasoning}")),
-                    }
-                };
-                verdicts.insert(request.row_id.clone(), verdict);
+            let asked: BTreeMap<String, &Group> =
+                requests.iter().map(|r| (r.row_id.clone(), &groups[&r.row_id])).collect();
+            verdicts.extend(self.consistency(cx, &client, requests, &asked, &mut out).await?);
+            if let Some(rescue) = &self.rescue {
+                rescued = self.rescue(cx, rescue, &client, &groups, &mut verdicts, &mut out).await?;
             }
         }
 
         let mut rows = Vec::new();
-        for (id, group) in groups {
+        for (id, mut group) in groups {
             let Some(v) = verdicts.get(&id) else { continue };
+            if let Some((new, round)) = rescued.remove(&id) {
+                for row in &group {
+                    out.rejections.push(Rejection {
+                        row_id: row_id(row),
+                        reason: "judge:inconsistent".into(),
+                        detail: format!(
+                            "answer {:?}: replaced by the trajectories of rescue round {round}",
+                            answer(row)
+                        ),
+                    });
+                }
+                group = new;
+            }
             *out.counters
                 .entry(format!("questions_{}", if v.keep.is_empty() { v.dropped.0.as_str() } else { "kept" }))
                 .or_default() += 1;
@@ -306,6 +334,143 @@ fn row_id(row: &Map<String, Value>) -> String {
 }
 
 impl Judge {
+    /// One judge call per request (a question and its answers in `groups`); the verdicts.
+    async fn consistency(
+        &self,
+        cx: &StageCx,
+        client: &kiln_llm::Client,
+        requests: Vec<RowRequest>,
+        groups: &BTreeMap<String, &Group>,
+        out: &mut Output,
+    ) -> Result<BTreeMap<String, Verdict>> {
+        let (replies, rejections, counters) =
+            complete_rows(cx, client, requests.clone(), self.max_parse_retries, parse_reply).await?;
+        for (name, n) in counters {
+            *out.counters.entry(name).or_default() += n;
+        }
+        let mut verdicts = BTreeMap::new();
+        for r in rejections {
+            for row in groups[&r.row_id].iter() {
+                out.rejections.push(Rejection {
+                    row_id: row_id(row),
+                    reason: "judge:unparseable".into(),
+                    detail: r.detail.clone(),
+                });
+            }
+        }
+        for (request, reply) in requests.iter().zip(replies) {
+            let Some(reply) = reply else { continue };
+            let group = groups[&request.row_id];
+            let (reasoning, consistent, best) = reply.value;
+            let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
+            let verdict = if consistent && (1..=group.len()).contains(&best) {
+                let all: Vec<usize> = (0..group.len()).collect();
+                Verdict {
+                    keep: self.select(&all, best - 1, cx.seed, question),
+                    gold: Some(answer(&group[best - 1]).to_string()),
+                    how: "consistent",
+                    reasoning: Some(reasoning),
+                    dropped: ("not_selected".into(), format!("mode {:?}", self.mode)),
+                }
+            } else {
+                let why = if consistent { format!("best answer {best} is out of range; ") } else { String::new() };
+                Verdict {
+                    keep: vec![],
+                    gold: None,
+                    how: "consistent",
+                    reasoning: Some(reasoning.clone()),
+                    dropped: ("inconsistent".into(), format!("{why}{reasoning}")),
+                }
+            };
+            verdicts.insert(request.row_id.clone(), verdict);
+        }
+        Ok(verdicts)
+    }
+
+    /// Rescue rounds for the inconsistent questions among `verdicts`: new trajectories with the
+    /// critique, judged again. Returns the rescued questions' new trajectories (and round),
+    /// and updates their verdicts.
+    async fn rescue(
+        &self,
+        cx: &StageCx,
+        rescue: &Rescue,
+        client: &kiln_llm::Client,
+        groups: &BTreeMap<String, Group>,
+        verdicts: &mut BTreeMap<String, Verdict>,
+        out: &mut Output,
+    ) -> Result<BTreeMap<String, (Group, u32)>> {
+        let n = groups.values().map(Vec::len).max().unwrap_or(1) as u32;
+        let sampler = crate::trajectories::Trajectories {
+            model: Some(rescue.teacher.clone()),
+            scripted: false,
+            n: Some(n),
+            max_turns: rescue.max_turns,
+            template: "trajectory_system.j2".into(),
+            sandbox: rescue.sandbox.clone(),
+            isolation: None,
+            parallel: None,
+        };
+        let run = sampler.prepare(cx).await?;
+        let templates = self.templates(&cx.pipeline).map_err(|e| Error::stage(&cx.name, e))?;
+        let mut rescued = BTreeMap::new();
+        for round in 1..=rescue.rounds {
+            let pending: Vec<(String, String)> = verdicts
+                .iter()
+                .filter(|(id, v)| v.keep.is_empty() && v.dropped.0 == "inconsistent" && !rescued.contains_key(*id))
+                .map(|(id, v)| (id.clone(), v.reasoning.clone().unwrap_or_default()))
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            *out.counters.entry("rescue_attempts".into()).or_default() += pending.len() as u64;
+            let tasks: Vec<crate::trajectories::Task> =
+                pending.iter().map(|(id, why)| crate::trajectories::Task::again(&groups[id][0], round, why)).collect();
+            let samples = run.sample(&tasks).await;
+            let mut fresh: BTreeMap<String, Group> = BTreeMap::new();
+            for (i, result) in samples.into_iter().enumerate() {
+                let id = &pending[i / n as usize].0;
+                match result? {
+                    Ok(t) => {
+                        let row =
+                            serde_json::to_value(&t).ok().and_then(|v| v.as_object().cloned()).unwrap_or_default();
+                        match crate::filters::format::check_trajectory(&row) {
+                            Ok(()) => fresh.entry(id.clone()).or_default().push(row),
+                            Err((rule, _)) => *out.counters.entry(format!("rescue_dropped_{rule}")).or_default() += 1,
+                        }
+                    }
+                    Err(r) => out.rejections.push(r),
+                }
+            }
+            let mut requests = Vec::new();
+            for (id, group) in &fresh {
+                let answers: Vec<&str> = group.iter().map(answer).collect();
+                let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
+                let prompt = templates
+                    .render(&self.template, serde_json::json!({"question": question, "answers": answers}))
+                    .map_err(|e| Error::stage(&cx.name, e))?;
+                requests.push(RowRequest {
+                    row_id: id.clone(),
+                    messages: vec![Message::new("user", prompt)],
+                    sample: 0,
+                });
+            }
+            let asked: BTreeMap<String, &Group> = fresh.iter().map(|(id, g)| (id.clone(), g)).collect();
+            for (id, verdict) in self.consistency(cx, client, requests, &asked, out).await? {
+                if verdict.keep.is_empty() {
+                    verdicts.insert(id, verdict);
+                } else {
+                    *out.counters.entry("rescued".into()).or_default() += 1;
+                    verdicts.insert(id.clone(), Verdict { how: "rescued", ..verdict });
+                    rescued.insert(id.clone(), (fresh[&id].clone(), round));
+                }
+            }
+        }
+        for (name, n) in run.counters() {
+            *out.counters.entry(format!("rescue_{name}")).or_default() += n;
+        }
+        Ok(rescued)
+    }
+
     /// The trajectories grouped by question (in input order of questions, sample order within),
     /// and one judge request per question without a gold answer.
     fn plan(&self, cx: &StageCx, input: &Input) -> Result<(BTreeMap<String, Group>, Vec<RowRequest>)> {

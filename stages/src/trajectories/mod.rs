@@ -118,7 +118,7 @@ struct Step {
 
 /// One output row.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct Trajectory {
+pub(crate) struct Trajectory {
     row_id: String,
     parent_ids: Vec<String>,
     question: String,
@@ -182,7 +182,7 @@ fn schema() -> SchemaRef {
 
 /// One question, as the stage reads it.
 #[derive(Debug, Clone)]
-struct Task {
+pub(crate) struct Task {
     parent: String,
     question: String,
     category: Option<String>,
@@ -193,6 +193,8 @@ struct Task {
     difficulty: Option<u32>,
     params: serde_json::Value,
     query: Option<String>,
+    /// A rescue round and the judge's critique of the earlier answers (see `judge`).
+    critique: Option<(u32, String)>,
 }
 
 impl Task {
@@ -209,7 +211,22 @@ impl Task {
             difficulty: row.get("difficulty").and_then(|v| v.as_u64()).map(|d| d as u32),
             params: text("params").and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default(),
             query: text("query"),
+            critique: None,
         }
+    }
+
+    /// The question a trajectory row answered, to sample it again after `critique`.
+    pub(crate) fn again(row: &serde_json::Map<String, serde_json::Value>, round: u32, critique: &str) -> Self {
+        let mut task = Task::from_row(row);
+        task.parent = row
+            .get("parent_ids")
+            .and_then(|p| p.get(0))
+            .and_then(|p| p.as_str())
+            .map(str::to_string)
+            .unwrap_or(task.parent);
+        task.gold_answer = row.get("gold_answer").and_then(|v| v.as_str()).map(str::to_string);
+        task.critique = Some((round, critique.to_string()));
+        task
     }
 
     fn is_sql(&self) -> bool {
@@ -231,7 +248,13 @@ impl Task {
             "xlsx" => format!("`data/{name}` (Excel workbook), sheet `{}`.", self.table),
             other => format!("`data/{name}` ({}).", other.to_uppercase()),
         };
-        format!("{}\n\nData: {data}", self.question)
+        let mut prompt = format!("{}\n\nData: {data}", self.question);
+        if let Some((_, critique)) = &self.critique {
+            prompt.push_str(&format!(
+                "\n\nEarlier attempts at this question gave answers that did not agree. A reviewer said: {critique}\nSolve it again carefully, checking each step against the data."
+            ));
+        }
+        prompt
     }
 }
 
@@ -261,6 +284,26 @@ impl Tally {
 }
 
 impl Trajectories {
+    /// The teacher, templates, taxonomy and sandbox every trajectory of a run uses.
+    pub(crate) async fn prepare<'a>(&'a self, cx: &'a StageCx) -> Result<Run<'a>> {
+        let fail = |e: String| Error::stage(&cx.name, e);
+        let teacher = match (&self.model, self.teacher_config(&cx.pipeline).map_err(|p| fail(p.message))?) {
+            (Some(name), Some(config)) => {
+                Teacher::Model { name: name.clone(), client: client(cx, name)?, config: Box::new(config) }
+            }
+            _ => Teacher::Scripted,
+        };
+        Ok(Run {
+            cx,
+            stage: self,
+            teacher,
+            templates: Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?,
+            taxonomy: Taxonomy::load(cx.pipeline.taxonomy.as_deref()).map_err(fail)?,
+            sandbox: sandbox(cx, self.isolation).await?,
+            tally: Tally::default(),
+        })
+    }
+
     fn n(&self) -> u32 {
         self.n.unwrap_or(if self.scripted { 1 } else { 3 })
     }
@@ -306,7 +349,7 @@ impl Trajectories {
 }
 
 /// What one trajectory run needs, shared by all of them.
-struct Run<'a> {
+pub(crate) struct Run<'a> {
     cx: &'a StageCx,
     stage: &'a Trajectories,
     teacher: Teacher,
@@ -317,10 +360,42 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// `n` trajectories of each task, in task then sample order, within the parallelism limit.
+    pub(crate) async fn sample(&self, tasks: &[Task]) -> Vec<Result<Result<Trajectory, Rejection>>> {
+        let parallel = self.stage.parallel.unwrap_or(match &self.teacher {
+            Teacher::Model { config, .. } => config.max_concurrency.max(1),
+            Teacher::Scripted => 2 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        });
+        let jobs: Vec<(usize, u32)> = (0..tasks.len()).flat_map(|t| (0..self.stage.n()).map(move |s| (t, s))).collect();
+        let bar = progress::bar(&self.cx.name, jobs.len() as u64);
+        let results = stream::iter(jobs)
+            .map(|(task, sample)| {
+                let (bar, task) = (&bar, &tasks[task]);
+                async move {
+                    let r = self.trajectory(task, sample).await;
+                    bar.inc(1);
+                    r
+                }
+            })
+            .buffered(parallel)
+            .collect()
+            .await;
+        bar.finish_and_clear();
+        results
+    }
+
+    /// Counters of what the run did (sandbox cells, cache hits...).
+    pub(crate) fn counters(self) -> BTreeMap<String, u64> {
+        self.tally.0.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// One trajectory from the cache, or run now and cached. `Err(rejection)` when it could
     /// not be produced (the teacher failed): not cached, so a rerun tries again.
     async fn trajectory(&self, task: &Task, sample: u32) -> Result<Result<Trajectory, Rejection>> {
-        let id = row_id(&[&task.parent], format!("trajectory {sample}").as_bytes());
+        let id = match &task.critique {
+            None => row_id(&[&task.parent], format!("trajectory {sample}").as_bytes()),
+            Some((round, _)) => row_id(&[&task.parent], format!("rescue {round} trajectory {sample}").as_bytes()),
+        };
         let reject = |reason: &str, detail: String| Rejection { row_id: id.clone(), reason: reason.into(), detail };
         let opening = match self.stage.opening(&self.templates, &self.taxonomy, task) {
             Ok(m) => m,
@@ -632,42 +707,9 @@ impl Stage for Trajectories {
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
-        let fail = |e: String| Error::stage(&cx.name, e);
         let tasks = self.tasks(&inputs[0])?;
-        let teacher = match (&self.model, self.teacher_config(&cx.pipeline).map_err(|p| fail(p.message))?) {
-            (Some(name), Some(config)) => {
-                Teacher::Model { name: name.clone(), client: client(cx, name)?, config: Box::new(config) }
-            }
-            _ => Teacher::Scripted,
-        };
-        let parallel = self.parallel.unwrap_or(match &teacher {
-            Teacher::Model { config, .. } => config.max_concurrency.max(1),
-            Teacher::Scripted => 2 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-        });
-        let run = Run {
-            cx,
-            stage: self,
-            teacher,
-            templates: Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?,
-            taxonomy: Taxonomy::load(cx.pipeline.taxonomy.as_deref()).map_err(fail)?,
-            sandbox: sandbox(cx, self.isolation).await?,
-            tally: Tally::default(),
-        };
-        let jobs: Vec<(usize, u32)> = (0..tasks.len()).flat_map(|t| (0..self.n()).map(move |s| (t, s))).collect();
-        let bar = progress::bar(&cx.name, jobs.len() as u64);
-        let results: Vec<Result<Result<Trajectory, Rejection>>> = stream::iter(jobs)
-            .map(|(task, sample)| {
-                let (run, bar, task) = (&run, &bar, &tasks[task]);
-                async move {
-                    let r = run.trajectory(task, sample).await;
-                    bar.inc(1);
-                    r
-                }
-            })
-            .buffered(parallel)
-            .collect()
-            .await;
-        bar.finish_and_clear();
+        let run = self.prepare(cx).await?;
+        let results = run.sample(&tasks).await;
 
         let mut out = Output::default();
         let mut rows = Vec::new();
@@ -677,12 +719,17 @@ impl Stage for Trajectories {
                 Err(rejection) => out.rejections.push(rejection),
             }
         }
-        let mut counters = run.tally.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        let isolation = format!("isolation_{}", run.sandbox.mode());
+        let cost = match &run.teacher {
+            Teacher::Model { config, .. } => Some(config.clone()),
+            Teacher::Scripted => None,
+        };
+        let mut counters = run.counters();
         counters.insert("trajectories".into(), rows.len() as u64);
-        counters.insert(format!("isolation_{}", run.sandbox.mode()), 1);
+        counters.insert(isolation, 1);
         counters.insert("prompt_tokens".into(), rows.iter().map(|t| t.prompt_tokens).sum());
         counters.insert("completion_tokens".into(), rows.iter().map(|t| t.completion_tokens).sum());
-        if let Teacher::Model { config, .. } = &run.teacher {
+        if let Some(config) = cost {
             let cost = config.cost(counters["prompt_tokens"], counters["completion_tokens"]);
             counters.insert("cost_micro_usd".into(), (cost * 1e6).round() as u64);
         }
