@@ -95,6 +95,22 @@ inputs = ["questions"]
 model = "real"
 n = 2
 max_turns = 4
+
+[stages.formed]
+kind = "format_filter"
+inputs = ["trajectories"]
+
+# Without gold answers, so the model judges consistency (and rescues once).
+[stages.open]
+kind = "sql"
+inputs = ["formed"]
+query = "SELECT * REPLACE (CAST(NULL AS VARCHAR) AS gold_answer) FROM formed"
+
+[stages.judged]
+kind = "judge"
+inputs = ["open"]
+model = "real"
+rescue = {{ teacher = "real", rounds = 1, max_turns = 4 }}
 "#
     );
     std::fs::write(dir.join("p.toml"), pipeline).unwrap();
@@ -110,4 +126,8 @@ max_turns = 4
         assert!(["answer", "max_turns"].contains(&reason), "{row:?}");
         assert_eq!(reason == "answer", row["final_answer"].is_string(), "{row:?}");
     }
+    let formed = util::rows(&dir.join("out/formed")).len();
+    let judged = util::rows(&dir.join("out/judged")).len();
+    let dropped = util::rows(&dir.join("out/_rejections")).into_iter().filter(|r| r["stage"] == "judged").count();
+    assert!(judged + dropped >= formed, "every well-formed trajectory is kept or dropped with a reason");
 }
