@@ -82,4 +82,13 @@ path = "exports/rewrite.jsonl"
         .collect();
     assert_eq!(exported.len(), 80, "the export holds every row");
     assert_eq!(exported[0]["row_id"], rows[0]["row_id"], "in dataset order, lineage included");
+
+    // Changing the model's settings makes the stages that call it stale (and only them),
+    // and says why; the new temperature means new requests.
+    std::fs::write(dir.join("p.toml"), pipeline.replace("model = \"m\"", "model = \"m\"\ntemperature = 0.3")).unwrap();
+    let status = util::kiln_ok(dir, &["status", "p.toml"]);
+    assert!(status.contains("questions: fresh"), "{status}");
+    assert!(status.contains("rewrite: stale") && status.contains("model `local` changed"), "{status}");
+    assert!(util::kiln_ok(dir, &["run", "p.toml"]).contains("rewrite: ran, 80 rows"));
+    assert_eq!(server.seen.total.load(std::sync::atomic::Ordering::SeqCst), 160, "the changed requests are sent");
 }

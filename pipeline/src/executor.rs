@@ -92,6 +92,11 @@ fn parts_of(plan: &Plan, i: usize, input_hashes: &BTreeMap<String, String>) -> F
         files,
         inputs: input_hashes.clone(),
         seed: stage.seeded().then_some(plan.spec.settings.seed),
+        models: stage
+            .models()
+            .into_iter()
+            .filter_map(|m| plan.check_cx.models.get(&m).map(|table| (m, table.clone())))
+            .collect(),
     }
 }
 

@@ -29,6 +29,10 @@ pub struct FingerprintParts {
     /// The pipeline seed, for stages whose output depends on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// The `[models.<name>]` tables the stage calls, as canonical JSON (absent for stages that
+    /// call no model, so their fingerprints are as before).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, serde_json::Value>,
 }
 
 impl FingerprintParts {
@@ -54,6 +58,7 @@ impl FingerprintParts {
         why.extend(map_changes("parameter", &as_map(&self.params), &as_map(&old.params)));
         why.extend(map_changes("file", &self.files, &old.files));
         why.extend(map_changes("input", &self.inputs, &old.inputs));
+        why.extend(map_changes("model", &self.models, &old.models));
         why
     }
 }
@@ -113,6 +118,7 @@ mod tests {
             files: BTreeMap::new(),
             inputs: BTreeMap::new(),
             seed: None,
+            models: BTreeMap::new(),
         }
     }
 

@@ -36,6 +36,12 @@ pub trait Stage: Debug + Send + Sync {
         Vec::new()
     }
 
+    /// Names of the `[models]` tables the stage calls: their settings are part of the stage
+    /// fingerprint, so changing a model (or its temperature) reruns the stages that use it.
+    fn models(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Files the output depends on; they are part of the stage fingerprint.
     fn files(&self, _cx: &CheckCx) -> Vec<FileDep> {
         Vec::new()

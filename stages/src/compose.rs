@@ -191,6 +191,10 @@ impl Compose {
 
 #[async_trait]
 impl Stage for Compose {
+    fn models(&self) -> Vec<String> {
+        vec![self.model.clone()]
+    }
+
     fn seeded(&self) -> bool {
         true
     }

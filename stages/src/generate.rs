@@ -174,6 +174,10 @@ impl Generate {
 
 #[async_trait]
 impl Stage for Generate {
+    fn models(&self) -> Vec<String> {
+        vec![self.model.clone()]
+    }
+
     fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
         let mut problems: Vec<Problem> = model_config(cx, &self.model).err().into_iter().collect();
         problems.extend(self.templates(cx).err());

@@ -211,6 +211,10 @@ fn parse_reply(text: &str) -> Result<(String, bool, usize), String> {
 
 #[async_trait]
 impl Stage for Judge {
+    fn models(&self) -> Vec<String> {
+        self.model.iter().cloned().chain(self.rescue.iter().map(|r| r.teacher.clone())).collect()
+    }
+
     fn seeded(&self) -> bool {
         self.mode == Mode::KeepRandom
     }

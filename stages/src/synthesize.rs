@@ -167,6 +167,10 @@ fn sample<'t>(weights: &[(&'t Category, f64)], k: usize, seed: &[&str]) -> Vec<&
 
 #[async_trait]
 impl Stage for Synthesize {
+    fn models(&self) -> Vec<String> {
+        vec![self.model.clone()]
+    }
+
     fn seeded(&self) -> bool {
         true
     }

@@ -618,6 +618,10 @@ async fn sandbox(cx: &StageCx, isolation: Option<Isolation>) -> Result<Arc<Sandb
 
 #[async_trait]
 impl Stage for Trajectories {
+    fn models(&self) -> Vec<String> {
+        self.model.iter().cloned().collect()
+    }
+
     fn version(&self) -> u32 {
         VERSION
     }
