@@ -18,13 +18,9 @@ fn local_model() -> Option<(String, String)> {
     Some((url, std::env::var("KILN_TEST_LLM_MODEL").unwrap_or_else(|_| "local".into())))
 }
 
-#[test]
-fn synthesize_against_a_real_local_model() {
-    let Some((url, model)) = local_model() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    util::copy_sample_data(dir);
-    let pipeline = format!(
+/// The `[pipeline]` and `[models.real]` tables of both tests.
+fn header(url: &str, model: &str, max_tokens: u32, max_concurrency: u32) -> String {
+    format!(
         r#"
 [pipeline]
 name = "real"
@@ -34,10 +30,21 @@ output_dir = "out"
 base_url = "{url}"
 model = "{model}"
 temperature = 0.7
-max_tokens = 256
-max_concurrency = 1
+max_tokens = {max_tokens}
+max_concurrency = {max_concurrency}
 timeout_s = 300
+"#
+    )
+}
 
+#[test]
+fn synthesize_against_a_real_local_model() {
+    let Some((url, model)) = local_model() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    util::copy_sample_data(dir);
+    let pipeline = format!(
+        r#"{}
 [stages.files]
 kind = "profile"
 paths = ["data/species.csv", "data/plots.csv"]
@@ -47,7 +54,8 @@ kind = "synthesize"
 inputs = ["files"]
 model = "real"
 per_table = 2
-"#
+"#,
+        header(&url, &model, 256, 1)
     );
     std::fs::write(dir.join("p.toml"), pipeline).unwrap();
     util::kiln_ok(dir, &["run", "p.toml"]);
@@ -66,19 +74,7 @@ fn trajectories_against_a_real_local_model() {
     let dir = tmp.path();
     util::copy_sample_data(dir);
     let pipeline = format!(
-        r#"
-[pipeline]
-name = "real"
-output_dir = "out"
-
-[models.real]
-base_url = "{url}"
-model = "{model}"
-temperature = 0.7
-max_tokens = 384
-max_concurrency = 2
-timeout_s = 300
-
+        r#"{}
 [stages.files]
 kind = "profile"
 paths = ["data/plots.csv", "data/*.sqlite"]
@@ -111,7 +107,8 @@ kind = "judge"
 inputs = ["open"]
 model = "real"
 rescue = {{ teacher = "real", rounds = 1, max_turns = 4 }}
-"#
+"#,
+        header(&url, &model, 384, 2)
     );
     std::fs::write(dir.join("p.toml"), pipeline).unwrap();
     util::kiln_ok(dir, &["run", "p.toml"]);

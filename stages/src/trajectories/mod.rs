@@ -116,11 +116,9 @@ struct Step {
     truncated: bool,
 }
 
-/// One output row.
+/// What a trajectory row says about its question (the columns it carries from its input).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub(crate) struct Trajectory {
-    row_id: String,
-    parent_ids: Vec<String>,
+struct About {
     question: String,
     category: Option<String>,
     path: String,
@@ -128,6 +126,15 @@ pub(crate) struct Trajectory {
     table: String,
     gold_answer: Option<String>,
     difficulty: Option<u32>,
+}
+
+/// One output row.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct Trajectory {
+    row_id: String,
+    parent_ids: Vec<String>,
+    #[serde(flatten)]
+    about: About,
     sample: u32,
     teacher: String,
     messages: Vec<Message>,
@@ -184,13 +191,7 @@ fn schema() -> SchemaRef {
 #[derive(Debug, Clone)]
 pub(crate) struct Task {
     parent: String,
-    question: String,
-    category: Option<String>,
-    path: String,
-    format: String,
-    table: String,
-    gold_answer: Option<String>,
-    difficulty: Option<u32>,
+    about: About,
     params: serde_json::Value,
     query: Option<String>,
     /// A rescue round and the judge's critique of the earlier answers (see `judge`).
@@ -202,13 +203,15 @@ impl Task {
         let text = |k: &str| row.get(k).and_then(|v| v.as_str()).map(str::to_string);
         Task {
             parent: text("row_id").unwrap_or_default(),
-            question: text("question").unwrap_or_default(),
-            category: text("category"),
-            path: text("path").unwrap_or_default(),
-            format: text("format").unwrap_or_default(),
-            table: text("table").unwrap_or_default(),
-            gold_answer: text("answer"),
-            difficulty: row.get("difficulty").and_then(|v| v.as_u64()).map(|d| d as u32),
+            about: About {
+                question: text("question").unwrap_or_default(),
+                category: text("category"),
+                path: text("path").unwrap_or_default(),
+                format: text("format").unwrap_or_default(),
+                table: text("table").unwrap_or_default(),
+                gold_answer: text("answer"),
+                difficulty: row.get("difficulty").and_then(|v| v.as_u64()).map(|d| d as u32),
+            },
             params: text("params").and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default(),
             query: text("query"),
             critique: None,
@@ -224,31 +227,37 @@ impl Task {
             .and_then(|p| p.as_str())
             .map(str::to_string)
             .unwrap_or(task.parent);
-        task.gold_answer = row.get("gold_answer").and_then(|v| v.as_str()).map(str::to_string);
+        task.about.gold_answer = row.get("gold_answer").and_then(|v| v.as_str()).map(str::to_string);
         task.critique = Some((round, critique.to_string()));
         task
     }
 
     fn is_sql(&self) -> bool {
-        self.format == "sqlite"
+        self.about.format == "sqlite"
     }
 
     /// The data file's name inside the sandbox.
     fn file_name(&self) -> String {
-        Path::new(&self.path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into())
+        Path::new(&self.about.path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "data".into())
     }
 
     /// The user message: the question and where its data is.
     fn prompt(&self) -> String {
         let name = self.file_name();
-        let data = match self.format.as_str() {
+        let data = match self.about.format.as_str() {
             "sqlite" => {
-                format!("The SQLite database `{name}`, table `{}`: use get_db_info() and execute_sql().", self.table)
+                format!(
+                    "The SQLite database `{name}`, table `{}`: use get_db_info() and execute_sql().",
+                    self.about.table
+                )
             }
-            "xlsx" => format!("`data/{name}` (Excel workbook), sheet `{}`.", self.table),
+            "xlsx" => format!("`data/{name}` (Excel workbook), sheet `{}`.", self.about.table),
             other => format!("`data/{name}` ({}).", other.to_uppercase()),
         };
-        let mut prompt = format!("{}\n\nData: {data}", self.question);
+        let mut prompt = format!("{}\n\nData: {data}", self.about.question);
         if let Some((_, critique)) = &self.critique {
             prompt.push_str(&format!(
                 "\n\nEarlier attempts at this question gave answers that did not agree. A reviewer said: {critique}\nSolve it again carefully, checking each step against the data."
@@ -316,7 +325,7 @@ impl Trajectories {
     }
 
     fn system_prompt(&self, templates: &Templates, taxonomy: &Taxonomy, task: &Task) -> Result<String, String> {
-        let category = task.category.as_deref().and_then(|c| taxonomy.get(c));
+        let category = task.about.category.as_deref().and_then(|c| taxonomy.get(c));
         let files = if task.is_sql() {
             vec![format!("{} (SQLite; reach it only through the SQL tools)", task.file_name())]
         } else {
@@ -403,13 +412,19 @@ impl Run<'_> {
         };
         let script = match &self.teacher {
             Teacher::Scripted => {
-                let category = task.category.as_deref().unwrap_or("");
+                let category = task.about.category.as_deref().unwrap_or("");
                 let shown = format!("data/{}", task.file_name());
-                match scripted::script(category, &task.params, task.query.as_deref(), &task.format, &shown, &task.table)
-                {
+                match scripted::script(
+                    category,
+                    &task.params,
+                    task.query.as_deref(),
+                    &task.about.format,
+                    &shown,
+                    &task.about.table,
+                ) {
                     Some(s) => Some(s),
                     None => {
-                        let why = format!("no script for category `{category}` on {} files", task.format);
+                        let why = format!("no script for category `{category}` on {} files", task.about.format);
                         return Ok(Err(reject("not_scriptable", why)));
                     }
                 }
@@ -422,7 +437,15 @@ impl Run<'_> {
         };
         let key = CacheKey::new(
             &format!("trajectory/{VERSION}"),
-            &(&teacher_id, &opening, sample, self.stage.max_turns, &self.stage.sandbox, &task.path, &task.table),
+            &(
+                &teacher_id,
+                &opening,
+                sample,
+                self.stage.max_turns,
+                &self.stage.sandbox,
+                &task.about.path,
+                &task.about.table,
+            ),
         )?;
         if let Some(hit) = self.cx.cache.get::<Trajectory>(&key)? {
             self.tally.add("trajectories_cached", 1);
@@ -431,13 +454,7 @@ impl Run<'_> {
         let mut t = Trajectory {
             row_id: id.clone(),
             parent_ids: vec![task.parent.clone()],
-            question: task.question.clone(),
-            category: task.category.clone(),
-            path: task.path.clone(),
-            format: task.format.clone(),
-            table: task.table.clone(),
-            gold_answer: task.gold_answer.clone(),
-            difficulty: task.difficulty,
+            about: task.about.clone(),
             sample,
             teacher: self.teacher.name(),
             messages: opening,
@@ -567,7 +584,7 @@ impl Run<'_> {
     }
 
     fn worker_spec(&self, task: &Task, scratch: &Path) -> WorkerSpec {
-        let path = self.cx.pipeline.resolve(&task.path);
+        let path = self.cx.pipeline.resolve(&task.about.path);
         let (data, database) = if task.is_sql() {
             (Vec::new(), Some(path))
         } else {
