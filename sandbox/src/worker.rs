@@ -251,16 +251,40 @@ impl Worker {
     async fn lose(&mut self, status: CellStatus, why: String, elapsed_ms: f64) -> Cell {
         let mut error = why;
         if let Some(mut live) = self.live.take() {
-            // SAFETY: signalling the worker's own process group.
-            unsafe { libc::kill(-live.pgid, libc::SIGKILL) };
             if status == CellStatus::Crashed {
-                if let Ok(Ok(exit)) = tokio::time::timeout(Duration::from_secs(5), live.child.wait()).await {
-                    error = format!("{error} (the process ended: {exit})");
+                // A worker that died on its own is reaped first, so its real cause is reported
+                // (not the kill below); one that only broke the protocol is still running.
+                if let Ok(Ok(exit)) = tokio::time::timeout(Duration::from_millis(300), live.child.wait()).await {
+                    error = format!("{error} ({})", describe_exit(exit));
                 }
                 tracing::debug!("worker stderr: {}", live.stderr.lock().unwrap_or_else(|e| e.into_inner()).trim());
             }
+            // SAFETY: signalling the worker's own process group.
+            unsafe { libc::kill(-live.pgid, libc::SIGKILL) };
         }
         Cell { status, output: String::new(), output_chars: 0, error: Some(error), elapsed_ms }
+    }
+}
+
+/// How a worker process ended, in words. bubblewrap reports a child killed by signal N as
+/// exit status 128 + N; that is read as the signal too.
+fn describe_exit(exit: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let signal = exit.signal().or_else(|| exit.code().filter(|c| *c > 128 && *c < 160).map(|c| c - 128));
+    match (signal, exit.code()) {
+        (Some(sig), _) => {
+            let name = match sig {
+                libc::SIGSEGV => " (SIGSEGV, a segmentation fault)",
+                libc::SIGABRT => " (SIGABRT)",
+                libc::SIGBUS => " (SIGBUS)",
+                libc::SIGFPE => " (SIGFPE)",
+                libc::SIGKILL => " (SIGKILL)",
+                _ => "",
+            };
+            format!("the process was killed by signal {sig}{name}")
+        }
+        (None, Some(code)) => format!("the process exited with status {code}"),
+        (None, None) => "the process ended".into(),
     }
 }
 
