@@ -147,7 +147,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Kinds => {
             for kind in kiln_stages::registry().kinds() {
-                writeln!(out, "{}: {}\n  parameters: {}", kind.name, kind.summary, kind.fields().join(", "))?;
+                let fields = kind.fields();
+                let fields = if fields.is_empty() { "(none)".to_string() } else { fields.join(", ") };
+                writeln!(out, "{}: {}\n  parameters: {fields}", kind.name, kind.summary)?;
             }
             writeln!(out, "every stage also takes: kind, inputs, max_tokens, max_cost_usd")?;
         }
