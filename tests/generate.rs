@@ -92,3 +92,25 @@ path = "exports/rewrite.jsonl"
     assert!(util::kiln_ok(dir, &["run", "p.toml"]).contains("rewrite: ran, 80 rows"));
     assert_eq!(server.seen.total.load(std::sync::atomic::Ordering::SeqCst), 160, "the changed requests are sent");
 }
+
+#[test]
+fn rows_lost_to_a_failing_endpoint_are_retried_by_a_plain_rerun() {
+    let server = start_in_background(Faults { rate: 1.0, only: Some("500"), ..Faults::default() });
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("q.jsonl"), "{\"question\": \"a\"}\n{\"question\": \"b\"}\n").unwrap();
+    let pipeline = format!(
+        "[pipeline]\nname = \"g\"\noutput_dir = \"out\"\n\n[models.down]\nbase_url = \"{}\"\nmodel = \"m\"\nmax_retries = 0\n\n[stages.q]\nkind = \"load\"\npaths = [\"q.jsonl\"]\n\n[stages.g]\nkind = \"generate\"\ninputs = [\"q\"]\nmodel = \"down\"\nprompt = \"{{{{ question }}}}\"\n",
+        server.base_url()
+    );
+    std::fs::write(dir.join("p.toml"), pipeline).unwrap();
+    assert!(util::kiln_ok(dir, &["run", "p.toml"]).contains("g: ran, 0 rows, 2 rejected"));
+    let sent = server.seen.total.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(sent, 2);
+    // The endpoint failed: the stage is not done, and says why; running again retries.
+    let status = util::kiln_ok(dir, &["status", "p.toml"]);
+    assert!(status.contains("q: fresh"), "{status}");
+    assert!(status.contains("2 rows failed on errors that may pass"), "{status}");
+    util::kiln_ok(dir, &["run", "p.toml"]);
+    assert_eq!(server.seen.total.load(std::sync::atomic::Ordering::SeqCst), 4, "the failed rows were sent again");
+}

@@ -100,13 +100,23 @@ fn parts_of(plan: &Plan, i: usize, input_hashes: &BTreeMap<String, String>) -> F
     }
 }
 
+/// The counter a stage sets to the number of rows it rejected for a reason that may pass on
+/// another attempt (an LLM endpoint that failed past its retries): such a stage is stale until
+/// it has none, so a plain rerun finishes the job.
+pub const RETRYABLE: &str = "retryable";
+
 /// Why a stage whose dataset has `manifest` would run now with `parts` (or that it would not).
 fn freshness(manifest: Option<&Manifest>, parts: &FingerprintParts) -> Freshness {
     let Some(manifest) = manifest else {
         return Freshness::Stale(vec!["no output yet".into()]);
     };
     if manifest.fingerprint == parts.fingerprint() {
-        return Freshness::Fresh;
+        return match manifest.counters.get(RETRYABLE).copied().unwrap_or(0) {
+            0 => Freshness::Fresh,
+            n => Freshness::Stale(vec![format!(
+                "{n} rows failed on errors that may pass (an unreachable or failing endpoint); running again retries them"
+            )]),
+        };
     }
     let mut why = parts.changes_from(&manifest.parts);
     if why.is_empty() {

@@ -734,10 +734,14 @@ impl Stage for Trajectories {
 
         let mut out = Output::default();
         let mut rows = Vec::new();
+        let mut retryable = 0;
         for result in results {
             match result? {
                 Ok(t) => rows.push(t),
-                Err(rejection) => out.rejections.push(rejection),
+                Err(rejection) => {
+                    retryable += u64::from(rejection.reason == "teacher_failed");
+                    out.rejections.push(rejection);
+                }
             }
         }
         let isolation = format!("isolation_{}", run.sandbox.mode());
@@ -748,6 +752,9 @@ impl Stage for Trajectories {
         let mut counters = run.counters();
         counters.insert("trajectories".into(), rows.len() as u64);
         counters.insert(isolation, 1);
+        if retryable > 0 {
+            counters.insert(kiln_pipeline::executor::RETRYABLE.into(), retryable);
+        }
         counters.insert("prompt_tokens".into(), rows.iter().map(|t| t.prompt_tokens).sum());
         counters.insert("completion_tokens".into(), rows.iter().map(|t| t.completion_tokens).sum());
         if let Some(config) = cost {
