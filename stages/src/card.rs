@@ -281,9 +281,7 @@ impl Stage for Card {
         let stem = target.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default().to_lowercase();
         let rows = to_json_rows(&inputs[0].read()?)?;
         let (md, plots) = self.render(cx, &inputs[0], &rows, &dir, &stem)?;
-        let tmp = target.with_extension("md.tmp");
-        std::fs::write(&tmp, &md).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
+        crate::export::write_atomic(&target, |w| w.write_all(md.as_bytes()))?;
         let hash = blake3::hash(md.as_bytes()).to_hex().to_string();
         let row = Written {
             row_id: row_id(&[], format!("card\0{}\0{hash}", self.path).as_bytes()),

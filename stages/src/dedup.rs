@@ -25,18 +25,17 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use arrow::array::BooleanArray;
-use arrow::compute::filter_record_batch;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
+use kiln_pipeline::Result;
 use kiln_pipeline::rows::to_json_rows;
-use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx};
-use kiln_pipeline::{Error, Result};
+use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Problem, Stage, StageCx};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::answers::normalize;
+use crate::filters::{Refusal, retain_batches};
 
 /// Parameters of a `dedup` stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -231,41 +230,26 @@ impl Stage for Dedup {
         }
         let near = near_duplicates(&texts, self.threshold, self.shingle, self.permutations);
 
-        let mut out = Output::default();
-        let mut verdict: HashMap<&str, Option<(&'static str, String)>> = HashMap::new();
+        let mut verdict: HashMap<&str, Refusal> = HashMap::new();
         for (item, text) in &item_text {
             let t = text_index[text];
             let why = if first_item[t] != *item {
-                Some(("exact", format!("same text as item {}", first_item[t])))
+                Some(("exact".to_string(), format!("same text as item {}", first_item[t])))
             } else {
-                near[t]
-                    .map(|(rep, j)| ("near", format!("Jaccard {j:.2} with item {}: {:?}", first_item[rep], texts[rep])))
+                near[t].map(|(rep, j)| {
+                    ("near".to_string(), format!("Jaccard {j:.2} with item {}: {:?}", first_item[rep], texts[rep]))
+                })
             };
-            verdict.insert(item.as_str(), why);
-        }
-        let mut offset = 0;
-        for batch in batches {
-            let mut keep = Vec::with_capacity(batch.num_rows());
-            for row in &rows[offset..offset + batch.num_rows()] {
-                let item = item_of(row, per_question);
-                match &verdict[item.as_str()] {
-                    None => keep.push(true),
-                    Some((rule, detail)) => {
-                        keep.push(false);
-                        *out.counters.entry(format!("rejected_{rule}")).or_default() += 1;
-                        let row_id = row.get("row_id").and_then(Value::as_str).unwrap_or_default().to_string();
-                        out.rejections.push(Rejection {
-                            row_id,
-                            reason: format!("dedup:{rule}"),
-                            detail: detail.clone(),
-                        });
-                    }
-                }
+            if let Some(why) = why {
+                verdict.insert(item.as_str(), why);
             }
-            offset += batch.num_rows();
-            out.batches
-                .push(filter_record_batch(&batch, &BooleanArray::from(keep)).map_err(|e| Error::stage(&cx.name, e))?);
         }
+        let mut out = retain_batches(cx, "dedup", batches, &rows, |row| {
+            match verdict.get(item_of(row, per_question).as_str()) {
+                None => Ok(()),
+                Some(why) => Err(why.clone()),
+            }
+        })?;
         out.counters.insert("distinct_texts".into(), texts.len() as u64);
         Ok(out)
     }

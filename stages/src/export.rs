@@ -121,8 +121,12 @@ fn rl_schema() -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-/// Writes `target` through a temporary file renamed into place.
-fn write_atomic(target: &Path, write: impl FnOnce(&mut (dyn Write + Send)) -> std::io::Result<()>) -> Result<()> {
+/// Writes `target` through a temporary file renamed into place (creating its folder), so a
+/// reader never sees half a file.
+pub(crate) fn write_atomic(
+    target: &Path,
+    write: impl FnOnce(&mut (dyn Write + Send)) -> std::io::Result<()>,
+) -> Result<()> {
     let io = |e: std::io::Error| Error::io(target, e);
     if let Some(dir) = target.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;

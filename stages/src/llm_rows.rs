@@ -122,17 +122,16 @@ where
         let (reply, hits) = result?;
         *counters.entry("llm_cache_hits".into()).or_default() += hits;
         match reply {
-            Err(rejection) if rejection.reason == "llm_failed" => {
-                *counters.entry(kiln_pipeline::executor::RETRYABLE.into()).or_default() += 1;
-                rejections.push(rejection);
-                replies.push(None);
-            }
             Ok(r) => {
                 *counters.entry("prompt_tokens".into()).or_default() += r.prompt_tokens;
                 *counters.entry("completion_tokens".into()).or_default() += r.completion_tokens;
                 replies.push(Some(r));
             }
             Err(rejection) => {
+                // The endpoint failed past the client's retries: a later run may succeed.
+                if rejection.reason == "llm_failed" {
+                    *counters.entry(kiln_pipeline::executor::RETRYABLE.into()).or_default() += 1;
+                }
                 rejections.push(rejection);
                 replies.push(None);
             }

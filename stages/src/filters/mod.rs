@@ -10,6 +10,7 @@ pub mod tokens;
 use arrow::array::BooleanArray;
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
 use kiln_pipeline::rows::to_json_rows;
 use kiln_pipeline::stage::{Input, InputSchema, Output, Problem, Rejection, StageCx};
 use kiln_pipeline::{Error, Result};
@@ -39,14 +40,30 @@ pub fn filter_schema(kind: &str, inputs: &[InputSchema], required: &[&str]) -> R
     Ok(input.schema.clone())
 }
 
-/// Keeps the rows `decide` accepts; the others become rejections named `<kind>:<rule>`.
-/// Counters: `kept`, and one `rejected_<rule>` per rule.
+/// Keeps the rows of `input` that `decide` accepts; the others become rejections named
+/// `<kind>:<rule>`. Counters: `kept`, and one `rejected_<rule>` per rule.
 pub fn retain(cx: &StageCx, kind: &str, input: &Input, decide: impl Fn(&Row) -> Result<(), Refusal>) -> Result<Output> {
+    let batches = input.read()?;
+    let rows = to_json_rows(&batches)?;
+    retain_batches(cx, kind, batches, &rows, decide)
+}
+
+/// [`retain`] over batches already read, with `rows` their rows as JSON (in order), for stages
+/// that look at every row before deciding.
+pub fn retain_batches(
+    cx: &StageCx,
+    kind: &str,
+    batches: Vec<RecordBatch>,
+    rows: &[Row],
+    decide: impl Fn(&Row) -> Result<(), Refusal>,
+) -> Result<Output> {
     let mut out = Output::default();
-    for batch in input.read()? {
-        let rows = to_json_rows(std::slice::from_ref(&batch))?;
+    let mut offset = 0;
+    for batch in batches {
+        let rows = &rows[offset..offset + batch.num_rows()];
+        offset += batch.num_rows();
         let mut keep = Vec::with_capacity(rows.len());
-        for row in &rows {
+        for row in rows {
             match decide(row) {
                 Ok(()) => keep.push(true),
                 Err((rule, detail)) => {
