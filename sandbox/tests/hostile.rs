@@ -223,12 +223,16 @@ async fn shell_cannot_be_spawned() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn parent_cannot_be_killed() {
-    let code = "import os, signal\nfor pid in (os.getppid(), 1):\n    try:\n        os.kill(pid, signal.SIGKILL)\n        print('sent', pid)\n    except OSError as e:\n        print('refused', type(e).__name__)";
+    let code = "import os, signal\nprint('parent', os.getppid())\nfor pid in (os.getppid(), 1):\n    try:\n        os.kill(pid, signal.SIGKILL)\n        print('sent', pid)\n    except OSError as e:\n        print('refused', type(e).__name__)";
     hostile(code, After::Kept, |c, _, m| {
         // Under bubblewrap the worker sees only its own PID namespace (its parent is the
         // namespace's init, which ignores the signal); under Landlock, signals are scoped.
         if m == Isolation::Landlock {
             assert_eq!(c.output.matches("refused").count(), 2, "{m}: {c:?}");
+        } else {
+            let parent = format!("parent {}\n", std::process::id());
+            assert!(c.output.starts_with("parent ") && !c.output.starts_with(&parent), "{m}: sees the engine: {c:?}");
+            assert_eq!(c.output.lines().count(), 3, "{m}: {c:?}");
         }
     })
     .await;
