@@ -744,21 +744,22 @@ impl Stage for Trajectories {
                 }
             }
         }
-        let isolation = format!("isolation_{}", run.sandbox.mode());
+        let prompt: u64 = rows.iter().map(|t| t.prompt_tokens).sum();
+        let completion: u64 = rows.iter().map(|t| t.completion_tokens).sum();
         let cost = match &run.teacher {
-            Teacher::Model { config, .. } => Some(config.clone()),
+            Teacher::Model { config, .. } => Some(config.cost(prompt, completion)),
             Teacher::Scripted => None,
         };
+        let isolation = format!("isolation_{}", run.sandbox.mode());
         let mut counters = run.counters();
         counters.insert("trajectories".into(), rows.len() as u64);
         counters.insert(isolation, 1);
         if retryable > 0 {
             counters.insert(kiln_pipeline::executor::RETRYABLE.into(), retryable);
         }
-        counters.insert("prompt_tokens".into(), rows.iter().map(|t| t.prompt_tokens).sum());
-        counters.insert("completion_tokens".into(), rows.iter().map(|t| t.completion_tokens).sum());
-        if let Some(config) = cost {
-            let cost = config.cost(counters["prompt_tokens"], counters["completion_tokens"]);
+        counters.insert("prompt_tokens".into(), prompt);
+        counters.insert("completion_tokens".into(), completion);
+        if let Some(cost) = cost {
             counters.insert("cost_micro_usd".into(), (cost * 1e6).round() as u64);
         }
         out.counters = counters;
