@@ -333,6 +333,14 @@ impl Stage for Judge {
     }
 }
 
+/// The judge call for the question `id` and its trajectories' answers.
+fn judge_request(templates: &Templates, template: &str, id: &str, group: &Group) -> Result<RowRequest, String> {
+    let answers: Vec<&str> = group.iter().map(answer).collect();
+    let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
+    let prompt = templates.render(template, serde_json::json!({"question": question, "answers": answers}))?;
+    Ok(RowRequest { row_id: id.to_string(), messages: vec![Message::new("user", prompt)], sample: 0 })
+}
+
 fn row_id(row: &Map<String, Value>) -> String {
     row.get("row_id").and_then(Value::as_str).unwrap_or_default().to_string()
 }
@@ -445,19 +453,12 @@ impl Judge {
                     Err(r) => out.rejections.push(r),
                 }
             }
-            let mut requests = Vec::new();
-            for (id, group) in &fresh {
-                let answers: Vec<&str> = group.iter().map(answer).collect();
-                let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
-                let prompt = templates
-                    .render(&self.template, serde_json::json!({"question": question, "answers": answers}))
-                    .map_err(|e| Error::stage(&cx.name, e))?;
-                requests.push(RowRequest {
-                    row_id: id.clone(),
-                    messages: vec![Message::new("user", prompt)],
-                    sample: 0,
-                });
-            }
+            let requests = fresh
+                .iter()
+                .map(|(id, group)| {
+                    judge_request(&templates, &self.template, id, group).map_err(|e| Error::stage(&cx.name, e))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let asked: BTreeMap<String, &Group> = fresh.iter().map(|(id, g)| (id.clone(), g)).collect();
             for (id, verdict) in self.consistency(cx, client, requests, &asked, out).await? {
                 if verdict.keep.is_empty() {
@@ -498,12 +499,7 @@ impl Judge {
             if group[0].get("gold_answer").and_then(Value::as_str).is_some() {
                 continue;
             }
-            let answers: Vec<&str> = group.iter().map(answer).collect();
-            let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
-            let prompt = templates
-                .render(&self.template, serde_json::json!({"question": question, "answers": answers}))
-                .map_err(|e| Error::stage(&cx.name, e))?;
-            requests.push(RowRequest { row_id: id.clone(), messages: vec![Message::new("user", prompt)], sample: 0 });
+            requests.push(judge_request(&templates, &self.template, id, group).map_err(|e| Error::stage(&cx.name, e))?);
         }
         Ok((groups, requests))
     }
