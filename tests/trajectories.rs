@@ -199,7 +199,7 @@ fn kill_during_trajectories_then_rerun_keeps_finished_ones() {
     util::copy_sample_data(dir);
     std::fs::write(dir.join("p.toml"), SCRIPTED).unwrap();
     let out = dir.join("OUT");
-    let killed = util::run_and_kill_when(dir, || cached_trajectories(&out) >= 8);
+    let killed = util::run_and_kill_when(dir, &["run", "p.toml"], || cached_trajectories(&out) >= 8);
     assert!(killed, "the run finished before it could be killed");
     let finished_before = cached_trajectories(&out);
     assert!(util::rows_if_finished(&out.join("trajectories")).is_none(), "killed mid-stage");

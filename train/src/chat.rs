@@ -9,8 +9,10 @@ use serde::Serialize;
 /// A compiled chat template plus the special tokens it may refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
-    bos_token: String,
-    eos_token: String,
+    /// The template text, as loaded.
+    pub source: String,
+    pub bos_token: String,
+    pub eos_token: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -33,12 +35,17 @@ impl ChatTemplate {
         // Llama 3 templates print today's date.
         env.add_function("strftime_now", |fmt: String| chrono::Utc::now().format(&fmt).to_string());
         env.add_template_owned("chat", source.to_string())?;
-        Ok(ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
+        Ok(ChatTemplate { env, source: source.to_string(), bos_token: bos_token.into(), eos_token: eos_token.into() })
     }
 
     /// Renders a conversation. `messages` and `tools` are JSON-shaped values (see
     /// [`value_from_json`] to keep object key order as written).
-    pub fn render(&self, messages: &Value, tools: Option<&Value>, add_generation_prompt: bool) -> Result<String, Error> {
+    pub fn render(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, Error> {
         let template = self.env.get_template("chat")?;
         template.render(minijinja::context! {
             messages => messages,
@@ -51,10 +58,8 @@ impl ChatTemplate {
 
     /// Renders plain `(role, content)` turns.
     pub fn render_turns(&self, turns: &[(&str, &str)], add_generation_prompt: bool) -> Result<String, Error> {
-        let messages: Vec<Value> = turns
-            .iter()
-            .map(|(role, content)| minijinja::context! { role => role, content => content })
-            .collect();
+        let messages: Vec<Value> =
+            turns.iter().map(|(role, content)| minijinja::context! { role => role, content => content }).collect();
         self.render(&Value::from(messages), None, add_generation_prompt)
     }
 }
@@ -75,7 +80,8 @@ fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, Error
     let result = match indent {
         Some(n) => {
             let pad = vec![b' '; n];
-            let mut ser = serde_json::Serializer::with_formatter(&mut out, serde_json::ser::PrettyFormatter::with_indent(&pad));
+            let mut ser =
+                serde_json::Serializer::with_formatter(&mut out, serde_json::ser::PrettyFormatter::with_indent(&pad));
             value.serialize(&mut ser)
         }
         None => value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, PythonFormatter)),

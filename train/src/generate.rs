@@ -12,6 +12,7 @@ use crate::model::{Batch, KvCache};
 /// How to pick tokens and when to stop.
 #[derive(Clone, Debug)]
 pub struct Sampling {
+    /// At most this many tokens (at least one is generated).
     pub max_tokens: usize,
     /// 0 picks the most likely token (greedy).
     pub temperature: f32,
@@ -75,29 +76,50 @@ impl Generated {
     }
 }
 
-/// Continues every prompt in one left-padded batch.
+/// One prompt to continue, with its own sampling settings.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub sampling: Sampling,
+}
+
+/// Continues every prompt with the same settings; row `i` samples with seed `seed + i`.
 pub fn generate(model: &LoadedModel, prompts: &[Vec<u32>], sampling: &Sampling) -> Result<Generated> {
+    let requests: Vec<Request> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, prompt)| {
+            let sampling = Sampling { seed: sampling.seed.wrapping_add(i as u64), ..sampling.clone() };
+            Request { prompt: prompt.clone(), sampling }
+        })
+        .collect();
+    generate_batch(model, &requests)
+}
+
+/// Continues every request in one left-padded batch; rows leave the batch as they finish.
+pub fn generate_batch(model: &LoadedModel, requests: &[Request]) -> Result<Generated> {
     let start = Instant::now();
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let prompts: Vec<&Vec<u32>> = requests.iter().map(|r| &r.prompt).collect();
+    let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let pad: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
     let batch = Batch {
-        tokens: prompts.iter().map(|p| [vec![0; width - p.len()], p.clone()].concat()).collect(),
-        positions: pad.iter().map(|&n| (0..width).map(|i| i.saturating_sub(n)).collect()).collect(),
+        tokens: prompts.iter().map(|p| [vec![0; width - p.len()], p.to_vec()].concat()).collect(),
+        positions: pad.iter().map(|&n| (0..width).map(|i: usize| i.saturating_sub(n)).collect()).collect(),
         pad: pad.clone(),
     };
     let mut cache = KvCache::new(model.config.num_hidden_layers);
-    let mut rngs: Vec<fastrand::Rng> =
-        (0..prompts.len()).map(|i| fastrand::Rng::with_seed(sampling.seed.wrapping_add(i as u64))).collect();
+    let mut rngs: Vec<fastrand::Rng> = requests.iter().map(|r| fastrand::Rng::with_seed(r.sampling.seed)).collect();
     let mut outputs: Vec<Option<Completion>> = vec![None; prompts.len()];
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     // Rows still generating: index into the original prompts, in cache order.
     let mut live: Vec<usize> = (0..prompts.len()).collect();
     let mut logits = last_logits(model.decoder.forward(&model.config, &batch, Some(&mut cache)));
     let mut live_pad = pad;
-    while !live.is_empty() && sampling.max_tokens > 0 {
+    while !live.is_empty() {
         let mut next = Vec::with_capacity(live.len());
         let mut still = Vec::new();
         for (slot, &row) in live.iter().enumerate() {
+            let sampling = &requests[row].sampling;
             let id = pick(&logits[slot], sampling, &mut rngs[row]);
             let stop_token = model.codec.stop_ids.contains(&id);
             if !stop_token {
@@ -107,7 +129,7 @@ pub fn generate(model: &LoadedModel, prompts: &[Vec<u32>], sampling: &Sampling) 
             let cut = sampling.stop.iter().filter_map(|s| text.find(s.as_str())).min();
             let finish = if stop_token || cut.is_some() {
                 Some(Finish::Stop)
-            } else if tokens[row].len() >= sampling.max_tokens {
+            } else if tokens[row].len() >= sampling.max_tokens.max(1) {
                 Some(Finish::Length)
             } else {
                 None
@@ -144,7 +166,7 @@ pub fn generate(model: &LoadedModel, prompts: &[Vec<u32>], sampling: &Sampling) 
         .map(|c| c.unwrap_or(Completion { tokens: Vec::new(), text: String::new(), finish: Finish::Length }))
         .collect();
     Ok(Generated {
-        prompt_tokens: prompts.iter().map(Vec::len).sum(),
+        prompt_tokens: prompts.iter().map(|p| p.len()).sum(),
         completion_tokens: completions.iter().map(|c| c.tokens.len()).sum(),
         completions,
         seconds: start.elapsed().as_secs_f64(),

@@ -222,7 +222,10 @@ impl Gguf {
     }
 }
 
-fn parse_header(bytes: &[u8]) -> std::result::Result<(HashMap<String, Meta>, Vec<TensorInfo>, usize), String> {
+/// Metadata, tensor directory and the offset where tensor data starts.
+type Header = (HashMap<String, Meta>, Vec<TensorInfo>, usize);
+
+fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
     let mut r = Reader { bytes, pos: 0 };
     if r.take(4)? != b"GGUF" {
         return Err("bad magic (expected `GGUF`)".into());

@@ -10,9 +10,16 @@ pub use config::ModelConfig;
 pub use error::{Result, TrainError};
 pub use model::{Batch, Decoder, KvCache};
 pub mod chat;
-pub mod gguf;
-pub mod tokenizer;
 pub mod fetch;
+pub mod gguf;
 pub mod loader;
+pub mod tokenizer;
 pub use loader::LoadedModel;
 pub mod generate;
+pub mod serve;
+
+/// The device models run on: the CPU, through burn's flex backend.
+pub fn default_device() -> burn::prelude::Device {
+    burn::prelude::Device::flex()
+}
+pub mod sft;

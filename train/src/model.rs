@@ -295,7 +295,9 @@ impl Decoder {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, t, d] = hidden.dims();
-                let logits = hidden.reshape([b * t, d]).matmul(self.embed.val().transpose());
+                // embed · hidden^T, then transpose the small result: transposing the
+                // [vocab, dim] embedding instead would copy it on every call.
+                let logits = self.embed.val().matmul(hidden.reshape([b * t, d]).transpose()).transpose();
                 let v = logits.dims()[1];
                 logits.reshape([b, t, v])
             }

@@ -15,7 +15,8 @@ use crate::error::{Result, TrainError};
 use crate::gguf::{Gguf, Meta};
 
 /// Qwen2's pre-tokenizer split (from its tokenizer.json and llama.cpp's `qwen2` pre-type).
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A tokenizer with the chat template and stop tokens of its model.
 pub struct TextCodec {
@@ -80,7 +81,8 @@ impl TextCodec {
             .into_iter()
             .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
             .collect();
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -97,8 +99,9 @@ impl TextCodec {
                 tokenizer.with_pre_tokenizer(Some(byte_level));
             }
             "qwen2" => {
-                let split = Split::new(SplitPattern::Regex(QWEN2_SPLIT.into()), SplitDelimiterBehavior::Isolated, false)
-                    .map_err(|e| invalid(format!("pre-tokenizer: {e}")))?;
+                let split =
+                    Split::new(SplitPattern::Regex(QWEN2_SPLIT.into()), SplitDelimiterBehavior::Isolated, false)
+                        .map_err(|e| invalid(format!("pre-tokenizer: {e}")))?;
                 let no_regex = ByteLevel::new(false, true, false);
                 tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), no_regex.into()])));
             }

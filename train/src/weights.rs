@@ -36,7 +36,8 @@ impl HostTensor {
         Param::from_tensor(Tensor::from_data(TensorData::new(self.data.clone(), self.shape.clone()), device))
     }
 
-    fn from_tensor<const D: usize>(tensor: &Tensor<D>) -> HostTensor {
+    /// Copies a device tensor to the host.
+    pub fn from_tensor<const D: usize>(tensor: &Tensor<D>) -> HostTensor {
         let data = tensor.to_data().convert::<f32>();
         HostTensor { shape: tensor.dims().to_vec(), data: data.try_into_vec::<f32>().expect("f32 data") }
     }
@@ -171,8 +172,9 @@ pub fn read_safetensors(path: &Path) -> Result<WeightMap> {
         let tensors = SafeTensors::deserialize(&map)
             .map_err(|e| TrainError::invalid(&file, format!("not a safetensors file: {e}")))?;
         for (name, view) in tensors.tensors() {
-            let data = to_f32(view.dtype(), view.data())
-                .ok_or_else(|| TrainError::invalid(&file, format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
+            let data = to_f32(view.dtype(), view.data()).ok_or_else(|| {
+                TrainError::invalid(&file, format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()))
+            })?;
             weights.insert(name, HostTensor { shape: view.shape().to_vec(), data });
         }
     }
@@ -246,4 +248,50 @@ pub fn write_safetensors(weights: &WeightMap, dtype: SaveDtype, path: &Path) -> 
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     safetensors::serialize_to_file(views, metadata, path)
         .map_err(|e| TrainError::invalid(path, format!("cannot write safetensors: {e}")))
+}
+
+/// Random weights for `config` (normal, std 0.02, norms at 1), the initialisation of
+/// transformers' Llama/Qwen2: for tests and benchmarks of shapes without a checkpoint.
+pub fn random_weights(config: &ModelConfig, seed: u64) -> WeightMap {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut normal = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                // Box-Muller.
+                let (u, v) = (rng.f64().max(1e-12), rng.f64());
+                ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos() * 0.02) as f32
+            })
+            .collect()
+    };
+    let (d, f, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+    let kv = config.kv_heads() * config.head_dim();
+    let mut out = WeightMap::new();
+    let mut put = |name: String, shape: Vec<usize>, data: Vec<f32>| {
+        out.insert(name, HostTensor { shape, data });
+    };
+    put("model.embed_tokens.weight".into(), vec![v, d], normal(v * d));
+    put("model.norm.weight".into(), vec![d], vec![1.0; d]);
+    if !config.tie_word_embeddings {
+        put("lm_head.weight".into(), vec![v, d], normal(v * d));
+    }
+    for i in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for (name, rows, cols) in [
+            ("self_attn.q_proj", d, d),
+            ("self_attn.k_proj", kv, d),
+            ("self_attn.v_proj", kv, d),
+            ("self_attn.o_proj", d, d),
+            ("mlp.gate_proj", f, d),
+            ("mlp.up_proj", f, d),
+            ("mlp.down_proj", d, f),
+        ] {
+            put(format!("{p}.{name}.weight"), vec![rows, cols], normal(rows * cols));
+            if config.qkv_bias() && matches!(name, "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj") {
+                put(format!("{p}.{name}.bias"), vec![rows], vec![0.0; rows]);
+            }
+        }
+        put(format!("{p}.input_layernorm.weight"), vec![d], vec![1.0; d]);
+        put(format!("{p}.post_attention_layernorm.weight"), vec![d], vec![1.0; d]);
+    }
+    out
 }

@@ -59,7 +59,8 @@ fn check_tiny(name: &str) {
     for _ in 0..reference["greedy"].as_array().unwrap().len() {
         let logits = decoder.forward(&config, &step, Some(&mut cache));
         let t = logits.dims()[1];
-        let next = logits.narrow(1, t - 1, 1).argmax(2).into_data().convert::<i64>().try_into_vec::<i64>().unwrap()[0] as u32;
+        let next =
+            logits.narrow(1, t - 1, 1).argmax(2).into_data().convert::<i64>().try_into_vec::<i64>().unwrap()[0] as u32;
         generated.push(next);
         tokens.push(next);
         step = Batch { tokens: vec![vec![next]], positions: vec![vec![tokens.len() - 1]], pad: vec![0] };
@@ -86,7 +87,8 @@ fn gguf_dequantisation_matches_ggml() {
     for (name, kind) in kinds {
         let case = &reference[name];
         let hex = case["bytes"].as_str().unwrap();
-        let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
         let expected = floats(&case["values"]);
         let ours = kiln_train::gguf::dequantize(kind, &bytes, expected.len()).unwrap();
         assert_eq!(ours, expected, "{name} differs from gguf-py's dequantisation");

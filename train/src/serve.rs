@@ -1,0 +1,234 @@
+//! `kiln serve`: an OpenAI-compatible HTTP server over a local model, so every LLM stage of kiln
+//! can run against it. `/v1/chat/completions` (n, stop, temperature, top_p, top_k, seed,
+//! max_tokens, usage) and `/v1/models`. Concurrent requests are batched together on one
+//! generation thread.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use crate::chat::value_from_json;
+use crate::generate::{Completion, Request, Sampling, generate_batch};
+use crate::loader::LoadedModel;
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub addr: SocketAddr,
+    /// Most sequences generated together in one batch.
+    pub max_batch: usize,
+    /// `max_tokens` when a request gives none.
+    pub default_max_tokens: usize,
+}
+
+/// A job's completions, one per requested choice.
+type Reply = Result<Vec<Completion>, String>;
+
+struct Job {
+    prompt: Vec<u32>,
+    n: usize,
+    sampling: Sampling,
+    reply: oneshot::Sender<Reply>,
+}
+
+struct Shared {
+    model: Arc<LoadedModel>,
+    jobs: std::sync::Mutex<mpsc::Sender<Job>>,
+    default_max_tokens: usize,
+}
+
+/// Serves `model` until the process ends; `ready` receives the bound address (port 0 picks one).
+pub async fn serve(
+    model: LoadedModel,
+    options: ServeOptions,
+    ready: Option<oneshot::Sender<SocketAddr>>,
+) -> std::io::Result<()> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    let model = Arc::new(model);
+    let shared = Arc::new(Shared {
+        model: model.clone(),
+        jobs: std::sync::Mutex::new(tx),
+        default_max_tokens: options.default_max_tokens,
+    });
+    let max_batch = options.max_batch.max(1);
+    std::thread::Builder::new().name("kiln-generate".into()).spawn(move || generation_loop(&model, rx, max_batch))?;
+    let app = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .with_state(shared);
+    let listener = tokio::net::TcpListener::bind(options.addr).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!("serving on http://{addr}/v1");
+    if let Some(ready) = ready {
+        let _ = ready.send(addr);
+    }
+    axum::serve(listener, app).await
+}
+
+/// Takes every waiting job (up to `max_batch` rows) and runs them as one batch.
+fn generation_loop(model: &LoadedModel, rx: mpsc::Receiver<Job>, max_batch: usize) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let mut rows = jobs[0].n;
+        while rows < max_batch {
+            match rx.try_recv() {
+                Ok(job) => {
+                    rows += job.n;
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut requests = Vec::new();
+        for job in &jobs {
+            for i in 0..job.n {
+                let sampling = Sampling { seed: job.sampling.seed.wrapping_add(i as u64), ..job.sampling.clone() };
+                requests.push(Request { prompt: job.prompt.clone(), sampling });
+            }
+        }
+        match generate_batch(model, &requests) {
+            Ok(out) => {
+                tracing::debug!(rows = requests.len(), tokens_per_s = out.tokens_per_second(), "batch done");
+                let mut completions = out.completions.into_iter();
+                for job in jobs {
+                    let _ = job.reply.send(Ok(completions.by_ref().take(job.n).collect()));
+                }
+            }
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+async fn models(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": shared.model.name(), "object": "model", "created": 0, "owned_by": "kiln"}],
+    }))
+}
+
+/// The fields kiln reads; others (logprobs, tools...) are ignored as OpenAI-compatible servers do.
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Box<serde_json::value::RawValue>,
+    #[serde(default)]
+    tools: Option<Box<serde_json::value::RawValue>>,
+    #[serde(default = "one")]
+    n: usize,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    top_k: Option<usize>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default, alias = "max_completion_tokens")]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    stop: Option<Stop>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// `stop` is a string or a list of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn bad_request(message: impl Into<String>) -> Response {
+    let body = json!({"error": {"message": message.into(), "type": "invalid_request_error"}});
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
+async fn chat_completions(State(shared): State<Arc<Shared>>, body: String) -> Response {
+    let request: ChatRequest = match serde_json::from_str(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(format!("request body: {e}")),
+    };
+    if request.n == 0 || request.n > 64 {
+        return bad_request("n must be between 1 and 64");
+    }
+    // Messages keep their key order, as Python's json.loads would, for the chat template.
+    let Ok(messages) = value_from_json(request.messages.get()) else {
+        return bad_request("messages must be a JSON array");
+    };
+    let tools = request.tools.as_ref().and_then(|t| value_from_json(t.get()).ok()).filter(|t| !t.is_none());
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let sampling = Sampling {
+        max_tokens: request.max_tokens.unwrap_or(shared.default_max_tokens),
+        temperature: request.temperature.unwrap_or(1.0),
+        top_p: request.top_p.unwrap_or(1.0),
+        top_k: request.top_k.unwrap_or(0),
+        seed: request.seed.unwrap_or_else(|| fastrand::u64(..)),
+        stop: match request.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        },
+    };
+    let codec = &shared.model.codec;
+    let prompt = match codec.chat.render(&messages, tools.as_ref(), true) {
+        Ok(text) => codec.encode(&text),
+        Err(e) => return bad_request(format!("chat template: {e:#}")),
+    };
+    let prompt = match prompt {
+        Ok(ids) => ids,
+        Err(e) => return bad_request(e.to_string()),
+    };
+    let (prompt_tokens, context) = (prompt.len(), shared.model.config.max_position_embeddings);
+    if prompt_tokens + sampling.max_tokens > context {
+        return bad_request(format!(
+            "the prompt has {prompt_tokens} tokens and max_tokens is {}: more than the model's context of {context}",
+            sampling.max_tokens
+        ));
+    }
+    let job = Job { prompt, n: request.n, sampling, reply: reply_tx };
+    if shared.jobs.lock().expect("job queue").send(job).is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "generation thread stopped").into_response();
+    }
+    let completions = match reply_rx.await {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+        Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "generation failed").into_response(),
+    };
+    let completion_tokens: usize = completions.iter().map(|c| c.tokens.len()).sum();
+    let choices: Vec<serde_json::Value> = completions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish.as_str()})
+        })
+        .collect();
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Json(json!({
+        "id": format!("chatcmpl-{:016x}", fastrand::u64(..)),
+        "object": "chat.completion",
+        "created": created,
+        "model": shared.model.name(),
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }))
+    .into_response()
+}

@@ -1,0 +1,439 @@
+//! Supervised fine-tuning on kiln's sharegpt exports: assistant-only loss, AdamW with a cosine
+//! schedule and warmup, global-norm clipping, gradient accumulation, full fine-tuning or LoRA,
+//! checkpoints (weights and optimizer state) that a killed run resumes from at the same step,
+//! per-step metrics in CSV and a loss plot.
+
+pub mod data;
+pub mod optim;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Param;
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::loader::LoadedModel;
+use crate::model::{Batch, Decoder, Dense, Lora};
+use crate::weights::{HostTensor, SaveDtype, WeightMap, read_safetensors, write_safetensors};
+use data::{Example, length_buckets, load_sharegpt};
+use optim::{AdamWSettings, AdamWState, cosine_lr, global_norm, restore, trainable};
+
+/// Everything that defines a fine-tuning run. Read from TOML (`kiln train FILE`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SftConfig {
+    /// The base model: a `.gguf` file or a Hugging Face directory.
+    pub model: PathBuf,
+    /// A sharegpt JSON export (kiln's `export` stage with `format = "sharegpt"`).
+    pub data: PathBuf,
+    /// Where checkpoints, metrics and the final model go.
+    pub output_dir: PathBuf,
+    /// Tokens per conversation at most (longer ones are cut). Default: 1024.
+    #[serde(default = "defaults::max_len")]
+    pub max_len: usize,
+    /// Conversations per micro-batch. Default: 4.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step. Default: 1.
+    #[serde(default = "defaults::one")]
+    pub grad_accum: usize,
+    /// Passes over the data. Default: 1.
+    #[serde(default = "defaults::one")]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (default: the whole schedule).
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Peak learning rate. Default: 1e-5 (full), 2e-4 with LoRA.
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// Share of steps spent warming up. Default: 0.1.
+    #[serde(default = "defaults::warmup")]
+    pub warmup_ratio: f64,
+    /// Decoupled weight decay. Default: 0.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this. Default: 1.
+    #[serde(default = "defaults::clip")]
+    pub max_grad_norm: f64,
+    /// Seed of data order and LoRA initialisation. Default: 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// Train low-rank adapters instead of every weight.
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
+    /// Save a checkpoint every this many steps. Default: 50.
+    #[serde(default = "defaults::save_every")]
+    pub save_every: u64,
+}
+
+/// LoRA settings: adapters on every attention and MLP projection.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Default: 16.
+    #[serde(default = "defaults::rank")]
+    pub rank: usize,
+    /// Scale numerator (update scaled by alpha / rank). Default: 32.
+    #[serde(default = "defaults::alpha")]
+    pub alpha: f64,
+}
+
+mod defaults {
+    pub fn max_len() -> usize {
+        1024
+    }
+    pub fn batch_size() -> usize {
+        4
+    }
+    pub fn one() -> usize {
+        1
+    }
+    pub fn warmup() -> f64 {
+        0.1
+    }
+    pub fn clip() -> f64 {
+        1.0
+    }
+    pub fn save_every() -> u64 {
+        50
+    }
+    pub fn rank() -> usize {
+        16
+    }
+    pub fn alpha() -> f64 {
+        32.0
+    }
+}
+
+/// One logged optimizer step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Tokens (padding excluded) in the step.
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct SftReport {
+    pub steps: u64,
+    /// The step training resumed from (0 for a fresh run).
+    pub resumed_from: u64,
+    pub metrics: Vec<StepMetrics>,
+    pub examples: usize,
+    pub skipped: usize,
+    /// The fine-tuned model directory (HF layout).
+    pub model_dir: PathBuf,
+}
+
+/// Mean negative log-likelihood of `targets` under `logits`, counting only positions where
+/// `weights` is non-zero, divided by `denominator` (tokens learned in the whole optimizer step,
+/// so accumulated micro-batches add up to the mean over the step).
+pub fn masked_loss(logits: Tensor<3>, targets: Tensor<2, Int>, weights: Tensor<2>, denominator: f64) -> Tensor<1> {
+    let picked = log_softmax(logits, 2).gather(2, targets.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2);
+    (picked * weights).sum().neg().div_scalar(denominator)
+}
+
+/// Input ids, target ids and target weights of a padded micro-batch (targets shifted by one).
+pub fn micro_batch(examples: &[&Example], device: &Device) -> (Batch, Tensor<2, Int>, Tensor<2>, usize) {
+    let width = examples.iter().map(|e| e.ids.len() - 1).max().unwrap_or(0);
+    let mut inputs = Vec::new();
+    let (mut targets, mut weights) = (Vec::new(), Vec::new());
+    let mut tokens = 0;
+    for e in examples {
+        let n = e.ids.len() - 1;
+        tokens += n;
+        let mut row = e.ids[..n].to_vec();
+        row.resize(width, 0);
+        inputs.push(row);
+        targets.extend(e.ids[1..].iter().map(|&t| t as i64).chain(std::iter::repeat_n(0, width - n)));
+        weights.extend(
+            e.learn[1..].iter().map(|&l| if l { 1.0f32 } else { 0.0 }).chain(std::iter::repeat_n(0.0, width - n)),
+        );
+    }
+    let b = examples.len();
+    let targets = Tensor::from_data(TensorData::new(targets, [b, width]), device);
+    let weights = Tensor::from_data(TensorData::new(weights, [b, width]), device);
+    (Batch::dense(inputs), targets, weights, tokens)
+}
+
+/// Runs (or resumes) the fine-tuning described by `config` on `device` (autodiff is added).
+/// `progress` is called after every step.
+pub fn train(config: &SftConfig, device: &Device, mut progress: impl FnMut(&StepMetrics, u64)) -> Result<SftReport> {
+    let device = device.clone().autodiff();
+    let mut base = LoadedModel::load(&config.model, &device)?;
+    let lora = config.lora.clone();
+    let (examples, skipped) = load_sharegpt(&config.data, &base.codec, config.max_len)?;
+    if examples.is_empty() {
+        return Err(TrainError::invalid(
+            &config.data,
+            format!(
+                "no conversation has an assistant token within the first max_len = {} tokens ({skipped} skipped): raise max_len",
+                config.max_len
+            ),
+        ));
+    }
+    let batches_per_epoch: Vec<Vec<Vec<usize>>> = (0..config.epochs.max(1))
+        .map(|epoch| length_buckets(&examples, config.batch_size, config.seed.wrapping_add(epoch as u64)))
+        .collect();
+    let micro: Vec<&Vec<usize>> = batches_per_epoch.iter().flatten().collect();
+    let accum = config.grad_accum.max(1);
+    let schedule_steps = (micro.len() / accum).max(1) as u64;
+    let total = config.max_steps.map_or(schedule_steps, |m| m.min(schedule_steps));
+    let warmup = (config.warmup_ratio * schedule_steps as f64).round() as u64;
+    let peak = config.lr.unwrap_or(if lora.is_some() { 2e-4 } else { 1e-5 });
+    let settings = AdamWSettings { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: config.weight_decay };
+
+    let mut decoder = std::mem::replace(&mut base.decoder, empty_decoder(&device));
+    if let Some(l) = &lora {
+        decoder = add_lora(decoder.no_grad(), l, config.seed, &device);
+    }
+    std::fs::create_dir_all(&config.output_dir).map_err(|e| TrainError::io(&config.output_dir, e))?;
+    let checkpoint_dir = config.output_dir.join("checkpoint");
+    let mut state = AdamWState::default();
+    let resumed_from = match load_checkpoint(&checkpoint_dir, config, &device)? {
+        Some((params, opt)) => {
+            decoder = restore(decoder, &params);
+            state = opt;
+            state.step
+        }
+        None => 0,
+    };
+    let metrics_path = config.output_dir.join("metrics.csv");
+    let mut metrics = read_metrics(&metrics_path, resumed_from);
+    let mut log = open_metrics(&metrics_path, &metrics)?;
+
+    for step in resumed_from..total {
+        let start = Instant::now();
+        let window: Vec<&Vec<usize>> = micro[(step as usize) * accum..(step as usize + 1) * accum].to_vec();
+        let learned: usize =
+            window.iter().flat_map(|b| b.iter()).map(|&i| examples[i].learn[1..].iter().filter(|&&l| l).count()).sum();
+        let mut grads = GradientsParams::new();
+        let (mut loss_sum, mut tokens) = (0.0, 0);
+        for batch in window {
+            let rows: Vec<&Example> = batch.iter().map(|&i| &examples[i]).collect();
+            let (inputs, targets, weights, n) = micro_batch(&rows, &device);
+            tokens += n;
+            let logits = decoder.forward(&base.config, &inputs, None);
+            let loss = masked_loss(logits, targets, weights, learned.max(1) as f64);
+            loss_sum += loss.clone().into_scalar::<f32>() as f64;
+            let step_grads = GradientsParams::from_grads(loss.backward(), &decoder);
+            grads = accumulate(&decoder, grads, step_grads);
+        }
+        let norm = global_norm(&decoder, &grads);
+        let scale = if norm > config.max_grad_norm { config.max_grad_norm / (norm + 1e-6) } else { 1.0 };
+        let lr = cosine_lr(step, warmup, schedule_steps, peak);
+        decoder = optim::step(decoder, &mut grads, &mut state, &settings, lr, scale);
+        let seconds = start.elapsed().as_secs_f64();
+        let m = StepMetrics {
+            step: step + 1,
+            loss: loss_sum,
+            lr,
+            grad_norm: norm,
+            tokens,
+            tokens_per_s: tokens as f64 / seconds,
+        };
+        writeln!(log, "{},{},{},{},{},{:.1}", m.step, m.loss, m.lr, m.grad_norm, m.tokens, m.tokens_per_s)
+            .and_then(|_| log.flush())
+            .map_err(|e| TrainError::io(&metrics_path, e))?;
+        progress(&m, total);
+        metrics.push(m);
+        if (step + 1) % config.save_every.max(1) == 0 || step + 1 == total {
+            save_checkpoint(&checkpoint_dir, config, &decoder, &state)?;
+        }
+    }
+    let model_dir = config.output_dir.join("model");
+    base.save_hf(&decoder, &model_dir, SaveDtype::F32)?;
+    plot_loss(&metrics, &config.output_dir.join("loss.svg"))?;
+    Ok(SftReport { steps: total, resumed_from, metrics, examples: examples.len(), skipped, model_dir })
+}
+
+/// Adds `more` to `acc` parameter by parameter.
+fn accumulate(decoder: &Decoder, acc: GradientsParams, more: GradientsParams) -> GradientsParams {
+    if acc.is_empty() {
+        return more;
+    }
+    let mut acc = acc;
+    let mut more = more;
+    struct Add<'a> {
+        acc: &'a mut GradientsParams,
+        more: &'a mut GradientsParams,
+    }
+    impl burn::module::ModuleVisitor for Add<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.more.remove::<D>(param.id) {
+                let sum = match self.acc.remove::<D>(param.id) {
+                    Some(a) => a + g,
+                    None => g,
+                };
+                self.acc.register(param.id, sum);
+            }
+        }
+    }
+    decoder.visit(&mut Add { acc: &mut acc, more: &mut more });
+    acc
+}
+
+/// A placeholder left in the loaded model while its decoder trains.
+fn empty_decoder(device: &Device) -> Decoder {
+    let zeros = |n| Param::from_tensor(Tensor::<1>::zeros([n], device));
+    Decoder {
+        embed: Param::from_tensor(Tensor::zeros([1, 1], device)),
+        blocks: Vec::new(),
+        norm: crate::model::RmsNorm { weight: zeros(1), eps: 1e-6 },
+        head: None,
+    }
+}
+
+/// Adapters on every projection: A random (std 1/rank), B zero, so training starts at the base.
+fn add_lora(mut decoder: Decoder, config: &LoraConfig, seed: u64, device: &Device) -> Decoder {
+    let mut rng = fastrand::Rng::with_seed(seed ^ 0x10_4a);
+    let scale = (config.alpha / config.rank as f64) as f32;
+    let mut adapt = |dense: &mut Dense| {
+        let [inp, out] = dense.shape();
+        let r = config.rank;
+        let a: Vec<f32> = (0..inp * r).map(|_| (rng.f32() * 2.0 - 1.0) / r as f32).collect();
+        dense.lora = Some(Lora {
+            a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [inp, r]), device).require_grad()),
+            b: Param::from_tensor(Tensor::zeros([r, out], device).require_grad()),
+            scale,
+        });
+    };
+    for block in &mut decoder.blocks {
+        for dense in [&mut block.attn.q, &mut block.attn.k, &mut block.attn.v, &mut block.attn.o] {
+            adapt(dense);
+        }
+        for dense in [&mut block.mlp.gate, &mut block.mlp.up, &mut block.mlp.down] {
+            adapt(dense);
+        }
+    }
+    decoder
+}
+
+/// The settings a checkpoint must match to be resumed (everything that shapes the run).
+fn run_key(config: &SftConfig) -> String {
+    let mut c = config.clone();
+    c.save_every = 0;
+    serde_json::to_string(&c).expect("config serialises")
+}
+
+/// Writes trainable weights, optimizer moments and the step, replacing the previous checkpoint
+/// atomically (a kill leaves either the old or the new one).
+fn save_checkpoint(dir: &Path, config: &SftConfig, decoder: &Decoder, state: &AdamWState) -> Result<()> {
+    let staging = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| TrainError::io(&staging, e))?;
+    let host = |map: &BTreeMap<String, Tensor<1>>, prefix: &str| -> WeightMap {
+        map.iter().map(|(k, t)| (format!("{prefix}{k}"), HostTensor::from_tensor(t))).collect()
+    };
+    write_safetensors(&host(&trainable(decoder), ""), SaveDtype::F32, &staging.join("params.safetensors"))?;
+    let mut moments = host(&state.m, "m.");
+    moments.extend(host(&state.v, "v."));
+    write_safetensors(&moments, SaveDtype::F32, &staging.join("optimizer.safetensors"))?;
+    let meta = serde_json::json!({"step": state.step, "run": run_key(config)});
+    let meta_path = staging.join("state.json");
+    std::fs::write(&meta_path, meta.to_string()).map_err(|e| TrainError::io(&meta_path, e))?;
+    let old = dir.with_extension("old");
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| TrainError::io(dir, e))?;
+    }
+    std::fs::rename(&staging, dir).map_err(|e| TrainError::io(&staging, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+type Checkpoint = (BTreeMap<String, Tensor<1>>, AdamWState);
+
+/// The checkpoint in `dir` (or the previous one, if a kill came mid-swap) when it belongs to
+/// this run; a checkpoint of different settings is an error rather than silently mixed in.
+fn load_checkpoint(dir: &Path, config: &SftConfig, device: &Device) -> Result<Option<Checkpoint>> {
+    let dir = [dir.to_path_buf(), dir.with_extension("old")].into_iter().find(|d| d.join("state.json").is_file());
+    let Some(dir) = dir else { return Ok(None) };
+    let meta_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&meta_path).map_err(|e| TrainError::io(&meta_path, e))?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| TrainError::invalid(&meta_path, e.to_string()))?;
+    if meta["run"].as_str() != Some(run_key(config).as_str()) {
+        return Err(TrainError::invalid(
+            &meta_path,
+            "this checkpoint was written with other settings: delete the output directory or choose another",
+        ));
+    }
+    let device_tensor =
+        |t: &HostTensor| Tensor::<1>::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device);
+    let params = read_safetensors(&dir.join("params.safetensors"))?;
+    let params = params.iter().map(|(k, t)| (k.clone(), device_tensor(t))).collect();
+    let mut state = AdamWState { step: meta["step"].as_u64().unwrap_or(0), ..AdamWState::default() };
+    for (k, t) in read_safetensors(&dir.join("optimizer.safetensors"))? {
+        match k.split_once('.') {
+            Some(("m", key)) => state.m.insert(key.to_string(), device_tensor(&t)),
+            Some(("v", key)) => state.v.insert(key.to_string(), device_tensor(&t)),
+            _ => None,
+        };
+    }
+    Ok(Some((params, state)))
+}
+
+const METRICS_HEADER: &str = "step,loss,lr,grad_norm,tokens,tokens_per_s";
+
+/// Metrics already logged up to `step` (a resumed run rewrites the rest).
+fn read_metrics(path: &Path, step: u64) -> Vec<StepMetrics> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(',').collect();
+            Some(StepMetrics {
+                step: f.first()?.parse().ok()?,
+                loss: f.get(1)?.parse().ok()?,
+                lr: f.get(2)?.parse().ok()?,
+                grad_norm: f.get(3)?.parse().ok()?,
+                tokens: f.get(4)?.parse().ok()?,
+                tokens_per_s: f.get(5)?.parse().ok()?,
+            })
+        })
+        .filter(|m| m.step <= step)
+        .collect()
+}
+
+fn open_metrics(path: &Path, kept: &[StepMetrics]) -> Result<std::fs::File> {
+    let mut text = format!("{METRICS_HEADER}\n");
+    for m in kept {
+        text.push_str(&format!("{},{},{},{},{},{:.1}\n", m.step, m.loss, m.lr, m.grad_norm, m.tokens, m.tokens_per_s));
+    }
+    std::fs::write(path, text).map_err(|e| TrainError::io(path, e))?;
+    std::fs::OpenOptions::new().append(true).open(path).map_err(|e| TrainError::io(path, e))
+}
+
+/// The loss curve as an SVG.
+fn plot_loss(metrics: &[StepMetrics], path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let max_step = metrics.iter().map(|m| m.step).max().unwrap_or(1).max(1);
+    let max_loss = metrics.iter().map(|m| m.loss).fold(0.0, f64::max).max(1e-3);
+    let root = SVGBackend::new(path, (640, 360)).into_drawing_area();
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("training loss", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(32)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0u64..max_step, 0.0..max_loss * 1.05)?;
+        chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+        chart.draw_series(LineSeries::new(metrics.iter().map(|m| (m.step, m.loss)), &BLUE))?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| TrainError::invalid(path, format!("cannot draw the loss plot: {e}")))
+}
