@@ -164,14 +164,14 @@ fn main() -> ExitCode {
 }
 
 async fn load(pipeline: &Path) -> anyhow::Result<Plan> {
-    Ok(Plan::load(pipeline, &kiln_stages::registry()).await?)
+    Ok(Plan::load(pipeline, &registry()).await?)
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     match command {
         Command::Kinds => {
-            for kind in kiln_stages::registry().kinds() {
+            for kind in registry().kinds() {
                 let fields = kind.fields();
                 let fields = if fields.is_empty() { "(none)".to_string() } else { fields.join(", ") };
                 writeln!(out, "{}: {}\n  parameters: {fields}", kind.name, kind.summary)?;
@@ -217,13 +217,7 @@ isolation: {mode}",
         }
         Command::Serve { model, addr, max_batch, default_max_tokens } => {
             let loaded = tokio::task::spawn_blocking(move || {
-                let path = match model.to_str() {
-                    Some("smollm2") if !model.exists() => {
-                        let env = kiln_sandbox::PythonEnv::ensure()?;
-                        kiln_train::fetch::ensure_smollm2(&env.python)?
-                    }
-                    _ => model,
-                };
+                let path = kiln_train::fetch::resolve_model(&model)?;
                 let device = kiln_train::default_device();
                 anyhow::Ok(kiln_train::LoadedModel::load(&path, &device)?)
             })
@@ -320,26 +314,31 @@ isolation: {mode}",
     Ok(ExitCode::SUCCESS)
 }
 
+/// Every stage kind: those of `kiln-stages`, and `train_sft` (in `kiln-train`, with burn).
+fn registry() -> kiln_pipeline::registry::Registry {
+    kiln_stages::registry().with(kiln_pipeline::registry::Kind::of::<kiln_train::stage::TrainSft>(
+        "train_sft",
+        "fine-tunes a model on the input trajectories (assistant-only loss, full or LoRA); rows are per-step metrics",
+    ))
+}
+
 /// Reads a training TOML (paths relative to it) and runs it with a progress bar.
 fn train(path: &Path) -> anyhow::Result<kiln_train::sft::SftReport> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut config: kiln_train::sft::SftConfig =
+    let config: kiln_train::sft::SftConfig =
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
-    for p in [&mut config.model, &mut config.data, &mut config.output_dir] {
-        let named_model = p.as_os_str() == "smollm2" && !base.join(&*p).exists();
-        if p.is_relative() && !named_model {
-            *p = base.join(&p);
-        }
-    }
-    if config.model.as_os_str() == "smollm2" {
-        let env = kiln_sandbox::PythonEnv::ensure()?;
-        config.model = kiln_train::fetch::ensure_smollm2(&env.python)?;
-    }
+    let data =
+        config.data.as_ref().with_context(|| format!("{}: `data` (a sharegpt export) is missing", path.display()))?;
+    let paths = kiln_train::sft::RunPaths {
+        model: kiln_train::fetch::resolve_model(&base.join(&config.model))?,
+        data: base.join(data),
+        output_dir: base.join(config.output_dir.clone().unwrap_or_else(|| "outputs/sft".into())),
+    };
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}").expect("valid template"),
     );
-    let report = kiln_train::sft::train(&config, &kiln_train::default_device(), |m, total| {
+    let report = kiln_train::sft::train(&config, &paths, &kiln_train::default_device(), |m, total| {
         bar.set_length(total);
         bar.set_position(m.step);
         bar.set_message(format!(

@@ -92,3 +92,46 @@ fn sft_overfits_an_export_and_resumes_after_a_kill() {
         assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "step {}: {x} uninterrupted, {y} resumed", step + 1);
     }
 }
+
+#[test]
+fn train_sft_stage_fine_tunes_on_its_input_and_logs_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    util::copy_sample_data(dir);
+    tiny_model(&dir.join("tiny"));
+    let quickstart = std::fs::read_to_string(util::root().join("recipes/quickstart.toml")).unwrap();
+    let stage = r#"
+[stages.tuned]
+kind = "train_sft"
+inputs = ["unique"]
+model = "tiny"
+max_len = 1024
+batch_size = 2
+max_steps = 3
+lr = 1e-3
+"#;
+    std::fs::write(dir.join("q.toml"), format!("{quickstart}{stage}")).unwrap();
+    let kinds = util::kiln_ok(dir, &["kinds"]);
+    assert!(kinds.contains("train_sft"), "{kinds}");
+    util::kiln_ok(dir, &["run", "q.toml"]);
+    let out = dir.join("outputs/quickstart");
+    let metrics = util::rows(&out.join("tuned"));
+    assert_eq!(metrics.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(metrics.iter().all(|r| r["loss"].as_f64().unwrap() > 0.0 && r["tokens"].as_u64().unwrap() > 0));
+    let manifest = util::manifest(&out.join("tuned"));
+    assert!(manifest.counters["examples"] > 10);
+    let runs: Vec<_> = std::fs::read_dir(out.join("tuned.train")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(runs.len(), 1, "one folder per settings: {runs:?}");
+    assert!(runs[0].join("loss.svg").is_file() && runs[0].join("checkpoint/state.json").is_file());
+    let tuned = LoadedModel::load(&runs[0].join("model"), &kiln_train::default_device()).unwrap();
+    assert_eq!(tuned.config.num_hidden_layers, 2);
+    assert!(util::kiln_ok(dir, &["status", "q.toml"]).lines().all(|l| l.ends_with(": fresh")));
+
+    // Changing a training setting makes only this stage stale.
+    let changed = format!("{quickstart}{}", stage.replace("lr = 1e-3", "lr = 2e-3"));
+    std::fs::write(dir.join("q.toml"), changed).unwrap();
+    let status = util::kiln_ok(dir, &["status", "q.toml"]);
+    let stale: Vec<&str> = status.lines().filter(|l| !l.ends_with(": fresh")).collect();
+    assert_eq!(stale.len(), 1, "{status}");
+    assert!(stale[0].starts_with("tuned:"), "{status}");
+}

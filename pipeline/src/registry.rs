@@ -62,6 +62,13 @@ impl Registry {
         Registry { kinds }
     }
 
+    /// This registry with one more kind (for kinds that live outside `kiln-stages`, such as
+    /// `train_sft`, which keeps burn out of the stages crate).
+    pub fn with(mut self, kind: Kind) -> Self {
+        self.kinds.push(kind);
+        self
+    }
+
     /// The kind named `name`.
     pub fn get(&self, name: &str) -> Option<&Kind> {
         self.kinds.iter().find(|k| k.name == name)

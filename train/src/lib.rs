@@ -23,3 +23,4 @@ pub fn default_device() -> burn::prelude::Device {
     burn::prelude::Device::flex()
 }
 pub mod sft;
+pub mod stage;

@@ -24,16 +24,19 @@ use crate::weights::{HostTensor, SaveDtype, WeightMap, read_safetensors, write_s
 use data::{Example, length_buckets, load_sharegpt};
 use optim::{AdamWSettings, AdamWState, cosine_lr, global_norm, restore, trainable};
 
-/// Everything that defines a fine-tuning run. Read from TOML (`kiln train FILE`).
+/// Everything that defines a fine-tuning run: a `kiln train` file, or a `train_sft` stage's
+/// parameters (where the data is the input stage and the output folder defaults to the stage's).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SftConfig {
-    /// The base model: a `.gguf` file or a Hugging Face directory.
+    /// The base model: a `.gguf` file, a Hugging Face directory, or `smollm2`.
     pub model: PathBuf,
     /// A sharegpt JSON export (kiln's `export` stage with `format = "sharegpt"`).
-    pub data: PathBuf,
+    #[serde(default)]
+    pub data: Option<PathBuf>,
     /// Where checkpoints, metrics and the final model go.
-    pub output_dir: PathBuf,
+    #[serde(default)]
+    pub output_dir: Option<PathBuf>,
     /// Tokens per conversation at most (longer ones are cut). Default: 1024.
     #[serde(default = "defaults::max_len")]
     pub max_len: usize,
@@ -167,16 +170,29 @@ pub fn micro_batch(examples: &[&Example], device: &Device) -> (Batch, Tensor<2, 
     (Batch::dense(inputs), targets, weights, tokens)
 }
 
+/// Where a run reads and writes: the resolved `data`, `output_dir` and base model.
+#[derive(Clone, Debug)]
+pub struct RunPaths {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub output_dir: PathBuf,
+}
+
 /// Runs (or resumes) the fine-tuning described by `config` on `device` (autodiff is added).
 /// `progress` is called after every step.
-pub fn train(config: &SftConfig, device: &Device, mut progress: impl FnMut(&StepMetrics, u64)) -> Result<SftReport> {
+pub fn train(
+    config: &SftConfig,
+    paths: &RunPaths,
+    device: &Device,
+    mut progress: impl FnMut(&StepMetrics, u64),
+) -> Result<SftReport> {
     let device = device.clone().autodiff();
-    let mut base = LoadedModel::load(&config.model, &device)?;
+    let mut base = LoadedModel::load(&paths.model, &device)?;
     let lora = config.lora.clone();
-    let (examples, skipped) = load_sharegpt(&config.data, &base.codec, config.max_len)?;
+    let (examples, skipped) = load_sharegpt(&paths.data, &base.codec, config.max_len)?;
     if examples.is_empty() {
         return Err(TrainError::invalid(
-            &config.data,
+            &paths.data,
             format!(
                 "no conversation has an assistant token within the first max_len = {} tokens ({skipped} skipped): raise max_len",
                 config.max_len
@@ -198,8 +214,9 @@ pub fn train(config: &SftConfig, device: &Device, mut progress: impl FnMut(&Step
     if let Some(l) = &lora {
         decoder = add_lora(decoder.no_grad(), l, config.seed, &device);
     }
-    std::fs::create_dir_all(&config.output_dir).map_err(|e| TrainError::io(&config.output_dir, e))?;
-    let checkpoint_dir = config.output_dir.join("checkpoint");
+    let output_dir = &paths.output_dir;
+    std::fs::create_dir_all(output_dir).map_err(|e| TrainError::io(output_dir, e))?;
+    let checkpoint_dir = output_dir.join("checkpoint");
     let mut state = AdamWState::default();
     let resumed_from = match load_checkpoint(&checkpoint_dir, config, &device)? {
         Some((params, opt)) => {
@@ -209,7 +226,7 @@ pub fn train(config: &SftConfig, device: &Device, mut progress: impl FnMut(&Step
         }
         None => 0,
     };
-    let metrics_path = config.output_dir.join("metrics.csv");
+    let metrics_path = output_dir.join("metrics.csv");
     let mut metrics = read_metrics(&metrics_path, resumed_from);
     let mut log = open_metrics(&metrics_path, &metrics)?;
 
@@ -252,9 +269,9 @@ pub fn train(config: &SftConfig, device: &Device, mut progress: impl FnMut(&Step
             save_checkpoint(&checkpoint_dir, config, &decoder, &state)?;
         }
     }
-    let model_dir = config.output_dir.join("model");
+    let model_dir = output_dir.join("model");
     base.save_hf(&decoder, &model_dir, SaveDtype::F32)?;
-    plot_loss(&metrics, &config.output_dir.join("loss.svg"))?;
+    plot_loss(&metrics, &output_dir.join("loss.svg"))?;
     Ok(SftReport { steps: total, resumed_from, metrics, examples: examples.len(), skipped, model_dir })
 }
 
@@ -321,7 +338,7 @@ fn add_lora(mut decoder: Decoder, config: &LoraConfig, seed: u64, device: &Devic
 }
 
 /// The settings a checkpoint must match to be resumed (everything that shapes the run).
-fn run_key(config: &SftConfig) -> String {
+pub fn run_key(config: &SftConfig) -> String {
     let mut c = config.clone();
     c.save_every = 0;
     serde_json::to_string(&c).expect("config serialises")
