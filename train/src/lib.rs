@@ -18,8 +18,13 @@ pub use loader::LoadedModel;
 pub mod generate;
 pub mod serve;
 
-/// The device models run on: the CPU, through burn's flex backend.
+/// The device models run on: the first CUDA GPU when kiln is built with the `cuda` feature
+/// (unless `KILN_DEVICE=cpu`), else the CPU through burn's flex backend.
 pub fn default_device() -> burn::prelude::Device {
+    #[cfg(feature = "cuda")]
+    if std::env::var("KILN_DEVICE").as_deref() != Ok("cpu") {
+        return burn::prelude::Device::cuda(0);
+    }
     burn::prelude::Device::flex()
 }
 pub mod sft;

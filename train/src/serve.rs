@@ -97,7 +97,12 @@ fn generation_loop(model: &LoadedModel, rx: mpsc::Receiver<Job>, max_batch: usiz
         }
         match generate_batch(model, &requests) {
             Ok(out) => {
-                tracing::debug!(rows = requests.len(), tokens_per_s = out.tokens_per_second(), "batch done");
+                tracing::info!(
+                    rows = requests.len(),
+                    tokens = out.completion_tokens,
+                    tokens_per_s = out.tokens_per_second(),
+                    "batch done"
+                );
                 let mut completions = out.completions.into_iter();
                 for job in jobs {
                     let _ = job.reply.send(Ok(completions.by_ref().take(job.n).collect()));

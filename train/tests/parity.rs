@@ -186,3 +186,40 @@ fn sampling_is_seeded_and_respects_stop_strings() {
     assert_eq!(short.completions[0].tokens.len(), 3);
     assert_eq!(short.completions[0].finish.as_str(), "length");
 }
+
+#[test]
+fn weights_round_trip_through_hf_safetensors_single_and_sharded() {
+    let dir = fixtures().join("tiny-qwen2");
+    let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    let original = read_safetensors(&dir).unwrap();
+    let decoder = build_decoder(&config, original.clone(), &dir, &Device::flex()).unwrap();
+    // Exported in HF layout ([out, in], names as transformers writes them): the same tensors.
+    let exported = kiln_train::weights::export_weights(&decoder);
+    assert_eq!(exported, original);
+
+    // Split over two shards with an index, as large checkpoints are stored.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut names: Vec<&String> = original.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut index = serde_json::Map::new();
+    for (file, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let shard: kiln_train::weights::WeightMap = part.iter().map(|n| ((*n).clone(), original[*n].clone())).collect();
+        kiln_train::weights::write_safetensors(&shard, kiln_train::weights::SaveDtype::F32, &tmp.path().join(file))
+            .unwrap();
+        index.extend(part.iter().map(|n| ((*n).clone(), Value::from(file))));
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": index});
+    std::fs::write(tmp.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    assert_eq!(read_safetensors(tmp.path()).unwrap(), original);
+
+    // bf16 storage keeps each value to bf16 precision.
+    let bf16 = tmp.path().join("bf16.safetensors");
+    kiln_train::weights::write_safetensors(&original, kiln_train::weights::SaveDtype::Bf16, &bf16).unwrap();
+    let back = read_safetensors(&bf16).unwrap();
+    for (name, t) in &original {
+        for (a, b) in t.data.iter().zip(&back[name].data) {
+            assert!((a - b).abs() <= a.abs() / 128.0, "{name}: {a} vs {b}");
+        }
+    }
+}
