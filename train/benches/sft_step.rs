@@ -1,0 +1,125 @@
+//! SFT step throughput of kiln's decoder in burn: forward, assistant-masked loss, backward and
+//! AdamW on random weights and tokens, reported as JSON (tokens/s, first-step seconds, MFU when
+//! the card's peak is given). `train/scripts/gpu_bench.sh` runs it beside PyTorch on the same
+//! shapes.
+//!
+//! `cargo bench -p kiln-train --bench sft_step -- --shape qwen2.5-0.5b --batch 8 --seq 1024
+//!  --steps 10 --dtype bf16 --peak-tflops 989`. Without `--bench` (as in `cargo test`), one step
+//! of a tiny shape runs as a smoke test.
+
+use std::time::Instant;
+
+use burn::optim::GradientsParams;
+use burn::tensor::{DeviceConfig, FloatDType};
+use kiln_train::ModelConfig;
+use kiln_train::sft::data::Example;
+use kiln_train::sft::optim::{AdamWSettings, AdamWState, global_norm, step};
+use kiln_train::sft::{masked_loss, micro_batch};
+use kiln_train::weights::{build_decoder, random_weights};
+
+fn shape(name: &str) -> ModelConfig {
+    let base = ModelConfig {
+        architectures: vec!["Qwen2ForCausalLM".into()],
+        model_type: "qwen2".into(),
+        vocab_size: 151_936,
+        hidden_size: 896,
+        intermediate_size: 4864,
+        num_hidden_layers: 24,
+        num_attention_heads: 14,
+        num_key_value_heads: Some(2),
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        max_position_embeddings: 32_768,
+        tie_word_embeddings: true,
+        attention_bias: Some(true),
+        bos_token_id: None,
+        eos_token_id: None,
+        hidden_act: "silu".into(),
+        rope_scaling: None,
+    };
+    match name {
+        "qwen2.5-0.5b" => base,
+        "tiny" => ModelConfig {
+            vocab_size: 512,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            ..base
+        },
+        // For CPU comparisons: the 0.5B shape's proportions at a tenth of the width.
+        "small" => ModelConfig {
+            vocab_size: 8192,
+            hidden_size: 256,
+            intermediate_size: 1024,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            ..base
+        },
+        other => panic!("unknown shape {other} (qwen2.5-0.5b, small, tiny)"),
+    }
+}
+
+fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.into())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let full = args.iter().any(|a| a == "--bench");
+    let config = shape(&arg(&args, "--shape", if full { "qwen2.5-0.5b" } else { "tiny" }));
+    let batch: usize = arg(&args, "--batch", if full { "8" } else { "2" }).parse().unwrap();
+    let seq: usize = arg(&args, "--seq", if full { "1024" } else { "64" }).parse().unwrap();
+    let steps: usize = arg(&args, "--steps", if full { "10" } else { "2" }).parse().unwrap();
+    let dtype = arg(&args, "--dtype", "f32");
+    let peak: f64 = arg(&args, "--peak-tflops", "0").parse().unwrap();
+
+    let mut device = kiln_train::default_device();
+    if dtype == "bf16" {
+        device.configure(DeviceConfig::default().float_dtype(FloatDType::BF16)).expect("bf16 on this device");
+    }
+    let device = device.autodiff();
+    let mut decoder =
+        build_decoder(&config, random_weights(&config, 0), std::path::Path::new("random"), &device).unwrap();
+    let mut rng = fastrand::Rng::with_seed(1);
+    // Every token learned (the masked loss still runs), as in PyTorch's plain LM loss.
+    let examples: Vec<Example> = (0..batch)
+        .map(|_| Example {
+            ids: (0..seq + 1).map(|_| rng.u32(..config.vocab_size as u32)).collect(),
+            learn: vec![true; seq + 1],
+        })
+        .collect();
+    let rows: Vec<&Example> = examples.iter().collect();
+    let settings = AdamWSettings { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let mut state = AdamWState::default();
+    let mut times = Vec::new();
+    for _ in 0..steps {
+        let start = Instant::now();
+        let (inputs, targets, weights, _) = micro_batch(&rows, &device);
+        let logits = decoder.forward(&config, &inputs, None);
+        let loss = masked_loss(logits, targets, weights, (batch * seq) as f64);
+        let loss_value = loss.clone().into_scalar::<f32>();
+        let mut grads = GradientsParams::from_grads(loss.backward(), &decoder);
+        let norm = global_norm(&decoder, &grads);
+        decoder = step(decoder, &mut grads, &mut state, &settings, 1e-4, (1.0 / norm.max(1.0)).min(1.0));
+        assert!(loss_value.is_finite(), "loss {loss_value}");
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let steady = if times.len() > 1 { &times[1..] } else { &times[..] };
+    let per_step = steady.iter().sum::<f64>() / steady.len() as f64;
+    let tokens_per_s = (batch * seq) as f64 / per_step;
+    // 6 FLOPs per parameter per token (forward + backward), plus attention's 12·layers·dim·seq.
+    let params = config.parameter_count() as f64;
+    let flops_per_token = 6.0 * params + 12.0 * (config.num_hidden_layers * config.hidden_size * seq) as f64;
+    let mfu = if peak > 0.0 { tokens_per_s * flops_per_token / (peak * 1e12) } else { f64::NAN };
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "kiln-burn", "device": format!("{device:?}"), "dtype": dtype, "batch": batch, "seq": seq,
+            "params": params, "steps": steps, "first_step_s": times[0], "step_s": per_step,
+            "tokens_per_s": tokens_per_s, "mfu": if mfu.is_nan() { serde_json::Value::Null } else { mfu.into() },
+        })
+    );
+}
