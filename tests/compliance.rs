@@ -145,8 +145,11 @@ path = "hard.jsonl"
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // `train_sft` is tested in tests/train.rs: its rows are training metrics with wall-clock
+    // throughput, and a model checkpoint does not fit this byte-for-byte comparison.
+    let elsewhere = ["every stage also takes", "train_sft"];
     assert_eq!(
-        kinds.into_iter().filter(|k| k != "every stage also takes").collect::<BTreeSet<_>>(),
+        kinds.into_iter().filter(|k| !elsewhere.contains(&k.as_str())).collect::<BTreeSet<_>>(),
         used,
         "the test covers every kind"
     );

@@ -47,7 +47,7 @@ fn synthesize_against_a_real_local_model() {
         r#"{}
 [stages.files]
 kind = "profile"
-paths = ["data/species.csv", "data/plots.csv"]
+paths = ["data/species.csv"]
 
 [stages.queries]
 kind = "synthesize"
@@ -61,10 +61,9 @@ per_table = 2
     util::kiln_ok(dir, &["run", "p.toml"]);
     let rows = util::rows(&dir.join("out/queries"));
     let rejected = util::rows(&dir.join("out/_rejections")).into_iter().filter(|r| r["stage"] == "queries").count();
-    assert_eq!(rows.len() + rejected, 4, "every request done or rejected with a reason");
+    assert_eq!(rows.len() + rejected, 2, "every request done or rejected with a reason");
     assert!(rows.iter().all(|r| !r["question"].as_str().unwrap().is_empty()));
-    let manifest = util::manifest(&dir.join("out/queries"));
-    assert!(manifest.counters["prompt_tokens"] > 0 || rows.is_empty(), "the server's token counts are recorded");
+    assert!(rows.iter().all(|r| r["prompt_tokens"].as_u64().unwrap() > 0), "the server's token counts are recorded");
 }
 
 #[test]
@@ -85,11 +84,11 @@ kind = "programmatic"
 inputs = ["files"]
 categories = ["counting", "aggregation"]
 
-# Two questions: a 135M model on a CPU writes about 15 tokens a second.
+# One question: a 135M model on a 2-core CPU writes 10 to 20 tokens a second.
 [stages.few]
 kind = "sql"
 inputs = ["questions"]
-query = "SELECT * FROM questions ORDER BY row_id LIMIT 2"
+query = "SELECT * FROM questions ORDER BY row_id LIMIT 1"
 
 [stages.trajectories]
 kind = "trajectories"
@@ -127,7 +126,8 @@ rescue = {{ teacher = "real", rounds = 1, max_turns = 4 }}
         assert!((1..=4).contains(&turns), "{row:?}");
         let reason = row["end_reason"].as_str().unwrap();
         assert!(["answer", "max_turns"].contains(&reason), "{row:?}");
-        assert_eq!(reason == "answer", row["final_answer"].is_string(), "{row:?}");
+        // Null columns are left out of the JSON rows.
+        assert_eq!(reason == "answer", row.get("final_answer").is_some_and(|a| a.is_string()), "{row:?}");
     }
     let formed = util::rows(&dir.join("out/formed")).len();
     let judged = util::rows(&dir.join("out/judged")).len();
