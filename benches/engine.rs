@@ -4,8 +4,8 @@
 //! - no-op rerun: `kiln run` of a pipeline whose four stages hold 12,000 rows each, when nothing
 //!   changed, against the first full run of the same pipeline (must stay under 1 second);
 //! - profiling throughput: tables per second of the `profile` stage over the shared corpus
-//!   (or the quickstart files when the corpus is absent), cold (no row cache) against warm
-//!   (every file a row-cache hit, as after a crash or a `--force`).
+//!   (`$KILN_CORPUS`; the subset in tests/data/corpus when it is absent), cold (no row cache)
+//!   against warm (every file a row-cache hit, as after a crash or a `--force`).
 //!
 //! Ratios are against baselines measured in the same run.
 
@@ -77,13 +77,17 @@ query = "SELECT * FROM b WHERE label <> ''"
 
 fn profiling(iterations: usize) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let corpus = root.join("../shared/corpus");
-    let patterns: Vec<String> = if corpus.is_dir() {
-        let c = corpus.canonicalize().unwrap();
-        ["csv", "xlsx", "sqlite", "db"].iter().map(|e| format!("\"{}/**/*.{e}\"", c.display())).collect()
+    // The whole shared corpus when present (`$KILN_CORPUS`, else ../shared/corpus), else the
+    // subset kept in the repository.
+    let corpus = std::env::var_os("KILN_CORPUS").map(PathBuf::from).unwrap_or_else(|| root.join("../shared/corpus"));
+    let corpus = if corpus.is_dir() {
+        corpus.canonicalize().unwrap()
     } else {
-        vec![format!("\"{}/recipes/data/*.*\"", root.display())]
+        println!("profiling: no shared corpus, using the subset in tests/data/corpus");
+        root.join("tests/data/corpus")
     };
+    let patterns: Vec<String> =
+        ["csv", "xlsx", "sqlite", "db"].iter().map(|e| format!("\"{}/**/*.{e}\"", corpus.display())).collect();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let pipeline = format!(

@@ -1,7 +1,7 @@
 //! The `kiln` command: parse arguments, call the engine, print. All logic lives in the
 //! `kiln-pipeline` (engine) and `kiln-stages` (stage kinds) crates.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -134,7 +134,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = if cli.quiet { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| default_level.into());
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).init();
+    let ansi = colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR"));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -155,12 +161,34 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
                 _ => {
-                    eprintln!("error: {e:#}");
+                    eprintln!("error: {}", chain(&e));
                     ExitCode::from(1)
                 }
             }
         }
     }
+}
+
+/// The error and its causes, joined by ": ", leaving out a cause whose text the message already
+/// holds (many errors print their source in their own message).
+fn chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+/// Whether logs use colour: only on a terminal, and never when `NO_COLOR` is set to anything
+/// but the empty string (<https://no-color.org>). Progress bars are hidden off a terminal.
+fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 async fn load(pipeline: &Path) -> anyhow::Result<Plan> {
@@ -322,19 +350,11 @@ fn registry() -> kiln_pipeline::registry::Registry {
     ))
 }
 
-/// Reads a training TOML (paths relative to it) and runs it with a progress bar.
+/// Reads a training TOML (paths relative to it; every problem reported as `kiln check` does)
+/// and runs it with a progress bar.
 fn train(path: &Path) -> anyhow::Result<kiln_train::sft::SftReport> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let config: kiln_train::sft::SftConfig =
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    let data =
-        config.data.as_ref().with_context(|| format!("{}: `data` (a sharegpt export) is missing", path.display()))?;
-    let paths = kiln_train::sft::RunPaths {
-        model: kiln_train::fetch::resolve_model(&base.join(&config.model))?,
-        data: base.join(data),
-        output_dir: base.join(config.output_dir.clone().unwrap_or_else(|| "outputs/sft".into())),
-    };
+    let (config, mut paths) = kiln_train::sft::settings::read_run(path)?;
+    paths.model = kiln_train::fetch::resolve_model(&paths.model)?;
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}").expect("valid template"),
     );
@@ -432,4 +452,26 @@ fn print_rows(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory (os error 2)");
+        let e = anyhow::Error::new(kiln_pipeline::Error::io("/tmp/nope.json", io));
+        assert_eq!(chain(&e), "/tmp/nope.json: No such file or directory (os error 2)");
+        let e = anyhow::anyhow!("disk full").context("cannot write x");
+        assert_eq!(chain(&e), "cannot write x: disk full");
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some("".into())), "an empty NO_COLOR does not count");
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(false, None));
+    }
 }

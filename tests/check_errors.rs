@@ -1,12 +1,25 @@
 //! Golden tests of `kiln check` on malformed pipelines: each `tests/pipelines/bad/NAME.toml`
-//! must fail with exactly the messages in `NAME.expected` (file:line:col, message, help).
+//! must fail with exactly the messages in `NAME.expected` (file:line:col, message, help); and of
+//! `kiln train` on malformed training files in `tests/pipelines/bad/train`.
 //! Run with `KILN_BLESS=1` to rewrite the expected files after an intended change.
 
 mod util;
 
 #[test]
 fn malformed_pipelines_report_every_problem_with_its_position() {
-    let dir = util::root().join("tests/pipelines/bad");
+    golden_errors("tests/pipelines/bad", "check", 15);
+}
+
+/// `kiln train` files are checked as pipelines are (the same checks as a `train_sft` stage's).
+#[test]
+fn malformed_training_files_report_every_problem_with_its_position() {
+    golden_errors("tests/pipelines/bad/train", "train", 4);
+}
+
+/// Runs `kiln COMMAND NAME.toml` on every `NAME.toml` of `folder` (at least `min` of them): each
+/// must exit with 2 and print exactly `NAME.expected` on stderr (rewritten with `KILN_BLESS=1`).
+fn golden_errors(folder: &str, command: &str, min: usize) {
+    let dir = util::root().join(folder);
     let bless = std::env::var_os("KILN_BLESS").is_some();
     let mut cases: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
@@ -14,11 +27,11 @@ fn malformed_pipelines_report_every_problem_with_its_position() {
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     cases.sort();
-    assert!(cases.len() >= 15, "at least 15 malformed pipelines, found {}", cases.len());
+    assert!(cases.len() >= min, "at least {min} malformed files in {folder}, found {}", cases.len());
     let mut failures = Vec::new();
     for case in &cases {
         let name = case.file_name().unwrap().to_str().unwrap();
-        let out = util::kiln_err(&dir, &["check", name]);
+        let out = util::kiln_err(&dir, &[command, name]);
         assert_eq!(out.status.code(), Some(2), "{name}: config errors exit with 2");
         let got = util::text(&out.stderr);
         let expected_path = case.with_extension("expected");

@@ -1,6 +1,7 @@
-//! `dedup` on real questions: the programmatic questions of the shared corpus, plus planted
-//! near-duplicates. Every planted copy is found (and points at its original); no other question
-//! is merged as a near-duplicate, and exact merges are only of identical texts.
+//! `dedup` on real questions: the programmatic questions of the corpus subset kept in the
+//! repository (tests/data/corpus), plus planted near-duplicates. Every planted copy is found (and
+//! points at its original); no other question is merged as a near-duplicate, and exact merges are
+//! only of identical texts.
 
 mod util;
 
@@ -10,7 +11,7 @@ use std::collections::BTreeMap;
 fn planted_near_duplicates_are_found_without_false_merges() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let corpus = util::corpus();
+    let corpus = util::test_corpus();
     let questions = format!(
         r#"
 [pipeline]
@@ -19,7 +20,7 @@ output_dir = "OUT"
 
 [stages.files]
 kind = "profile"
-paths = ["{c}/csv/tablebench/*.csv", "{c}/sqlite/chinook/*.sqlite", "{c}/xlsx/sheetcopilot/*.xlsx"]
+paths = ["{c}/csv/tablebench/*.csv", "{c}/sqlite/chinook/*.sqlite", "{c}/xlsx/da_code/*.xlsx"]
 min_rows = 5
 max_rows = 100000
 

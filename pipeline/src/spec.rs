@@ -9,10 +9,11 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-use crate::error::{Diagnostic, SourceMap, did_you_mean};
+use crate::error::{Diagnostic, Diagnostics, SourceMap, did_you_mean};
 use crate::registry::Registry;
 use crate::stage::{Problem, Stage};
 
@@ -306,15 +307,14 @@ fn parse_stage(
             ));
             None
         }
-        Some(k) => match k.build(ValueDeserializer::from(params_value)) {
-            Ok(stage) => Some(stage),
-            Err(e) => {
-                let mut d = toml_error(map, &e, Some(k.fields()));
+        Some(k) => {
+            let (stage, errors) = deserialize_all(map, params_value, Some(k.fields()), |de| k.build(de));
+            diags.extend(errors.into_iter().map(|mut d| {
                 d.message = format!("stage `{stage_name}` ({kind}): {}", d.message);
-                diags.push(d);
-                None
-            }
-        },
+                d
+            }));
+            stage
+        }
     });
 
     Some(StageSpec {
@@ -329,6 +329,125 @@ fn parse_stage(
         inputs_valid,
         key_spans,
     })
+}
+
+/// A TOML file of settings (such as `kiln train`'s) read into `T`, with every problem located as
+/// `file:line:col`: syntax errors, unknown keys (with "did you mean"), values of the wrong type,
+/// then, when those are all right, the problems `check` finds (at their keys' positions).
+pub fn parse_settings<T: DeserializeOwned>(
+    file: &Path,
+    text: &str,
+    check: impl FnOnce(&T) -> Vec<Problem>,
+) -> Result<T, Diagnostics> {
+    let map = SourceMap::new(file, text);
+    let (root, errors) = DeTable::parse_recoverable(text);
+    let mut diags = syntax_errors(&map, text, &errors);
+    let root = Spanned::new(root.span(), DeValue::Table(root.get_ref().clone()));
+    let fields = crate::registry::struct_fields::<T>();
+    let (value, errors) = deserialize_all(&map, root.clone(), Some(fields), |de| T::deserialize(de));
+    diags.extend(errors);
+    match value {
+        Some(value) if diags.is_empty() => {
+            let mut spans = BTreeMap::new();
+            collect_spans(&root, "", &mut spans);
+            let span_of = |at: &[String]| {
+                (0..=at.len()).rev().find_map(|n| spans.get(&at[..n].join("."))).cloned().unwrap_or(0..0)
+            };
+            diags.extend(check(&value).into_iter().map(|p| map.diagnostic(span_of(&p.at), p.message, p.help)));
+            if diags.is_empty() { Ok(value) } else { Err(Diagnostics(diags).normalize()) }
+        }
+        _ => Err(Diagnostics(diags).normalize()),
+    }
+}
+
+/// Deserializes `value` with `build`, reporting every unknown key, value of the wrong type and
+/// missing key rather than only the first: after each error the entry that holds it (for a
+/// missing key, the table that lacks it) is left out and the rest is tried again. Gives the value
+/// only when there was no error. A key missing from the top-level table ends the search.
+fn deserialize_all<'i, T>(
+    map: &SourceMap,
+    mut value: Spanned<DeValue<'i>>,
+    fields: Option<&[&str]>,
+    build: impl Fn(ValueDeserializer<'i>) -> Result<T, toml::de::Error>,
+) -> (Option<T>, Vec<Diagnostic>) {
+    let mut diags: Vec<Diagnostic> = Vec::new();
+    let mut left_out: Vec<Vec<String>> = Vec::new();
+    loop {
+        let e = match build(ValueDeserializer::from(value.clone())) {
+            Ok(built) => return (diags.is_empty().then_some(built), diags),
+            Err(e) => e,
+        };
+        let mut d = toml_error(map, &e, fields);
+        let Some(span) = e.span() else {
+            diags.push(d);
+            return (None, diags);
+        };
+        let missing = e.message().strip_prefix("missing field `").and_then(|m| m.split('`').next());
+        let culprit = match missing {
+            Some(field) => {
+                let table = path_of_value(&value, &span);
+                let full = table.iter().flatten().cloned().chain([field.to_string()]).collect::<Vec<_>>();
+                // Not reported when kiln left the key out itself, or a typo's "did you mean" names it.
+                let typo = Some(format!("did you mean `{field}`?"));
+                if !left_out.contains(&full) && !diags.iter().any(|old| old.help == typo) {
+                    diags.push(d);
+                }
+                table.filter(|path| !path.is_empty())
+            }
+            None => {
+                let key = key_at(&value, span.start);
+                // serde's type errors do not say which key holds the bad value.
+                if let Some(key) = key.as_ref().filter(|_| !d.message.contains(" field `")) {
+                    d.message = format!("`{}`: {}", key.join("."), d.message);
+                }
+                diags.push(d);
+                key
+            }
+        };
+        match culprit {
+            Some(path) => {
+                value = without(&value, &path);
+                left_out.push(path);
+            }
+            None => return (None, diags),
+        }
+    }
+}
+
+/// The key path of the innermost table entry whose key or value holds byte `at`.
+fn key_at(value: &Spanned<DeValue<'_>>, at: usize) -> Option<Vec<String>> {
+    let DeValue::Table(table) = value.get_ref() else { return None };
+    let (key, inner) = table.iter().find(|(k, v)| k.span().contains(&at) || v.span().contains(&at))?;
+    let mut path = vec![key.get_ref().to_string()];
+    path.extend(key_at(inner, at).unwrap_or_default());
+    Some(path)
+}
+
+/// The key path of the table whose span is `span` (empty for `value` itself).
+fn path_of_value(value: &Spanned<DeValue<'_>>, span: &Range<usize>) -> Option<Vec<String>> {
+    if value.span() == *span {
+        return Some(Vec::new());
+    }
+    let DeValue::Table(table) = value.get_ref() else { return None };
+    let (key, inner) = table.iter().find(|(_, v)| v.span().contains(&span.start))?;
+    let mut path = vec![key.get_ref().to_string()];
+    path.extend(path_of_value(inner, span)?);
+    Some(path)
+}
+
+/// `value` without the entry at key `path` (non-empty).
+fn without<'i>(value: &Spanned<DeValue<'i>>, path: &[String]) -> Spanned<DeValue<'i>> {
+    let DeValue::Table(table) = value.get_ref() else { return value.clone() };
+    let rebuilt = table
+        .iter()
+        .filter_map(|(k, v)| match path {
+            [first, rest @ ..] if k.get_ref() == first.as_str() => {
+                (!rest.is_empty()).then(|| (k.clone(), without(v, rest)))
+            }
+            _ => Some((k.clone(), v.clone())),
+        })
+        .collect();
+    Spanned::new(value.span(), DeValue::Table(rebuilt))
 }
 
 /// Stage names double as SQL table names.
@@ -428,4 +547,52 @@ fn collect_spans(value: &Spanned<DeValue<'_>>, prefix: &str, out: &mut BTreeMap<
 /// Canonical JSON of a TOML value (sorted keys), used in fingerprints and manifests.
 fn to_json(value: &Spanned<DeValue<'_>>) -> serde_json::Value {
     serde_json::Value::deserialize(ValueDeserializer::from(value.clone())).unwrap_or(serde_json::Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Settings {
+        name: String,
+        size: u32,
+        inner: Option<Inner>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        rank: u32,
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        match parse_settings::<Settings>(Path::new("s.toml"), text, |_| vec![Problem::new("size", "checked")]) {
+            Ok(_) => vec![],
+            Err(d) => d.0.iter().map(|d| format!("{}:{} {}", d.line, d.column, d.message)).collect(),
+        }
+    }
+
+    #[test]
+    fn every_type_error_and_unknown_key_is_reported_with_its_key() {
+        let got = errors("name = 1\nsize = \"big\"\nextra = 2\ninner = { rank = -1 }\n");
+        assert_eq!(
+            got,
+            [
+                "1:8 `name`: invalid type: integer `1`, expected a string",
+                "2:8 `size`: invalid type: string \"big\", expected u32",
+                "3:1 unknown field `extra`",
+                "4:18 `inner.rank`: invalid value: integer `-1`, expected u32",
+            ]
+        );
+    }
+
+    #[test]
+    fn checks_run_only_on_well_typed_settings_and_point_at_their_key() {
+        assert_eq!(errors("name = \"a\"\nsize = 3\n"), ["2:8 checked"]);
+        assert_eq!(errors("size = 3\n"), ["1:1 missing field `name`"]);
+    }
 }

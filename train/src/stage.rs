@@ -66,16 +66,7 @@ impl Stage for TrainSft {
                     .help("remove `data`, or use `kiln train` to train on a file"),
             );
         }
-        let model = cx.resolve(&self.0.model);
-        if !model.exists() && self.0.model.as_os_str() != "smollm2" {
-            problems.push(
-                Problem::new("model", format!("{} does not exist", model.display()))
-                    .help("give a .gguf file, a Hugging Face model directory, or `smollm2`"),
-            );
-        }
-        if self.0.batch_size == 0 || self.0.max_len < 2 {
-            problems.push(Problem::new("batch_size", "`batch_size` must be at least 1 and `max_len` at least 2"));
-        }
+        problems.extend(self.0.problems(&cx.base_dir));
         problems
     }
 

@@ -5,6 +5,7 @@
 
 pub mod data;
 pub mod optim;
+pub mod settings;
 
 use std::collections::BTreeMap;
 use std::io::Write;
