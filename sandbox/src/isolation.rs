@@ -5,7 +5,10 @@
 //! In either mode the worker sees its scratch folder as its working directory (writable; the
 //! only writable place) with the task's data files read-only under `data/`, and nothing of the
 //! machine but the system libraries and the Python environment: no home, no `/etc` beyond the
-//! loader cache, no network (loopback included), no other processes.
+//! loader cache, no network (loopback included), no other processes. It never holds a
+//! capability: under bubblewrap it is `nobody` in a user namespace of its own; under Landlock
+//! it keeps kiln's uid with every capability dropped for good (see [`drop_capabilities`]), and
+//! as root signal scoping (Landlock ABI 6) is required.
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -189,9 +192,10 @@ impl Sandbox {
         };
         cmd.args(["-s", "-B"]).args(args);
         cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
-        let filters = match self.mode {
-            Isolation::Landlock => self.filters.clone(),
-            Isolation::Bubblewrap => Vec::new(),
+        // Under bubblewrap these are applied by bubblewrap, to the worker only.
+        let (filters, drop_caps) = match self.mode {
+            Isolation::Landlock => (self.filters.clone(), true),
+            Isolation::Bubblewrap => (Vec::new(), false),
         };
         // SAFETY: the closure runs between fork and exec; it only makes system calls (dup2,
         // setsid, setrlimit, prctl, landlock, seccomp) on values prepared before the fork.
@@ -221,8 +225,9 @@ impl Sandbox {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                // Last, so that nothing above runs under the worker's address-space limit.
-                rlimits.apply()
+                // Late, so that nothing above runs under the worker's address-space limit.
+                rlimits.apply()?;
+                if drop_caps { drop_capabilities() } else { Ok(()) }
             });
         }
         // The memfds must stay open until the child has started.
@@ -232,7 +237,10 @@ impl Sandbox {
     fn bwrap_args(&self, spec: &WorkerSpec) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
         let mut arg = |parts: &[&dyn AsRef<std::ffi::OsStr>]| a.extend(parts.iter().map(|p| p.as_ref().to_os_string()));
-        arg(&[&"--unshare-all", &"--die-with-parent", &"--new-session", &"--cap-drop", &"ALL"]);
+        // A user namespace of its own, where the worker is `nobody` without capabilities (kiln's
+        // user, root included, maps to it) and cannot make another one.
+        arg(&[&"--unshare-all", &"--unshare-user", &"--uid", &"65534", &"--gid", &"65534", &"--disable-userns"]);
+        arg(&[&"--die-with-parent", &"--new-session", &"--cap-drop", &"ALL"]);
         for dir in SYSTEM_DIRS.iter().chain(SYSTEM_FILES) {
             arg(&[&"--ro-bind-try", dir, dir]);
         }
@@ -257,6 +265,13 @@ impl Sandbox {
         // where the kernel has them (bubblewrap's PID namespace is the fallback's equivalent).
         let abi = ABI::V4;
         let err = |e: landlock::RulesetError| Error::Spawn(format!("landlock: {e}"));
+        // A root worker keeps root's uid (without capabilities): only signal scoping keeps it
+        // from signalling the host's other root processes, so as root scoping is required.
+        // SAFETY: geteuid has no preconditions.
+        let scoping = match unsafe { libc::geteuid() } {
+            0 => CompatLevel::HardRequirement,
+            _ => CompatLevel::BestEffort,
+        };
         let mut readable: Vec<PathBuf> = SYSTEM_DIRS.iter().chain(SYSTEM_FILES).map(PathBuf::from).collect();
         readable.extend([self.env.base_prefix.clone(), self.env.dir.clone()]);
         readable.extend(spec.data.iter().map(|f| f.path.clone()));
@@ -266,10 +281,12 @@ impl Sandbox {
             .set_compatibility(CompatLevel::HardRequirement)
             .handle_access(AccessFs::from_all(abi))
             .and_then(|r| r.handle_access(AccessNet::from_all(abi)))
-            .and_then(|r| r.set_compatibility(CompatLevel::BestEffort).scope(Scope::from_all(ABI::V6)))
-            .and_then(|r| r.create())
+            // Device ioctls (ABI 5) where the kernel has them.
+            .and_then(|r| r.set_compatibility(CompatLevel::BestEffort).handle_access(AccessFs::from_all(ABI::V5)))
+            .and_then(|r| r.set_compatibility(scoping).scope(Scope::from_all(ABI::V6)))
+            .and_then(|r| r.set_compatibility(CompatLevel::BestEffort).create())
             .and_then(|r| r.add_rules(path_beneath_rules(&readable, AccessFs::from_read(abi))))
-            .and_then(|r| r.add_rules(path_beneath_rules(["/dev/null", "/dev/urandom"], AccessFs::from_all(abi))))
+            .and_then(|r| r.add_rules(path_beneath_rules(["/dev/null", "/dev/urandom"], AccessFs::from_all(ABI::V5))))
             .and_then(|r| r.add_rules(path_beneath_rules([&spec.scratch], AccessFs::from_all(abi))))
             .map_err(err)
     }
@@ -327,6 +344,9 @@ impl Rlimits {
             (libc::RLIMIT_FSIZE, self.file_size),
             (libc::RLIMIT_NOFILE, self.open_files),
             (libc::RLIMIT_CORE, 0),
+            // No raised priority or real-time scheduling, whatever capabilities remain.
+            (libc::RLIMIT_NICE, 0),
+            (libc::RLIMIT_RTPRIO, 0),
         ] {
             let limit = libc::rlimit { rlim_cur: value, rlim_max: value };
             // SAFETY: setrlimit with a valid pointer.
@@ -336,6 +356,57 @@ impl Rlimits {
         }
         Ok(())
     }
+}
+
+/// Drops every capability of the process for good, before it executes the worker: the
+/// bounding and ambient sets are emptied, the effective, permitted and inheritable sets
+/// cleared, and the secure bits locked so that executing a program as root gives none back
+/// (with `no_new_privs`, set by Landlock). A root kiln's Landlock worker would otherwise keep
+/// root's capabilities (chmod and chown of host files, mknod, raised priority...). Runs between
+/// fork and exec: system calls only.
+fn drop_capabilities() -> std::io::Result<()> {
+    // SECBIT_NOROOT, SECBIT_NO_SETUID_FIXUP, SECBIT_NO_CAP_AMBIENT_RAISE, each with its lock,
+    // and SECBIT_KEEP_CAPS_LOCKED (KEEP_CAPS itself off).
+    const SECURE_BITS: libc::c_ulong = 0b1110_1111;
+    const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // SAFETY: prctl and capset with valid arguments and pointers to live values.
+    unsafe {
+        let root = libc::geteuid() == 0;
+        // Changing secure bits and the bounding set needs CAP_SETPCAP, which a process without
+        // capabilities (a non-root kiln) has no use for.
+        if libc::prctl(libc::PR_SET_SECUREBITS, SECURE_BITS) != 0 && root {
+            return Err(std::io::Error::last_os_error());
+        }
+        for cap in 0..64 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong) != 0 {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINVAL) => break, // past the last capability of this kernel
+                    _ if root => return Err(e),
+                    _ => break,
+                }
+            }
+        }
+        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0);
+        let header = Header { version: CAPABILITY_VERSION_3, pid: 0 };
+        let none = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+        if libc::syscall(libc::SYS_capset, &header as *const Header, none.as_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// A pipe as (read end, write end), both close-on-exec and numbered above the fds the child

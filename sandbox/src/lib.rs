@@ -12,6 +12,7 @@
 mod isolation;
 mod limits;
 pub mod python_env;
+pub mod scratch;
 mod seccomp;
 pub mod sql_tools;
 mod worker;

@@ -32,6 +32,11 @@ pub struct Limits {
     pub sql_timeout_s: f64,
     /// Longest wait for a new worker to import pandas and report ready, in seconds.
     pub start_timeout_s: f64,
+    /// Most bytes (in MiB, as allocated on disk) the scratch folder of one trajectory may hold:
+    /// past it the worker is stopped, the folder emptied, and the observation says why.
+    pub scratch_mb: u64,
+    /// Most files and folders the scratch folder of one trajectory may hold (same enforcement).
+    pub scratch_files: u64,
 }
 
 impl Default for Limits {
@@ -48,6 +53,8 @@ impl Default for Limits {
             sql_max_rows: 10_000,
             sql_timeout_s: 10.0,
             start_timeout_s: 60.0,
+            scratch_mb: 256,
+            scratch_files: 2000,
         }
     }
 }
@@ -76,6 +83,18 @@ impl Limits {
         }
         if self.open_files < 32 {
             out.push(("open_files", format!("`open_files` must be at least 32, got {}", self.open_files)));
+        }
+        if self.scratch_mb < self.file_size_mb {
+            out.push((
+                "scratch_mb",
+                format!(
+                    "`scratch_mb` ({}) must be at least `file_size_mb` ({}), the largest single file",
+                    self.scratch_mb, self.file_size_mb
+                ),
+            ));
+        }
+        if self.scratch_files < 10 {
+            out.push(("scratch_files", format!("`scratch_files` must be at least 10, got {}", self.scratch_files)));
         }
         if !positive(self.sql_timeout_s) {
             out.push(("sql_timeout_s", format!("`sql_timeout_s` must be positive, got {}", self.sql_timeout_s)));

@@ -8,13 +8,13 @@ _OUT = os.fdopen(4, "w", encoding="utf-8")
 os.closerange(5, 1024)
 
 
-def _send(msg):
-    _OUT.write(json.dumps(msg) + "\n")
-    _OUT.flush()
+def _send(msg, out=_OUT):
+    out.write(json.dumps(msg) + "\n")
+    out.flush()
 
 
-def _receive():
-    line = _IN.readline()
+def _receive(inp=_IN):
+    line = inp.readline()
     if not line:
         os._exit(0)
     return json.loads(line)
@@ -117,7 +117,18 @@ import numpy as np
 import pandas as pd
 
 _namespace = {"__name__": "__main__", "pd": pd, "np": np, "get_db_info": get_db_info, "execute_sql": execute_sql}
-_send({"op": "ready", "pid": os.getpid()})
-while True:
-    request = _receive()
-    _send(_run(request["code"], float(request["timeout"]), int(request["cap"])))
+
+
+def _serve(receive=_receive, send=_send, run=_run):
+    # The loop holds its own references: a cell that replaces this module's functions does not
+    # change how later cells run or are reported. Each reply carries its request's id, so kiln
+    # tells a forged or stale reply from the real one.
+    send({"op": "ready", "pid": os.getpid()})
+    while True:
+        request = receive()
+        reply = run(request["code"], float(request["timeout"]), int(request["cap"]))
+        reply["id"] = request["id"]
+        send(reply)
+
+
+_serve()

@@ -2,9 +2,11 @@
 //!
 //! Two programs, stacked: the first answers `clone3` with ENOSYS, so that glibc falls back to
 //! `clone` (whose flags a filter can read) for threads; the second refuses, with EPERM, every
-//! socket that is not a Unix socket (so no network at all, loopback included), creating
+//! socket (so no network at all, loopback included, and no Unix socket of the host), creating
 //! processes (`fork`, `vfork`, `clone` without `CLONE_THREAD`: no shells, no fork bombs, no pip),
-//! and the calls that reach outside the sandbox (ptrace, mounts, namespaces, BPF, keyrings...).
+//! changing file metadata (modes, owners, times, extended attributes, device nodes), and the
+//! calls that reach outside the sandbox (ptrace, pidfd_getfd, mounts, namespaces, BPF,
+//! keyrings...).
 
 use std::collections::BTreeMap;
 
@@ -43,7 +45,57 @@ const DENIED: &[i64] = &[
     libc::SYS_swapoff,
     libc::SYS_acct,
     libc::SYS_pidfd_send_signal,
+    // Reaching into other processes' descriptors and memory (a cell took an eventfd from
+    // bubblewrap's PID 1 with pidfd_getfd).
+    libc::SYS_pidfd_open,
+    libc::SYS_pidfd_getfd,
+    libc::SYS_process_madvise,
+    libc::SYS_kcmp,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_open_by_handle_at,
+    // No sockets of any family: no network, and no host Unix socket (docker, dbus, an agent)
+    // reachable by path. The worker talks to kiln over inherited pipes.
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    // File metadata: modes, owners, times, extended attributes and device nodes are never the
+    // cell's to change (under Landlock a root worker could otherwise chmod host files).
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchmodat2,
+    libc::SYS_fchown,
+    libc::SYS_fchownat,
+    libc::SYS_utimensat,
+    libc::SYS_setxattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_removexattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_fremovexattr,
+    SYS_SETXATTRAT,
+    SYS_REMOVEXATTRAT,
+    SYS_FILE_SETATTR,
+    libc::SYS_mknodat,
 ];
+
+/// Calls of the older x86-64 table that later tables dropped.
+#[cfg(target_arch = "x86_64")]
+const DENIED_LEGACY: &[i64] = &[
+    libc::SYS_chmod,
+    libc::SYS_chown,
+    libc::SYS_lchown,
+    libc::SYS_utime,
+    libc::SYS_utimes,
+    libc::SYS_futimesat,
+    libc::SYS_mknod,
+];
+#[cfg(not(target_arch = "x86_64"))]
+const DENIED_LEGACY: &[i64] = &[];
+
+/// Calls newer than the libc crate's tables (Linux 6.13 and 6.17), numbered alike on every
+/// architecture.
+const SYS_SETXATTRAT: i64 = 463;
+const SYS_REMOVEXATTRAT: i64 = 466;
+const SYS_FILE_SETATTR: i64 = 469;
 
 fn arch() -> Result<seccompiler::TargetArch, Error> {
     std::env::consts::ARCH
@@ -69,12 +121,8 @@ fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, Error> {
 pub fn programs() -> Result<Vec<BpfProgram>, Error> {
     let clone3 = compile(BTreeMap::from([(libc::SYS_clone3, vec![])]), libc::ENOSYS)?;
 
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED.iter().map(|&nr| (nr, vec![])).collect();
-    let not_unix = || -> Result<Vec<SeccompRule>, Error> {
-        Ok(vec![rule(vec![condition(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?])?])
-    };
-    rules.insert(libc::SYS_socket, not_unix()?);
-    rules.insert(libc::SYS_socketpair, not_unix()?);
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED.iter().chain(DENIED_LEGACY).map(|&nr| (nr, vec![])).collect();
     let new_process = rule(vec![condition(0, SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64), 0)?])?;
     rules.insert(libc::SYS_clone, vec![new_process]);
     let denied = compile(rules, libc::EPERM)?;

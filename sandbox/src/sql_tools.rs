@@ -6,9 +6,7 @@
 //! progress-handler deadline (runaway recursive CTEs stop) and a row cap. Refusals come back
 //! as clear messages that become the cell's error, never as a crash.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,7 +80,7 @@ impl SqlTools {
     }
 
     /// Runs one read-only statement and writes its result as CSV to `output_path` inside
-    /// `scratch`.
+    /// `scratch` (opened without following links: [`crate::scratch::create_file`]).
     pub fn execute(
         &self,
         sql: &str,
@@ -91,7 +89,6 @@ impl SqlTools {
         max_rows: usize,
         timeout: Duration,
     ) -> Result<QueryResult, String> {
-        let target = scratch_file(scratch, output_path)?;
         let (conn, refused) = self.open()?;
         let deadline = Instant::now() + timeout;
         conn.progress_handler(1_000, Some(move || Instant::now() > deadline));
@@ -111,13 +108,7 @@ impl SqlTools {
             return Err("only read-only SELECT statements are allowed".into());
         }
         let columns: Vec<String> = stmt.column_names().iter().map(|c| c.to_string()).collect();
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&target)
-            .map_err(|e| format!("cannot write {output_path}: {e}"))?;
+        let file = crate::scratch::create_file(scratch, output_path).map_err(|e| format!("output_path {e}"))?;
         let mut csv = csv::Writer::from_writer(std::io::BufWriter::new(file));
         csv.write_record(&columns).map_err(|e| e.to_string())?;
         let mut rows = stmt.query([]).map_err(refusal)?;
@@ -143,24 +134,6 @@ impl SqlTools {
         }
         csv.flush().map_err(|e| e.to_string())?;
         Ok(QueryResult { path: output_path.to_string(), columns, rows: n, truncated })
-    }
-}
-
-/// `output_path` resolved inside `scratch`, refusing absolute paths, `..`, and folders that
-/// are (or lead through) symbolic links out of the scratch folder.
-fn scratch_file(scratch: &Path, output_path: &str) -> Result<PathBuf, String> {
-    let rel = Path::new(output_path);
-    let plain = !output_path.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
-    if !plain {
-        return Err(format!("output_path must be a relative path inside the working directory, got {output_path:?}"));
-    }
-    let target = scratch.join(rel);
-    let parent = target.parent().unwrap_or(scratch);
-    std::fs::create_dir_all(parent).map_err(|e| format!("cannot create the folder for {output_path}: {e}"))?;
-    let (root, dir) = (scratch.canonicalize(), parent.canonicalize());
-    match (root, dir) {
-        (Ok(root), Ok(dir)) if dir.starts_with(&root) => Ok(target),
-        _ => Err(format!("output_path {output_path:?} leads outside the working directory")),
     }
 }
 

@@ -97,7 +97,7 @@ impl Cell {
 #[serde(tag = "op", rename_all = "snake_case")]
 enum FromWorker {
     Ready {},
-    Done { status: String, output: String, output_chars: u64, error: Option<String> },
+    Done { id: String, status: String, output: String, output_chars: u64, error: Option<String> },
     DbInfo {},
     Sql { sql: String, output_path: String },
 }
@@ -124,6 +124,8 @@ enum Broken {
     Worker(String),
     /// The hard timeout passed.
     Timeout,
+    /// The scratch folder went over its quota; the text says how far.
+    Quota(String),
 }
 
 /// A persistent Python worker for one trajectory.
@@ -217,15 +219,37 @@ impl Worker {
         let limits = self.spec.limits.clone();
         let hard = Duration::from_secs_f64(limits.hard_timeout_s);
         let live = self.live.as_mut().expect("started above");
-        let request = json!({"code": code, "timeout": limits.cell_timeout_s, "cap": limits.capture_chars});
+        // The reply must carry this request's id: a reply forged by a cell, or one left over
+        // from an earlier cell, is a broken protocol, never the next cell's observation.
+        let id = request_id();
+        let request = json!({"id": id, "code": code, "timeout": limits.cell_timeout_s, "cap": limits.capture_chars});
         let exchange = exchange(live, &request, self.sql.as_ref(), &self.spec);
-        let result = match tokio::time::timeout(hard, exchange).await {
-            Ok(r) => r,
+        let quota = watch_quota(&self.spec);
+        let result = match tokio::time::timeout(hard, async {
+            tokio::select! {
+                reply = exchange => reply,
+                over = quota => Err(Broken::Quota(over)),
+            }
+        })
+        .await
+        {
+            Ok(Ok(done)) => match over_quota(&self.spec).await {
+                Some(over) => Err(Broken::Quota(over)),
+                None => Ok(done),
+            },
+            Ok(broken) => broken,
             Err(_) => Err(Broken::Timeout),
         };
         let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         match result {
-            Ok(FromWorker::Done { status, output, output_chars, error }) => {
+            Ok(FromWorker::Done { id: replied, .. }) if replied != id => Ok(self
+                .lose(
+                    CellStatus::Crashed,
+                    "the worker broke the protocol (a reply to another request)".into(),
+                    elapsed_ms,
+                )
+                .await),
+            Ok(FromWorker::Done { status, output, output_chars, error, .. }) => {
                 let status = match status.as_str() {
                     "ok" => CellStatus::Ok,
                     "timeout" => CellStatus::Timeout,
@@ -244,6 +268,11 @@ impl Worker {
                 Ok(self.lose(CellStatus::Killed, why, elapsed_ms).await)
             }
             Err(Broken::Worker(why)) => Ok(self.lose(CellStatus::Crashed, why, elapsed_ms).await),
+            Err(Broken::Quota(over)) => {
+                let cell = self.lose(CellStatus::Killed, over, elapsed_ms).await;
+                empty_scratch(&self.spec.scratch).await;
+                Ok(cell)
+            }
         }
     }
 
@@ -264,6 +293,96 @@ impl Worker {
         }
         Cell { status, output: String::new(), output_chars: 0, error: Some(error), elapsed_ms }
     }
+}
+
+/// A fresh random id for one request.
+fn request_id() -> String {
+    let mut bytes = [0u8; 16];
+    // SAFETY: getrandom fills the buffer it is given; a short read leaves zeros, still unique
+    // enough for matching replies (the id is not a secret: the cell can read it).
+    unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How often the scratch folder is measured while a cell runs.
+const QUOTA_POLL: Duration = Duration::from_millis(100);
+
+/// Resolves, with the reason, once the scratch folder is over its quota while the cell runs.
+async fn watch_quota(spec: &WorkerSpec) -> String {
+    loop {
+        tokio::time::sleep(QUOTA_POLL).await;
+        if let Some(over) = over_quota(spec).await {
+            return over;
+        }
+    }
+}
+
+/// Why the scratch folder is over its quota, or `None` when it is within it.
+async fn over_quota(spec: &WorkerSpec) -> Option<String> {
+    let (scratch, limits) = (spec.scratch.clone(), spec.limits.clone());
+    let (max_bytes, max_files) = (limits.scratch_mb << 20, limits.scratch_files);
+    let usage =
+        tokio::task::spawn_blocking(move || scratch_usage(&scratch, max_bytes, max_files)).await.unwrap_or_default();
+    (usage.bytes > max_bytes || usage.files > max_files).then(|| {
+        format!(
+            "OSError: the working directory went over its quota ({} MiB and {} files; it held {} MiB in {} files), so the process was stopped and the folder emptied",
+            limits.scratch_mb,
+            limits.scratch_files,
+            usage.bytes >> 20,
+            usage.files
+        )
+    })
+}
+
+/// Disk use of a scratch folder.
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    /// Bytes allocated on disk.
+    bytes: u64,
+    /// Files, folders and links.
+    files: u64,
+}
+
+/// Measures `scratch` without following links, stopping early once past either limit. The
+/// data folder (a link, or bubblewrap's mount point) is not the cell's.
+fn scratch_usage(scratch: &std::path::Path, max_bytes: u64, max_files: u64) -> Usage {
+    use std::os::unix::fs::MetadataExt;
+    let mut usage = Usage::default();
+    let mut folders = vec![scratch.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else { continue };
+        for entry in entries.flatten() {
+            if folder == scratch && entry.file_name() == "data" {
+                continue;
+            }
+            let Ok(meta) = entry.path().symlink_metadata() else { continue };
+            usage.files += 1;
+            usage.bytes += meta.blocks() * 512;
+            if meta.is_dir() {
+                folders.push(entry.path());
+            }
+            if usage.bytes > max_bytes || usage.files > max_files {
+                return usage;
+            }
+        }
+    }
+    usage
+}
+
+/// Removes everything the cells wrote to `scratch` (after its worker was killed).
+async fn empty_scratch(scratch: &std::path::Path) {
+    let scratch = scratch.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || {
+        for entry in std::fs::read_dir(&scratch).into_iter().flatten().flatten() {
+            if entry.file_name() == "data" {
+                continue;
+            }
+            let path = entry.path();
+            // remove_dir_all does not follow links; a link is removed as a file.
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+        }
+    })
+    .await;
 }
 
 /// How a worker process ended, in words. bubblewrap reports a child killed by signal N as

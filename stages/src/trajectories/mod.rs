@@ -604,19 +604,16 @@ fn status_name(cell: &Cell) -> &'static str {
     }
 }
 
-/// The CSV named in `answer` (the last one that exists in the scratch folder), capped.
+/// The CSV named in `answer` (the last one that is a regular file of the scratch folder), capped.
+/// It is opened without following links (a cell could link a host file there).
 fn result_csv(scratch: &Path, answer: &str) -> Option<String> {
-    let named = answer
+    let bytes = answer
         .split(|c: char| c.is_whitespace() || matches!(c, '`' | '"' | '\'' | '(' | ')' | ',' | '[' | ']'))
         .map(|w| w.trim_end_matches(['.', ':', ';']))
         .filter(|w| w.ends_with(".csv"))
-        .filter_map(|w| {
-            let rel = Path::new(w.trim_start_matches("./"));
-            rel.components().all(|c| matches!(c, std::path::Component::Normal(_))).then(|| scratch.join(rel))
-        })
-        .rfind(|p: &PathBuf| p.is_file())?;
-    let bytes = std::fs::read(named).ok()?;
-    Some(String::from_utf8_lossy(&bytes[..bytes.len().min(RESULT_CSV_BYTES)]).into_owned())
+        .filter_map(|w| kiln_sandbox::scratch::read_file(scratch, w.trim_start_matches("./"), RESULT_CSV_BYTES).ok())
+        .next_back()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// The run's sandbox (probed once per run and isolation), with the managed Python environment
