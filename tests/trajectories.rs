@@ -1,7 +1,8 @@
 //! The `trajectories` stage end to end, through the real `kiln` binary and the real sandbox:
 //! scripted (offline) trajectories on the shared corpus (skipped when absent) agree with the gold answers and obey
 //! the turn protocol; a SIGKILL mid-stage loses no finished trajectory; a model teacher that
-//! writes garbage behind a faulty endpoint gives sensible rows, and a rerun sends nothing.
+//! writes garbage behind a faulty endpoint gives sensible rows, and a rerun sends nothing; a
+//! hostile teacher cannot get a host file into the dataset through a linked result CSV.
 
 mod util;
 
@@ -281,4 +282,94 @@ max_turns = 3
     assert!(resent <= rejected * 3 * 8, "a forced rerun sent {resent} requests for {rejected} rejected trajectories");
     let again = util::manifest(&out.join("trajectories"));
     assert!(again.counters["trajectories_cached"] >= rows.len() as u64);
+}
+
+/// The host file the hostile teacher links to (set by the test that uses it).
+static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// A hostile teacher (issue 12): its first turn links a host file as `result.csv` in the scratch
+/// folder; its second answers with that CSV, which kiln reads as the SQL task's result.
+fn linking_teacher(messages: &[Value]) -> String {
+    let turns = messages.iter().filter(|m| m["role"] == "assistant").count();
+    if turns == 0 {
+        let secret = SECRET.get().expect("the secret is set");
+        format!(
+            "<think>Link the file.</think>\n<code>\n```python\nimport os\nos.symlink({secret:?}, 'result.csv')\nprint('linked')\n```\n</code>"
+        )
+    } else {
+        "<think>The result is saved.</think>\n<answer>The answer is in result.csv</answer>".into()
+    }
+}
+
+#[test]
+fn a_linked_result_csv_never_brings_a_host_file_into_the_dataset() {
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("id_rsa");
+    std::fs::write(&secret, "TOPSECRET-KEY,x\n1,2\n").unwrap();
+    SECRET.set(secret.display().to_string()).unwrap();
+    let server = fault_server::start_in_background(fault_server::Faults {
+        teacher: Some(linking_teacher),
+        ..Default::default()
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    util::copy_sample_data(dir);
+    let pipeline = format!(
+        r#"
+[pipeline]
+name = "t"
+output_dir = "OUT"
+
+[models.hostile]
+base_url = "{}"
+model = "m"
+
+[stages.files]
+kind = "profile"
+paths = ["data/*.sqlite"]
+min_rows = 20
+max_rows = 1000
+
+[stages.questions]
+kind = "programmatic"
+inputs = ["files"]
+categories = ["counting"]
+
+# Under the isolation probed first (bubblewrap where it works), and under Landlock.
+[stages.probed]
+kind = "trajectories"
+inputs = ["questions"]
+model = "hostile"
+n = 1
+max_turns = 3
+
+[stages.landlock]
+kind = "trajectories"
+inputs = ["questions"]
+model = "hostile"
+n = 1
+max_turns = 3
+isolation = "landlock"
+"#,
+        server.base_url()
+    );
+    std::fs::write(dir.join("p.toml"), pipeline).unwrap();
+    util::kiln_ok(dir, &["run", "p.toml"]);
+    let out = dir.join("OUT");
+    for stage in ["probed", "landlock"] {
+        let rows = util::rows(&out.join(stage));
+        assert!(!rows.is_empty(), "{stage}: no trajectories");
+        for row in &rows {
+            assert_eq!(row["format"], "sqlite", "{stage}: {row:?}");
+            assert_eq!(row["end_reason"], "answer", "{stage}: {row:?}");
+            let m = messages(row);
+            assert!(m[3].1.contains("linked"), "{stage}: the cell ran: {}", m[3].1);
+            assert!(row.get("result_csv").is_none_or(Value::is_null), "{stage}: a linked file was read: {row:?}");
+        }
+    }
+    let everything = ["files", "questions", "probed", "landlock", "_rejections"]
+        .iter()
+        .flat_map(|stage| util::rows(&out.join(stage)))
+        .any(|row| Value::Object(row).to_string().contains("TOPSECRET"));
+    assert!(!everything, "the host file's content reached the output folder");
 }

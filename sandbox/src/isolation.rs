@@ -86,6 +86,10 @@ pub struct Sandbox {
     filters: Vec<BpfProgram>,
     /// Where `bwrap` is (found on `PATH`, which its own cleared environment lacks).
     bwrap: PathBuf,
+    /// Whether bubblewrap gives the worker a user namespace of its own (where it is `nobody`);
+    /// without one (a kernel or container that refuses them) it keeps kiln's uid, with no
+    /// capability.
+    user_namespace: bool,
 }
 
 impl Sandbox {
@@ -95,7 +99,8 @@ impl Sandbox {
         let bwrap = std::env::var_os("PATH")
             .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("bwrap")).find(|p| p.is_file()))
             .unwrap_or_else(|| PathBuf::from("bwrap"));
-        let mut sandbox = Sandbox { env, mode: mode.unwrap_or(Isolation::Bubblewrap), filters, bwrap };
+        let mode_or_first = mode.unwrap_or(Isolation::Bubblewrap);
+        let mut sandbox = Sandbox { env, mode: mode_or_first, filters, bwrap, user_namespace: true };
         if mode.is_some() {
             sandbox.try_mode()?;
             return Ok(sandbox);
@@ -127,8 +132,25 @@ impl Sandbox {
         &self.env
     }
 
-    /// Runs a trivial program in this mode to see whether it works.
-    fn try_mode(&self) -> Result<(), Error> {
+    /// Runs a trivial program in this mode to see whether it works (under bubblewrap, with a
+    /// user namespace, else without).
+    fn try_mode(&mut self) -> Result<(), Error> {
+        self.user_namespace = true;
+        let first = self.try_once();
+        if first.is_err() && self.mode == Isolation::Bubblewrap {
+            self.user_namespace = false;
+            if self.try_once().is_ok() {
+                tracing::warn!(
+                    "bubblewrap cannot make a user namespace here: its workers keep kiln's uid, without capabilities"
+                );
+                return Ok(());
+            }
+            self.user_namespace = true;
+        }
+        first
+    }
+
+    fn try_once(&self) -> Result<(), Error> {
         let scratch = std::env::temp_dir().join(format!("kiln-probe-{}", std::process::id()));
         let spec = WorkerSpec { scratch: scratch.clone(), data: vec![], database: None, limits: Limits::default() };
         let (request, _keep) = pipe()?;
@@ -239,8 +261,10 @@ impl Sandbox {
         let mut arg = |parts: &[&dyn AsRef<std::ffi::OsStr>]| a.extend(parts.iter().map(|p| p.as_ref().to_os_string()));
         // A user namespace of its own, where the worker is `nobody` without capabilities (kiln's
         // user, root included, maps to it) and cannot make another one.
-        arg(&[&"--unshare-all", &"--unshare-user", &"--uid", &"65534", &"--gid", &"65534", &"--disable-userns"]);
-        arg(&[&"--die-with-parent", &"--new-session", &"--cap-drop", &"ALL"]);
+        arg(&[&"--unshare-all", &"--die-with-parent", &"--new-session", &"--cap-drop", &"ALL"]);
+        if self.user_namespace {
+            arg(&[&"--unshare-user", &"--uid", &"65534", &"--gid", &"65534", &"--disable-userns"]);
+        }
         for dir in SYSTEM_DIRS.iter().chain(SYSTEM_FILES) {
             arg(&[&"--ro-bind-try", dir, dir]);
         }

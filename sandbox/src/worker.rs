@@ -369,17 +369,24 @@ fn scratch_usage(scratch: &std::path::Path, max_bytes: u64, max_files: u64) -> U
     usage
 }
 
-/// Removes everything the cells wrote to `scratch` (after its worker was killed).
+/// Removes everything the cells wrote to `scratch` after its worker was killed. The kill takes
+/// a moment to reach every thread (under bubblewrap, through its PID namespace), so the folder
+/// is emptied until it stays empty.
 async fn empty_scratch(scratch: &std::path::Path) {
     let scratch = scratch.to_path_buf();
     let _ = tokio::task::spawn_blocking(move || {
-        for entry in std::fs::read_dir(&scratch).into_iter().flatten().flatten() {
-            if entry.file_name() == "data" {
-                continue;
+        let cells_files =
+            || std::fs::read_dir(&scratch).into_iter().flatten().flatten().filter(|e| e.file_name() != "data");
+        for _ in 0..40 {
+            for entry in cells_files() {
+                let path = entry.path();
+                // remove_dir_all does not follow links; a link is removed as a file.
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
             }
-            let path = entry.path();
-            // remove_dir_all does not follow links; a link is removed as a file.
-            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            std::thread::sleep(Duration::from_millis(25));
+            if cells_files().next().is_none() {
+                return;
+            }
         }
     })
     .await;

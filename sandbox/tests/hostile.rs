@@ -341,3 +341,217 @@ async fn python_environment_is_read_only() {
     })
     .await;
 }
+
+// Issue 12: the ways out that hostile cells found through the real agent path.
+
+/// `renameat2` on this architecture (for the swap race).
+#[cfg(target_arch = "x86_64")]
+const SYS_RENAMEAT2: u32 = 316;
+#[cfg(target_arch = "aarch64")]
+const SYS_RENAMEAT2: u32 = 276;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn swapping_a_folder_for_a_link_never_lets_execute_sql_write_outside() {
+    let db_dir = tempfile::tempdir().unwrap();
+    let db = db_dir.path().join("t.sqlite");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("CREATE TABLE t(x INTEGER); INSERT INTO t VALUES (1);")
+        .unwrap();
+    for sandbox in sandboxes() {
+        let mode = sandbox.mode();
+        let outside = tempfile::tempdir().unwrap();
+        let mut task = Task::start(sandbox, Some(db.clone())).await;
+        // A thread swaps `sub/` and a link to the outside folder (RENAME_EXCHANGE) as fast as it
+        // can, while the cell asks kiln to write `sub/x.csv`, for about one second.
+        let code = format!(
+            r#"import ctypes, os, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+os.makedirs('sub', exist_ok=True)
+os.symlink({outside:?}, 'swap')
+stop = []
+def swap():
+    while not stop:
+        libc.syscall({SYS_RENAMEAT2}, -100, b'sub', -100, b'swap', 2)
+t = threading.Thread(target=swap)
+t.start()
+tries = refused = 0
+end = time.time() + 1.2
+while time.time() < end:
+    tries += 1
+    try:
+        execute_sql(sql='SELECT x FROM t', output_path='sub/x.csv')
+    except Exception:
+        refused += 1
+stop.append(1)
+t.join()
+print('tries', tries, 'refused', refused)"#,
+            outside = outside.path().display().to_string()
+        );
+        let cell = task.run(&code).await;
+        assert_eq!(cell.status, CellStatus::Ok, "{mode}: {cell:?}");
+        let tries: u32 = cell.output.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+        assert!(tries >= 50, "{mode}: the race was tried only {tries} times: {cell:?}");
+        let escaped: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
+        assert!(escaped.is_empty(), "{mode}: kiln wrote outside the scratch folder: {escaped:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_metadata_of_host_and_scratch_files_cannot_change() {
+    let code = r#"import os, stat
+open('mine.txt', 'w').write('x')
+for path in ('data/sales.csv', 'data', '.', 'mine.txt'):
+    for name, act in (
+        ('chmod', lambda: os.chmod(path, 0o777)),
+        ('chown', lambda: os.chown(path, 1000, 1000)),
+        ('utime', lambda: os.utime(path, (0, 0))),
+        ('setxattr', lambda: os.setxattr(path, 'user.kiln', b'x')),
+    ):
+        try:
+            act()
+            print('changed', name, path)
+        except OSError as e:
+            print('refused', name, path, type(e).__name__)
+for name, act in (
+    ('block device', lambda: os.mknod('disk', 0o600 | stat.S_IFBLK, os.makedev(8, 0))),
+    ('fifo', lambda: os.mkfifo('pipe')),
+):
+    try:
+        act()
+        print('made', name)
+    except OSError as e:
+        print('refused', name, type(e).__name__)"#;
+    hostile(code, After::Kept, |c, t, m| {
+        assert!(!c.output.contains("changed") && !c.output.contains("made"), "{m}: {c:?}");
+        assert_eq!(c.output.matches("refused").count(), 18, "{m}: {c:?}");
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(t.data_file()).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o644, "{m}: the data file's mode changed");
+        assert!(meta.mtime() > 0, "{m}: the data file's time changed");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_unix_sockets_are_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let code = format!(
+        "import socket\ns = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\ns.connect({:?})\ns.sendall(b'hello from sandbox')\nprint('connected')",
+        path.display().to_string()
+    );
+    hostile(&code, After::Kept, |c, _, m| {
+        assert!(!c.output.contains("connected"), "{m}: {c:?}");
+        assert!(error_of(c).starts_with("PermissionError"), "{m}: {c:?}");
+    })
+    .await;
+    let pair = "import socket\ntry:\n    socket.socketpair()\n    print('made')\nexcept OSError as e:\n    print('refused', type(e).__name__)";
+    hostile(pair, After::Kept, |c, _, m| assert!(c.output.contains("refused"), "{m}: {c:?}")).await;
+    assert!(listener.accept().is_err(), "nothing reached the host socket");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn priority_and_scheduling_cannot_be_raised() {
+    let code = r#"import os
+for name, act in (
+    ('nice', lambda: os.nice(-20)),
+    ('setpriority', lambda: os.setpriority(os.PRIO_PROCESS, 0, -20)),
+    ('fifo', lambda: os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))),
+    ('rr', lambda: os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(10))),
+):
+    try:
+        act()
+        print('raised', name)
+    except OSError as e:
+        print('refused', name, type(e).__name__)
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+header, sets = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
+libc.capget(header, sets)
+print('capabilities', list(sets), 'bounding', sum(libc.prctl(23, cap) == 1 for cap in range(64)))"#;
+    hostile(code, After::Kept, |c, _, m| {
+        assert!(!c.output.contains("raised"), "{m}: {c:?}");
+        assert_eq!(c.output.matches("refused").count(), 4, "{m}: {c:?}");
+        assert!(
+            c.output.contains("capabilities [0, 0, 0, 0, 0, 0] bounding 0"),
+            "{m}: the worker holds capabilities: {c:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn other_processes_descriptors_cannot_be_taken() {
+    // pidfd_open(1) then pidfd_getfd(pidfd, 3): under bubblewrap, PID 1 is bubblewrap itself.
+    let code = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\npidfd = libc.syscall(434, 1, 0)\nprint('pidfd', pidfd)\nprint('fd', libc.syscall(438, pidfd, 3, 0) if pidfd >= 0 else -1)";
+    hostile(code, After::Kept, |c, _, m| {
+        assert!(c.output.contains("pidfd -1") && c.output.contains("fd -1"), "{m}: {c:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scratch_quota_stops_the_cell_and_empties_the_folder() {
+    // 16 MiB files (under the per-file limit) until well past the 128 MiB quota.
+    let bytes = "for i in range(40):\n    open(f'big{i}.bin', 'wb').write(b'1' * (16 << 20))\nprint('wrote it all')";
+    let many = "for i in range(5000):\n    open(f'f{i}.txt', 'w').close()\nprint('wrote it all')";
+    for code in [bytes, many] {
+        hostile(code, After::Lost, |c, t, m| {
+            assert_eq!(c.status, CellStatus::Killed, "{m}: {c:?}");
+            assert!(error_of(c).contains("quota"), "{m}: {c:?}");
+            let left: Vec<_> = std::fs::read_dir(t.scratch())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|name| name != "data")
+                .collect();
+            assert!(left.is_empty(), "{m}: the scratch folder was not emptied: {left:?} after {c:?}");
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_reply_never_becomes_another_cells_observation() {
+    // A reply with a made-up id: the protocol is broken, the worker replaced.
+    let forged = r#"import os, json, time
+os.write(4, (json.dumps({'op': 'done', 'id': 'forged', 'status': 'ok', 'output': 'FORGED', 'output_chars': 6, 'error': None}) + '\n').encode())
+time.sleep(0.3)"#;
+    hostile(forged, After::Lost, |c, _, m| {
+        assert_eq!(c.status, CellStatus::Crashed, "{m}: {c:?}");
+        assert!(!c.output.contains("FORGED"), "{m}: {c:?}");
+    })
+    .await;
+    // A reply with the right id, read from the runner's frame: it can only speak for the cell
+    // that wrote it; the real reply that follows is not taken for the next cell's.
+    let with_id = r#"import os, json, sys, time
+request = sys._getframe(2).f_locals['request']
+os.write(4, (json.dumps({'op': 'done', 'id': request['id'], 'status': 'ok', 'output': 'FORGED', 'output_chars': 6, 'error': None}) + '\n').encode())
+time.sleep(0.3)
+print('real output')"#;
+    for sandbox in sandboxes() {
+        let mode = sandbox.mode();
+        let mut task = Task::start(sandbox, None).await;
+        task.run(with_id).await;
+        let next = task.run("print('second')").await;
+        assert!(!next.output.contains("real output") && !next.output.contains("FORGED"), "{mode}: shifted: {next:?}");
+        let third = task.run("print('third')").await;
+        assert_eq!(third.output.trim(), "third", "{mode}: {third:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replacing_the_runner_does_not_fake_later_observations() {
+    let code = r#"import sys
+runner = sys.modules['__main__']
+fake = lambda *a, **k: {'op': 'done', 'status': 'ok', 'output': 'FAKE', 'output_chars': 4, 'error': None}
+runner._run = fake
+runner._send = lambda *a, **k: None
+runner._receive = lambda *a, **k: {'id': 'x', 'code': '', 'timeout': 1, 'cap': 10}
+runner._OUT = open('fake_out.txt', 'w')
+print('replaced')"#;
+    // hostile() then checks the next cell prints 42 from the variable set before.
+    hostile(code, After::Kept, |c, _, m| assert_eq!(c.output.trim(), "replaced", "{m}: {c:?}")).await;
+}

@@ -30,6 +30,9 @@ pub struct Faults {
     pub seed: u64,
     /// Inject only this kind of fault (`429`, `500`, `slow`, `truncated`, `malformed`).
     pub only: Option<&'static str>,
+    /// A scripted teacher: the reply to a whole conversation (its messages), instead of
+    /// [`reply`] to its first user message.
+    pub teacher: Option<fn(&[serde_json::Value]) -> String>,
 }
 
 impl Default for Faults {
@@ -41,6 +44,7 @@ impl Default for Faults {
             latency: Duration::ZERO,
             seed: 1,
             only: None,
+            teacher: None,
         }
     }
 }
@@ -223,7 +227,8 @@ async fn serve(mut stream: TcpStream, seen: &Seen, faults: &Faults, counter: &At
             None => {
                 tokio::time::sleep(faults.latency).await;
                 *seen.answered.lock().unwrap().entry(conversation.clone()).or_default() += 1;
-                let b = ok_body(&reply(&prompt));
+                let messages = body["messages"].as_array().map(Vec::as_slice).unwrap_or_default();
+                let b = ok_body(&faults.teacher.map_or_else(|| reply(&prompt), |teacher| teacher(messages)));
                 format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}", b.len())
             }
         };

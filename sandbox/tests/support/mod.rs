@@ -31,7 +31,14 @@ pub fn sandboxes() -> Vec<Arc<Sandbox>> {
 
 /// Limits short enough for tests.
 pub fn test_limits() -> Limits {
-    Limits { cell_timeout_s: 1.5, hard_timeout_s: 4.0, sql_timeout_s: 1.0, ..Limits::default() }
+    Limits {
+        cell_timeout_s: 1.5,
+        hard_timeout_s: 4.0,
+        sql_timeout_s: 1.0,
+        scratch_mb: 128,
+        scratch_files: 500,
+        ..Limits::default()
+    }
 }
 
 /// A task: its folder (holding the scratch folder and, outside it, the data), and a worker.
