@@ -1,7 +1,8 @@
 //! The `judge` stage: gold checks on programmatic trajectories, and the self-consistency call
 //! for questions without a gold answer, against the fault-injecting server (20% faults; its
 //! judge replies say answers agree exactly when their texts are equal). Wrong and inconsistent
-//! answers go to the ledger with reasons; a rerun sends no request again.
+//! answers go to the ledger with reasons; a rerun sends no request again. A rescue that
+//! succeeds keeps the new trajectories without the critique the teacher read.
 
 mod util;
 
@@ -154,4 +155,64 @@ fn judge_keeps_agreeing_answers_and_rejects_the_rest_with_reasons() {
     let ids: BTreeSet<String> = best.iter().map(|r| r["parent_ids"][0].to_string()).collect();
     assert_eq!((best.len(), ids.len()), (per_question.len(), per_question.len()));
     assert!(best.iter().all(|r| r["sample"] == 0), "the judge's best is the first");
+}
+
+/// A teacher that solves every question the same way in two well-formed turns (so its samples
+/// agree), and answers judge prompts as the fault server does.
+fn agreeing_teacher(messages: &[serde_json::Value]) -> String {
+    let first_user = messages.iter().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()).unwrap_or("");
+    if first_user.contains("<consistent>yes or no</consistent>") {
+        return fault_server::reply(first_user);
+    }
+    match messages.iter().filter(|m| m["role"] == "assistant").count() {
+        0 => "<think>Compute it.</think>\n<code>\n```python\nprint(7)\n```\n</code>".into(),
+        _ => "<think>It printed 7.</think>\n<answer>7</answer>".into(),
+    }
+}
+
+#[test]
+fn a_successful_rescue_keeps_new_trajectories_without_the_critique() {
+    let server = fault_server::start_in_background(fault_server::Faults {
+        teacher: Some(agreeing_teacher),
+        ..Default::default()
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    util::copy_sample_data(dir);
+    let pipeline = pipeline(&server.base_url(), "keep_all_consistent").replace(
+        "rescue = { teacher = \"judge\", rounds = 2, max_turns = 2 }",
+        "rescue = { teacher = \"judge\", rounds = 2, max_turns = 3, isolation = \"landlock\", parallel = 2 }",
+    );
+    assert!(pipeline.contains("parallel = 2"), "the rescue settings were replaced");
+    std::fs::write(dir.join("p.toml"), pipeline).unwrap();
+    util::kiln_ok(dir, &["run", "p.toml"]);
+
+    let questions = util::rows(&dir.join("OUT/questions"));
+    let counting: BTreeSet<String> = questions
+        .iter()
+        .filter(|q| q["category"] == "counting")
+        .map(|q| q["row_id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!counting.is_empty());
+    let m = util::manifest(&dir.join("OUT/rescued"));
+    assert_eq!(
+        m.counters["rescued"],
+        counting.len() as u64,
+        "every inconsistent question was rescued: {:?}",
+        m.counters
+    );
+    assert_eq!(m.counters.get("rescue_isolation_landlock"), Some(&1), "the rescue's own isolation setting is used");
+    let rows = util::rows(&dir.join("OUT/rescued"));
+    let rescued: Vec<_> = rows.iter().filter(|r| r["judge_verdict"] == "rescued").collect();
+    assert_eq!(rescued.len(), 2 * counting.len(), "both new samples of each rescued question are kept");
+    for row in &rescued {
+        assert!(counting.contains(row["parent_ids"][0].as_str().unwrap()), "{row:?}");
+        assert_eq!(row["final_answer"], "7");
+        assert_eq!(row["gold_answer"], "7", "the agreed answer becomes the gold answer");
+        let text = row["messages"].to_string();
+        assert!(!text.contains("A reviewer said"), "the critique is not kept: {text}");
+    }
+    let critique_sent =
+        server.seen.per_prompt.lock().unwrap().keys().any(|p| p.contains("A reviewer said: the answers differ"));
+    assert!(critique_sent, "the judge's reasoning reached the teacher");
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use kiln_stages::trajectories::protocol::{Action, parse_action};
+use kiln_stages::agent::protocol::{Action, parse_action};
 use serde_json::{Map, Value};
 
 type Row = Map<String, Value>;

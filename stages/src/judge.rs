@@ -11,9 +11,11 @@
 //! judge's reasoning.
 //!
 //! Rescue (optional): an inconsistent question goes back to the teacher with the judge's
-//! reasoning as a critique in the question; the teacher samples N new trajectories in the
-//! sandbox (as the `trajectories` stage does, cached the same way), those that pass the format
-//! check are judged again, up to `rounds` times. A rescued question keeps its new trajectories;
+//! reasoning as a critique (the teacher reads it; the trajectories kept do not hold it); the
+//! teacher samples N new trajectories through the agent loop ([`crate::agent`], cached the same
+//! way), with the rescue's own `max_turns`, `template`, `sandbox`, `isolation` and `parallel`
+//! (the keys and defaults of a `trajectories` stage); those that pass the format check are judged
+//! again, up to `rounds` times. A rescued question keeps its new trajectories;
 //! its first ones go to the ledger.
 //!
 //! Which of the agreeing trajectories are kept: `keep_all_consistent` (default; best in the
@@ -43,6 +45,7 @@ use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::agent::{AgentSettings, Keys, Task, TeacherSpec};
 use crate::answers::agree;
 use crate::llm_rows::{RowRequest, client, complete_rows, estimate_rows, model_config, parse_tags};
 use crate::templates::{Templates, check_template};
@@ -83,7 +86,8 @@ pub struct Judge {
     pub rescue: Option<Rescue>,
 }
 
-/// How inconsistent questions are rescued.
+/// How inconsistent questions are rescued: the agent's settings are those of a `trajectories`
+/// stage, with the same defaults.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rescue {
@@ -93,18 +97,38 @@ pub struct Rescue {
     #[serde(default = "one")]
     pub rounds: u32,
     /// Most assistant turns per new trajectory. Default: 10.
-    #[serde(default = "ten")]
+    #[serde(default = "crate::trajectories::default_max_turns")]
     pub max_turns: u32,
+    /// System prompt template of the new trajectories. Default: `trajectory_system.j2`.
+    #[serde(default = "crate::trajectories::default_template")]
+    pub template: String,
     /// Sandbox limits of the new trajectories. Default: the recipe's.
     #[serde(default)]
     pub sandbox: kiln_sandbox::Limits,
+    /// Isolation: `bubblewrap` or `landlock`. Default: the first that works here.
+    #[serde(default)]
+    pub isolation: Option<kiln_sandbox::Isolation>,
+    /// New trajectories in progress at once. Default: the teacher's `max_concurrency`.
+    #[serde(default)]
+    pub parallel: Option<usize>,
+}
+
+impl Rescue {
+    /// The agent that samples the new trajectories.
+    fn agent(&self) -> AgentSettings {
+        AgentSettings {
+            teacher: TeacherSpec::Model(self.teacher.clone()),
+            max_turns: self.max_turns,
+            template: self.template.clone(),
+            sandbox: self.sandbox.clone(),
+            isolation: self.isolation,
+            parallel: self.parallel,
+        }
+    }
 }
 
 fn one() -> u32 {
     1
-}
-fn ten() -> u32 {
-    10
 }
 
 fn default_mode() -> Mode {
@@ -237,19 +261,18 @@ impl Stage for Judge {
             if self.model.is_none() {
                 problems.push(Problem::new("rescue", "rescue needs a judge `model` to judge the new answers"));
             }
-            if let Err(mut p) = model_config(cx, &rescue.teacher) {
-                p.at = vec!["rescue".into(), "teacher".into()];
-                problems.push(p);
-            }
-            for (key, message) in rescue.sandbox.problems() {
-                problems.push(Problem::new(&format!("rescue.sandbox.{key}"), message));
-            }
+            let keys = Keys { prefix: "rescue.", teacher: "rescue.teacher", kind: "trajectories" };
+            problems.extend(rescue.agent().problems(cx, keys));
         }
         problems
     }
 
     fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
-        self.templates(cx).map(|t| t.files()).unwrap_or_default()
+        let mut files = self.templates(cx).map(|t| t.files()).unwrap_or_default();
+        if let Some(rescue) = &self.rescue {
+            files.extend(rescue.agent().files(cx));
+        }
+        files
     }
 
     async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
@@ -412,17 +435,8 @@ impl Judge {
         out: &mut Output,
     ) -> Result<BTreeMap<String, (Group, u32)>> {
         let n = groups.values().map(Vec::len).max().unwrap_or(1) as u32;
-        let sampler = crate::trajectories::Trajectories {
-            model: Some(rescue.teacher.clone()),
-            scripted: false,
-            n: Some(n),
-            max_turns: rescue.max_turns,
-            template: "trajectory_system.j2".into(),
-            sandbox: rescue.sandbox.clone(),
-            isolation: None,
-            parallel: None,
-        };
-        let run = sampler.prepare(cx).await?;
+        let settings = rescue.agent();
+        let agent = settings.start(cx).await?;
         let templates = self.templates(&cx.pipeline).map_err(|e| Error::stage(&cx.name, e))?;
         let mut rescued = BTreeMap::new();
         for round in 1..=rescue.rounds {
@@ -435,9 +449,8 @@ impl Judge {
                 break;
             }
             *out.counters.entry("rescue_attempts".into()).or_default() += pending.len() as u64;
-            let tasks: Vec<crate::trajectories::Task> =
-                pending.iter().map(|(id, why)| crate::trajectories::Task::again(&groups[id][0], round, why)).collect();
-            let samples = run.sample(&tasks).await;
+            let tasks: Vec<Task> = pending.iter().map(|(id, why)| Task::again(&groups[id][0], round, why)).collect();
+            let samples = agent.sample(&tasks, n).await;
             let mut fresh: BTreeMap<String, Group> = BTreeMap::new();
             for (i, result) in samples.into_iter().enumerate() {
                 let id = &pending[i / n as usize].0;
@@ -470,7 +483,8 @@ impl Judge {
                 }
             }
         }
-        for (name, n) in run.counters() {
+        out.counters.insert(format!("rescue_isolation_{}", agent.isolation()), 1);
+        for (name, n) in agent.counters() {
             *out.counters.entry(format!("rescue_{name}")).or_default() += n;
         }
         Ok(rescued)

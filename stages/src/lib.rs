@@ -2,6 +2,7 @@
 //! [`kiln_pipeline::stage::Stage`]; [`registry::registry`] lists them all.
 #![deny(missing_docs)]
 
+pub mod agent;
 pub mod answers;
 pub mod card;
 pub mod compose;

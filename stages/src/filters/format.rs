@@ -17,7 +17,7 @@ use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Problem, Stage, 
 use serde::{Deserialize, Serialize};
 
 use super::{Refusal, Row, filter_schema, messages, retain, text};
-use crate::trajectories::protocol::{Action, parse_action};
+use crate::agent::protocol::{Action, parse_action};
 
 /// Parameters of a `format_filter` stage (none).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -250,7 +250,7 @@ fn solve(category: &str, p: &Value) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trajectories::protocol::{Action, parse_action};
+    use crate::agent::protocol::{Action, parse_action};
 
     #[test]
     fn scripts_follow_the_protocol_and_answer_from_output() {

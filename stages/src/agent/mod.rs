@@ -1,0 +1,563 @@
+//! The agent loop (RECIPE section 5), one implementation for every caller: the `trajectories`
+//! stage, judge rescue, and evaluation and RL rollouts.
+//!
+//! The teacher gets the protocol's system prompt (a template, by default
+//! `templates/trajectory_system.j2`) with the category's procedural knowledge from the taxonomy,
+//! then the question and where its data is; each `<code>` turn runs in the trajectory's own
+//! persistent, isolated Python worker (`kiln-sandbox`), and the observation comes back as an
+//! `<interpreter>` turn, until an `<answer>` or `max_turns`. SQLite tasks get `get_db_info()`
+//! and `execute_sql()` instead of the file, and keep their result CSV.
+//!
+//! [`AgentSettings`] is what a stage writes (teacher, turn limit, template, sandbox limits,
+//! isolation, parallelism), checked by [`AgentSettings::problems`] for every stage that embeds
+//! it. [`AgentSettings::start`] resolves it once for a run into an [`Agent`]: the teacher's
+//! client and settings, the template and taxonomy loaded, the sandbox probed. [`Agent::sample`]
+//! runs [`Task`]s to [`Trajectory`] records. Every model turn is cached as it returns and every
+//! finished trajectory is cached whole, so a rerun (also after kill -9) replays finished
+//! trajectories without the sandbox, and unfinished ones replay their cached model turns.
+
+pub mod protocol;
+mod scripted;
+mod task;
+mod trajectory;
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::stream::{self, StreamExt};
+use kiln_llm::{Client, Message, ModelConfig};
+use kiln_pipeline::cache::CacheKey;
+use kiln_pipeline::rows::row_id;
+use kiln_pipeline::stage::{CheckCx, Estimate, FileDep, Problem, Rejection, StageCx};
+use kiln_pipeline::{Error, Result, progress};
+use kiln_sandbox::{Cell, DataFile, Isolation, Limits, PythonEnv, Sandbox, Worker, WorkerSpec};
+use serde::Serialize;
+
+use crate::llm_rows::{RowRequest, cached_chat, client, estimate_rows, model_config};
+use crate::taxonomy::Taxonomy;
+use crate::templates::{Templates, check_template};
+use protocol::{Action, STOP, close_turn, corrective, interpreter, parse_action};
+use scripted::Script;
+pub use task::{About, Task};
+pub use trajectory::{Step, Trajectory, schema};
+
+/// Variables the system prompt template receives.
+pub const VARIABLES: &[&str] = &["sql", "data_dir", "files", "max_turns", "procedure", "category"];
+/// The system prompt template used unless a stage names another.
+pub const DEFAULT_TEMPLATE: &str = "trajectory_system.j2";
+/// Bump when the same tasks would now give other trajectories (3: a rescue's critique is no
+/// longer kept in the trajectory; model turns stay cached, so nothing is paid again).
+pub const VERSION: u32 = 3;
+/// Most bytes of a result CSV kept in a trajectory.
+const RESULT_CSV_BYTES: usize = 64 * 1024;
+
+/// Who writes the assistant turns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum TeacherSpec {
+    /// A `[models.<name>]` table, generation stopped at `</code>`/`</answer>`.
+    Model(String),
+    /// The offline scripted solver of `programmatic` questions: it inspects the data, runs
+    /// pandas code equivalent to the solving query and answers from the real output.
+    Scripted,
+}
+
+/// How the agent runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentSettings {
+    /// Who writes the assistant turns.
+    pub teacher: TeacherSpec,
+    /// Most assistant turns per trajectory.
+    pub max_turns: u32,
+    /// The system prompt template.
+    pub template: String,
+    /// Sandbox limits (memory, timeouts, output, SQL and scratch caps).
+    pub sandbox: Limits,
+    /// Isolation; `None` for the first that works here.
+    pub isolation: Option<Isolation>,
+    /// Trajectories in progress at once (each holds a Python worker); `None` for the model's
+    /// `max_concurrency`, or twice the CPU count when scripted.
+    pub parallel: Option<usize>,
+}
+
+/// Where an embedding stage writes the agent's settings, for locating problems.
+#[derive(Debug, Clone, Copy)]
+pub struct Keys<'a> {
+    /// Prefix of the agent's keys in the stage table (`""`, or `"rescue."`).
+    pub prefix: &'a str,
+    /// The key naming the teacher model (`model`, or `rescue.teacher`).
+    pub teacher: &'a str,
+    /// The stage kind, for hints.
+    pub kind: &'a str,
+}
+
+impl AgentSettings {
+    /// Every problem of these settings, at the keys where the stage writes them.
+    pub fn problems(&self, cx: &CheckCx, keys: Keys<'_>) -> Vec<Problem> {
+        let at = |key: &str| format!("{}{key}", keys.prefix);
+        let mut problems = Vec::new();
+        if let Err(mut p) = self.teacher_config(cx) {
+            p.at = keys.teacher.split('.').map(str::to_string).collect();
+            problems.push(p);
+        }
+        if self.max_turns == 0 {
+            problems.push(Problem::new(&at("max_turns"), "`max_turns` must be at least 1"));
+        }
+        if self.parallel == Some(0) {
+            problems.push(Problem::new(&at("parallel"), "`parallel` must be at least 1"));
+        }
+        for (key, message) in self.sandbox.problems() {
+            problems.push(Problem::new(&at(&format!("sandbox.{key}")), message));
+        }
+        if let Some(mut p) = check_template(cx, &self.template, VARIABLES, keys.kind) {
+            p.at = at("template").split('.').map(str::to_string).collect();
+            problems.push(p);
+        }
+        if let Err(e) = Taxonomy::load(cx.taxonomy.as_deref()) {
+            problems.push(Problem::new("", e));
+        }
+        problems
+    }
+
+    /// The template and taxonomy files the trajectories depend on.
+    pub fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
+        let mut files =
+            Templates::load(cx.templates.as_deref(), &[&self.template]).map(|t| t.files()).unwrap_or_default();
+        files.extend(Taxonomy::load(cx.taxonomy.as_deref()).map(|t| t.files()).unwrap_or_default());
+        files
+    }
+
+    /// The teacher model's settings (generation stopped at the end of a turn), if it is a model.
+    fn teacher_config(&self, cx: &CheckCx) -> Result<Option<ModelConfig>, Problem> {
+        let TeacherSpec::Model(name) = &self.teacher else { return Ok(None) };
+        let mut config = model_config(cx, name)?;
+        config.stop = STOP.iter().map(|s| s.to_string()).collect();
+        Ok(Some(config))
+    }
+
+    /// Resolves the settings for a run of stage `cx`: the teacher's client, the template and
+    /// taxonomy, and the sandbox (the managed Python environment created first if needed).
+    pub async fn start<'a>(&'a self, cx: &'a StageCx) -> Result<Agent<'a>> {
+        let fail = |e: String| Error::stage(&cx.name, e);
+        let teacher = match (&self.teacher, self.teacher_config(&cx.pipeline).map_err(|p| fail(p.message))?) {
+            (TeacherSpec::Model(name), Some(config)) => {
+                Teacher::Model { name: name.clone(), client: client(cx, name)?, config: Box::new(config) }
+            }
+            _ => Teacher::Scripted,
+        };
+        Ok(Agent {
+            cx,
+            settings: self,
+            teacher,
+            templates: Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?,
+            taxonomy: Taxonomy::load(cx.pipeline.taxonomy.as_deref()).map_err(fail)?,
+            sandbox: sandbox(cx, self.isolation).await?,
+            tally: Tally::default(),
+        })
+    }
+
+    /// What `n` trajectories of each task would cost in model requests (none for the scripted
+    /// teacher), sending nothing: each makes up to `max_turns` requests, of which only the first
+    /// is known in advance.
+    pub fn estimate(&self, cx: &StageCx, tasks: &[Task], n: u32) -> Result<Option<Estimate>> {
+        let Some(config) = self.teacher_config(&cx.pipeline).map_err(|p| Error::stage(&cx.name, p.message))? else {
+            return Ok(None);
+        };
+        let templates = Templates::load(cx.pipeline.templates.as_deref(), &[&self.template])
+            .map_err(|e| Error::stage(&cx.name, e))?;
+        let taxonomy = Taxonomy::load(cx.pipeline.taxonomy.as_deref()).map_err(|e| Error::stage(&cx.name, e))?;
+        let mut requests = Vec::new();
+        for task in tasks {
+            let messages = self.opening(&templates, &taxonomy, task).map_err(|e| Error::stage(&cx.name, e))?;
+            for sample in 0..n {
+                requests.push(RowRequest { row_id: task.parent.clone(), messages: messages.clone(), sample });
+            }
+        }
+        estimate_rows(cx, &config, &requests, u64::from(self.max_turns)).map(Some)
+    }
+
+    fn system_prompt(&self, templates: &Templates, taxonomy: &Taxonomy, task: &Task) -> Result<String, String> {
+        let category = task.about.category.as_deref().and_then(|c| taxonomy.get(c));
+        let files = if task.is_sql() {
+            vec![format!("{} (SQLite; reach it only through the SQL tools)", task.file_name())]
+        } else {
+            vec![task.file_name()]
+        };
+        templates.render(
+            &self.template,
+            serde_json::json!({
+                "sql": task.is_sql(),
+                "data_dir": "data/",
+                "files": files,
+                "max_turns": self.max_turns,
+                "procedure": category.map(|c| c.procedure.clone()).unwrap_or_default(),
+                "category": category.map(|c| c.name.clone()).unwrap_or_default(),
+            }),
+        )
+    }
+
+    /// The first two messages the teacher reads for `task` (with a rescue's critique).
+    fn opening(&self, templates: &Templates, taxonomy: &Taxonomy, task: &Task) -> Result<Vec<Message>, String> {
+        Ok(vec![
+            Message::new("system", self.system_prompt(templates, taxonomy, task)?),
+            Message::new("user", task.teacher_prompt()),
+        ])
+    }
+}
+
+/// Who writes the assistant turns, resolved for a run.
+enum Teacher {
+    Model { name: String, client: Arc<Client>, config: Box<ModelConfig> },
+    Scripted,
+}
+
+impl Teacher {
+    fn name(&self) -> String {
+        match self {
+            Teacher::Model { name, .. } => name.clone(),
+            Teacher::Scripted => "scripted".into(),
+        }
+    }
+}
+
+/// Cumulative counters of a run.
+#[derive(Debug, Default)]
+struct Tally(std::sync::Mutex<BTreeMap<String, u64>>);
+
+impl Tally {
+    fn add(&self, name: &str, n: u64) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(name.into()).or_default() += n;
+    }
+}
+
+/// The agent, resolved for one run of one stage.
+pub struct Agent<'a> {
+    cx: &'a StageCx,
+    settings: &'a AgentSettings,
+    teacher: Teacher,
+    templates: Templates,
+    taxonomy: Taxonomy,
+    sandbox: Arc<Sandbox>,
+    tally: Tally,
+}
+
+impl Agent<'_> {
+    /// `n` trajectories of each task, in task then sample order, within the parallelism limit.
+    /// A trajectory the teacher could not produce is a rejection (not cached: a rerun tries
+    /// again); an error stops the whole run.
+    pub async fn sample(&self, tasks: &[Task], n: u32) -> Vec<Result<Result<Trajectory, Rejection>>> {
+        let parallel = self.settings.parallel.unwrap_or(match &self.teacher {
+            Teacher::Model { config, .. } => config.max_concurrency.max(1),
+            Teacher::Scripted => 2 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        });
+        let jobs: Vec<(usize, u32)> = (0..tasks.len()).flat_map(|t| (0..n).map(move |s| (t, s))).collect();
+        let bar = progress::bar(&self.cx.name, jobs.len() as u64);
+        let results = stream::iter(jobs)
+            .map(|(task, sample)| {
+                let (bar, task) = (&bar, &tasks[task]);
+                async move {
+                    let r = self.trajectory(task, sample).await;
+                    bar.inc(1);
+                    r
+                }
+            })
+            .buffered(parallel)
+            .collect()
+            .await;
+        bar.finish_and_clear();
+        results
+    }
+
+    /// The isolation the sandbox uses.
+    pub fn isolation(&self) -> Isolation {
+        self.sandbox.mode()
+    }
+
+    /// The teacher's cost of `prompt` and `completion` tokens in USD (`None` when scripted).
+    pub fn cost(&self, prompt: u64, completion: u64) -> Option<f64> {
+        match &self.teacher {
+            Teacher::Model { config, .. } => Some(config.cost(prompt, completion)),
+            Teacher::Scripted => None,
+        }
+    }
+
+    /// Counters of what the run did (sandbox cells, cache hits...).
+    pub fn counters(self) -> BTreeMap<String, u64> {
+        self.tally.0.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One trajectory from the cache, or run now and cached. `Err(rejection)` when it could
+    /// not be produced (the teacher failed): not cached, so a rerun tries again.
+    async fn trajectory(&self, task: &Task, sample: u32) -> Result<Result<Trajectory, Rejection>> {
+        let id = match &task.critique {
+            None => row_id(&[&task.parent], format!("trajectory {sample}").as_bytes()),
+            Some((round, _)) => row_id(&[&task.parent], format!("rescue {round} trajectory {sample}").as_bytes()),
+        };
+        let reject = |reason: &str, detail: String| Rejection { row_id: id.clone(), reason: reason.into(), detail };
+        let opening = match self.settings.opening(&self.templates, &self.taxonomy, task) {
+            Ok(m) => m,
+            Err(e) => return Ok(Err(reject("template_failed", e))),
+        };
+        let script = match &self.teacher {
+            Teacher::Scripted => {
+                let category = task.about.category.as_deref().unwrap_or("");
+                let shown = format!("data/{}", task.file_name());
+                match scripted::script(
+                    category,
+                    &task.params,
+                    task.query.as_deref(),
+                    &task.about.format,
+                    &shown,
+                    &task.about.table,
+                ) {
+                    Some(s) => Some(s),
+                    None => {
+                        let why = format!("no script for category `{category}` on {} files", task.about.format);
+                        return Ok(Err(reject("not_scriptable", why)));
+                    }
+                }
+            }
+            Teacher::Model { .. } => None,
+        };
+        let teacher_id = match &self.teacher {
+            Teacher::Model { config, .. } => config.request_body(&[], 1),
+            Teacher::Scripted => serde_json::json!({ "scripted": &script }),
+        };
+        let settings = self.settings;
+        let key = CacheKey::new(
+            &format!("trajectory/{VERSION}"),
+            &(
+                &teacher_id,
+                &opening,
+                sample,
+                settings.max_turns,
+                &settings.sandbox,
+                &task.about.path,
+                &task.about.table,
+            ),
+        )?;
+        if let Some(hit) = self.cx.cache.get::<Trajectory>(&key)? {
+            self.tally.add("trajectories_cached", 1);
+            return Ok(Ok(Trajectory { row_id: id, ..hit }));
+        }
+        // The kept trajectory opens with the question alone; the teacher also reads a critique.
+        let mut messages = opening;
+        messages[1].content = task.prompt();
+        let mut t = Trajectory {
+            row_id: id.clone(),
+            parent_ids: vec![task.parent.clone()],
+            about: task.about.clone(),
+            sample,
+            teacher: self.teacher.name(),
+            messages,
+            final_answer: None,
+            end_reason: "max_turns".into(),
+            turns: 0,
+            steps: Vec::new(),
+            worker_restarts: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            result_csv: None,
+        };
+        let scratch = self.cx.pipeline.output_dir.join("_scratch").join(&self.cx.name).join(&id);
+        let outcome = self.run_turns(task, sample, script.as_ref(), &scratch, &mut t).await;
+        let _ = std::fs::remove_dir_all(&scratch);
+        let _ = std::fs::remove_dir_all(scratch.with_file_name(format!("{id}.data")));
+        match outcome? {
+            Err(why) => Ok(Err(reject("teacher_failed", why))),
+            Ok(()) => {
+                self.tally.add(&format!("ended_{}", t.end_reason), 1);
+                self.cx.cache.put(&key, "trajectory", &t)?;
+                Ok(Ok(t))
+            }
+        }
+    }
+
+    /// The conversation as the teacher reads it: the kept one, with a rescue's critique.
+    fn teacher_view<'m>(&self, task: &Task, messages: &'m [Message]) -> Cow<'m, [Message]> {
+        if task.critique.is_none() {
+            return Cow::Borrowed(messages);
+        }
+        let mut view = messages.to_vec();
+        view[1].content = task.teacher_prompt();
+        Cow::Owned(view)
+    }
+
+    /// The turn loop. `Ok(Err(why))` when the model could not be reached.
+    async fn run_turns(
+        &self,
+        task: &Task,
+        sample: u32,
+        script: Option<&Script>,
+        scratch: &Path,
+        t: &mut Trajectory,
+    ) -> Result<Result<(), String>> {
+        let _ = std::fs::remove_dir_all(scratch);
+        let spec = self.worker_spec(task, scratch);
+        let mut worker: Option<Worker> = None;
+        let (mut cells, mut last_output, mut last_failed) = (0usize, None::<String>, false);
+        for _ in 0..self.settings.max_turns {
+            let asked = Instant::now();
+            let text = match (&self.teacher, script) {
+                (Teacher::Scripted, Some(script)) => match script.turn(cells, last_output.as_deref(), last_failed) {
+                    Some(turn) => turn,
+                    None => {
+                        t.end_reason = "teacher_gave_up".into();
+                        break;
+                    }
+                },
+                (Teacher::Model { client, config, .. }, _) => {
+                    let body = config.request_body(&self.teacher_view(task, &t.messages), 1);
+                    match cached_chat(self.cx, client, &body, sample).await {
+                        Ok((completion, hit)) => {
+                            self.tally.add("llm_cache_hits", hit as u64);
+                            t.prompt_tokens += completion.prompt_tokens;
+                            t.completion_tokens += completion.completion_tokens;
+                            close_turn(completion.texts.first().map(String::as_str).unwrap_or(""))
+                        }
+                        Err(Error::Stage { source, .. }) => return Ok(Err(source.to_string())),
+                        Err(e) => return Err(e),
+                    }
+                }
+                (Teacher::Scripted, None) => return Ok(Err("no script".into())),
+            };
+            let teacher_ms = asked.elapsed().as_secs_f64() * 1e3;
+            t.turns += 1;
+            let action = parse_action(&text);
+            t.messages.push(Message::new("assistant", text));
+            match action {
+                Action::Answer(answer) => {
+                    t.steps.push(Step {
+                        action: "answer".into(),
+                        status: None,
+                        teacher_ms,
+                        exec_ms: 0.0,
+                        truncated: false,
+                    });
+                    t.result_csv = result_csv(scratch, &answer).filter(|_| task.is_sql());
+                    t.final_answer = Some(answer);
+                    t.end_reason = "answer".into();
+                    break;
+                }
+                Action::Invalid(why) => {
+                    self.tally.add("invalid_turns", 1);
+                    t.steps.push(Step {
+                        action: "invalid".into(),
+                        status: None,
+                        teacher_ms,
+                        exec_ms: 0.0,
+                        truncated: false,
+                    });
+                    t.messages.push(Message::new("user", interpreter(&corrective(&why))));
+                }
+                Action::Code(code) => {
+                    let worker = match &mut worker {
+                        Some(w) => w,
+                        None => worker.insert(
+                            Worker::start(self.sandbox.clone(), spec.clone())
+                                .await
+                                .map_err(|e| Error::stage(&self.cx.name, e))?,
+                        ),
+                    };
+                    let cell: Cell = worker.run(&code).await.map_err(|e| Error::stage(&self.cx.name, e))?;
+                    cells += 1;
+                    self.tally.add("cells", 1);
+                    self.tally.add(&format!("cells_{}", status_name(&cell)), 1);
+                    let limits = &self.settings.sandbox;
+                    let (observation, truncated) = cell.observation(limits.observation_head, limits.observation_tail);
+                    t.worker_restarts += cell.state_lost() as u32;
+                    last_failed = cell.error.is_some();
+                    last_output = Some(cell.output.clone());
+                    t.steps.push(Step {
+                        action: "code".into(),
+                        status: Some(status_name(&cell).into()),
+                        teacher_ms,
+                        exec_ms: cell.elapsed_ms,
+                        truncated,
+                    });
+                    t.messages.push(Message::new("user", interpreter(&observation)));
+                }
+            }
+        }
+        if let Some(w) = &worker {
+            self.tally.add("workers_started", u64::from(w.starts()));
+        }
+        Ok(Ok(()))
+    }
+
+    fn worker_spec(&self, task: &Task, scratch: &Path) -> WorkerSpec {
+        let path = self.cx.pipeline.resolve(&task.about.path);
+        let (data, database) = if task.is_sql() {
+            (Vec::new(), Some(path))
+        } else {
+            (vec![DataFile { name: task.file_name(), path }], None)
+        };
+        WorkerSpec { scratch: scratch.to_path_buf(), data, database, limits: self.settings.sandbox.clone() }
+    }
+}
+
+fn status_name(cell: &Cell) -> &'static str {
+    match cell.status {
+        kiln_sandbox::CellStatus::Ok => "ok",
+        kiln_sandbox::CellStatus::Error => "error",
+        kiln_sandbox::CellStatus::Timeout => "timeout",
+        kiln_sandbox::CellStatus::Killed => "killed",
+        kiln_sandbox::CellStatus::Crashed => "crashed",
+    }
+}
+
+/// The CSV named in `answer` (the last one that is a regular file of the scratch folder), capped.
+/// It is opened without following links (a cell could link a host file there).
+fn result_csv(scratch: &Path, answer: &str) -> Option<String> {
+    let bytes = answer
+        .split(|c: char| c.is_whitespace() || matches!(c, '`' | '"' | '\'' | '(' | ')' | ',' | '[' | ']'))
+        .map(|w| w.trim_end_matches(['.', ':', ';']))
+        .filter(|w| w.ends_with(".csv"))
+        .filter_map(|w| kiln_sandbox::scratch::read_file(scratch, w.trim_start_matches("./"), RESULT_CSV_BYTES).ok())
+        .next_back()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The run's sandbox (probed once per run and isolation), with the managed Python environment
+/// created first if needed.
+async fn sandbox(cx: &StageCx, isolation: Option<Isolation>) -> Result<Arc<Sandbox>> {
+    let shared = cx.shared.clone();
+    let name = cx.name.clone();
+    let key = format!("sandbox\0{isolation:?}");
+    tokio::task::spawn_blocking(move || {
+        shared.get_or_try_insert(&key, || Sandbox::new(PythonEnv::ensure()?, isolation))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("sandbox start-up: {e}")))?
+    .map_err(|e| Error::stage(&name, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_result_csv_is_the_last_regular_file_the_answer_names() {
+        let scratch = tempfile::tempdir().unwrap();
+        std::fs::write(scratch.path().join("a.csv"), "x\n1\n").unwrap();
+        std::fs::create_dir(scratch.path().join("out")).unwrap();
+        std::fs::write(scratch.path().join("out/b.csv"), "y\n2\n").unwrap();
+        let csv = |answer: &str| result_csv(scratch.path(), answer);
+        assert_eq!(csv("Saved to `a.csv`.").as_deref(), Some("x\n1\n"));
+        assert_eq!(csv("first a.csv, then ./out/b.csv").as_deref(), Some("y\n2\n"));
+        assert_eq!(csv("see missing.csv and a.csv").as_deref(), Some("x\n1\n"), "names that are not files are skipped");
+        assert_eq!(csv("no file here"), None);
+        assert_eq!(csv("../a.csv"), None, "never outside the scratch folder");
+    }
+
+    #[test]
+    fn a_linked_result_csv_is_not_read() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret.csv"), "secret\n").unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret.csv"), scratch.path().join("r.csv")).unwrap();
+        assert_eq!(result_csv(scratch.path(), "r.csv"), None);
+    }
+}

@@ -1,0 +1,135 @@
+//! What the agent is asked: a question about one table of one data file, and, in a rescue round,
+//! a critique that only the teacher sees.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// What a trajectory says about its question (the columns it carries from its input).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct About {
+    /// The question, as asked.
+    pub question: String,
+    /// Its task category (a taxonomy key), which selects the procedural knowledge.
+    pub category: Option<String>,
+    /// The data file, relative to the pipeline file.
+    pub path: String,
+    /// `csv`, `xlsx`, `sqlite`...
+    pub format: String,
+    /// The table (sheet, SQLite table) the question is about.
+    pub table: String,
+    /// The known answer, when the question came with one.
+    pub gold_answer: Option<String>,
+    /// How hard it is (composition depth; 1 for single questions).
+    pub difficulty: Option<u32>,
+}
+
+/// One question for the agent.
+#[derive(Debug, Clone)]
+pub struct Task {
+    /// The question row's id: every trajectory of the task descends from it.
+    pub parent: String,
+    /// The question and its data.
+    pub about: About,
+    /// The parameters the question was generated with (`programmatic`), for the scripted teacher.
+    pub params: serde_json::Value,
+    /// The query that computes the gold answer (`programmatic`), for the scripted teacher.
+    pub query: Option<String>,
+    /// A rescue round and the judge's critique of the earlier answers: sent to the teacher with
+    /// the question, never kept in the trajectory (the model trained on it never gets one).
+    pub critique: Option<(u32, String)>,
+}
+
+impl Task {
+    /// The task of a question row (`programmatic`, `synthesize`, `compose` or `load` columns).
+    pub fn from_row(row: &serde_json::Map<String, serde_json::Value>) -> Self {
+        let text = |k: &str| row.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        Task {
+            parent: text("row_id").unwrap_or_default(),
+            about: About {
+                question: text("question").unwrap_or_default(),
+                category: text("category"),
+                path: text("path").unwrap_or_default(),
+                format: text("format").unwrap_or_default(),
+                table: text("table").unwrap_or_default(),
+                gold_answer: text("answer"),
+                difficulty: row.get("difficulty").and_then(|v| v.as_u64()).map(|d| d as u32),
+            },
+            params: text("params").and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default(),
+            query: text("query"),
+            critique: None,
+        }
+    }
+
+    /// The question a trajectory row answered, to sample it again after `critique`.
+    pub fn again(row: &serde_json::Map<String, serde_json::Value>, round: u32, critique: &str) -> Self {
+        let mut task = Task::from_row(row);
+        task.parent = row
+            .get("parent_ids")
+            .and_then(|p| p.get(0))
+            .and_then(|p| p.as_str())
+            .map(str::to_string)
+            .unwrap_or(task.parent);
+        task.about.gold_answer = row.get("gold_answer").and_then(|v| v.as_str()).map(str::to_string);
+        task.critique = Some((round, critique.to_string()));
+        task
+    }
+
+    /// True for SQLite tasks (SQL tools instead of the file; the answer names a result CSV).
+    pub fn is_sql(&self) -> bool {
+        self.about.format == "sqlite"
+    }
+
+    /// The data file's name inside the sandbox.
+    pub fn file_name(&self) -> String {
+        Path::new(&self.about.path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "data".into())
+    }
+
+    /// The user message a trajectory keeps: the question and where its data is.
+    pub fn prompt(&self) -> String {
+        let name = self.file_name();
+        let data = match self.about.format.as_str() {
+            "sqlite" => {
+                format!(
+                    "The SQLite database `{name}`, table `{}`: use get_db_info() and execute_sql().",
+                    self.about.table
+                )
+            }
+            "xlsx" => format!("`data/{name}` (Excel workbook), sheet `{}`.", self.about.table),
+            other => format!("`data/{name}` ({}).", other.to_uppercase()),
+        };
+        format!("{}\n\nData: {data}", self.about.question)
+    }
+
+    /// The user message the teacher reads: [`Task::prompt`], with the critique of a rescue round.
+    pub fn teacher_prompt(&self) -> String {
+        let mut prompt = self.prompt();
+        if let Some((_, critique)) = &self.critique {
+            prompt.push_str(&format!(
+                "\n\nEarlier attempts at this question gave answers that did not agree. A reviewer said: {critique}\nSolve it again carefully, checking each step against the data."
+            ));
+        }
+        prompt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_critique_reaches_the_teacher_only() {
+        let row = serde_json::json!({
+            "row_id": "t1", "parent_ids": ["q1"], "question": "How many?", "path": "data/a.csv",
+            "format": "csv", "table": "a", "gold_answer": null,
+        });
+        let task = Task::again(row.as_object().unwrap(), 1, "the counts differ");
+        assert_eq!(task.parent, "q1", "a rescue answers the original question");
+        assert_eq!(task.prompt(), "How many?\n\nData: `data/a.csv` (CSV).");
+        assert!(task.teacher_prompt().starts_with(&task.prompt()));
+        assert!(task.teacher_prompt().contains("A reviewer said: the counts differ"));
+    }
+}

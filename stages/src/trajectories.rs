@@ -1,0 +1,198 @@
+//! `trajectories`: knowledge-augmented trajectory sampling (RECIPE section 5): `n` independent
+//! runs of the agent loop ([`crate::agent`]) per input question, each a row.
+//!
+//! The teacher is a model (`model = "<name>"`) or, offline, the scripted solver for
+//! `programmatic` questions (`scripted = true`). Every finished trajectory is cached whole, and
+//! every model turn as it returns: a killed run resumes without redoing either.
+//!
+//! ```toml
+//! [stages.trajectories]
+//! kind = "trajectories"
+//! inputs = ["questions"]
+//! model = "teacher"        # or: scripted = true
+//! n = 3                    # default 3 (1 when scripted)
+//! max_turns = 10
+//! sandbox = { memory_mb = 1024, cell_timeout_s = 20 }   # any field of the sandbox limits
+//! ```
+
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use kiln_pipeline::rows::{to_batch, to_json_rows};
+use kiln_pipeline::stage::{CheckCx, Estimate, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::{Result, executor};
+use kiln_sandbox::{Isolation, Limits};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{self, AgentSettings, Keys, Task, TeacherSpec};
+
+/// Parameters of a `trajectories` stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trajectories {
+    /// The teacher: a `[models.<name>]` table. Exactly one of `model` and `scripted`.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Solve `programmatic` questions offline with the scripted teacher.
+    #[serde(default)]
+    pub scripted: bool,
+    /// Trajectories per question. Default: 3 with a model, 1 when scripted (it is deterministic).
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// Most assistant turns per trajectory. Default: 10.
+    #[serde(default = "default_max_turns")]
+    pub max_turns: u32,
+    /// System prompt template. Default: `trajectory_system.j2`.
+    #[serde(default = "default_template")]
+    pub template: String,
+    /// Sandbox limits (memory, timeouts, output, SQL and scratch caps). Default: the recipe's.
+    #[serde(default)]
+    pub sandbox: Limits,
+    /// Isolation: `bubblewrap` or `landlock`. Default: the first that works here.
+    #[serde(default)]
+    pub isolation: Option<Isolation>,
+    /// Trajectories in progress at once (each holds a Python worker). Default: the model's
+    /// `max_concurrency`, or twice the CPU count when scripted.
+    #[serde(default)]
+    pub parallel: Option<usize>,
+}
+
+/// Default of `max_turns` (the recipe's), also for judge rescue.
+pub(crate) fn default_max_turns() -> u32 {
+    10
+}
+/// Default of `template`, also for judge rescue.
+pub(crate) fn default_template() -> String {
+    agent::DEFAULT_TEMPLATE.into()
+}
+
+/// Input columns every question row needs.
+const REQUIRED: &[&str] = &["question", "path", "format", "table"];
+/// Input columns the scripted teacher needs on top.
+const SCRIPTED: &[&str] = &["category", "params"];
+
+impl Trajectories {
+    fn n(&self) -> u32 {
+        self.n.unwrap_or(if self.scripted { 1 } else { 3 })
+    }
+
+    /// The agent these parameters describe.
+    fn agent(&self) -> AgentSettings {
+        AgentSettings {
+            teacher: match &self.model {
+                Some(name) => TeacherSpec::Model(name.clone()),
+                None => TeacherSpec::Scripted,
+            },
+            max_turns: self.max_turns,
+            template: self.template.clone(),
+            sandbox: self.sandbox.clone(),
+            isolation: self.isolation,
+            parallel: self.parallel,
+        }
+    }
+
+    fn tasks(&self, input: &Input) -> Result<Vec<Task>> {
+        Ok(to_json_rows(&input.read()?)?.iter().map(Task::from_row).collect())
+    }
+}
+
+#[async_trait]
+impl Stage for Trajectories {
+    fn models(&self) -> Vec<String> {
+        self.model.iter().cloned().collect()
+    }
+
+    fn version(&self) -> u32 {
+        agent::VERSION
+    }
+
+    fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        match (&self.model, self.scripted) {
+            (Some(_), true) => problems.push(
+                Problem::new("scripted", "`model` and `scripted = true` exclude each other")
+                    .help("keep `model` for a model teacher, or `scripted = true` for offline programmatic questions"),
+            ),
+            (None, false) => problems.push(Problem::new("", "a `trajectories` stage needs a teacher").help(
+                "set `model = \"<name of a [models] table>\"`, or `scripted = true` for `programmatic` questions",
+            )),
+            _ => {}
+        }
+        if self.n() == 0 {
+            problems.push(Problem::new("n", "`n` must be at least 1"));
+        }
+        if self.scripted && self.n() > 1 {
+            problems.push(
+                Problem::new("n", "scripted trajectories are deterministic: `n` above 1 would repeat them")
+                    .help("remove `n`, or use a model teacher"),
+            );
+        }
+        let keys = Keys { prefix: "", teacher: "model", kind: "trajectories" };
+        problems.extend(self.agent().problems(cx, keys));
+        problems
+    }
+
+    fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
+        self.agent().files(cx)
+    }
+
+    async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
+        let [input] = inputs else {
+            return Err(vec![Problem::new(
+                "inputs",
+                format!("a `trajectories` stage reads exactly one stage of questions, got {}", inputs.len()),
+            )]);
+        };
+        let needed = REQUIRED.iter().chain(if self.scripted { SCRIPTED } else { &[] });
+        let missing: Vec<&str> = needed.filter(|c| input.schema.field_with_name(c).is_err()).copied().collect();
+        if !missing.is_empty() {
+            let why = if self.scripted { " (scripted trajectories read `programmatic` rows)" } else { "" };
+            return Err(vec![
+                Problem::new("inputs", format!("`{}` lacks the columns {}{why}", input.name, missing.join(", ")))
+                    .help("feed it questions from `programmatic`, `synthesize` or `compose`, which have them"),
+            ]);
+        }
+        Ok(agent::schema())
+    }
+
+    async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
+        self.agent().estimate(cx, &self.tasks(&inputs[0])?, self.n())
+    }
+
+    async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
+        let tasks = self.tasks(&inputs[0])?;
+        let settings = self.agent();
+        let agent = settings.start(cx).await?;
+        let results = agent.sample(&tasks, self.n()).await;
+
+        let mut out = Output::default();
+        let mut rows = Vec::new();
+        let mut retryable = 0;
+        for result in results {
+            match result? {
+                Ok(t) => rows.push(t),
+                Err(rejection) => {
+                    retryable += u64::from(rejection.reason == "teacher_failed");
+                    out.rejections.push(rejection);
+                }
+            }
+        }
+        let prompt: u64 = rows.iter().map(|t| t.prompt_tokens).sum();
+        let completion: u64 = rows.iter().map(|t| t.completion_tokens).sum();
+        let cost = agent.cost(prompt, completion);
+        let isolation = format!("isolation_{}", agent.isolation());
+        let mut counters = agent.counters();
+        counters.insert("trajectories".into(), rows.len() as u64);
+        counters.insert(isolation, 1);
+        if retryable > 0 {
+            counters.insert(executor::RETRYABLE.into(), retryable);
+        }
+        counters.insert("prompt_tokens".into(), prompt);
+        counters.insert("completion_tokens".into(), completion);
+        if let Some(cost) = cost {
+            counters.insert("cost_micro_usd".into(), (cost * 1e6).round() as u64);
+        }
+        out.counters = counters;
+        out.batches = vec![to_batch(&agent::schema(), &rows)?];
+        Ok(out)
+    }
+}
