@@ -55,6 +55,20 @@ fn the_recipes_check_clean() {
     assert_eq!(out, "recipes/throughput.toml: ok, 3 stages\n");
 }
 
+/// Pipelines whose stages hand each other the row families they need check clean.
+#[test]
+fn good_pipelines_check_clean() {
+    let dir = util::root().join("tests/pipelines/good");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let out = util::kiln_ok(&dir, &["check", &name]);
+        assert!(out.starts_with(&format!("{name}: ok")), "{out}");
+        checked += 1;
+    }
+    assert!(checked >= 1);
+}
+
 #[test]
 fn every_kind_is_listed_with_its_parameters() {
     let out = util::kiln_ok(&util::root(), &["kinds"]);

@@ -68,6 +68,10 @@ depth = 3
     }
     for row in &hard {
         assert_eq!(row["depth"], 3);
+        // A full Question row: the seed's format and category, the depth as its difficulty.
+        let seed = easy.iter().find(|e| e["row_id"] == row["parent_ids"][0]).expect("the seed is an input row");
+        assert_eq!((&row["format"], &row["category"]), (&seed["format"], &seed["category"]));
+        assert_eq!(row["difficulty"], 3);
         let categories: BTreeSet<&str> =
             row["chain_categories"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
         assert_eq!(categories.len(), 3, "distinct categories: {categories:?}");

@@ -163,7 +163,13 @@ async fn check_schemas(
         let inputs: Option<Vec<InputSchema>> = graph
             .inputs(i)
             .iter()
-            .map(|&u| schemas[u].clone().map(|schema| InputSchema { name: spec.stages[u].name.clone(), schema }))
+            .map(|&u| {
+                schemas[u].clone().map(|schema| InputSchema {
+                    name: spec.stages[u].name.clone(),
+                    kind: spec.stages[u].kind.clone(),
+                    schema,
+                })
+            })
             .collect();
         // An upstream problem is already reported; checking against a guess would only add noise.
         let Some(inputs) = inputs else { continue };

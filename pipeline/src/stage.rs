@@ -127,6 +127,8 @@ impl Problem {
 pub struct InputSchema {
     /// Name of the upstream stage.
     pub name: String,
+    /// Its kind (for messages naming where a column should have come from).
+    pub kind: String,
     /// Its output schema.
     pub schema: SchemaRef,
 }

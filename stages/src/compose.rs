@@ -7,9 +7,10 @@
 //! feeds the second (a filter, threshold, group or entity chosen by the first part), using
 //! `templates/compose.j2`. A chain of depth `d` fuses `d` questions with `d - 1` calls; all
 //! chains advance one step per round, and every call goes through the row cache. The output
-//! row keeps the chain (source questions and categories, in order), its depth (the
-//! difficulty) and the source rows as `parent_ids`. A seed whose table has too few questions
-//! of other categories, or whose fusion fails, is rejected with the reason.
+//! row is a full `Question` row ([`crate::families::QUESTION`]: the seed's path, format, table
+//! and category, the depth as its difficulty) that keeps the chain (source questions and
+//! categories, in order), its depth and the source rows as `parent_ids`. A seed whose table has
+//! too few questions of other categories, or whose fusion fails, is rejected with the reason.
 //!
 //! ```toml
 //! [stages.hard]
@@ -20,6 +21,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, SchemaRef};
@@ -33,6 +35,7 @@ use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::llm_rows::{RowRequest, client, complete_rows, estimate_rows, model_config, parse_tags};
+use crate::profile::readers::Format;
 use crate::templates::{Templates, check_template};
 
 /// Parameters of a `compose` stage.
@@ -71,15 +74,22 @@ struct Source {
     question: String,
     category: String,
     path: String,
+    #[serde(default)]
+    format: Option<String>,
     table: String,
 }
 
+/// A composed question: a full `Question` row (its category is the seed's, its difficulty the
+/// chain's depth), with the chain it fused.
 #[derive(Debug, Serialize)]
 struct Composed {
     row_id: String,
     parent_ids: Vec<String>,
     path: String,
+    format: String,
     table: String,
+    category: String,
+    difficulty: u32,
     question: String,
     description: String,
     chain_questions: Vec<String>,
@@ -93,7 +103,10 @@ fn schema() -> SchemaRef {
     let list = |n: &str| Field::new(n, DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), false);
     schema_with_lineage(vec![
         text("path"),
+        text("format"),
         text("table"),
+        text("category"),
+        Field::new("difficulty", DataType::UInt32, false),
         text("question"),
         text("description"),
         list("chain_questions"),
@@ -285,7 +298,12 @@ impl Stage for Compose {
                     row_id: row_id(&refs, format!("compose\0{}\0{}", self.model, chain.question).as_bytes()),
                     parent_ids: ids,
                     path: chain.sources[0].path.clone(),
+                    format: chain.sources[0].format.clone().unwrap_or_else(|| {
+                        Format::of(Path::new(&chain.sources[0].path)).map(Format::name).unwrap_or_default().to_string()
+                    }),
                     table: chain.sources[0].table.clone(),
+                    category: chain.sources[0].category.clone(),
+                    difficulty: self.depth,
                     question: chain.question,
                     description: chain.description,
                     chain_questions: chain.sources.iter().map(|s| s.question.clone()).collect(),

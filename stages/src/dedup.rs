@@ -200,11 +200,14 @@ impl Stage for Dedup {
     }
 
     async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
-        let schema = crate::filters::filter_schema("dedup", inputs, &[self.column.as_str()]).map_err(|mut p| {
-            p[0].help = Some(format!("`column` names the text to compare (now `{}`)", self.column));
-            p
-        })?;
-        Ok(schema)
+        let input = crate::filters::single_input("dedup", inputs)?;
+        if input.schema.field_with_name(&self.column).is_err() {
+            return Err(vec![
+                Problem::new("inputs", format!("`{}` lacks the columns {}", input.name, self.column))
+                    .help(format!("`column` names the text to compare (now `{}`)", self.column)),
+            ]);
+        }
+        Ok(input.schema.clone())
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {

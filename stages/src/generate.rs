@@ -266,7 +266,10 @@ impl Stage for Generate {
         }
         let kept = take_record_batch(&data, &UInt32Array::from(take)).map_err(|e| fail(e.to_string()))?;
         let schema = self
-            .output_schema(&cx.pipeline, &[InputSchema { name: input.name.clone(), schema: input.schema.clone() }])
+            .output_schema(
+                &cx.pipeline,
+                &[InputSchema { name: input.name.clone(), kind: String::new(), schema: input.schema.clone() }],
+            )
             .await
             .map_err(|p| fail(p[0].message.clone()))?;
         let mut columns: Vec<ArrayRef> = Vec::new();

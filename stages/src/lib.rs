@@ -8,6 +8,7 @@ pub mod card;
 pub mod compose;
 pub mod dedup;
 pub mod export;
+pub mod families;
 pub mod filters;
 pub mod generate;
 pub mod judge;

@@ -24,6 +24,7 @@ use kiln_sandbox::{Isolation, Limits};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{self, AgentSettings, Keys, Task, TeacherSpec};
+use crate::families::QUESTION;
 
 /// Parameters of a `trajectories` stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,10 +66,8 @@ pub(crate) fn default_template() -> String {
     agent::DEFAULT_TEMPLATE.into()
 }
 
-/// Input columns every question row needs.
+/// The `Question` columns a model teacher needs (the scripted one also needs `category`).
 const REQUIRED: &[&str] = &["question", "path", "format", "table"];
-/// Input columns the scripted teacher needs on top.
-const SCRIPTED: &[&str] = &["category", "params"];
 
 impl Trajectories {
     fn n(&self) -> u32 {
@@ -142,13 +141,13 @@ impl Stage for Trajectories {
                 format!("a `trajectories` stage reads exactly one stage of questions, got {}", inputs.len()),
             )]);
         };
-        let needed = REQUIRED.iter().chain(if self.scripted { SCRIPTED } else { &[] });
-        let missing: Vec<&str> = needed.filter(|c| input.schema.field_with_name(c).is_err()).copied().collect();
-        if !missing.is_empty() {
-            let why = if self.scripted { " (scripted trajectories read `programmatic` rows)" } else { "" };
+        let needed: &[&str] =
+            if self.scripted { &["question", "path", "format", "table", "category"] } else { REQUIRED };
+        QUESTION.check(input, needed).map_err(|p| vec![p])?;
+        if self.scripted && input.schema.field_with_name("params").is_err() {
             return Err(vec![
-                Problem::new("inputs", format!("`{}` lacks the columns {}{why}", input.name, missing.join(", ")))
-                    .help("feed it questions from `programmatic`, `synthesize` or `compose`, which have them"),
+                Problem::new("inputs", format!("`{}` ({}) lacks the column params", input.name, input.kind))
+                    .help("scripted trajectories solve `programmatic` questions, which have it"),
             ]);
         }
         Ok(agent::schema())

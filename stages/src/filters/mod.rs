@@ -22,21 +22,21 @@ pub type Row = Map<String, Value>;
 /// Why a row is refused: the rule (`format:no_answer`...) and a detail naming the values.
 pub type Refusal = (String, String);
 
-/// The output schema of a filter: its single input's, which must have `required` columns.
-pub fn filter_schema(kind: &str, inputs: &[InputSchema], required: &[&str]) -> Result<SchemaRef, Vec<Problem>> {
-    let [input] = inputs else {
-        return Err(vec![Problem::new(
-            "inputs",
-            format!("a `{kind}` stage reads exactly one stage, got {}", inputs.len()),
-        )]);
-    };
-    let missing: Vec<&str> = required.iter().filter(|c| input.schema.field_with_name(c).is_err()).copied().collect();
-    if !missing.is_empty() {
-        return Err(vec![
-            Problem::new("inputs", format!("`{}` lacks the columns {}", input.name, missing.join(", ")))
-                .help(format!("a `{kind}` stage reads trajectories (the output of a `trajectories` stage)")),
-        ]);
+/// The single input of a `kind` stage that reads exactly one.
+pub fn single_input<'a>(kind: &str, inputs: &'a [InputSchema]) -> Result<&'a InputSchema, Vec<Problem>> {
+    match inputs {
+        [input] => Ok(input),
+        _ => {
+            Err(vec![Problem::new("inputs", format!("a `{kind}` stage reads exactly one stage, got {}", inputs.len()))])
+        }
     }
+}
+
+/// The output schema of a filter: its single input's, which must have the `Trajectory` columns
+/// `required`.
+pub fn filter_schema(kind: &str, inputs: &[InputSchema], required: &[&str]) -> Result<SchemaRef, Vec<Problem>> {
+    let input = single_input(kind, inputs)?;
+    crate::families::TRAJECTORY.check(input, required).map_err(|p| vec![p])?;
     Ok(input.schema.clone())
 }
 
