@@ -133,6 +133,7 @@ impl Graph {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn graph(edges: &[&[usize]]) -> Graph {
         Graph::new(edges.iter().enumerate().map(|(i, e)| (format!("s{i}"), "k".into(), e.to_vec())).collect())
@@ -157,6 +158,78 @@ mod tests {
         assert_eq!(cycle.first(), cycle.last());
         assert_eq!(cycle.len(), 4);
         assert_eq!(g.describe_path(&cycle), "s1 -> s3 -> s2 -> s1");
+    }
+
+    /// A random DAG: `n` nodes in a shuffled file order, each reading some nodes earlier in a
+    /// hidden rank; and one extra edge from a node to one of its own ancestors-to-be.
+    fn random_dag() -> impl Strategy<Value = (Vec<Vec<usize>>, (usize, usize))> {
+        (2usize..12)
+            .prop_flat_map(|n| {
+                let edges = proptest::collection::vec(proptest::collection::vec(any::<bool>(), n), n);
+                (Just(n), edges, Just((0..n).collect::<Vec<_>>()).prop_shuffle(), (0..n, 0..n))
+            })
+            .prop_map(|(n, coin, file_order, back)| {
+                // rank r reads rank q < r when coin[r][q]; node file_order[r] has rank r.
+                let mut inputs = vec![Vec::new(); n];
+                for r in 0..n {
+                    for q in 0..r {
+                        if coin[r][q] {
+                            inputs[file_order[r]].push(file_order[q]);
+                        }
+                    }
+                }
+                // A back edge: the lower-ranked end reads the higher-ranked one (or itself).
+                let (a, b) = (back.0.min(back.1), back.0.max(back.1));
+                (inputs, (file_order[a], file_order[b]))
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn random_dags_run_in_an_order_that_respects_every_edge((inputs, _) in random_dag()) {
+            let g = Graph::new(inputs.iter().enumerate().map(|(i, e)| (format!("s{i}"), "k".into(), e.clone())).collect());
+            let order = g.topo_order().expect("a DAG has an order");
+            prop_assert_eq!(order.len(), g.len());
+            let pos = |n| order.iter().position(|&x| x == n).unwrap();
+            for n in 0..g.len() {
+                for &u in g.inputs(n) {
+                    prop_assert!(pos(u) < pos(n), "s{} runs before its input s{}", n, u);
+                }
+            }
+        }
+
+        #[test]
+        fn a_back_edge_is_reported_as_a_cycle_through_it((mut inputs, (low, high)) in random_dag()) {
+            // `low` now also reads `high`, which (through a chain of inputs) reads `low` or is it.
+            let chain = path_exists(&inputs, high, low);
+            inputs[low].push(high);
+            let g = Graph::new(inputs.iter().enumerate().map(|(i, e)| (format!("s{i}"), "k".into(), e.clone())).collect());
+            match g.topo_order() {
+                Ok(_) => prop_assert!(!chain, "a cycle through s{} and s{} went unreported", low, high),
+                Err(cycle) => {
+                    prop_assert!(chain, "a cycle was reported where there is none: {:?}", cycle);
+                    prop_assert_eq!(cycle.first(), cycle.last());
+                    for w in cycle.windows(2) {
+                        prop_assert!(g.inputs(w[1]).contains(&w[0]), "{} does not read {}", w[1], w[0]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `from` reads `to`, directly or not (or is it).
+    fn path_exists(inputs: &[Vec<usize>], from: usize, to: usize) -> bool {
+        let mut seen = vec![false; inputs.len()];
+        let mut stack = vec![from];
+        while let Some(n) = stack.pop() {
+            if n == to {
+                return true;
+            }
+            if !std::mem::replace(&mut seen[n], true) {
+                stack.extend(&inputs[n]);
+            }
+        }
+        false
     }
 
     #[test]

@@ -5,12 +5,23 @@
 
 use std::fmt;
 
+use serde::Serialize;
 use serde::de::{self, DeserializeOwned, Visitor};
 use toml::de::ValueDeserializer;
 
 use crate::stage::Stage;
 
-type BuildFn = fn(ValueDeserializer<'_>) -> Result<Box<dyn Stage>, toml::de::Error>;
+type BuildFn = fn(ValueDeserializer<'_>) -> Result<Built, toml::de::Error>;
+
+/// A stage built from its parameters, with those parameters resolved: every default written
+/// out, as canonical JSON (sorted keys). Fingerprints hash the resolved form, so writing a
+/// default out, or reordering keys, changes nothing, and changing a default reruns the stage.
+pub struct Built {
+    /// The stage.
+    pub stage: Box<dyn Stage>,
+    /// Its resolved parameters.
+    pub resolved: serde_json::Value,
+}
 
 /// One stage kind: its name, how to build it from TOML, and its parameter names.
 #[derive(Clone)]
@@ -29,13 +40,18 @@ impl fmt::Debug for Kind {
     }
 }
 
-fn build<C: DeserializeOwned + Stage + 'static>(de: ValueDeserializer<'_>) -> Result<Box<dyn Stage>, toml::de::Error> {
-    C::deserialize(de).map(|c| Box::new(c) as Box<dyn Stage>)
+fn build<C: DeserializeOwned + Serialize + Stage + 'static>(
+    de: ValueDeserializer<'_>,
+) -> Result<Built, toml::de::Error> {
+    let config = C::deserialize(de)?;
+    // serde_json's maps are sorted (no `preserve_order` in this workspace), so this is canonical.
+    let resolved = serde_json::to_value(&config).map_err(|e| <toml::de::Error as de::Error>::custom(e))?;
+    Ok(Built { stage: Box::new(config), resolved })
 }
 
 impl Kind {
     /// A kind whose parameters struct `C` is also its stage implementation.
-    pub fn of<C: DeserializeOwned + Stage + 'static>(name: &'static str, summary: &'static str) -> Kind {
+    pub fn of<C: DeserializeOwned + Serialize + Stage + 'static>(name: &'static str, summary: &'static str) -> Kind {
         Kind { name, summary, build: build::<C>, fields: struct_fields::<C>() }
     }
 
@@ -45,7 +61,7 @@ impl Kind {
     }
 
     /// Deserializes the parameters and builds the stage.
-    pub fn build(&self, de: ValueDeserializer<'_>) -> Result<Box<dyn Stage>, toml::de::Error> {
+    pub fn build(&self, de: ValueDeserializer<'_>) -> Result<Built, toml::de::Error> {
         (self.build)(de)
     }
 }

@@ -14,7 +14,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::error::{Diagnostic, Diagnostics, SourceMap, did_you_mean};
-use crate::registry::Registry;
+use crate::registry::{Built, Registry};
 use crate::stage::{Problem, Stage};
 
 /// The `[pipeline]` table.
@@ -90,7 +90,8 @@ pub struct StageSpec {
     pub kind: String,
     /// Names of upstream stages, in the order written.
     pub inputs: Vec<String>,
-    /// Kind-specific parameters as canonical JSON (sorted keys), for fingerprints.
+    /// Kind-specific parameters resolved (every default written out) as canonical JSON (sorted
+    /// keys), for fingerprints; `null` when they are invalid.
     pub params: serde_json::Value,
     /// The built stage, when its parameters were valid.
     pub stage: Option<Box<dyn Stage>>,
@@ -294,9 +295,8 @@ fn parse_stage(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let params_value = Spanned::new(value.span(), DeValue::Table(params));
-    let params_json = to_json(&params_value);
 
-    let stage = kind.as_ref().and_then(|(kind, kind_span)| match registry.get(kind) {
+    let built = kind.as_ref().and_then(|(kind, kind_span)| match registry.get(kind) {
         None => {
             let help = did_you_mean(kind, registry.kinds().iter().map(|k| k.name))
                 .unwrap_or_else(|| format!("known kinds: {}", kind_list(registry)));
@@ -308,20 +308,24 @@ fn parse_stage(
             None
         }
         Some(k) => {
-            let (stage, errors) = deserialize_all(map, params_value, Some(k.fields()), |de| k.build(de));
+            let (built, errors) = deserialize_all(map, params_value, Some(k.fields()), |de| k.build(de));
             diags.extend(errors.into_iter().map(|mut d| {
                 d.message = format!("stage `{stage_name}` ({kind}): {}", d.message);
                 d
             }));
-            stage
+            built
         }
     });
+    let (stage, params) = match built {
+        Some(Built { stage, resolved }) => (Some(stage), resolved),
+        None => (None, serde_json::Value::Null),
+    };
 
     Some(StageSpec {
         name: stage_name,
         kind: kind.map(|k| k.0).unwrap_or_default(),
         inputs,
-        params: params_json,
+        params,
         stage,
         limits,
         name_span: name.span(),
@@ -588,6 +592,74 @@ mod tests {
                 "4:18 `inner.rank`: invalid value: integer `-1`, expected u32",
             ]
         );
+    }
+
+    /// A kind with three defaulted parameters, for the fingerprint properties.
+    #[derive(Debug, Deserialize, serde::Serialize)]
+    #[serde(deny_unknown_fields)]
+    struct Toy {
+        #[serde(default = "three")]
+        size: u32,
+        #[serde(default)]
+        label: Option<String>,
+        #[serde(default = "ratio")]
+        ratio: f64,
+    }
+    fn three() -> u32 {
+        3
+    }
+    fn ratio() -> f64 {
+        0.5
+    }
+
+    #[async_trait::async_trait]
+    impl Stage for Toy {
+        async fn output_schema(
+            &self,
+            _: &crate::stage::CheckCx,
+            _: &[crate::stage::InputSchema],
+        ) -> crate::Result<arrow::datatypes::SchemaRef, Vec<Problem>> {
+            Ok(std::sync::Arc::new(arrow::datatypes::Schema::new(crate::rows::lineage_fields().to_vec())))
+        }
+        async fn run(
+            &self,
+            _: &crate::stage::StageCx,
+            _: &[crate::stage::Input],
+        ) -> crate::Result<crate::stage::Output> {
+            Ok(crate::stage::Output::default())
+        }
+    }
+
+    /// The resolved parameters of the one `toy` stage of a file with `keys` (in this order).
+    fn resolved(keys: &[(&str, String)]) -> serde_json::Value {
+        let registry = Registry::new(vec![crate::registry::Kind::of::<Toy>("toy", "a toy")]);
+        let lines: Vec<String> = keys.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+        let text = format!("[pipeline]\nname = \"p\"\n\n[stages.t]\nkind = \"toy\"\n{}\n", lines.join("\n"));
+        let (spec, diags) = parse(Path::new("p.toml"), &text, &registry);
+        assert!(diags.is_empty(), "{diags:?}\n{text}");
+        spec.unwrap().stages.remove(0).params
+    }
+
+    use proptest::prelude::*;
+
+    proptest::proptest! {
+        /// Fingerprints hash the resolved parameters: writing defaults out, in any order, or
+        /// leaving them out gives the same parameters; a value that is not the default does not.
+        #[test]
+        fn key_order_and_written_defaults_do_not_change_the_parameters(
+            order in proptest::strategy::Just(vec![0usize, 1, 2]).prop_shuffle(),
+            written in proptest::collection::vec(proptest::bool::ANY, 3),
+            label in "[a-z]{1,8}",
+            size in 0u32..10,
+        ) {
+            let defaults = [("size", "3".to_string()), ("ratio", "0.5".to_string()), ("label", format!("{label:?}"))];
+            let omitted = resolved(&[("label", format!("{label:?}"))]);
+            let keys: Vec<(&str, String)> =
+                order.iter().filter(|&&i| written[i] || i == 2).map(|&i| defaults[i].clone()).collect();
+            prop_assert_eq!(resolved(&keys), omitted.clone());
+            let changed = resolved(&[("size", size.to_string()), ("label", format!("{label:?}"))]);
+            prop_assert_eq!(changed == omitted, size == 3);
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::sft::{RunPaths, SftConfig, train};
 
 /// The stage: an [`SftConfig`] without `data` (the input stage is the data).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct TrainSft(pub SftConfig);
 
