@@ -4,6 +4,7 @@
 //! one [`Kind::of`] line per kind, and the binary hands it to [`crate::plan::Plan::load`].
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::{self, DeserializeOwned, Visitor};
@@ -66,16 +67,76 @@ impl Kind {
     }
 }
 
-/// All kinds known to a run.
+/// A `[models.<name>]` table resolved: every default written out (canonical JSON, for
+/// fingerprints), and the problems of its values as `(key, message)`.
+pub struct ResolvedModel {
+    /// The table with its defaults.
+    pub resolved: serde_json::Value,
+    /// What is wrong with its values, by key.
+    pub problems: Vec<(&'static str, String)>,
+}
+
+type ModelBuildFn = Arc<dyn for<'a> Fn(ValueDeserializer<'a>) -> Result<ResolvedModel, toml::de::Error> + Send + Sync>;
+
+/// How `[models.<name>]` tables are read and checked. The engine does not know the LLM client's
+/// settings: the stages crate provides them, and every table is checked, used or not, each
+/// problem at its own key.
+#[derive(Clone)]
+pub struct ModelTable {
+    build: ModelBuildFn,
+    fields: &'static [&'static str],
+}
+
+impl fmt::Debug for ModelTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModelTable").field("fields", &self.fields).finish()
+    }
+}
+
+impl ModelTable {
+    /// Tables read as `C`, whose values `problems` checks.
+    pub fn of<C: DeserializeOwned + Serialize + 'static>(problems: fn(&C) -> Vec<(&'static str, String)>) -> Self {
+        let build = move |de: ValueDeserializer<'_>| {
+            let config = C::deserialize(de)?;
+            let resolved = serde_json::to_value(&config).map_err(<toml::de::Error as de::Error>::custom)?;
+            Ok(ResolvedModel { resolved, problems: problems(&config) })
+        };
+        ModelTable { build: Arc::new(build), fields: struct_fields::<C>() }
+    }
+
+    /// The keys a table may hold.
+    pub fn fields(&self) -> &'static [&'static str] {
+        self.fields
+    }
+
+    /// Reads one table.
+    pub fn build(&self, de: ValueDeserializer<'_>) -> Result<ResolvedModel, toml::de::Error> {
+        (self.build)(de)
+    }
+}
+
+/// All kinds known to a run, and how its model tables are read.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     kinds: Vec<Kind>,
+    models: Option<ModelTable>,
 }
 
 impl Registry {
     /// A registry of `kinds`.
     pub fn new(kinds: Vec<Kind>) -> Self {
-        Registry { kinds }
+        Registry { kinds, models: None }
+    }
+
+    /// This registry, reading `[models.<name>]` tables with `table`.
+    pub fn with_models(mut self, table: ModelTable) -> Self {
+        self.models = Some(table);
+        self
+    }
+
+    /// How model tables are read, if the registry knows.
+    pub fn model_table(&self) -> Option<&ModelTable> {
+        self.models.as_ref()
     }
 
     /// This registry with one more kind (for kinds that live outside `kiln-stages`, such as

@@ -75,7 +75,8 @@ pub struct Spec {
     pub settings: PipelineSettings,
     /// Span of the `[pipeline]` table's keys, for settings problems.
     pub settings_spans: BTreeMap<String, Range<usize>>,
-    /// `[models.<name>]` tables, shared by stages that call LLMs (as canonical JSON).
+    /// `[models.<name>]` tables, shared by stages that call LLMs, as canonical JSON: resolved
+    /// (defaults written out) when valid, as written otherwise.
     pub models: serde_json::Value,
     /// Stages, in file order.
     pub stages: Vec<StageSpec>,
@@ -170,7 +171,10 @@ pub fn parse(file: &Path, text: &str, registry: &Registry) -> (Option<Spec>, Vec
     let mut settings_spans = BTreeMap::new();
     collect_spans(pipeline, "", &mut settings_spans);
 
-    let models = lookup(root_table, "models").map(to_json).unwrap_or(serde_json::Value::Null);
+    let models = match lookup(root_table, "models") {
+        None => serde_json::Value::Null,
+        Some(models) => parse_models(&map, models, registry, &mut diags),
+    };
 
     let mut stages = Vec::new();
     match lookup(root_table, "stages").map(|v| (v, v.get_ref())) {
@@ -452,6 +456,49 @@ fn without<'i>(value: &Spanned<DeValue<'i>>, path: &[String]) -> Spanned<DeValue
         })
         .collect();
     Spanned::new(value.span(), DeValue::Table(rebuilt))
+}
+
+/// The `[models]` tables as JSON, each resolved (defaults written out) when it is valid; every
+/// table's problems, at their keys, whether a stage uses the model or not.
+fn parse_models(
+    map: &SourceMap,
+    models: &Spanned<DeValue<'_>>,
+    registry: &Registry,
+    diags: &mut Vec<Diagnostic>,
+) -> serde_json::Value {
+    let DeValue::Table(tables) = models.get_ref() else {
+        diags.push(map.diagnostic(
+            models.span(),
+            format!("`models` must be a table, got {}", models.get_ref().type_str()),
+            Some("declare models as `[models.<name>]` tables".into()),
+        ));
+        return serde_json::Value::Null;
+    };
+    let mut out = serde_json::Map::new();
+    for (name, table) in tables.iter() {
+        let name = name.get_ref().to_string();
+        let Some(reader) = registry.model_table() else {
+            out.insert(name, to_json(table));
+            continue;
+        };
+        let (resolved, errors) = deserialize_all(map, table.clone(), Some(reader.fields()), |de| reader.build(de));
+        diags.extend(errors.into_iter().map(|mut d| {
+            d.message = format!("model `{name}`: {}", d.message);
+            d
+        }));
+        let Some(resolved) = resolved else {
+            out.insert(name, to_json(table));
+            continue;
+        };
+        let mut spans = BTreeMap::new();
+        collect_spans(table, "", &mut spans);
+        for (key, message) in resolved.problems {
+            let span = spans.get(key).cloned().unwrap_or(table.span());
+            diags.push(map.diagnostic(span, format!("model `{name}`: {message}"), None));
+        }
+        out.insert(name, resolved.resolved);
+    }
+    serde_json::Value::Object(out)
 }
 
 /// Stage names double as SQL table names.

@@ -22,14 +22,13 @@ pub fn model_config(cx: &CheckCx, name: &str) -> Result<ModelConfig, Problem> {
             .unwrap_or_else(|| format!("declare it as `[models.{name}]` with `base_url` and `model`"));
         return Err(Problem::new("model", format!("unknown model `{name}`")).help(help));
     };
-    let config: ModelConfig = serde_json::from_value(table.clone())
-        .map_err(|e| Problem::new("model", format!("`[models.{name}]` is invalid: {e}")))?;
-    let problems = config.problems();
-    if !problems.is_empty() {
-        let keys: Vec<String> = problems.iter().map(|(k, _)| format!("`{k}`")).collect();
-        let messages: Vec<String> = problems.into_iter().map(|(_, m)| m).collect();
-        return Err(Problem::new("model", format!("`[models.{name}]`: {}", messages.join("; ")))
-            .help(format!("fix {} in `[models.{name}]`", keys.join(", "))));
+    // The table's own problems are reported at its keys when the file is parsed; here the
+    // stage only says that the model it names cannot be used.
+    let unusable =
+        || Problem::new("model", format!("model `{name}` cannot be used: see the errors of `[models.{name}]`"));
+    let config: ModelConfig = serde_json::from_value(table.clone()).map_err(|_| unusable())?;
+    if !config.problems().is_empty() {
+        return Err(unusable());
     }
     Ok(config)
 }

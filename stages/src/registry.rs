@@ -1,6 +1,6 @@
 //! Every stage kind, listed in one place. Adding a kind is one file and one line here.
 
-use kiln_pipeline::registry::{Kind, Registry};
+use kiln_pipeline::registry::{Kind, ModelTable, Registry};
 
 use crate::card::Card;
 use crate::compose::Compose;
@@ -20,6 +20,7 @@ use crate::trajectories::Trajectories;
 
 /// The registry of all built-in stage kinds.
 pub fn registry() -> Registry {
+    let models = ModelTable::of::<kiln_llm::ModelConfig>(kiln_llm::ModelConfig::problems);
     Registry::new(vec![
         Kind::of::<Card>(
             "card",
@@ -73,4 +74,5 @@ pub fn registry() -> Registry {
             "n multi-turn agent trajectories per question, code run in an isolated persistent Python worker",
         ),
     ])
+    .with_models(models)
 }
