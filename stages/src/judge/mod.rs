@@ -31,6 +31,10 @@
 //! rescue = { teacher = "teacher", rounds = 2 }   # optional
 //! ```
 
+mod rescue;
+mod verdict;
+
+pub use rescue::Rescue;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -45,10 +49,10 @@ use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::agent::{AgentSettings, Keys, Task, TeacherSpec};
-use crate::answers::agree;
-use crate::llm_rows::{RowRequest, client, complete_rows, estimate_rows, model_config, parse_tags};
+use crate::agent::Keys;
+use crate::llm_rows::{RowRequest, client, complete_rows, estimate_rows, model_config};
 use crate::templates::{Templates, check_template};
+use verdict::{Rules, Verdict, parse_reply};
 
 /// Which agreeing trajectories a question keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,51 +90,6 @@ pub struct Judge {
     pub rescue: Option<Rescue>,
 }
 
-/// How inconsistent questions are rescued: the agent's settings are those of a `trajectories`
-/// stage, with the same defaults.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rescue {
-    /// The teacher model, a `[models.<name>]` table.
-    pub teacher: String,
-    /// Rounds of critique, re-sampling and judging. Default: 1.
-    #[serde(default = "one")]
-    pub rounds: u32,
-    /// Most assistant turns per new trajectory. Default: 10.
-    #[serde(default = "crate::trajectories::default_max_turns")]
-    pub max_turns: u32,
-    /// System prompt template of the new trajectories. Default: `trajectory_system.j2`.
-    #[serde(default = "crate::trajectories::default_template")]
-    pub template: String,
-    /// Sandbox limits of the new trajectories. Default: the recipe's.
-    #[serde(default)]
-    pub sandbox: kiln_sandbox::Limits,
-    /// Isolation: `bubblewrap` or `landlock`. Default: the first that works here.
-    #[serde(default)]
-    pub isolation: Option<kiln_sandbox::Isolation>,
-    /// New trajectories in progress at once. Default: the teacher's `max_concurrency`.
-    #[serde(default)]
-    pub parallel: Option<usize>,
-}
-
-impl Rescue {
-    /// The agent that samples the new trajectories.
-    fn agent(&self) -> AgentSettings {
-        AgentSettings {
-            teacher: TeacherSpec::Model(self.teacher.clone()),
-            max_turns: self.max_turns,
-            template: self.template.clone(),
-            sandbox: self.sandbox.clone(),
-            isolation: self.isolation,
-            parallel: self.parallel,
-        }
-    }
-}
-
-fn one() -> u32 {
-    1
-}
-
 fn default_mode() -> Mode {
     Mode::KeepAllConsistent
 }
@@ -142,20 +101,6 @@ fn default_template() -> String {
 }
 
 const REQUIRED: &[&str] = &["question", "final_answer", "gold_answer", "sample"];
-
-/// The judge's reading of one question.
-#[derive(Debug, Clone)]
-struct Verdict {
-    /// Index (in the question's rows) of the trajectories kept.
-    keep: Vec<usize>,
-    /// The gold answer to write into kept rows.
-    gold: Option<String>,
-    /// `gold_match` or `consistent`.
-    how: &'static str,
-    reasoning: Option<String>,
-    /// Why the other rows are dropped: (rule, detail).
-    dropped: (String, String),
-}
 
 /// A question's trajectories, in sample order.
 type Group = Vec<Map<String, Value>>;
@@ -176,61 +121,15 @@ impl Judge {
         Templates::load(cx.templates.as_deref(), &[&self.template])
     }
 
-    /// The indices of `agreeing` to keep under the mode; `best` is the judge's pick.
-    fn select(&self, agreeing: &[usize], best: usize, seed: u64, question: &str) -> Vec<usize> {
-        match self.mode {
-            Mode::KeepAllConsistent => agreeing.to_vec(),
-            Mode::KeepBest => vec![if agreeing.contains(&best) { best } else { agreeing[0] }],
-            Mode::KeepRandom => {
-                let h = blake3::hash(format!("{seed}\0{question}").as_bytes());
-                let pick = u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default());
-                vec![agreeing[(pick % agreeing.len() as u64) as usize]]
-            }
-        }
-    }
-
-    /// A question with a gold answer: the trajectories whose answer agrees with it.
-    fn against_gold(&self, group: &Group, gold: &str, seed: u64, question: &str) -> Verdict {
-        let agreeing: Vec<usize> =
-            (0..group.len()).filter(|&i| agree(answer(&group[i]), gold, self.tolerance)).collect();
-        let wrong: Vec<String> =
-            (0..group.len()).filter(|i| !agreeing.contains(i)).map(|i| answer(&group[i]).to_string()).collect();
-        let detail = format!("gold answer {gold:?}; answers that do not agree: {wrong:?}");
-        if agreeing.is_empty() {
-            return Verdict {
-                keep: vec![],
-                gold: None,
-                how: "gold_match",
-                reasoning: None,
-                dropped: ("wrong_answer".into(), detail),
-            };
-        }
-        let keep = self.select(&agreeing, agreeing[0], seed, question);
-        let dropped = if wrong.is_empty() {
-            ("not_selected".into(), format!("mode {:?}", self.mode))
-        } else {
-            ("wrong_answer".into(), detail)
-        };
-        Verdict { keep, gold: Some(gold.to_string()), how: "gold_match", reasoning: None, dropped }
+    /// How this stage decides `question`.
+    fn rules<'q>(&self, seed: u64, question: &'q str) -> Rules<'q> {
+        Rules { mode: self.mode, tolerance: self.tolerance, seed, question }
     }
 }
 
-/// The judge's reply: reasoning, whether the answers agree, the best (1-based).
-fn parse_reply(text: &str) -> Result<(String, bool, usize), String> {
-    let [reasoning, consistent, best] =
-        <[String; 3]>::try_from(parse_tags(text, &["reasoning", "consistent", "best"])?)
-            .map_err(|_| "three tags expected".to_string())?;
-    let consistent = match consistent.to_lowercase().as_str() {
-        "yes" | "true" => true,
-        "no" | "false" => false,
-        other => return Err(format!("<consistent> must be yes or no, got {other:?}")),
-    };
-    let best = best
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<usize>()
-        .map_err(|_| format!("<best> must be a number, got {best:?}"))?;
-    Ok((reasoning, consistent, best))
+/// The final answers of a question's trajectories, in sample order.
+fn answers(group: &Group) -> Vec<&str> {
+    group.iter().map(answer).collect()
 }
 
 #[async_trait]
@@ -295,7 +194,7 @@ impl Stage for Judge {
         for (id, group) in &groups {
             let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
             if let Some(gold) = group[0].get("gold_answer").and_then(Value::as_str) {
-                verdicts.insert(id.clone(), self.against_gold(group, gold, cx.seed, question));
+                verdicts.insert(id.clone(), self.rules(cx.seed, question).against_gold(&answers(group), gold));
             }
         }
         let mut rescued: BTreeMap<String, (Group, u32)> = BTreeMap::new();
@@ -396,98 +295,11 @@ impl Judge {
         for (request, reply) in requests.iter().zip(replies) {
             let Some(reply) = reply else { continue };
             let group = groups[&request.row_id];
-            let (reasoning, consistent, best) = reply.value;
             let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
-            let verdict = if consistent && (1..=group.len()).contains(&best) {
-                let all: Vec<usize> = (0..group.len()).collect();
-                Verdict {
-                    keep: self.select(&all, best - 1, cx.seed, question),
-                    gold: Some(answer(&group[best - 1]).to_string()),
-                    how: "consistent",
-                    reasoning: Some(reasoning),
-                    dropped: ("not_selected".into(), format!("mode {:?}", self.mode)),
-                }
-            } else {
-                let why = if consistent { format!("best answer {best} is out of range; ") } else { String::new() };
-                Verdict {
-                    keep: vec![],
-                    gold: None,
-                    how: "consistent",
-                    reasoning: Some(reasoning.clone()),
-                    dropped: ("inconsistent".into(), format!("{why}{reasoning}")),
-                }
-            };
+            let verdict = self.rules(cx.seed, question).from_reply(&answers(group), reply.value);
             verdicts.insert(request.row_id.clone(), verdict);
         }
         Ok(verdicts)
-    }
-
-    /// Rescue rounds for the inconsistent questions among `verdicts`: new trajectories with the
-    /// critique, judged again. Returns the rescued questions' new trajectories (and round),
-    /// and updates their verdicts.
-    async fn rescue(
-        &self,
-        cx: &StageCx,
-        rescue: &Rescue,
-        client: &kiln_llm::Client,
-        groups: &BTreeMap<String, Group>,
-        verdicts: &mut BTreeMap<String, Verdict>,
-        out: &mut Output,
-    ) -> Result<BTreeMap<String, (Group, u32)>> {
-        let n = groups.values().map(Vec::len).max().unwrap_or(1) as u32;
-        let settings = rescue.agent();
-        let agent = settings.start(cx).await?;
-        let templates = self.templates(&cx.pipeline).map_err(|e| Error::stage(&cx.name, e))?;
-        let mut rescued = BTreeMap::new();
-        for round in 1..=rescue.rounds {
-            let pending: Vec<(String, String)> = verdicts
-                .iter()
-                .filter(|(id, v)| v.keep.is_empty() && v.dropped.0 == "inconsistent" && !rescued.contains_key(*id))
-                .map(|(id, v)| (id.clone(), v.reasoning.clone().unwrap_or_default()))
-                .collect();
-            if pending.is_empty() {
-                break;
-            }
-            *out.counters.entry("rescue_attempts".into()).or_default() += pending.len() as u64;
-            let tasks: Vec<Task> = pending.iter().map(|(id, why)| Task::again(&groups[id][0], round, why)).collect();
-            let samples = agent.sample(&tasks, n).await;
-            let mut fresh: BTreeMap<String, Group> = BTreeMap::new();
-            for (i, result) in samples.into_iter().enumerate() {
-                let id = &pending[i / n as usize].0;
-                match result? {
-                    Ok(t) => {
-                        let row =
-                            serde_json::to_value(&t).ok().and_then(|v| v.as_object().cloned()).unwrap_or_default();
-                        match crate::filters::format::check_trajectory(&row) {
-                            Ok(()) => fresh.entry(id.clone()).or_default().push(row),
-                            Err((rule, _)) => *out.counters.entry(format!("rescue_dropped_{rule}")).or_default() += 1,
-                        }
-                    }
-                    Err(r) => out.rejections.push(r),
-                }
-            }
-            let requests = fresh
-                .iter()
-                .map(|(id, group)| {
-                    judge_request(&templates, &self.template, id, group).map_err(|e| Error::stage(&cx.name, e))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let asked: BTreeMap<String, &Group> = fresh.iter().map(|(id, g)| (id.clone(), g)).collect();
-            for (id, verdict) in self.consistency(cx, client, requests, &asked, out).await? {
-                if verdict.keep.is_empty() {
-                    verdicts.insert(id, verdict);
-                } else {
-                    *out.counters.entry("rescued".into()).or_default() += 1;
-                    verdicts.insert(id.clone(), Verdict { how: "rescued", ..verdict });
-                    rescued.insert(id.clone(), (fresh[&id].clone(), round));
-                }
-            }
-        }
-        out.counters.insert(format!("rescue_isolation_{}", agent.isolation()), 1);
-        for (name, n) in agent.counters() {
-            *out.counters.entry(format!("rescue_{name}")).or_default() += n;
-        }
-        Ok(rescued)
     }
 
     /// The trajectories grouped by question (in input order of questions, sample order within),

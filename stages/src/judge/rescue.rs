@@ -1,0 +1,127 @@
+//! Rescue rounds: inconsistent questions go back to the teacher with the judge's critique (which
+//! only the teacher reads), through the agent loop, and are judged again.
+
+use std::collections::BTreeMap;
+
+use kiln_pipeline::stage::{Output, StageCx};
+use kiln_pipeline::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+use super::verdict::Verdict;
+use super::{Group, Judge, judge_request};
+use crate::agent::{AgentSettings, Task, TeacherSpec};
+
+/// How inconsistent questions are rescued: the agent's settings are those of a `trajectories`
+/// stage, with the same defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rescue {
+    /// The teacher model, a `[models.<name>]` table.
+    pub teacher: String,
+    /// Rounds of critique, re-sampling and judging. Default: 1.
+    #[serde(default = "one")]
+    pub rounds: u32,
+    /// Most assistant turns per new trajectory. Default: 10.
+    #[serde(default = "crate::trajectories::default_max_turns")]
+    pub max_turns: u32,
+    /// System prompt template of the new trajectories. Default: `trajectory_system.j2`.
+    #[serde(default = "crate::trajectories::default_template")]
+    pub template: String,
+    /// Sandbox limits of the new trajectories. Default: the recipe's.
+    #[serde(default)]
+    pub sandbox: kiln_sandbox::Limits,
+    /// Isolation: `bubblewrap` or `landlock`. Default: the first that works here.
+    #[serde(default)]
+    pub isolation: Option<kiln_sandbox::Isolation>,
+    /// New trajectories in progress at once. Default: the teacher's `max_concurrency`.
+    #[serde(default)]
+    pub parallel: Option<usize>,
+}
+
+impl Rescue {
+    /// The agent that samples the new trajectories.
+    pub(super) fn agent(&self) -> AgentSettings {
+        AgentSettings {
+            teacher: TeacherSpec::Model(self.teacher.clone()),
+            max_turns: self.max_turns,
+            template: self.template.clone(),
+            sandbox: self.sandbox.clone(),
+            isolation: self.isolation,
+            parallel: self.parallel,
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Judge {
+    /// Rescue rounds for the inconsistent questions among `verdicts`: new trajectories with the
+    /// critique, judged again. Returns the rescued questions' new trajectories (and round),
+    /// and updates their verdicts.
+    pub(super) async fn rescue(
+        &self,
+        cx: &StageCx,
+        rescue: &Rescue,
+        client: &kiln_llm::Client,
+        groups: &BTreeMap<String, Group>,
+        verdicts: &mut BTreeMap<String, Verdict>,
+        out: &mut Output,
+    ) -> Result<BTreeMap<String, (Group, u32)>> {
+        let n = groups.values().map(Vec::len).max().unwrap_or(1) as u32;
+        let settings = rescue.agent();
+        let agent = settings.start(cx).await?;
+        let templates = self.templates(&cx.pipeline).map_err(|e| Error::stage(&cx.name, e))?;
+        let mut rescued = BTreeMap::new();
+        for round in 1..=rescue.rounds {
+            let pending: Vec<(String, String)> = verdicts
+                .iter()
+                .filter(|(id, v)| v.keep.is_empty() && v.dropped.0 == "inconsistent" && !rescued.contains_key(*id))
+                .map(|(id, v)| (id.clone(), v.reasoning.clone().unwrap_or_default()))
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            *out.counters.entry("rescue_attempts".into()).or_default() += pending.len() as u64;
+            let tasks: Vec<Task> = pending.iter().map(|(id, why)| Task::again(&groups[id][0], round, why)).collect();
+            let samples = agent.sample(&tasks, n).await;
+            let mut fresh: BTreeMap<String, Group> = BTreeMap::new();
+            for (i, result) in samples.into_iter().enumerate() {
+                let id = &pending[i / n as usize].0;
+                match result? {
+                    Ok(t) => {
+                        let row =
+                            serde_json::to_value(&t).ok().and_then(|v| v.as_object().cloned()).unwrap_or_default();
+                        match crate::filters::format::check_trajectory(&row) {
+                            Ok(()) => fresh.entry(id.clone()).or_default().push(row),
+                            Err((rule, _)) => *out.counters.entry(format!("rescue_dropped_{rule}")).or_default() += 1,
+                        }
+                    }
+                    Err(r) => out.rejections.push(r),
+                }
+            }
+            let requests = fresh
+                .iter()
+                .map(|(id, group)| {
+                    judge_request(&templates, &self.template, id, group).map_err(|e| Error::stage(&cx.name, e))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let asked: BTreeMap<String, &Group> = fresh.iter().map(|(id, g)| (id.clone(), g)).collect();
+            for (id, verdict) in self.consistency(cx, client, requests, &asked, out).await? {
+                if verdict.keep.is_empty() {
+                    verdicts.insert(id, verdict);
+                } else {
+                    *out.counters.entry("rescued".into()).or_default() += 1;
+                    verdicts.insert(id.clone(), Verdict { how: "rescued", ..verdict });
+                    rescued.insert(id.clone(), (fresh[&id].clone(), round));
+                }
+            }
+        }
+        out.counters.insert(format!("rescue_isolation_{}", agent.isolation()), 1);
+        for (name, n) in agent.counters() {
+            *out.counters.entry(format!("rescue_{name}")).or_default() += n;
+        }
+        Ok(rescued)
+    }
+}
