@@ -376,3 +376,72 @@ async fn run_stage(
     tracing::info!(stage = %name, rows = manifest.row_count, rejected = manifest.rejected, seconds, "Stage finished.");
     Ok(Outcome::Ran { manifest: Box::new(manifest), reasons, seconds })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(params: serde_json::Value) -> FingerprintParts {
+        FingerprintParts {
+            kind: "toy".into(),
+            version: 1,
+            params,
+            files: BTreeMap::new(),
+            inputs: BTreeMap::new(),
+            seed: None,
+            models: BTreeMap::new(),
+        }
+    }
+
+    fn manifest(parts: &FingerprintParts, counters: &[(&str, u64)]) -> Manifest {
+        Manifest {
+            stage: "s".into(),
+            fingerprint: parts.fingerprint(),
+            parts: parts.clone(),
+            input_fingerprints: BTreeMap::new(),
+            content_hash: "h".into(),
+            schema: vec![],
+            row_count: 0,
+            rejected: 0,
+            files: vec![],
+            started_at: String::new(),
+            finished_at: String::new(),
+            counters: counters.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_stage_without_output_is_stale() {
+        let p = parts(serde_json::json!({"size": 3}));
+        assert_eq!(freshness(None, &p), Freshness::Stale(vec!["no output yet".into()]));
+    }
+
+    #[test]
+    fn a_matching_fingerprint_is_fresh_unless_rows_may_pass_on_a_retry() {
+        let p = parts(serde_json::json!({"size": 3}));
+        assert_eq!(freshness(Some(&manifest(&p, &[])), &p), Freshness::Fresh);
+        assert_eq!(freshness(Some(&manifest(&p, &[(RETRYABLE, 0)])), &p), Freshness::Fresh);
+        let Freshness::Stale(why) = freshness(Some(&manifest(&p, &[(RETRYABLE, 3)])), &p) else {
+            panic!("rows that failed on a flaky endpoint keep the stage stale")
+        };
+        assert!(why[0].starts_with("3 rows failed"), "{why:?}");
+    }
+
+    #[test]
+    fn what_changed_is_said_in_words() {
+        let old = parts(serde_json::json!({"size": 3, "label": "a"}));
+        let mut new = parts(serde_json::json!({"size": 4, "label": "a", "extra": true}));
+        new.inputs.insert("up".into(), "h2".into());
+        new.version = 2;
+        let Freshness::Stale(why) = freshness(Some(&manifest(&old, &[])), &new) else { panic!("stale") };
+        assert_eq!(
+            why,
+            [
+                "implementation version changed from 1 to 2",
+                "parameter `extra` added",
+                "parameter `size` changed",
+                "input `up` added",
+            ]
+        );
+    }
+}

@@ -9,9 +9,14 @@
 //!   `compose`, or questions brought with `load`).
 //! - [`TRAJECTORY`]: one agent run ([`crate::agent::Trajectory`]), from `trajectories`, and
 //!   unchanged through the filters and the judge.
+//! - [`PROFILED_TABLE`]: one table of a data file with its metadata, from `profile`.
+//!
+//! [`Family::read`] reads an input's rows as a typed struct of the family.
 
 use arrow::datatypes::{DataType, Field};
-use kiln_pipeline::stage::{InputSchema, Problem};
+use kiln_pipeline::stage::{Input, InputSchema, Problem};
+use kiln_pipeline::{Error, Result};
+use serde::de::DeserializeOwned;
 
 /// A family of rows: its name, its columns, and which kinds write it.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +43,19 @@ pub const TRAJECTORY: Family = Family {
     producers: "a `trajectories` stage (or a filter or `judge` after it)",
 };
 
+/// Profiled tables: the metadata prompts and question generators use.
+pub const PROFILED_TABLE: Family = Family {
+    name: "ProfiledTable",
+    columns: profiled_table_fields,
+    producers: "a `profile` stage (or a `sql` stage that keeps its columns, `SELECT *`)",
+};
+
+fn profiled_table_fields() -> Vec<Field> {
+    let schema = crate::profile::schema();
+    let lineage = kiln_pipeline::rows::lineage_fields().len();
+    schema.fields().iter().skip(lineage).map(|f| f.as_ref().clone()).collect()
+}
+
 fn question_fields() -> Vec<Field> {
     let text = |name: &str| Field::new(name, DataType::Utf8, false);
     vec![
@@ -60,6 +78,17 @@ impl Family {
     /// The family's columns, for a producer's schema.
     pub fn fields(&self) -> Vec<Field> {
         (self.columns)()
+    }
+
+    /// Every row of `input` as a `T`, a struct of some of the family's columns (and lineage).
+    pub fn read<T: DeserializeOwned>(&self, input: &Input) -> Result<Vec<T>> {
+        kiln_pipeline::rows::to_json_rows(&input.read()?)?
+            .into_iter()
+            .map(|row| {
+                serde_json::from_value(serde_json::Value::Object(row))
+                    .map_err(|e| Error::stage(&input.name, format!("not a {} row: {e}", self.name)))
+            })
+            .collect()
     }
 
     /// Checks that `input` has the family's columns `needed` (every column when empty), of the

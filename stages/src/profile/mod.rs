@@ -35,6 +35,8 @@ use serde::{Deserialize, Serialize};
 
 use readers::{FileRead, Format, Table, TableRead};
 
+use crate::families::PROFILED_TABLE;
+
 use crate::paths::expand;
 use stats::{ColumnProfile, ColumnStats};
 
@@ -360,10 +362,10 @@ pub(crate) struct ProfiledTable {
     pub ddl: Option<String>,
 }
 
-/// Input columns that stages reading a profile need.
-const PROFILE_COLUMNS: &[&str] = &["row_id", "path", "format", "table", "row_count", "column_count", "columns", "head"];
+/// The `ProfiledTable` columns that stages reading a profile need.
+const PROFILE_COLUMNS: &[&str] = &["path", "format", "table", "row_count", "column_count", "columns", "head"];
 
-/// Checks that a stage of `kind` reads exactly one input with the profile columns.
+/// Checks that a stage of `kind` reads exactly one input of `ProfiledTable` rows.
 pub(crate) fn check_profile_input(kind: &str, inputs: &[InputSchema]) -> Result<(), Vec<Problem>> {
     let [input] = inputs else {
         return Err(vec![
@@ -374,36 +376,12 @@ pub(crate) fn check_profile_input(kind: &str, inputs: &[InputSchema]) -> Result<
             .help("write `inputs = [\"files\"]` where `files` is a profile stage"),
         ]);
     };
-    let profile = schema();
-    let missing: Vec<&str> = PROFILE_COLUMNS
-        .iter()
-        .copied()
-        .filter(|n| match (input.schema.field_with_name(n), profile.field_with_name(n)) {
-            (Ok(got), Ok(want)) => !got.data_type().equals_datatype(want.data_type()),
-            _ => true,
-        })
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    Err(vec![
-        Problem::new(
-            "inputs.0",
-            format!("input `{}` lacks the profile columns {} (or their types differ)", input.name, missing.join(", ")),
-        )
-        .help("read a `profile` stage, or a `sql` stage that keeps its columns (`SELECT *`)"),
-    ])
+    PROFILED_TABLE.check(input, PROFILE_COLUMNS).map_err(|p| vec![p])
 }
 
 /// Reads every profiled table of `input`.
 pub(crate) fn read_profiles(input: &Input) -> Result<Vec<ProfiledTable>> {
-    kiln_pipeline::rows::to_json_rows(&input.read()?)?
-        .into_iter()
-        .map(|row| {
-            serde_json::from_value(serde_json::Value::Object(row))
-                .map_err(|e| Error::stage(&input.name, format!("not a profile row: {e}")))
-        })
-        .collect()
+    PROFILED_TABLE.read(input)
 }
 
 /// The first `n` rows as a JSON array of objects, keys in column order.
