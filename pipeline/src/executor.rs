@@ -125,33 +125,62 @@ fn freshness(manifest: Option<&Manifest>, parts: &FingerprintParts) -> Freshness
     Freshness::Stale(why)
 }
 
+/// Where an input of a stage stands when the stage is decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Upstream {
+    /// Its dataset is final, with this content hash.
+    Ready(String),
+    /// It is stale and runs first.
+    RunsFirst,
+}
+
+/// Whether stage `i`, whose dataset has `manifest`, must run given where its inputs stand, and
+/// the fingerprint parts it would run under (once every input is ready). The one decision
+/// behind `status`, `--dry-run` and `run`.
+fn decide(
+    plan: &Plan,
+    i: usize,
+    manifest: Option<&Manifest>,
+    inputs: &[(String, Upstream)],
+) -> (Freshness, Option<FingerprintParts>) {
+    let mut hashes = BTreeMap::new();
+    let mut waiting = Vec::new();
+    for (name, upstream) in inputs {
+        match upstream {
+            Upstream::Ready(hash) => {
+                hashes.insert(name.clone(), hash.clone());
+            }
+            Upstream::RunsFirst => waiting.push(format!("input `{name}` is stale and runs first")),
+        }
+    }
+    if !waiting.is_empty() {
+        return (Freshness::Stale(waiting), None);
+    }
+    let parts = parts_of(plan, i, &hashes);
+    (freshness(manifest, &parts), Some(parts))
+}
+
 /// One line per stage, in topological order: fresh, or stale with the reasons.
 pub fn status(plan: &Plan) -> Result<Vec<(String, Freshness)>> {
     let store = Store::new(&plan.output_dir);
-    let mut hashes: BTreeMap<usize, String> = BTreeMap::new();
-    let mut states: BTreeMap<usize, Freshness> = BTreeMap::new();
+    let mut ready: BTreeMap<usize, String> = BTreeMap::new();
     let mut out = Vec::new();
     for &i in &plan.order {
         let name = plan.spec.stages[i].name.clone();
         let manifest = store.manifest(&name)?;
-        let stale_ups: Vec<String> = plan
+        let inputs: Vec<(String, Upstream)> = plan
             .graph
             .inputs(i)
             .iter()
-            .filter(|u| !matches!(states.get(u), Some(Freshness::Fresh)))
-            .map(|&u| format!("input `{}` is stale and runs first", plan.spec.stages[u].name))
+            .map(|&u| {
+                let upstream = ready.get(&u).map_or(Upstream::RunsFirst, |h| Upstream::Ready(h.clone()));
+                (plan.spec.stages[u].name.clone(), upstream)
+            })
             .collect();
-        let state = if stale_ups.is_empty() {
-            let inputs =
-                plan.graph.inputs(i).iter().map(|&u| (plan.spec.stages[u].name.clone(), hashes[&u].clone())).collect();
-            freshness(manifest.as_ref(), &parts_of(plan, i, &inputs))
-        } else {
-            Freshness::Stale(stale_ups)
-        };
-        if let Some(m) = manifest {
-            hashes.insert(i, m.content_hash);
+        let (state, _) = decide(plan, i, manifest.as_ref(), &inputs);
+        if let (Freshness::Fresh, Some(m)) = (&state, manifest) {
+            ready.insert(i, m.content_hash);
         }
-        states.insert(i, state.clone());
         out.push((name, state));
     }
     Ok(out)
@@ -263,15 +292,18 @@ pub async fn run(plan: Arc<Plan>, opts: &RunOptions) -> Result<RunReport> {
                 outcomes[i] = Some(Outcome::NotSelected);
                 continue;
             }
-            let inputs: BTreeMap<String, String> = plan
+            // Every input has finished here: its dataset is final.
+            let inputs: Vec<(String, Upstream)> = plan
                 .graph
                 .inputs(i)
                 .iter()
-                .map(|&u| (plan.spec.stages[u].name.clone(), hashes[u].clone().unwrap_or_default()))
+                .map(|&u| (plan.spec.stages[u].name.clone(), Upstream::Ready(hashes[u].clone().unwrap_or_default())))
                 .collect();
-            let parts = parts_of(&plan, i, &inputs);
             let manifest = store.manifest(name)?;
-            let reasons = match freshness(manifest.as_ref(), &parts) {
+            let (state, parts) = decide(&plan, i, manifest.as_ref(), &inputs);
+            let parts =
+                parts.ok_or_else(|| Error::Internal("a stage whose inputs are ready has no fingerprint".into()))?;
+            let reasons = match state {
                 Freshness::Fresh if !forced.contains(&i) && only.is_none() => {
                     hashes[i] = manifest.map(|m| m.content_hash);
                     outcomes[i] = Some(Outcome::Fresh);
