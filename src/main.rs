@@ -344,10 +344,7 @@ isolation: {mode}",
 
 /// Every stage kind: those of `kiln-stages`, and `train_sft` (in `kiln-train`, with burn).
 fn registry() -> kiln_pipeline::registry::Registry {
-    kiln_stages::registry().with(kiln_pipeline::registry::Kind::of::<kiln_train::stage::TrainSft>(
-        "train_sft",
-        "fine-tunes a model on the input trajectories (assistant-only loss, full or LoRA); rows are per-step metrics",
-    ))
+    kiln_stages::registry().with(kiln_train::stage::kind())
 }
 
 /// Reads a training TOML (paths relative to it; every problem reported as `kiln check` does)

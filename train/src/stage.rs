@@ -15,6 +15,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::sft::{RunPaths, SftConfig, train};
 
+/// The `train_sft` kind, for the registry: it lives here, not in kiln-stages, which stays free
+/// of burn; the binary adds it with [`kiln_pipeline::registry::Registry::with`].
+pub fn kind() -> kiln_pipeline::registry::Kind {
+    kiln_pipeline::registry::Kind::of::<TrainSft>(
+        "train_sft",
+        "fine-tunes a model on the input trajectories (assistant-only loss, full or LoRA); rows are per-step metrics",
+    )
+}
+
 /// The stage: an [`SftConfig`] without `data` (the input stage is the data).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(transparent)]
