@@ -185,6 +185,10 @@ fn chain(e: &anyhow::Error) -> String {
     text
 }
 
+/// The exit code of a run that finished but left rows that a rerun may produce (the command
+/// exits 0 when all is done, 1 when a stage failed, 2 when the pipeline file is invalid).
+const RETRY_EXIT: u8 = 3;
+
 /// Whether logs use colour: only on a terminal, and never when `NO_COLOR` is set to anything
 /// but the empty string (<https://no-color.org>). Progress bars are hidden off a terminal.
 fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
@@ -305,6 +309,21 @@ isolation: {mode}",
             if let Some(e) = report.failure() {
                 eprintln!("error: {e}");
                 return Ok(ExitCode::from(1));
+            }
+            let retryable: u64 = report
+                .stages
+                .iter()
+                .filter_map(|(_, o)| match o {
+                    Outcome::Ran { manifest, .. } => manifest.counters.get(executor::RETRYABLE).copied(),
+                    _ => None,
+                })
+                .sum();
+            if retryable > 0 {
+                eprintln!(
+                    "warning: {retryable} rows failed on errors that may pass on another attempt (an unreachable or failing endpoint); `kiln run {}` retries them, and nothing finished is paid again",
+                    pipeline.display()
+                );
+                return Ok(ExitCode::from(RETRY_EXIT));
             }
         }
         Command::Show { pipeline, stage, limit, format } => {

@@ -104,13 +104,22 @@ fn rows_lost_to_a_failing_endpoint_are_retried_by_a_plain_rerun() {
         server.base_url()
     );
     std::fs::write(dir.join("p.toml"), pipeline).unwrap();
-    assert!(util::kiln_ok(dir, &["run", "p.toml"]).contains("g: ran, 0 rows, 2 rejected"));
+    // The run ends, with exit code 3: rows failed that a rerun may produce, and it says how.
+    let run = || util::kiln(dir).args(["run", "p.toml"]).output().unwrap();
+    let out = run();
+    assert_eq!(out.status.code(), Some(3), "{}", util::text(&out.stderr));
+    assert!(util::text(&out.stdout).contains("g: ran, 0 rows, 2 rejected"));
+    let said = util::text(&out.stderr);
+    assert!(
+        said.contains("2 rows failed on errors that may pass") && said.contains("`kiln run p.toml` retries them"),
+        "{said}"
+    );
     let sent = server.seen.total.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(sent, 2);
     // The endpoint failed: the stage is not done, and says why; running again retries.
     let status = util::kiln_ok(dir, &["status", "p.toml"]);
     assert!(status.contains("q: fresh"), "{status}");
     assert!(status.contains("2 rows failed on errors that may pass"), "{status}");
-    util::kiln_ok(dir, &["run", "p.toml"]);
+    assert_eq!(run().status.code(), Some(3), "still failing");
     assert_eq!(server.seen.total.load(std::sync::atomic::Ordering::SeqCst), 4, "the failed rows were sent again");
 }
