@@ -413,17 +413,7 @@ async fn run_stage(
 mod tests {
     use super::*;
 
-    fn parts(params: serde_json::Value) -> FingerprintParts {
-        FingerprintParts {
-            kind: "toy".into(),
-            version: 1,
-            params,
-            files: BTreeMap::new(),
-            inputs: BTreeMap::new(),
-            seed: None,
-            models: BTreeMap::new(),
-        }
-    }
+    use crate::fingerprint::parts_with as parts;
 
     fn manifest(parts: &FingerprintParts, counters: &[(&str, u64)]) -> Manifest {
         Manifest {

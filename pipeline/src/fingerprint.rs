@@ -106,20 +106,26 @@ fn stat_state(m: &std::fs::Metadata) -> String {
     format!("{} bytes, mtime {mtime}", m.len())
 }
 
+/// Parts of a version-1 stage with `params` and nothing else, for tests.
+#[cfg(test)]
+pub(crate) fn parts_with(params: serde_json::Value) -> FingerprintParts {
+    FingerprintParts {
+        kind: "sql".into(),
+        version: 1,
+        params,
+        files: BTreeMap::new(),
+        inputs: BTreeMap::new(),
+        seed: None,
+        models: BTreeMap::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parts(params: serde_json::Value) -> FingerprintParts {
-        FingerprintParts {
-            kind: "sql".into(),
-            version: 1,
-            params,
-            files: BTreeMap::new(),
-            inputs: BTreeMap::new(),
-            seed: None,
-            models: BTreeMap::new(),
-        }
+        parts_with(params)
     }
 
     #[test]
