@@ -6,9 +6,10 @@
 //! only writable place) with the task's data files read-only under `data/`, and nothing of the
 //! machine but the system libraries and the Python environment: no home, no `/etc` beyond the
 //! loader cache, no network (loopback included), no other processes. It never holds a
-//! capability: under bubblewrap it is `nobody` in a user namespace of its own; under Landlock
-//! it keeps kiln's uid with every capability dropped for good (see [`drop_capabilities`]), and
-//! as root signal scoping (Landlock ABI 6) is required.
+//! capability: in both modes it is `nobody` in a user namespace of its own (kiln's uid, root
+//! included, maps to it; where user namespaces are refused it keeps kiln's uid), and under
+//! Landlock every capability is dropped for good ([`Privileges`]); as root, Landlock's signal
+//! scoping (ABI 6) is required.
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -86,9 +87,9 @@ pub struct Sandbox {
     filters: Vec<BpfProgram>,
     /// Where `bwrap` is (found on `PATH`, which its own cleared environment lacks).
     bwrap: PathBuf,
-    /// Whether bubblewrap gives the worker a user namespace of its own (where it is `nobody`);
-    /// without one (a kernel or container that refuses them) it keeps kiln's uid, with no
-    /// capability.
+    /// Whether the worker gets a user namespace of its own, where kiln's user (root included)
+    /// is `nobody`; without one (a kernel or container that refuses them) it keeps kiln's uid.
+    /// It holds no capability either way.
     user_namespace: bool,
 }
 
@@ -132,16 +133,22 @@ impl Sandbox {
         &self.env
     }
 
-    /// Runs a trivial program in this mode to see whether it works (under bubblewrap, with a
-    /// user namespace, else without).
+    /// Whether workers run as `nobody` in a user namespace of their own.
+    pub fn user_namespace(&self) -> bool {
+        self.user_namespace
+    }
+
+    /// Runs a trivial program in this mode to see whether it works: with a user namespace, else
+    /// without.
     fn try_mode(&mut self) -> Result<(), Error> {
         self.user_namespace = true;
         let first = self.try_once();
-        if first.is_err() && self.mode == Isolation::Bubblewrap {
+        if first.is_err() {
             self.user_namespace = false;
             if self.try_once().is_ok() {
                 tracing::warn!(
-                    "bubblewrap cannot make a user namespace here: its workers keep kiln's uid, without capabilities"
+                    "{}: no user namespace can be made here: workers keep kiln's uid, without capabilities",
+                    self.mode
                 );
                 return Ok(());
             }
@@ -214,19 +221,24 @@ impl Sandbox {
         };
         cmd.args(["-s", "-B"]).args(args);
         cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
-        // Under bubblewrap these are applied by bubblewrap, to the worker only.
-        let (filters, drop_caps) = match self.mode {
-            Isolation::Landlock => (self.filters.clone(), true),
-            Isolation::Bubblewrap => (Vec::new(), false),
+        // Under bubblewrap these are done by bubblewrap, to the worker only.
+        let (filters, privileges) = match self.mode {
+            Isolation::Landlock => (self.filters.clone(), Some(Privileges::new(self.user_namespace)?)),
+            Isolation::Bubblewrap => (Vec::new(), None),
         };
         // SAFETY: the closure runs between fork and exec; it only makes system calls (dup2,
-        // setsid, setrlimit, prctl, landlock, seccomp) on values prepared before the fork.
+        // setsid, setrlimit, prctl, unshare, open/write/close, capset, landlock, seccomp) on
+        // values prepared before the fork.
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(move || {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                if let Some(privileges) = &privileges {
+                    privileges.drop_all()?;
+                }
+                // After the credentials changed, which clears it.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 if let Some(ruleset) = &landlock {
                     let ruleset = ruleset.lock().ok().and_then(|mut r| r.take());
@@ -248,8 +260,7 @@ impl Sandbox {
                     }
                 }
                 // Late, so that nothing above runs under the worker's address-space limit.
-                rlimits.apply()?;
-                if drop_caps { drop_capabilities() } else { Ok(()) }
+                rlimits.apply()
             });
         }
         // The memfds must stay open until the child has started.
@@ -382,55 +393,99 @@ impl Rlimits {
     }
 }
 
-/// Drops every capability of the process for good, before it executes the worker: the
-/// bounding and ambient sets are emptied, the effective, permitted and inheritable sets
-/// cleared, and the secure bits locked so that executing a program as root gives none back
-/// (with `no_new_privs`, set by Landlock). A root kiln's Landlock worker would otherwise keep
-/// root's capabilities (chmod and chown of host files, mknod, raised priority...). Runs between
-/// fork and exec: system calls only.
-fn drop_capabilities() -> std::io::Result<()> {
-    // SECBIT_NOROOT, SECBIT_NO_SETUID_FIXUP, SECBIT_NO_CAP_AMBIENT_RAISE, each with its lock,
-    // and SECBIT_KEEP_CAPS_LOCKED (KEEP_CAPS itself off).
-    const SECURE_BITS: libc::c_ulong = 0b1110_1111;
-    const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: libc::c_int,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    // SAFETY: prctl and capset with valid arguments and pointers to live values.
-    unsafe {
-        let root = libc::geteuid() == 0;
-        // Changing secure bits and the bounding set needs CAP_SETPCAP, which a process without
-        // capabilities (a non-root kiln) has no use for.
-        if libc::prctl(libc::PR_SET_SECUREBITS, SECURE_BITS) != 0 && root {
-            return Err(std::io::Error::last_os_error());
+/// What a Landlock worker gives up before it executes Python, prepared before the fork: a user
+/// namespace of its own where kiln's uid and gid are `nobody` (as bubblewrap does), then every
+/// capability for good. Without the namespace, a root kiln's worker would keep root's
+/// capabilities (chmod and chown of host files, mknod, raised priority...).
+struct Privileges {
+    /// `(file, contents)` to write after entering the namespace: setgroups, uid_map, gid_map.
+    maps: Option<[(std::ffi::CString, Vec<u8>); 3]>,
+}
+
+impl Privileges {
+    fn new(user_namespace: bool) -> Result<Self, Error> {
+        if !user_namespace {
+            return Ok(Privileges { maps: None });
         }
-        for cap in 0..64 {
-            if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong) != 0 {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINVAL) => break, // past the last capability of this kernel
-                    _ if root => return Err(e),
-                    _ => break,
+        let path = |p: &str| std::ffi::CString::new(p).map_err(|e| Error::Spawn(e.to_string()));
+        // SAFETY: geteuid and getegid have no preconditions.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        Ok(Privileges {
+            maps: Some([
+                (path("/proc/self/setgroups")?, b"deny".to_vec()),
+                (path("/proc/self/uid_map")?, format!("65534 {uid} 1").into_bytes()),
+                (path("/proc/self/gid_map")?, format!("65534 {gid} 1").into_bytes()),
+            ]),
+        })
+    }
+
+    /// Enters the namespace (if any), empties the bounding and ambient sets, locks the secure
+    /// bits so that executing a program as root gives nothing back (with `no_new_privs`, set by
+    /// Landlock), and clears the effective, permitted and inheritable sets. Runs between fork
+    /// and exec: system calls only.
+    fn drop_all(&self) -> std::io::Result<()> {
+        // SECBIT_NOROOT, SECBIT_NO_SETUID_FIXUP, SECBIT_NO_CAP_AMBIENT_RAISE, each with its lock,
+        // and SECBIT_KEEP_CAPS_LOCKED (KEEP_CAPS itself off).
+        const SECURE_BITS: libc::c_ulong = 0b1110_1111;
+        const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: libc::c_int,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let fail = || Err(std::io::Error::last_os_error());
+        // SAFETY: unshare, open, write, close, prctl and capset with valid arguments and
+        // pointers to live values prepared before the fork.
+        unsafe {
+            // In a namespace of its own the process holds every capability there (so the calls
+            // below must succeed); outside one, only a root kiln's worker has any to drop.
+            let must = self.maps.is_some() || libc::geteuid() == 0;
+            if let Some(maps) = &self.maps {
+                if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                    return fail();
+                }
+                for (file, contents) in maps {
+                    let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return fail();
+                    }
+                    let written = libc::write(fd, contents.as_ptr().cast(), contents.len());
+                    libc::close(fd);
+                    if written != contents.len() as isize {
+                        return fail();
+                    }
                 }
             }
+            // Changing the secure bits and the bounding set needs CAP_SETPCAP, which a process
+            // without capabilities (a non-root kiln without a namespace) has no use for.
+            if libc::prctl(libc::PR_SET_SECUREBITS, SECURE_BITS) != 0 && must {
+                return fail();
+            }
+            for cap in 0..64 {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong) != 0 {
+                    match std::io::Error::last_os_error().raw_os_error() {
+                        Some(libc::EINVAL) => break, // past the last capability of this kernel
+                        _ if must => return fail(),
+                        _ => break,
+                    }
+                }
+            }
+            libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0);
+            let header = Header { version: CAPABILITY_VERSION_3, pid: 0 };
+            let none = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+            if libc::syscall(libc::SYS_capset, &header as *const Header, none.as_ptr()) != 0 {
+                return fail();
+            }
         }
-        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0);
-        let header = Header { version: CAPABILITY_VERSION_3, pid: 0 };
-        let none = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
-        if libc::syscall(libc::SYS_capset, &header as *const Header, none.as_ptr()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// A pipe as (read end, write end), both close-on-exec and numbered above the fds the child

@@ -555,3 +555,20 @@ print('replaced')"#;
     // hostile() then checks the next cell prints 42 from the variable set before.
     hostile(code, After::Kept, |c, _, m| assert_eq!(c.output.trim(), "replaced", "{m}: {c:?}")).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_is_nobody_in_a_user_namespace_of_its_own() {
+    for sandbox in sandboxes() {
+        let (mode, namespaced) = (sandbox.mode(), sandbox.user_namespace());
+        let mut task = Task::start(sandbox, None).await;
+        let cell = task.run("import os\nprint(os.getuid(), os.getgid(), os.geteuid())").await;
+        if namespaced {
+            assert_eq!(cell.output.trim(), "65534 65534 65534", "{mode}: {cell:?}");
+        } else {
+            eprintln!("{mode}: no user namespace on this machine; the worker runs as {}", cell.output.trim());
+        }
+        // Its files are still the task's: kiln reads and removes them.
+        assert_eq!(task.run("open('mine.txt', 'w').write('x')").await.status, CellStatus::Ok, "{mode}");
+        assert_eq!(std::fs::read_to_string(task.scratch().join("mine.txt")).unwrap(), "x", "{mode}");
+    }
+}
