@@ -273,7 +273,7 @@ isolation: {mode}",
             let plan = load(&pipeline).await?;
             match format {
                 DagFormat::Text => write!(out, "{}", plan.graph.to_text(&plan.order))?,
-                DagFormat::Dot => write!(out, "{}", plan.graph.to_dot(&plan.spec.settings.name))?,
+                DagFormat::Dot => write!(out, "{}", plan.graph.to_dot(&plan.settings.name))?,
             }
         }
         Command::Status { pipeline } => {

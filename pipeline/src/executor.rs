@@ -82,7 +82,7 @@ pub enum Freshness {
 
 /// The fingerprint parts of stage `i`, given its inputs' content hashes.
 fn parts_of(plan: &Plan, i: usize, input_hashes: &BTreeMap<String, String>) -> FingerprintParts {
-    let s = &plan.spec.stages[i];
+    let s = &plan.stages[i];
     let stage = plan.stage(i);
     let files = file_states(&stage.files(&plan.check_cx), &plan.check_cx.base_dir);
     FingerprintParts {
@@ -91,7 +91,7 @@ fn parts_of(plan: &Plan, i: usize, input_hashes: &BTreeMap<String, String>) -> F
         params: s.params.clone(),
         files,
         inputs: input_hashes.clone(),
-        seed: stage.seeded().then_some(plan.spec.settings.seed),
+        seed: stage.seeded().then_some(plan.settings.seed),
         models: stage
             .models()
             .into_iter()
@@ -166,7 +166,7 @@ pub fn status(plan: &Plan) -> Result<Vec<(String, Freshness)>> {
     let mut ready: BTreeMap<usize, String> = BTreeMap::new();
     let mut out = Vec::new();
     for &i in &plan.order {
-        let name = plan.spec.stages[i].name.clone();
+        let name = plan.stages[i].name.clone();
         let manifest = store.manifest(&name)?;
         let inputs: Vec<(String, Upstream)> = plan
             .graph
@@ -174,7 +174,7 @@ pub fn status(plan: &Plan) -> Result<Vec<(String, Freshness)>> {
             .iter()
             .map(|&u| {
                 let upstream = ready.get(&u).map_or(Upstream::RunsFirst, |h| Upstream::Ready(h.clone()));
-                (plan.spec.stages[u].name.clone(), upstream)
+                (plan.stages[u].name.clone(), upstream)
             })
             .collect();
         let (state, _) = decide(plan, i, manifest.as_ref(), &inputs);
@@ -213,29 +213,29 @@ pub async fn dry_run(plan: &Plan) -> Result<Vec<DryRun>> {
             let ups: Vec<usize> = plan.graph.inputs(i).to_vec();
             let missing: Vec<&str> = ups
                 .iter()
-                .map(|&u| plan.spec.stages[u].name.as_str())
+                .map(|&u| plan.stages[u].name.as_str())
                 .filter(|n| store.manifest(n).ok().flatten().is_none())
                 .collect();
             if missing.is_empty() {
                 let inputs: Vec<Input> = ups
                     .iter()
                     .map(|&u| Input {
-                        name: plan.spec.stages[u].name.clone(),
-                        dir: store.stage_dir(&plan.spec.stages[u].name),
-                        schema: plan.schemas[u].clone(),
+                        name: plan.stages[u].name.clone(),
+                        dir: store.stage_dir(&plan.stages[u].name),
+                        schema: plan.stages[u].schema.clone(),
                     })
                     .collect();
                 let cx = StageCx {
                     name: name.clone(),
                     pipeline: plan.check_cx.clone(),
-                    seed: plan.spec.settings.seed,
+                    seed: plan.settings.seed,
                     cache: cache.clone(),
                     budget: Arc::new(Budget::default()),
                     shared: Arc::new(Shared::default()),
                 };
                 line.estimate = plan.stage(i).estimate(&cx, &inputs).await?;
                 let changing = ups.iter().any(|&u| {
-                    out.iter().any(|d: &DryRun| d.stage == plan.spec.stages[u].name && d.freshness != Freshness::Fresh)
+                    out.iter().any(|d: &DryRun| d.stage == plan.stages[u].name && d.freshness != Freshness::Fresh)
                 });
                 if changing && line.estimate.is_some() {
                     line.note = Some("estimated from the current inputs, which run first".into());
@@ -255,7 +255,7 @@ pub async fn run(plan: Arc<Plan>, opts: &RunOptions) -> Result<RunReport> {
     let store = Store::new(&plan.output_dir);
     store.clean_leftovers()?;
     let cache = Arc::new(RowCache::open(&plan.output_dir)?);
-    let budget = Arc::new(Budget::new(plan.spec.settings.max_tokens, plan.spec.settings.max_cost_usd));
+    let budget = Arc::new(Budget::new(plan.settings.max_tokens, plan.settings.max_cost_usd));
     let shared = Arc::new(Shared::default());
     let only = opts.only.as_deref().map(|n| plan.stage_index(n)).transpose()?;
     let forced = match (&opts.from, opts.force) {
@@ -275,12 +275,12 @@ pub async fn run(plan: Arc<Plan>, opts: &RunOptions) -> Result<RunReport> {
                 continue;
             }
             started[i] = true;
-            let name = &plan.spec.stages[i].name;
+            let name = &plan.stages[i].name;
             if let Some(&u) = plan.graph.inputs(i).iter().find(|&&u| hashes[u].is_none()) {
                 outcomes[i] = Some(match outcomes[u] {
                     Some(Outcome::NotSelected) => Outcome::Failed(Error::Usage(format!(
                         "stage `{name}` needs the output of `{}`, which does not exist yet: run it first",
-                        plan.spec.stages[u].name
+                        plan.stages[u].name
                     ))),
                     _ => Outcome::Blocked,
                 });
@@ -297,7 +297,7 @@ pub async fn run(plan: Arc<Plan>, opts: &RunOptions) -> Result<RunReport> {
                 .graph
                 .inputs(i)
                 .iter()
-                .map(|&u| (plan.spec.stages[u].name.clone(), Upstream::Ready(hashes[u].clone().unwrap_or_default())))
+                .map(|&u| (plan.stages[u].name.clone(), Upstream::Ready(hashes[u].clone().unwrap_or_default())))
                 .collect();
             let manifest = store.manifest(name)?;
             let (state, parts) = decide(&plan, i, manifest.as_ref(), &inputs);
@@ -328,7 +328,7 @@ pub async fn run(plan: Arc<Plan>, opts: &RunOptions) -> Result<RunReport> {
                 outcomes[i] = Some(outcome);
             }
             Err(e) => {
-                tracing::error!(stage = %plan.spec.stages[i].name, error = %e, "Stage failed.");
+                tracing::error!(stage = %plan.stages[i].name, error = %e, "Stage failed.");
                 outcomes[i] = Some(Outcome::Failed(e));
             }
         }
@@ -341,7 +341,7 @@ pub async fn run(plan: Arc<Plan>, opts: &RunOptions) -> Result<RunReport> {
     let stages = plan
         .order
         .iter()
-        .map(|&i| (plan.spec.stages[i].name.clone(), outcomes[i].take().unwrap_or(Outcome::Blocked)))
+        .map(|&i| (plan.stages[i].name.clone(), outcomes[i].take().unwrap_or(Outcome::Blocked)))
         .collect();
     Ok(RunReport { stages })
 }
@@ -354,36 +354,36 @@ async fn run_stage(
     parts: FingerprintParts,
     reasons: Vec<String>,
 ) -> Result<Outcome> {
-    let spec = &plan.spec.stages[i];
-    let name = spec.name.clone();
-    tracing::info!(stage = %name, kind = %spec.kind, why = %reasons.join("; "), "Running stage.");
+    let planned = &plan.stages[i];
+    let name = planned.name.clone();
+    tracing::info!(stage = %name, kind = %planned.kind, why = %reasons.join("; "), "Running stage.");
     let clock = Instant::now();
     let started_at = now();
     let mut inputs = Vec::new();
     let mut input_fingerprints = BTreeMap::new();
     for &u in plan.graph.inputs(i) {
-        let up = &plan.spec.stages[u].name;
+        let up = &plan.stages[u].name;
         let Some(upstream) = store.manifest(up)? else {
             return Err(Error::Usage(format!(
                 "stage `{name}` needs the output of `{up}`, which does not exist yet: run `{up}` first"
             )));
         };
         input_fingerprints.insert(up.clone(), upstream.fingerprint);
-        inputs.push(Input { name: up.clone(), dir: store.stage_dir(up), schema: plan.schemas[u].clone() });
+        inputs.push(Input { name: up.clone(), dir: store.stage_dir(up), schema: plan.stages[u].schema.clone() });
     }
     let cx = StageCx {
         name: name.clone(),
         pipeline: plan.check_cx.clone(),
-        seed: plan.spec.settings.seed,
+        seed: plan.settings.seed,
         cache,
-        budget: Arc::new(Budget::stage(budget, spec.limits.max_tokens, spec.limits.max_cost_usd)),
+        budget: Arc::new(Budget::stage(budget, planned.limits.max_tokens, planned.limits.max_cost_usd)),
         shared,
     };
     let output = plan.stage(i).run(&cx, &inputs).await.map_err(|e| match e {
         e @ Error::Stage { .. } => e,
         e => Error::stage(&name, e),
     })?;
-    let schema = &plan.schemas[i];
+    let schema = &planned.schema;
     for batch in &output.batches {
         if batch.schema().fields() != schema.fields() {
             return Err(Error::Internal(format!("stage `{name}` produced rows that do not match its declared schema")));

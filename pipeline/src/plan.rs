@@ -9,24 +9,43 @@ use crate::error::{Diagnostic, Diagnostics, Error, Result, did_you_mean};
 use crate::graph::Graph;
 use crate::registry::Registry;
 use crate::rows::check_lineage;
-use crate::spec::{self, Spec};
+use crate::spec::{self, PipelineSettings, Spec, StageLimits};
 use crate::stage::{CheckCx, InputSchema, Stage};
 
-/// A validated pipeline, ready to run.
+/// A validated pipeline, ready to run: the raw file is dropped once it is checked.
 #[derive(Debug)]
 pub struct Plan {
-    /// The parsed file.
-    pub spec: Spec,
-    /// Stages and their inputs, indexed like `spec.stages`.
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// The `[pipeline]` table.
+    pub settings: PipelineSettings,
+    /// The stages, in file order.
+    pub stages: Vec<PlannedStage>,
+    /// Stages and their inputs, indexed like `stages`.
     pub graph: Graph,
     /// A topological order of the stages.
     pub order: Vec<usize>,
-    /// Output schema of each stage, indexed like `spec.stages`.
-    pub schemas: Vec<SchemaRef>,
     /// Where datasets are written.
     pub output_dir: PathBuf,
     /// Context for parameter checks and file dependencies.
     pub check_cx: CheckCx,
+}
+
+/// One checked stage of a plan.
+#[derive(Debug)]
+pub struct PlannedStage {
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: String,
+    /// The built stage.
+    pub stage: Box<dyn Stage>,
+    /// Its parameters, resolved (what the fingerprint hashes).
+    pub params: serde_json::Value,
+    /// Its own spending caps.
+    pub limits: StageLimits,
+    /// Its output schema.
+    pub schema: SchemaRef,
 }
 
 impl Plan {
@@ -71,33 +90,35 @@ impl Plan {
         if !diags.is_empty() {
             return Err(Error::Config(Diagnostics(diags).normalize()));
         }
-        let output_dir = match &spec.settings.output_dir {
-            Some(dir) => spec.base_dir.join(dir),
-            None => PathBuf::from("outputs").join(&spec.settings.name),
-        };
-        let schemas =
-            schemas.into_iter().map(|s| s.expect("every schema is known when there are no diagnostics")).collect();
-        Ok(Plan { spec, graph, order, schemas, output_dir, check_cx })
+        let mut stages = Vec::new();
+        for (s, schema) in spec.stages.into_iter().zip(schemas) {
+            let (Some(stage), Some(schema)) = (s.stage, schema) else {
+                return Err(Error::Internal(format!("stage `{}` was not checked, yet nothing was reported", s.name)));
+            };
+            stages.push(PlannedStage { name: s.name, kind: s.kind, stage, params: s.params, limits: s.limits, schema });
+        }
+        let file = spec.map.file().to_path_buf();
+        Ok(Plan { file, settings: spec.settings, stages, graph, order, output_dir, check_cx })
     }
 
     /// Index of the stage named `name`.
     pub fn stage_index(&self, name: &str) -> Result<usize> {
-        self.spec.stages.iter().position(|s| s.name == name).ok_or_else(|| {
-            let names = self.spec.stages.iter().map(|s| s.name.as_str());
+        self.stages.iter().position(|s| s.name == name).ok_or_else(|| {
+            let names = self.stages.iter().map(|s| s.name.as_str());
             let hint =
                 did_you_mean(name, names).unwrap_or_else(|| format!("stages: {}", self.stage_names().join(", ")));
-            Error::Usage(format!("no stage named `{name}` in {}; {hint}", self.spec.map.file().display()))
+            Error::Usage(format!("no stage named `{name}` in {}; {hint}", self.file.display()))
         })
     }
 
     /// Stage names, in file order.
     pub fn stage_names(&self) -> Vec<String> {
-        self.spec.stages.iter().map(|s| s.name.clone()).collect()
+        self.stages.iter().map(|s| s.name.clone()).collect()
     }
 
     /// The built stage at `i`.
     pub fn stage(&self, i: usize) -> &dyn Stage {
-        self.spec.stages[i].stage.as_deref().expect("a plan only holds built stages")
+        self.stages[i].stage.as_ref()
     }
 }
 
