@@ -122,6 +122,19 @@ impl Problem {
     }
 }
 
+/// A problem met while running (not at `kiln check`) becomes an error that keeps its hint.
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)?;
+        match &self.help {
+            Some(help) => write!(f, " ({help})"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for Problem {}
+
 /// The schema of one input, as validation sees it.
 #[derive(Debug, Clone)]
 pub struct InputSchema {
@@ -228,4 +241,17 @@ pub struct Output {
     pub rejections: Vec<Rejection>,
     /// Named counts written to the manifest (cache hits, items computed...).
     pub counters: BTreeMap<String, u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_problem_met_while_running_keeps_its_hint() {
+        let problem = Problem::new("model", "unknown model `techer`").help("did you mean `teacher`?");
+        let e = crate::Error::stage("queries", problem);
+        assert_eq!(e.to_string(), "stage `queries` failed: unknown model `techer` (did you mean `teacher`?)");
+        assert_eq!(Problem::new("", "plain").to_string(), "plain");
+    }
 }

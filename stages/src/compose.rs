@@ -252,7 +252,7 @@ impl Stage for Compose {
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
         let fail = |e: String| Error::stage(&cx.name, e);
         let templates = Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?;
-        let config = model_config(&cx.pipeline, &self.model).map_err(|p| fail(p.message))?;
+        let config = model_config(&cx.pipeline, &self.model).map_err(|p| fail(p.to_string()))?;
         let pool = read_sources(cx, &inputs[0])?;
         let (live, _) = self.start_chains(&pool, &cx.seed.to_string());
         // Later steps depend on earlier replies: count the first step's prompts once per step.

@@ -93,7 +93,7 @@ impl Generate {
     /// input row index, parent id and sample number.
     fn plan(&self, cx: &StageCx, input: &Input) -> Result<Plan> {
         let fail = |e: String| Error::stage(&cx.name, e);
-        let (templates, name) = self.templates(&cx.pipeline).map_err(|p| fail(p.message))?;
+        let (templates, name) = self.templates(&cx.pipeline).map_err(|p| fail(p.to_string()))?;
         let data = concat_batches(&input.schema, &input.read()?).map_err(|e| fail(e.to_string()))?;
         let mut requests = Vec::new();
         let mut sources = Vec::new();
@@ -236,7 +236,7 @@ impl Stage for Generate {
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
         let (_, requests, _) = self.plan(cx, &inputs[0])?;
-        let config = model_config(&cx.pipeline, &self.model).map_err(|p| Error::stage(&cx.name, p.message))?;
+        let config = model_config(&cx.pipeline, &self.model).map_err(|p| Error::stage(&cx.name, p))?;
         estimate_rows(cx, &config, &requests, 1).map(Some)
     }
 
@@ -245,7 +245,7 @@ impl Stage for Generate {
         let input = &inputs[0];
         let client = client(cx, &self.model)?;
         let (data, requests, sources) = self.plan(cx, input)?;
-        let parse = self.parser().map_err(|p| fail(p.message))?;
+        let parse = self.parser().map_err(|p| fail(p.to_string()))?;
         let (replies, rejections, counters) =
             complete_rows(cx, client.as_ref(), requests.clone(), self.max_parse_retries, parse).await?;
 

@@ -36,7 +36,7 @@ pub fn model_config(cx: &CheckCx, name: &str) -> Result<ModelConfig, Problem> {
 /// The run's client for model `name`: one per model and configuration, shared by every stage,
 /// so the model's concurrency limit and rate budgets hold across stages.
 pub fn client(cx: &StageCx, name: &str) -> Result<std::sync::Arc<Client>> {
-    let config = model_config(&cx.pipeline, name).map_err(|p| Error::stage(&cx.name, p.message))?;
+    let config = model_config(&cx.pipeline, name).map_err(|p| Error::stage(&cx.name, p))?;
     let key = format!("llm-client\0{name}\0{}", serde_json::to_string(&config).unwrap_or_default());
     cx.shared.get_or_try_insert(&key, || Client::new(name, config)).map_err(|e| Error::stage(&cx.name, e))
 }

@@ -110,8 +110,8 @@ impl Stage for Load {
     }
 
     async fn run(&self, cx: &StageCx, _inputs: &[Input]) -> Result<Output> {
-        let df = self.frame(&cx.pipeline).await.map_err(|p| Error::stage(&cx.name, p.message))?;
-        let schema = output_schema(df.schema().as_arrow()).map_err(|p| Error::stage(&cx.name, p.message))?;
+        let df = self.frame(&cx.pipeline).await.map_err(|p| Error::stage(&cx.name, p))?;
+        let schema = output_schema(df.schema().as_arrow()).map_err(|p| Error::stage(&cx.name, p))?;
         let batches = df.collect().await.map_err(|e| Error::stage(&cx.name, e.strip_backtrace()))?;
         let batches = batches.iter().map(|b| with_content_lineage(&schema, b)).collect::<Result<Vec<_>>>()?;
         Ok(Output { batches, ..Default::default() })

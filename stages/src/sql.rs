@@ -138,7 +138,7 @@ impl Stage for Sql {
         let df = ctx.sql_with_options(&self.query, read_only()).await.map_err(fail)?;
         let result_schema = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await.map_err(fail)?;
-        let shape = shape(&result_schema).map_err(|p| Error::stage(&cx.name, p.message))?;
+        let shape = shape(&result_schema).map_err(|p| Error::stage(&cx.name, p))?;
         let mut out = Vec::new();
         for batch in batches {
             if !shape.keeps_lineage {

@@ -225,7 +225,7 @@ impl Stage for Synthesize {
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
         let (requests, _) = self.plan(cx, inputs)?;
-        let config = model_config(&cx.pipeline, &self.model).map_err(|p| Error::stage(&cx.name, p.message))?;
+        let config = model_config(&cx.pipeline, &self.model).map_err(|p| Error::stage(&cx.name, p))?;
         estimate_rows(cx, &config, &requests, 1).map(Some)
     }
 

@@ -141,7 +141,7 @@ impl AgentSettings {
     /// taxonomy, and the sandbox (the managed Python environment created first if needed).
     pub async fn start<'a>(&'a self, cx: &'a StageCx) -> Result<Agent<'a>> {
         let fail = |e: String| Error::stage(&cx.name, e);
-        let teacher = match (&self.teacher, self.teacher_config(&cx.pipeline).map_err(|p| fail(p.message))?) {
+        let teacher = match (&self.teacher, self.teacher_config(&cx.pipeline).map_err(|p| fail(p.to_string()))?) {
             (TeacherSpec::Model(name), Some(config)) => {
                 Teacher::Model { name: name.clone(), client: client(cx, name)?, config: Box::new(config) }
             }
@@ -162,7 +162,7 @@ impl AgentSettings {
     /// teacher), sending nothing: each makes up to `max_turns` requests, of which only the first
     /// is known in advance.
     pub fn estimate(&self, cx: &StageCx, tasks: &[Task], n: u32) -> Result<Option<Estimate>> {
-        let Some(config) = self.teacher_config(&cx.pipeline).map_err(|p| Error::stage(&cx.name, p.message))? else {
+        let Some(config) = self.teacher_config(&cx.pipeline).map_err(|p| Error::stage(&cx.name, p))? else {
             return Ok(None);
         };
         let templates = Templates::load(cx.pipeline.templates.as_deref(), &[&self.template])

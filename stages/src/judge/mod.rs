@@ -181,7 +181,7 @@ impl Stage for Judge {
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
         let Some(model) = &self.model else { return Ok(None) };
-        let config = model_config(&cx.pipeline, model).map_err(|p| Error::stage(&cx.name, p.message))?;
+        let config = model_config(&cx.pipeline, model).map_err(|p| Error::stage(&cx.name, p))?;
         let (_, requests) = self.plan(cx, &inputs[0])?;
         estimate_rows(cx, &config, &requests, 1).map(Some)
     }
