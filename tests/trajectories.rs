@@ -222,39 +222,12 @@ fn garbage_from_a_faulty_model_gives_rows_with_reasons_and_reruns_send_nothing()
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     util::copy_sample_data(dir);
-    let pipeline = format!(
-        r#"
-[pipeline]
-name = "t"
-output_dir = "OUT"
-
-[models.weak]
-base_url = "{}"
-model = "m"
-max_retries = 6
-backoff_s = 0.01
-timeout_s = 2
-
-[stages.files]
-kind = "profile"
-paths = ["data/*.csv"]
-min_rows = 20
-max_rows = 1000
-
-[stages.questions]
-kind = "programmatic"
-inputs = ["files"]
-categories = ["aggregation", "counting"]
-
-[stages.trajectories]
-kind = "trajectories"
-inputs = ["questions"]
-model = "weak"
-n = 2
-max_turns = 3
-"#,
+    let model = format!(
+        "base_url = \"{}\"\nmodel = \"m\"\nmax_retries = 6\nbackoff_s = 0.01\ntimeout_s = 2",
         server.base_url()
     );
+    let stages = "[stages.trajectories]\nkind = \"trajectories\"\ninputs = [\"questions\"]\nmodel = \"weak\"\nn = 2\nmax_turns = 3\n";
+    let pipeline = model_pipeline(("weak", &model), "data/*.csv", "\"aggregation\", \"counting\"", stages);
     std::fs::write(dir.join("p.toml"), pipeline).unwrap();
     util::kiln_ok(dir, &["run", "p.toml"]);
     let out = dir.join("OUT");
@@ -282,6 +255,14 @@ max_turns = 3
     assert!(resent <= rejected * 3 * 8, "a forced rerun sent {resent} requests for {rejected} rejected trajectories");
     let again = util::manifest(&out.join("trajectories"));
     assert!(again.counters["trajectories_cached"] >= rows.len() as u64);
+}
+
+/// A pipeline with the model table `(name, keys)`, programmatic questions of `categories` on
+/// the files `paths` matches (tables of 20 to 1,000 rows), and `stages` after them.
+fn model_pipeline((name, keys): (&str, &str), paths: &str, categories: &str, stages: &str) -> String {
+    format!(
+        "[pipeline]\nname = \"t\"\noutput_dir = \"OUT\"\n\n[models.{name}]\n{keys}\n\n[stages.files]\nkind = \"profile\"\npaths = [\"{paths}\"]\nmin_rows = 20\nmax_rows = 1000\n\n[stages.questions]\nkind = \"programmatic\"\ninputs = [\"files\"]\ncategories = [{categories}]\n\n{stages}"
+    )
 }
 
 /// The host file the hostile teacher links to (set by the test that uses it).
@@ -314,28 +295,9 @@ fn a_linked_result_csv_never_brings_a_host_file_into_the_dataset() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     util::copy_sample_data(dir);
-    let pipeline = format!(
-        r#"
-[pipeline]
-name = "t"
-output_dir = "OUT"
-
-[models.hostile]
-base_url = "{}"
-model = "m"
-
-[stages.files]
-kind = "profile"
-paths = ["data/*.sqlite"]
-min_rows = 20
-max_rows = 1000
-
-[stages.questions]
-kind = "programmatic"
-inputs = ["files"]
-categories = ["counting"]
-
-# Under the isolation probed first (bubblewrap where it works), and under Landlock.
+    let model = format!("base_url = \"{}\"\nmodel = \"m\"", server.base_url());
+    // Under the isolation probed first (bubblewrap where it works), and under Landlock.
+    let stages = r#"
 [stages.probed]
 kind = "trajectories"
 inputs = ["questions"]
@@ -350,9 +312,8 @@ model = "hostile"
 n = 1
 max_turns = 3
 isolation = "landlock"
-"#,
-        server.base_url()
-    );
+"#;
+    let pipeline = model_pipeline(("hostile", &model), "data/*.sqlite", "\"counting\"", stages);
     std::fs::write(dir.join("p.toml"), pipeline).unwrap();
     util::kiln_ok(dir, &["run", "p.toml"]);
     let out = dir.join("OUT");
