@@ -1,5 +1,5 @@
-//! From a pipeline file to a checked [`Plan`]: parse, build stages, resolve inputs, order the
-//! DAG, check parameters and schemas. Every problem is collected before anything runs.
+//! From a pipeline file to a checked [`Plan`]: parse, resolve inputs, build the stages from their
+//! parameters, order the DAG, check schemas. Every problem is collected before anything runs.
 
 use std::path::{Path, PathBuf};
 
@@ -69,11 +69,16 @@ impl Plan {
 
         check_settings(&spec, &check_cx, &mut diags);
         let graph = resolve_inputs(&spec, &mut diags);
-        for s in &spec.stages {
-            if let Some(stage) = &s.stage {
-                diags.extend(stage.validate(&check_cx).into_iter().map(|p| s.diagnostic(&spec.map, p)));
-            }
-        }
+        let built: Vec<Option<Box<dyn Stage>>> = spec
+            .stages
+            .iter()
+            .map(|s| {
+                let mut problems = Vec::new();
+                let stage = s.config.as_ref()?.build(&check_cx, &mut problems);
+                diags.extend(problems.into_iter().map(|p| s.diagnostic(&spec.map, p)));
+                stage
+            })
+            .collect();
         let order = match graph.topo_order() {
             Ok(order) => order,
             Err(cycle) => {
@@ -86,13 +91,13 @@ impl Plan {
                 Vec::new()
             }
         };
-        let schemas = check_schemas(&spec, &check_cx, &graph, &order, &mut diags).await;
+        let schemas = check_schemas(&spec, &built, &check_cx, &graph, &order, &mut diags).await;
         if !diags.is_empty() {
             return Err(Error::Config(Diagnostics(diags).normalize()));
         }
         let mut stages = Vec::new();
-        for (s, schema) in spec.stages.into_iter().zip(schemas) {
-            let (Some(stage), Some(schema)) = (s.stage, schema) else {
+        for ((s, stage), schema) in spec.stages.into_iter().zip(built).zip(schemas) {
+            let (Some(stage), Some(schema)) = (stage, schema) else {
                 return Err(Error::Internal(format!("stage `{}` was not checked, yet nothing was reported", s.name)));
             };
             stages.push(PlannedStage { name: s.name, kind: s.kind, stage, params: s.params, limits: s.limits, schema });
@@ -172,6 +177,7 @@ fn resolve_inputs(spec: &Spec, diags: &mut Vec<Diagnostic>) -> Graph {
 
 async fn check_schemas(
     spec: &Spec,
+    built: &[Option<Box<dyn Stage>>],
     cx: &CheckCx,
     graph: &Graph,
     order: &[usize],
@@ -180,7 +186,7 @@ async fn check_schemas(
     let mut schemas: Vec<Option<SchemaRef>> = vec![None; spec.stages.len()];
     for &i in order {
         let s = &spec.stages[i];
-        let Some(stage) = &s.stage else { continue };
+        let Some(stage) = &built[i] else { continue };
         let inputs: Option<Vec<InputSchema>> = graph
             .inputs(i)
             .iter()

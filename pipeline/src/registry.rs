@@ -10,16 +10,16 @@ use serde::Serialize;
 use serde::de::{self, DeserializeOwned, Visitor};
 use toml::de::ValueDeserializer;
 
-use crate::stage::Stage;
+use crate::stage::Config;
 
 type BuildFn = fn(ValueDeserializer<'_>) -> Result<Built, toml::de::Error>;
 
-/// A stage built from its parameters, with those parameters resolved: every default written
-/// out, as canonical JSON (sorted keys). Fingerprints hash the resolved form, so writing a
-/// default out, or reordering keys, changes nothing, and changing a default reruns the stage.
+/// A stage's parameters read, with every default written out as canonical JSON (sorted keys).
+/// Fingerprints hash this form, so writing a default out, or reordering keys, changes nothing,
+/// and changing a default reruns the stage.
 pub struct Built {
-    /// The stage.
-    pub stage: Box<dyn Stage>,
+    /// The parameters, to build the stage from once the pipeline is known.
+    pub config: Box<dyn Config>,
     /// Its resolved parameters.
     pub resolved: serde_json::Value,
 }
@@ -41,18 +41,16 @@ impl fmt::Debug for Kind {
     }
 }
 
-fn build<C: DeserializeOwned + Serialize + Stage + 'static>(
-    de: ValueDeserializer<'_>,
-) -> Result<Built, toml::de::Error> {
+fn build<C: DeserializeOwned + Serialize + Config>(de: ValueDeserializer<'_>) -> Result<Built, toml::de::Error> {
     let config = C::deserialize(de)?;
     // serde_json's maps are sorted (no `preserve_order` in this workspace), so this is canonical.
     let resolved = serde_json::to_value(&config).map_err(|e| <toml::de::Error as de::Error>::custom(e))?;
-    Ok(Built { stage: Box::new(config), resolved })
+    Ok(Built { config: Box::new(config), resolved })
 }
 
 impl Kind {
-    /// A kind whose parameters struct `C` is also its stage implementation.
-    pub fn of<C: DeserializeOwned + Serialize + Stage + 'static>(name: &'static str, summary: &'static str) -> Kind {
+    /// A kind whose parameters are `C`.
+    pub fn of<C: DeserializeOwned + Serialize + Config>(name: &'static str, summary: &'static str) -> Kind {
         Kind { name, summary, build: build::<C>, fields: struct_fields::<C>() }
     }
 
@@ -61,7 +59,7 @@ impl Kind {
         self.fields
     }
 
-    /// Deserializes the parameters and builds the stage.
+    /// Deserializes the parameters.
     pub fn build(&self, de: ValueDeserializer<'_>) -> Result<Built, toml::de::Error> {
         (self.build)(de)
     }

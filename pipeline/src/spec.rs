@@ -15,7 +15,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::error::{Diagnostic, Diagnostics, SourceMap, did_you_mean};
 use crate::registry::{Built, Registry};
-use crate::stage::{Problem, Stage};
+use crate::stage::{Config, Problem};
 
 /// The `[pipeline]` table.
 #[derive(Debug, Clone, Deserialize)]
@@ -94,8 +94,8 @@ pub struct StageSpec {
     /// Kind-specific parameters resolved (every default written out) as canonical JSON (sorted
     /// keys), for fingerprints; `null` when they are invalid.
     pub params: serde_json::Value,
-    /// The built stage, when its parameters were valid.
-    pub stage: Option<Box<dyn Stage>>,
+    /// The parameters read, when they were well typed (built into the stage by the plan).
+    pub config: Option<Box<dyn Config>>,
     /// Spending caps of this stage alone (`max_tokens`, `max_cost_usd` in its table).
     pub limits: StageLimits,
     name_span: Range<usize>,
@@ -320,8 +320,8 @@ fn parse_stage(
             built
         }
     });
-    let (stage, params) = match built {
-        Some(Built { stage, resolved }) => (Some(stage), resolved),
+    let (config, params) = match built {
+        Some(Built { config, resolved }) => (Some(config), resolved),
         None => (None, serde_json::Value::Null),
     };
 
@@ -330,7 +330,7 @@ fn parse_stage(
         kind: kind.map(|k| k.0).unwrap_or_default(),
         inputs,
         params,
-        stage,
+        config,
         limits,
         name_span: name.span(),
         input_spans,
@@ -659,8 +659,14 @@ mod tests {
         0.5
     }
 
+    impl crate::stage::Config for Toy {
+        fn build(&self, _: &crate::stage::CheckCx, _: &mut Vec<Problem>) -> Option<Box<dyn crate::stage::Stage>> {
+            None
+        }
+    }
+
     #[async_trait::async_trait]
-    impl Stage for Toy {
+    impl crate::stage::Stage for Toy {
         async fn output_schema(
             &self,
             _: &crate::stage::CheckCx,

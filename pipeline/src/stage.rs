@@ -1,7 +1,10 @@
 //! The [`Stage`] trait every stage kind implements, and what the executor hands it.
 //!
-//! A stage kind is one type: its typed parameters (deserialized from `[stages.<name>]` with
-//! `deny_unknown_fields`) plus this trait. Only `output_schema` and `run` are required.
+//! A stage kind has two sides, as vector's components do. Its [`Config`] is the parameters as
+//! written in `[stages.<name>]` (deserialized with `deny_unknown_fields`); [`Config::build`]
+//! checks them against the pipeline and resolves them once (templates, taxonomy, model settings,
+//! defaults) into the [`Stage`] that runs. Kinds with nothing to resolve run their parameters
+//! as they are.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -17,7 +20,18 @@ use crate::cache::RowCache;
 use crate::error::Result;
 use crate::store;
 
-/// One kind of stage. Only `output_schema` and `run` are required.
+/// A kind's parameters, as written: what [`crate::registry::Kind::of`] deserializes.
+pub trait Config: std::fmt::Debug + Send + Sync + 'static {
+    /// Checks the parameters against the pipeline, pushing every problem (at its key) to
+    /// `problems`, and resolves them into the stage that runs: templates and taxonomy loaded,
+    /// model settings read, defaults applied. Called once per run, before any schema is
+    /// checked. Returns the stage whenever it could be built, also with problems (its inputs
+    /// are then still checked, so that one `kiln check` reports everything); the plan runs
+    /// only when no stage has any.
+    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>>;
+}
+
+/// One kind of stage, built by its [`Config`]. Only `output_schema` and `run` are required.
 #[async_trait]
 pub trait Stage: Debug + Send + Sync {
     /// Implementation version: bump it when the same parameters would now give different rows,
@@ -29,11 +43,6 @@ pub trait Stage: Debug + Send + Sync {
     /// True when the output depends on the pipeline seed, which then joins the fingerprint.
     fn seeded(&self) -> bool {
         false
-    }
-
-    /// Parameter checks that need no graph (a glob that matches nothing, a missing template).
-    fn validate(&self, _cx: &CheckCx) -> Vec<Problem> {
-        Vec::new()
     }
 
     /// Names of the `[models]` tables the stage calls: their settings are part of the stage

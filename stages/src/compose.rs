@@ -29,12 +29,12 @@ use async_trait::async_trait;
 use kiln_llm::Message;
 use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch, to_json_rows};
 use kiln_pipeline::stage::{
-    CheckCx, Estimate, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx,
+    CheckCx, Config, Estimate, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx,
 };
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::llm_rows::{RowRequest, client, complete_rows, estimate_rows, model_config, parse_tags};
+use crate::llm_rows::{Model, RowRequest, complete_rows, estimate_rows, parse_tags};
 use crate::profile::readers::Format;
 use crate::templates::{Templates, check_template};
 
@@ -202,27 +202,40 @@ impl Compose {
     }
 }
 
+impl Config for Compose {
+    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
+        let model = Model::resolve(cx, &self.model).map_err(|p| problems.push(p)).ok();
+        if !(2..=5).contains(&self.depth) {
+            problems.push(Problem::new("depth", format!("`depth` must be between 2 and 5, got {}", self.depth)));
+        }
+        let templates = check_template(cx, &self.template, VARIABLES, "compose").map_err(|p| problems.push(p)).ok();
+        match (model, templates) {
+            (Some(model), Some(templates)) => Some(Box::new(Composing { params: self.clone(), model, templates })),
+            _ => None,
+        }
+    }
+}
+
+/// A built `compose` stage.
+#[derive(Debug)]
+struct Composing {
+    params: Compose,
+    model: Model,
+    templates: Templates,
+}
+
 #[async_trait]
-impl Stage for Compose {
+impl Stage for Composing {
     fn models(&self) -> Vec<String> {
-        vec![self.model.clone()]
+        vec![self.model.name.clone()]
     }
 
     fn seeded(&self) -> bool {
         true
     }
 
-    fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
-        let mut problems: Vec<Problem> = model_config(cx, &self.model).err().into_iter().collect();
-        if !(2..=5).contains(&self.depth) {
-            problems.push(Problem::new("depth", format!("`depth` must be between 2 and 5, got {}", self.depth)));
-        }
-        problems.extend(check_template(cx, &self.template, VARIABLES, "compose"));
-        problems
-    }
-
-    fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
-        Templates::load(cx.templates.as_deref(), &[&self.template]).map(|t| t.files()).unwrap_or_default()
+    fn files(&self, _cx: &CheckCx) -> Vec<FileDep> {
+        self.templates.files()
     }
 
     async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
@@ -251,28 +264,25 @@ impl Stage for Compose {
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
         let fail = |e: String| Error::stage(&cx.name, e);
-        let templates = Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?;
-        let config = model_config(&cx.pipeline, &self.model).map_err(|p| fail(p.to_string()))?;
         let pool = read_sources(cx, &inputs[0])?;
-        let (live, _) = self.start_chains(&pool, &cx.seed.to_string());
+        let (live, _) = self.params.start_chains(&pool, &cx.seed.to_string());
         // Later steps depend on earlier replies: count the first step's prompts once per step.
-        let requests = self.step_requests(&templates, &live, 1).map_err(fail)?;
-        estimate_rows(cx, &config, &requests, u64::from(self.depth - 1)).map(Some)
+        let requests = self.params.step_requests(&self.templates, &live, 1).map_err(fail)?;
+        estimate_rows(cx, &self.model.config, &requests, u64::from(self.params.depth - 1)).map(Some)
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
         let fail = |e: String| Error::stage(&cx.name, e);
-        let templates = Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?;
-        let client = client(cx, &self.model)?;
+        let client = self.model.client(cx)?;
         let pool = read_sources(cx, &inputs[0])?;
-        let (mut live, rejections) = self.start_chains(&pool, &cx.seed.to_string());
+        let (mut live, rejections) = self.params.start_chains(&pool, &cx.seed.to_string());
         let mut output = Output { rejections, ..Default::default() };
         let mut counters: BTreeMap<String, u64> = BTreeMap::new();
-        for step in 1..self.depth {
-            let requests = self.step_requests(&templates, &live, step).map_err(fail)?;
+        for step in 1..self.params.depth {
+            let requests = self.params.step_requests(&self.templates, &live, step).map_err(fail)?;
             let parse = |text: &str| parse_tags(text, &["question", "description"]);
             let (replies, rejections, step_counters) =
-                complete_rows(cx, client.as_ref(), requests, self.max_parse_retries, parse).await?;
+                complete_rows(cx, client.as_ref(), requests, self.params.max_parse_retries, parse).await?;
             output.rejections.extend(rejections);
             for (k, v) in step_counters {
                 *counters.entry(k).or_default() += v;
@@ -295,7 +305,7 @@ impl Stage for Compose {
                 let ids: Vec<String> = chain.sources.iter().map(|s| s.row_id.clone()).collect();
                 let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
                 Composed {
-                    row_id: row_id(&refs, format!("compose\0{}\0{}", self.model, chain.question).as_bytes()),
+                    row_id: row_id(&refs, format!("compose\0{}\0{}", self.model.name, chain.question).as_bytes()),
                     parent_ids: ids,
                     path: chain.sources[0].path.clone(),
                     format: chain.sources[0].format.clone().unwrap_or_else(|| {
@@ -303,13 +313,13 @@ impl Stage for Compose {
                     }),
                     table: chain.sources[0].table.clone(),
                     category: chain.sources[0].category.clone(),
-                    difficulty: self.depth,
+                    difficulty: self.params.depth,
                     question: chain.question,
                     description: chain.description,
                     chain_questions: chain.sources.iter().map(|s| s.question.clone()).collect(),
                     chain_categories: chain.sources.iter().map(|s| s.category.clone()).collect(),
-                    depth: self.depth,
-                    model: self.model.clone(),
+                    depth: self.params.depth,
+                    model: self.model.name.clone(),
                 }
             })
             .collect();

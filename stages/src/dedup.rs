@@ -29,7 +29,7 @@ use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use kiln_pipeline::Result;
 use kiln_pipeline::rows::to_json_rows;
-use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Config, Input, InputSchema, Output, Problem, Stage, StageCx};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -183,9 +183,9 @@ fn item_of(row: &serde_json::Map<String, Value>, per_question: bool) -> String {
     }
 }
 
-#[async_trait]
-impl Stage for Dedup {
-    fn validate(&self, _cx: &CheckCx) -> Vec<Problem> {
+impl Dedup {
+    /// Every problem of the parameters, at its key.
+    fn problems(&self, _cx: &CheckCx) -> Vec<Problem> {
         let mut problems = Vec::new();
         if !(self.threshold > 0.0 && self.threshold <= 1.0) {
             problems.push(Problem::new(
@@ -198,7 +198,17 @@ impl Stage for Dedup {
         }
         problems
     }
+}
 
+impl Config for Dedup {
+    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
+        problems.extend(self.problems(cx));
+        Some(Box::new(self.clone()))
+    }
+}
+
+#[async_trait]
+impl Stage for Dedup {
     async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
         let input = crate::filters::single_input("dedup", inputs)?;
         if input.schema.field_with_name(&self.column).is_err() {

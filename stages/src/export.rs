@@ -33,7 +33,7 @@ use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::parquet::arrow::ArrowWriter;
 use kiln_pipeline::rows::{lineage_fields, row_id, schema_with_lineage, to_batch, to_json_rows};
-use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Config, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -219,9 +219,9 @@ impl Export {
     }
 }
 
-#[async_trait]
-impl Stage for Export {
-    fn validate(&self, _cx: &CheckCx) -> Vec<Problem> {
+impl Export {
+    /// Every problem of the parameters, at its key.
+    fn problems(&self, _cx: &CheckCx) -> Vec<Problem> {
         let mut problems = Vec::new();
         if self.path.trim().is_empty() {
             problems.push(Problem::new("path", "`path` is empty"));
@@ -234,7 +234,17 @@ impl Stage for Export {
         }
         problems
     }
+}
 
+impl Config for Export {
+    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
+        problems.extend(self.problems(cx));
+        Some(Box::new(self.clone()))
+    }
+}
+
+#[async_trait]
+impl Stage for Export {
     async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
         let [input] = inputs else {
             return Err(vec![Problem::new(

@@ -21,11 +21,11 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use kiln_llm::Message;
 use kiln_pipeline::rows::{PARENT_IDS, ROW_ID, parents_array, row_id, to_json_rows};
-use kiln_pipeline::stage::{CheckCx, Estimate, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Config, Estimate, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::llm_rows::{RowRequest, client, complete_rows, estimate_rows, model_config, parse_tags};
+use crate::llm_rows::{Model, RowRequest, complete_rows, estimate_rows, parse_tags};
 use crate::templates::Templates;
 
 /// Parameters of a `generate` stage.
@@ -89,29 +89,6 @@ impl Generate {
         }
     }
 
-    /// The input rows as one batch, one request per (row, sample), and for each request its
-    /// input row index, parent id and sample number.
-    fn plan(&self, cx: &StageCx, input: &Input) -> Result<Plan> {
-        let fail = |e: String| Error::stage(&cx.name, e);
-        let (templates, name) = self.templates(&cx.pipeline).map_err(|p| fail(p.to_string()))?;
-        let data = concat_batches(&input.schema, &input.read()?).map_err(|e| fail(e.to_string()))?;
-        let mut requests = Vec::new();
-        let mut sources = Vec::new();
-        for (i, row) in to_json_rows(std::slice::from_ref(&data))?.into_iter().enumerate() {
-            let parent = row.get(ROW_ID).and_then(|v| v.as_str()).unwrap_or_default().to_string();
-            let prompt = templates.render(&name, &row).map_err(fail)?;
-            let mut messages: Vec<Message> = self.system.iter().map(|s| Message::new("system", s.clone())).collect();
-            messages.push(Message::new("user", prompt));
-            for sample in 0..self.n {
-                let body = serde_json::to_string(&messages).unwrap_or_default();
-                let id = row_id(&[&parent], format!("generate\0{}\0{sample}\0{body}", self.model).as_bytes());
-                requests.push(RowRequest { row_id: id, messages: messages.clone(), sample });
-                sources.push((i as u32, parent.clone(), sample));
-            }
-        }
-        Ok((data, requests, sources))
-    }
-
     /// Names of the columns this stage adds.
     fn new_columns(&self) -> Vec<String> {
         if let Some(re) = self.regex.as_deref().and_then(|r| regex::Regex::new(r).ok()) {
@@ -172,15 +149,10 @@ impl Generate {
     }
 }
 
-#[async_trait]
-impl Stage for Generate {
-    fn models(&self) -> Vec<String> {
-        vec![self.model.clone()]
-    }
-
-    fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
-        let mut problems: Vec<Problem> = model_config(cx, &self.model).err().into_iter().collect();
-        problems.extend(self.templates(cx).err());
+impl Config for Generate {
+    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
+        let model = Model::resolve(cx, &self.model).map_err(|p| problems.push(p)).ok();
+        let templates = self.templates(cx).map_err(|p| problems.push(p)).ok();
         if self.n == 0 {
             problems.push(Problem::new("n", "`n` must be at least 1, got 0"));
         }
@@ -189,14 +161,61 @@ impl Stage for Generate {
             problems.push(Problem::new("", "give at most one of `tags`, `regex` and `json_fields`"));
         }
         problems.extend(self.parser().err());
-        problems
+        match (model, templates) {
+            (Some(model), Some((templates, prompt))) => {
+                Some(Box::new(Generating { params: self.clone(), model, templates, prompt }))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A built `generate` stage.
+#[derive(Debug)]
+struct Generating {
+    params: Generate,
+    model: Model,
+    templates: Templates,
+    /// The name of the prompt among `templates`.
+    prompt: String,
+}
+
+impl Generating {
+    /// The input rows as one batch, one request per (row, sample), and for each request its
+    /// input row index, parent id and sample number.
+    fn plan(&self, cx: &StageCx, input: &Input) -> Result<Plan> {
+        let fail = |e: String| Error::stage(&cx.name, e);
+        let data = concat_batches(&input.schema, &input.read()?).map_err(|e| fail(e.to_string()))?;
+        let mut requests = Vec::new();
+        let mut sources = Vec::new();
+        for (i, row) in to_json_rows(std::slice::from_ref(&data))?.into_iter().enumerate() {
+            let parent = row.get(ROW_ID).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+            let prompt = self.templates.render(&self.prompt, &row).map_err(fail)?;
+            let mut messages: Vec<Message> =
+                self.params.system.iter().map(|s| Message::new("system", s.clone())).collect();
+            messages.push(Message::new("user", prompt));
+            for sample in 0..self.params.n {
+                let body = serde_json::to_string(&messages).unwrap_or_default();
+                let id = row_id(&[&parent], format!("generate\0{}\0{sample}\0{body}", self.model.name).as_bytes());
+                requests.push(RowRequest { row_id: id, messages: messages.clone(), sample });
+                sources.push((i as u32, parent.clone(), sample));
+            }
+        }
+        Ok((data, requests, sources))
+    }
+}
+
+#[async_trait]
+impl Stage for Generating {
+    fn models(&self) -> Vec<String> {
+        vec![self.model.name.clone()]
     }
 
-    fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
-        self.templates(cx).map(|(t, _)| t.files()).unwrap_or_default()
+    fn files(&self, _cx: &CheckCx) -> Vec<FileDep> {
+        self.templates.files()
     }
 
-    async fn output_schema(&self, cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
+    async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
         let [input] = inputs else {
             return Err(vec![Problem::new(
                 "inputs",
@@ -204,10 +223,10 @@ impl Stage for Generate {
             )]);
         };
         let columns: Vec<&str> = input.schema.fields().iter().map(|f| f.name().as_str()).collect();
-        if let Ok((t, name)) = self.templates(cx) {
-            let missing = t.missing_variables(&name, &columns);
+        {
+            let missing = self.templates.missing_variables(&self.prompt, &columns);
             if !missing.is_empty() {
-                let key = if self.prompt.is_some() { "prompt" } else { "template" };
+                let key = if self.params.prompt.is_some() { "prompt" } else { "template" };
                 return Err(vec![
                     Problem::new(
                         key,
@@ -217,7 +236,7 @@ impl Stage for Generate {
                 ]);
             }
         }
-        let added = self.new_columns();
+        let added = self.params.new_columns();
         let fixed = ["sample", "model", "prompt_tokens", "completion_tokens"];
         if let Some(clash) = added.iter().map(String::as_str).chain(fixed).find(|c| columns.contains(c)) {
             return Err(vec![
@@ -236,22 +255,21 @@ impl Stage for Generate {
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
         let (_, requests, _) = self.plan(cx, &inputs[0])?;
-        let config = model_config(&cx.pipeline, &self.model).map_err(|p| Error::stage(&cx.name, p))?;
-        estimate_rows(cx, &config, &requests, 1).map(Some)
+        estimate_rows(cx, &self.model.config, &requests, 1).map(Some)
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
         let fail = |e: String| Error::stage(&cx.name, e);
         let input = &inputs[0];
-        let client = client(cx, &self.model)?;
+        let client = self.model.client(cx)?;
         let (data, requests, sources) = self.plan(cx, input)?;
-        let parse = self.parser().map_err(|p| fail(p.to_string()))?;
+        let parse = self.params.parser().map_err(|p| fail(p.to_string()))?;
         let (replies, rejections, counters) =
-            complete_rows(cx, client.as_ref(), requests.clone(), self.max_parse_retries, parse).await?;
+            complete_rows(cx, client.as_ref(), requests.clone(), self.params.max_parse_retries, parse).await?;
 
         let (mut take, mut ids, mut parents, mut samples, mut tokens) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), (Vec::new(), Vec::new()));
-        let mut values: Vec<Vec<String>> = vec![Vec::new(); self.new_columns().len()];
+        let mut values: Vec<Vec<String>> = vec![Vec::new(); self.params.new_columns().len()];
         for ((request, (index, parent, sample)), reply) in requests.iter().zip(&sources).zip(replies) {
             let Some(reply) = reply else { continue };
             take.push(*index);
@@ -283,7 +301,7 @@ impl Stage for Generate {
         let n = ids.len();
         columns.push(Arc::new(UInt32Array::from(samples)));
         columns.extend(values.into_iter().map(|v| Arc::new(StringArray::from(v)) as ArrayRef));
-        columns.push(Arc::new(StringArray::from(vec![self.model.clone(); n])));
+        columns.push(Arc::new(StringArray::from(vec![self.model.name.clone(); n])));
         columns.push(Arc::new(UInt64Array::from(tokens.0)));
         columns.push(Arc::new(UInt64Array::from(tokens.1)));
         let batch = RecordBatch::try_new(schema, columns).map_err(|e| fail(e.to_string()))?;

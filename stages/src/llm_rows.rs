@@ -14,31 +14,43 @@ use kiln_pipeline::cache::CacheKey;
 use kiln_pipeline::stage::{CheckCx, Estimate, Problem, Rejection, StageCx};
 use kiln_pipeline::{Error, Result, progress};
 
-/// The model named `name` in `[models]`.
-pub fn model_config(cx: &CheckCx, name: &str) -> Result<ModelConfig, Problem> {
-    let declared: Vec<String> = cx.models.as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
-    let Some(table) = cx.models.get(name) else {
-        let help = kiln_pipeline::error::did_you_mean(name, declared.iter().map(String::as_str))
-            .unwrap_or_else(|| format!("declare it as `[models.{name}]` with `base_url` and `model`"));
-        return Err(Problem::new("model", format!("unknown model `{name}`")).help(help));
-    };
-    // The table's own problems are reported at its keys when the file is parsed; here the
-    // stage only says that the model it names cannot be used.
-    let unusable =
-        || Problem::new("model", format!("model `{name}` cannot be used: see the errors of `[models.{name}]`"));
-    let config: ModelConfig = serde_json::from_value(table.clone()).map_err(|_| unusable())?;
-    if !config.problems().is_empty() {
-        return Err(unusable());
-    }
-    Ok(config)
+/// A `[models.<name>]` table a stage calls, resolved when the stage is built.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// The table's name.
+    pub name: String,
+    /// Its settings, defaults applied.
+    pub config: ModelConfig,
 }
 
-/// The run's client for model `name`: one per model and configuration, shared by every stage,
-/// so the model's concurrency limit and rate budgets hold across stages.
-pub fn client(cx: &StageCx, name: &str) -> Result<std::sync::Arc<Client>> {
-    let config = model_config(&cx.pipeline, name).map_err(|p| Error::stage(&cx.name, p))?;
-    let key = format!("llm-client\0{name}\0{}", serde_json::to_string(&config).unwrap_or_default());
-    cx.shared.get_or_try_insert(&key, || Client::new(name, config)).map_err(|e| Error::stage(&cx.name, e))
+impl Model {
+    /// The model named `name` in `[models]`; the problem is at the stage's `model` key.
+    pub fn resolve(cx: &CheckCx, name: &str) -> Result<Model, Problem> {
+        let declared: Vec<String> = cx.models.as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+        let Some(table) = cx.models.get(name) else {
+            let help = kiln_pipeline::error::did_you_mean(name, declared.iter().map(String::as_str))
+                .unwrap_or_else(|| format!("declare it as `[models.{name}]` with `base_url` and `model`"));
+            return Err(Problem::new("model", format!("unknown model `{name}`")).help(help));
+        };
+        // The table's own problems are reported at its keys when the file is parsed; here the
+        // stage only says that the model it names cannot be used.
+        let unusable =
+            || Problem::new("model", format!("model `{name}` cannot be used: see the errors of `[models.{name}]`"));
+        let config: ModelConfig = serde_json::from_value(table.clone()).map_err(|_| unusable())?;
+        if !config.problems().is_empty() {
+            return Err(unusable());
+        }
+        Ok(Model { name: name.to_string(), config })
+    }
+
+    /// The run's client for this model: one per model and configuration, shared by every
+    /// stage, so the model's concurrency limit and rate budgets hold across stages.
+    pub fn client(&self, cx: &StageCx) -> Result<std::sync::Arc<Client>> {
+        let key = format!("llm-client\0{}\0{}", self.name, serde_json::to_string(&self.config).unwrap_or_default());
+        cx.shared
+            .get_or_try_insert(&key, || Client::new(&self.name, self.config.clone()))
+            .map_err(|e| Error::stage(&cx.name, e))
+    }
 }
 
 /// Default of every LLM stage's `max_parse_retries`.

@@ -23,7 +23,7 @@ use datafusion::datasource::MemTable;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 use kiln_pipeline::rows::{PARENT_IDS, ROW_ID, lineage_fields, with_content_lineage};
-use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Config, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::store::dataset_files;
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -94,6 +94,12 @@ fn shape(result: &Schema) -> Result<Shape, Problem> {
         result.fields().iter().filter(|f| f.name() != ROW_ID && f.name() != PARENT_IDS).map(|f| f.as_ref().clone());
     let fields: Vec<Field> = [id, parents].into_iter().chain(rest).collect();
     Ok(Shape { output: Arc::new(Schema::new(fields)), keeps_lineage })
+}
+
+impl Config for Sql {
+    fn build(&self, _cx: &CheckCx, _problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
+        Some(Box::new(self.clone()))
+    }
 }
 
 #[async_trait]

@@ -23,11 +23,11 @@ use arrow::datatypes::{DataType, Field, SchemaRef};
 use async_trait::async_trait;
 use kiln_llm::Message;
 use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch};
-use kiln_pipeline::stage::{CheckCx, Estimate, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Config, Estimate, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::llm_rows::{RowRequest, client, complete_rows, estimate_rows, model_config, parse_tags};
+use crate::llm_rows::{Model, RowRequest, complete_rows, estimate_rows, parse_tags};
 use crate::profile::{ProfiledTable, check_profile_input, read_profiles};
 use crate::taxonomy::{Category, Taxonomy};
 use crate::templates::{Templates, check_template};
@@ -123,14 +123,13 @@ impl Synthesize {
     }
 }
 
-impl Synthesize {
+impl Synthesizing {
     /// One request per (table, sampled category), with what it is about.
     fn plan(&self, cx: &StageCx, inputs: &[Input]) -> Result<Plan> {
         let fail = |e: String| Error::stage(&cx.name, e);
-        let taxonomy = Taxonomy::load(cx.pipeline.taxonomy.as_deref()).map_err(fail)?;
-        let templates = Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?;
-        let weights = self.weights(&taxonomy);
-        let definitions: Vec<serde_json::Value> = taxonomy
+        let weights = self.params.weights(&self.taxonomy);
+        let definitions: Vec<serde_json::Value> = self
+            .taxonomy
             .categories
             .iter()
             .map(|c| serde_json::json!({"id": c.id, "name": c.name, "definition": c.definition}))
@@ -139,11 +138,13 @@ impl Synthesize {
         let seed = cx.seed.to_string();
         for input in inputs {
             for table in read_profiles(input)? {
-                for category in sample(&weights, self.per_table, &[&seed, &table.row_id]) {
+                for category in sample(&weights, self.params.per_table, &[&seed, &table.row_id]) {
                     let vars = serde_json::json!({"table": &table, "categories": &definitions, "category": category});
-                    let prompt = templates.render(&self.template, vars).map_err(fail)?;
-                    let id =
-                        row_id(&[&table.row_id], format!("synthesize\0{}\0{}", category.id, self.model).as_bytes());
+                    let prompt = self.templates.render(&self.params.template, vars).map_err(fail)?;
+                    let id = row_id(
+                        &[&table.row_id],
+                        format!("synthesize\0{}\0{}", category.id, self.model.name).as_bytes(),
+                    );
                     requests.push(RowRequest { row_id: id, messages: vec![Message::new("user", prompt)], sample: 0 });
                     planned.push((table.clone(), category.clone()));
                 }
@@ -168,53 +169,64 @@ fn sample<'t>(weights: &[(&'t Category, f64)], k: usize, seed: &[&str]) -> Vec<&
     keyed.into_iter().take(k).map(|(_, c)| c).collect()
 }
 
+impl Config for Synthesize {
+    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
+        let model = Model::resolve(cx, &self.model).map_err(|p| problems.push(p)).ok();
+        if self.per_table == 0 {
+            problems.push(Problem::new("per_table", "`per_table` must be at least 1, got 0"));
+        }
+        let templates = check_template(cx, &self.template, VARIABLES, "synthesize").map_err(|p| problems.push(p)).ok();
+        let taxonomy = Taxonomy::load(cx.taxonomy.as_deref())
+            .map_err(|e| problems.push(Problem::new("", format!("the taxonomy does not load: {e}"))))
+            .ok();
+        if let Some(t) = &taxonomy {
+            for (id, w) in self.mix.iter().flatten() {
+                if t.get(id).is_none() {
+                    let help = kiln_pipeline::error::did_you_mean(id, t.categories.iter().map(|c| c.id.as_str()));
+                    let p = Problem::new(&format!("mix.{id}"), format!("unknown category `{id}`"));
+                    problems.push(match help {
+                        Some(h) => p.help(h),
+                        None => p,
+                    });
+                } else if w.is_nan() || *w < 0.0 {
+                    problems.push(Problem::new(&format!("mix.{id}"), format!("weights must be at least 0, got {w}")));
+                }
+            }
+            if self.weights(t).is_empty() {
+                problems.push(Problem::new("mix", "no category has a positive weight"));
+            }
+        }
+        match (model, templates, taxonomy) {
+            (Some(model), Some(templates), Some(taxonomy)) => {
+                Some(Box::new(Synthesizing { params: self.clone(), model, templates, taxonomy }))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A built `synthesize` stage.
+#[derive(Debug)]
+struct Synthesizing {
+    params: Synthesize,
+    model: Model,
+    templates: Templates,
+    taxonomy: Taxonomy,
+}
+
 #[async_trait]
-impl Stage for Synthesize {
+impl Stage for Synthesizing {
     fn models(&self) -> Vec<String> {
-        vec![self.model.clone()]
+        vec![self.model.name.clone()]
     }
 
     fn seeded(&self) -> bool {
         true
     }
 
-    fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        if let Err(p) = model_config(cx, &self.model) {
-            problems.push(p);
-        }
-        if self.per_table == 0 {
-            problems.push(Problem::new("per_table", "`per_table` must be at least 1, got 0"));
-        }
-        problems.extend(check_template(cx, &self.template, VARIABLES, "synthesize"));
-        match Taxonomy::load(cx.taxonomy.as_deref()) {
-            Err(e) => problems.push(Problem::new("", format!("the taxonomy does not load: {e}"))),
-            Ok(t) => {
-                for (id, w) in self.mix.iter().flatten() {
-                    if t.get(id).is_none() {
-                        let help = kiln_pipeline::error::did_you_mean(id, t.categories.iter().map(|c| c.id.as_str()));
-                        let p = Problem::new(&format!("mix.{id}"), format!("unknown category `{id}`"));
-                        problems.push(match help {
-                            Some(h) => p.help(h),
-                            None => p,
-                        });
-                    } else if w.is_nan() || *w < 0.0 {
-                        problems
-                            .push(Problem::new(&format!("mix.{id}"), format!("weights must be at least 0, got {w}")));
-                    }
-                }
-                if self.weights(&t).is_empty() {
-                    problems.push(Problem::new("mix", "no category has a positive weight"));
-                }
-            }
-        }
-        problems
-    }
-
-    fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
-        let mut files = Taxonomy::load(cx.taxonomy.as_deref()).map(|t| t.files()).unwrap_or_default();
-        files
-            .extend(Templates::load(cx.templates.as_deref(), &[&self.template]).map(|t| t.files()).unwrap_or_default());
+    fn files(&self, _cx: &CheckCx) -> Vec<FileDep> {
+        let mut files = self.taxonomy.files();
+        files.extend(self.templates.files());
         files
     }
 
@@ -225,16 +237,15 @@ impl Stage for Synthesize {
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
         let (requests, _) = self.plan(cx, inputs)?;
-        let config = model_config(&cx.pipeline, &self.model).map_err(|p| Error::stage(&cx.name, p))?;
-        estimate_rows(cx, &config, &requests, 1).map(Some)
+        estimate_rows(cx, &self.model.config, &requests, 1).map(Some)
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
-        let client = client(cx, &self.model)?;
+        let client = self.model.client(cx)?;
         let (requests, planned) = self.plan(cx, inputs)?;
         let parse = |text: &str| parse_tags(text, &["question", "description", "type"]);
         let (replies, rejections, counters) =
-            complete_rows(cx, client.as_ref(), requests.clone(), self.max_parse_retries, parse).await?;
+            complete_rows(cx, client.as_ref(), requests.clone(), self.params.max_parse_retries, parse).await?;
         let mut rows = Vec::new();
         for ((request, (table, category)), reply) in requests.iter().zip(&planned).zip(replies) {
             let Some(reply) = reply else { continue };
@@ -252,7 +263,7 @@ impl Stage for Synthesize {
                 description,
                 answer_type,
                 difficulty: 1,
-                model: self.model.clone(),
+                model: self.model.name.clone(),
                 seed: cx.seed,
                 prompt_tokens: reply.prompt_tokens,
                 completion_tokens: reply.completion_tokens,

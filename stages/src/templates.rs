@@ -80,19 +80,20 @@ impl Templates {
     }
 }
 
-/// The problem with a stage's `template` parameter, if any: not found, not valid, or using
+/// A stage's `template` parameter loaded, or its problem: not found, not valid, or using
 /// variables a `kind` stage does not provide.
-pub fn check_template(cx: &CheckCx, name: &str, provided: &[&str], kind: &str) -> Option<Problem> {
-    match Templates::load(cx.templates.as_deref(), &[name]) {
-        Err(e) => Some(Problem::new("template", e).help("put the file in the pipeline's `templates` folder")),
-        Ok(t) => {
-            let missing = t.missing_variables(name, provided);
-            (!missing.is_empty()).then(|| {
-                Problem::new("template", format!("template `{name}` uses undefined variables: {}", missing.join(", ")))
-                    .help(format!("a {kind} template may use {}", provided.join(", ")))
-            })
-        }
+pub fn check_template(cx: &CheckCx, name: &str, provided: &[&str], kind: &str) -> Result<Templates, Problem> {
+    let t = Templates::load(cx.templates.as_deref(), &[name])
+        .map_err(|e| Problem::new("template", e).help("put the file in the pipeline's `templates` folder"))?;
+    let missing = t.missing_variables(name, provided);
+    if !missing.is_empty() {
+        return Err(Problem::new(
+            "template",
+            format!("template `{name}` uses undefined variables: {}", missing.join(", ")),
+        )
+        .help(format!("a {kind} template may use {}", provided.join(", "))));
     }
+    Ok(t)
 }
 
 #[cfg(test)]

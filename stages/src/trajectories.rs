@@ -18,12 +18,12 @@
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use kiln_pipeline::rows::{to_batch, to_json_rows};
-use kiln_pipeline::stage::{CheckCx, Estimate, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Config, Estimate, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::{Result, executor};
 use kiln_sandbox::{Isolation, Limits};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::{self, AgentSettings, Keys, Task, TeacherSpec};
+use crate::agent::{self, AgentSettings, AgentSetup, Keys, Task, TeacherSpec};
 use crate::families::QUESTION;
 
 /// Parameters of a `trajectories` stage.
@@ -70,10 +70,6 @@ pub(crate) fn default_template() -> String {
 const REQUIRED: &[&str] = &["question", "path", "format", "table"];
 
 impl Trajectories {
-    fn n(&self) -> u32 {
-        self.n.unwrap_or(if self.scripted { 1 } else { 3 })
-    }
-
     /// The agent these parameters describe.
     fn agent(&self) -> AgentSettings {
         AgentSettings {
@@ -88,24 +84,10 @@ impl Trajectories {
             parallel: self.parallel,
         }
     }
-
-    fn tasks(&self, input: &Input) -> Result<Vec<Task>> {
-        Ok(to_json_rows(&input.read()?)?.iter().map(Task::from_row).collect())
-    }
 }
 
-#[async_trait]
-impl Stage for Trajectories {
-    fn models(&self) -> Vec<String> {
-        self.model.iter().cloned().collect()
-    }
-
-    fn version(&self) -> u32 {
-        agent::VERSION
-    }
-
-    fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
-        let mut problems = Vec::new();
+impl Config for Trajectories {
+    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
         match (&self.model, self.scripted) {
             (Some(_), true) => problems.push(
                 Problem::new("scripted", "`model` and `scripted = true` exclude each other")
@@ -116,22 +98,52 @@ impl Stage for Trajectories {
             )),
             _ => {}
         }
-        if self.n() == 0 {
+        let n = self.n.unwrap_or(if self.scripted { 1 } else { 3 });
+        if n == 0 {
             problems.push(Problem::new("n", "`n` must be at least 1"));
         }
-        if self.scripted && self.n() > 1 {
+        if self.scripted && n > 1 {
             problems.push(
                 Problem::new("n", "scripted trajectories are deterministic: `n` above 1 would repeat them")
                     .help("remove `n`, or use a model teacher"),
             );
         }
         let keys = Keys { prefix: "", teacher: "model", kind: "trajectories" };
-        problems.extend(self.agent().problems(cx, keys));
-        problems
+        let agent = self.agent().build(cx, keys, problems);
+        match agent {
+            Some(agent) => Some(Box::new(Sampling { agent, n, scripted: self.scripted })),
+            None => None,
+        }
+    }
+}
+
+/// A built `trajectories` stage.
+#[derive(Debug)]
+struct Sampling {
+    agent: AgentSetup,
+    /// Trajectories per question.
+    n: u32,
+    scripted: bool,
+}
+
+impl Sampling {
+    fn tasks(&self, input: &Input) -> Result<Vec<Task>> {
+        Ok(to_json_rows(&input.read()?)?.iter().map(Task::from_row).collect())
+    }
+}
+
+#[async_trait]
+impl Stage for Sampling {
+    fn models(&self) -> Vec<String> {
+        self.agent.teacher().into_iter().map(|m| m.name.clone()).collect()
     }
 
-    fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
-        self.agent().files(cx)
+    fn version(&self) -> u32 {
+        agent::VERSION
+    }
+
+    fn files(&self, _cx: &CheckCx) -> Vec<FileDep> {
+        self.agent.files()
     }
 
     async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
@@ -154,14 +166,13 @@ impl Stage for Trajectories {
     }
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
-        self.agent().estimate(cx, &self.tasks(&inputs[0])?, self.n())
+        self.agent.estimate(cx, &self.tasks(&inputs[0])?, self.n)
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
         let tasks = self.tasks(&inputs[0])?;
-        let settings = self.agent();
-        let agent = settings.start(cx).await?;
-        let results = agent.sample(&tasks, self.n()).await;
+        let agent = self.agent.start(cx).await?;
+        let results = agent.sample(&tasks, self.n).await;
 
         let mut out = Output::default();
         let mut rows = Vec::new();

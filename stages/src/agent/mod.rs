@@ -9,9 +9,10 @@
 //! and `execute_sql()` instead of the file, and keep their result CSV.
 //!
 //! [`AgentSettings`] is what a stage writes (teacher, turn limit, template, sandbox limits,
-//! isolation, parallelism), checked by [`AgentSettings::problems`] for every stage that embeds
-//! it. [`AgentSettings::start`] resolves it once for a run into an [`Agent`]: the teacher's
-//! client and settings, the template and taxonomy loaded, the sandbox probed. [`Agent::sample`]
+//! isolation, parallelism). [`AgentSettings::build`] checks and resolves it once, when the
+//! embedding stage is built, into an [`AgentSetup`]: the teacher's model settings, the template
+//! and taxonomy loaded. [`AgentSetup::start`] starts it for a run into an [`Agent`]: the
+//! teacher's client, the sandbox probed. [`Agent::sample`]
 //! runs [`Task`]s to [`Trajectory`] records. Every model turn is cached as it returns and every
 //! finished trajectory is cached whole, so a rerun (also after kill -9) replays finished
 //! trajectories without the sandbox, and unfinished ones replay their cached model turns.
@@ -28,7 +29,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::stream::{self, StreamExt};
-use kiln_llm::{Client, Message, ModelConfig};
+use kiln_llm::{Client, Message};
 use kiln_pipeline::cache::CacheKey;
 use kiln_pipeline::rows::row_id;
 use kiln_pipeline::stage::{CheckCx, Estimate, FileDep, Problem, Rejection, StageCx};
@@ -36,7 +37,7 @@ use kiln_pipeline::{Error, Result, progress};
 use kiln_sandbox::{Cell, DataFile, Isolation, Limits, PythonEnv, Sandbox, Worker, WorkerSpec};
 use serde::Serialize;
 
-use crate::llm_rows::{RowRequest, cached_chat, client, estimate_rows, model_config};
+use crate::llm_rows::{Model, RowRequest, cached_chat, estimate_rows};
 use crate::taxonomy::Taxonomy;
 use crate::templates::{Templates, check_template};
 use protocol::{Action, STOP, close_turn, corrective, interpreter, parse_action};
@@ -94,14 +95,25 @@ pub struct Keys<'a> {
 }
 
 impl AgentSettings {
-    /// Every problem of these settings, at the keys where the stage writes them.
-    pub fn problems(&self, cx: &CheckCx, keys: Keys<'_>) -> Vec<Problem> {
+    /// Checks the settings (every problem into `problems`, at the keys where the stage writes
+    /// them) and resolves them: the teacher's model settings read, the template and taxonomy
+    /// loaded. `None` when one of those could not be.
+    pub fn build(&self, cx: &CheckCx, keys: Keys<'_>, problems: &mut Vec<Problem>) -> Option<AgentSetup> {
         let at = |key: &str| format!("{}{key}", keys.prefix);
-        let mut problems = Vec::new();
-        if let Err(mut p) = self.teacher_config(cx) {
-            p.at = keys.teacher.split('.').map(str::to_string).collect();
-            problems.push(p);
-        }
+        let teacher = match &self.teacher {
+            TeacherSpec::Scripted => Ok(None),
+            TeacherSpec::Model(name) => match Model::resolve(cx, name) {
+                Ok(mut model) => {
+                    model.config.stop = STOP.iter().map(|s| s.to_string()).collect();
+                    Ok(Some(model))
+                }
+                Err(mut p) => {
+                    p.at = keys.teacher.split('.').map(str::to_string).collect();
+                    problems.push(p);
+                    Err(())
+                }
+            },
+        };
         if self.max_turns == 0 {
             problems.push(Problem::new(&at("max_turns"), "`max_turns` must be at least 1"));
         }
@@ -111,49 +123,60 @@ impl AgentSettings {
         for (key, message) in self.sandbox.problems() {
             problems.push(Problem::new(&at(&format!("sandbox.{key}")), message));
         }
-        if let Some(mut p) = check_template(cx, &self.template, VARIABLES, keys.kind) {
-            p.at = at("template").split('.').map(str::to_string).collect();
-            problems.push(p);
-        }
-        if let Err(e) = Taxonomy::load(cx.taxonomy.as_deref()) {
-            problems.push(Problem::new("", e));
-        }
-        problems
+        let templates = match check_template(cx, &self.template, VARIABLES, keys.kind) {
+            Err(mut p) => {
+                p.at = at("template").split('.').map(str::to_string).collect();
+                problems.push(p);
+                None
+            }
+            Ok(t) => Some(t),
+        };
+        let taxonomy = Taxonomy::load(cx.taxonomy.as_deref()).map_err(|e| problems.push(Problem::new("", e))).ok();
+        Some(AgentSetup { settings: self.clone(), teacher: teacher.ok()?, templates: templates?, taxonomy: taxonomy? })
+    }
+}
+
+/// [`AgentSettings`] resolved once, when the stage is built: the teacher's model settings
+/// (generation stopped at the end of a turn), the template and the taxonomy.
+#[derive(Debug)]
+pub struct AgentSetup {
+    settings: AgentSettings,
+    /// The teacher model; `None` for the scripted teacher.
+    teacher: Option<Model>,
+    templates: Templates,
+    taxonomy: Taxonomy,
+}
+
+impl AgentSetup {
+    /// The settings as written.
+    pub fn settings(&self) -> &AgentSettings {
+        &self.settings
+    }
+
+    /// The teacher model; `None` for the scripted teacher.
+    pub fn teacher(&self) -> Option<&Model> {
+        self.teacher.as_ref()
     }
 
     /// The template and taxonomy files the trajectories depend on.
-    pub fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
-        let mut files =
-            Templates::load(cx.templates.as_deref(), &[&self.template]).map(|t| t.files()).unwrap_or_default();
-        files.extend(Taxonomy::load(cx.taxonomy.as_deref()).map(|t| t.files()).unwrap_or_default());
+    pub fn files(&self) -> Vec<FileDep> {
+        let mut files = self.templates.files();
+        files.extend(self.taxonomy.files());
         files
     }
 
-    /// The teacher model's settings (generation stopped at the end of a turn), if it is a model.
-    fn teacher_config(&self, cx: &CheckCx) -> Result<Option<ModelConfig>, Problem> {
-        let TeacherSpec::Model(name) = &self.teacher else { return Ok(None) };
-        let mut config = model_config(cx, name)?;
-        config.stop = STOP.iter().map(|s| s.to_string()).collect();
-        Ok(Some(config))
-    }
-
-    /// Resolves the settings for a run of stage `cx`: the teacher's client, the template and
-    /// taxonomy, and the sandbox (the managed Python environment created first if needed).
+    /// Starts the agent for a run of stage `cx`: the teacher's client, and the sandbox (the
+    /// managed Python environment created first if needed).
     pub async fn start<'a>(&'a self, cx: &'a StageCx) -> Result<Agent<'a>> {
-        let fail = |e: String| Error::stage(&cx.name, e);
-        let teacher = match (&self.teacher, self.teacher_config(&cx.pipeline).map_err(|p| fail(p.to_string()))?) {
-            (TeacherSpec::Model(name), Some(config)) => {
-                Teacher::Model { name: name.clone(), client: client(cx, name)?, config: Box::new(config) }
-            }
-            _ => Teacher::Scripted,
+        let teacher = match &self.teacher {
+            Some(model) => Teacher::Model { client: model.client(cx)?, model },
+            None => Teacher::Scripted,
         };
         Ok(Agent {
             cx,
-            settings: self,
+            setup: self,
             teacher,
-            templates: Templates::load(cx.pipeline.templates.as_deref(), &[&self.template]).map_err(fail)?,
-            taxonomy: Taxonomy::load(cx.pipeline.taxonomy.as_deref()).map_err(fail)?,
-            sandbox: sandbox(cx, self.isolation).await?,
+            sandbox: sandbox(cx, self.settings.isolation).await?,
             tally: Tally::default(),
         })
     }
@@ -162,36 +185,31 @@ impl AgentSettings {
     /// teacher), sending nothing: each makes up to `max_turns` requests, of which only the first
     /// is known in advance.
     pub fn estimate(&self, cx: &StageCx, tasks: &[Task], n: u32) -> Result<Option<Estimate>> {
-        let Some(config) = self.teacher_config(&cx.pipeline).map_err(|p| Error::stage(&cx.name, p))? else {
-            return Ok(None);
-        };
-        let templates = Templates::load(cx.pipeline.templates.as_deref(), &[&self.template])
-            .map_err(|e| Error::stage(&cx.name, e))?;
-        let taxonomy = Taxonomy::load(cx.pipeline.taxonomy.as_deref()).map_err(|e| Error::stage(&cx.name, e))?;
+        let Some(model) = &self.teacher else { return Ok(None) };
         let mut requests = Vec::new();
         for task in tasks {
-            let messages = self.opening(&templates, &taxonomy, task).map_err(|e| Error::stage(&cx.name, e))?;
+            let messages = self.opening(task).map_err(|e| Error::stage(&cx.name, e))?;
             for sample in 0..n {
                 requests.push(RowRequest { row_id: task.parent.clone(), messages: messages.clone(), sample });
             }
         }
-        estimate_rows(cx, &config, &requests, u64::from(self.max_turns)).map(Some)
+        estimate_rows(cx, &model.config, &requests, u64::from(self.settings.max_turns)).map(Some)
     }
 
-    fn system_prompt(&self, templates: &Templates, taxonomy: &Taxonomy, task: &Task) -> Result<String, String> {
-        let category = task.about.category.as_deref().and_then(|c| taxonomy.get(c));
+    fn system_prompt(&self, task: &Task) -> Result<String, String> {
+        let category = task.about.category.as_deref().and_then(|c| self.taxonomy.get(c));
         let files = if task.is_sql() {
             vec![format!("{} (SQLite; reach it only through the SQL tools)", task.file_name())]
         } else {
             vec![task.file_name()]
         };
-        templates.render(
-            &self.template,
+        self.templates.render(
+            &self.settings.template,
             serde_json::json!({
                 "sql": task.is_sql(),
                 "data_dir": "data/",
                 "files": files,
-                "max_turns": self.max_turns,
+                "max_turns": self.settings.max_turns,
                 "procedure": category.map(|c| c.procedure.clone()).unwrap_or_default(),
                 "category": category.map(|c| c.name.clone()).unwrap_or_default(),
             }),
@@ -199,24 +217,21 @@ impl AgentSettings {
     }
 
     /// The first two messages the teacher reads for `task` (with a rescue's critique).
-    fn opening(&self, templates: &Templates, taxonomy: &Taxonomy, task: &Task) -> Result<Vec<Message>, String> {
-        Ok(vec![
-            Message::new("system", self.system_prompt(templates, taxonomy, task)?),
-            Message::new("user", task.teacher_prompt()),
-        ])
+    fn opening(&self, task: &Task) -> Result<Vec<Message>, String> {
+        Ok(vec![Message::new("system", self.system_prompt(task)?), Message::new("user", task.teacher_prompt())])
     }
 }
 
 /// Who writes the assistant turns, resolved for a run.
-enum Teacher {
-    Model { name: String, client: Arc<Client>, config: Box<ModelConfig> },
+enum Teacher<'a> {
+    Model { model: &'a Model, client: Arc<Client> },
     Scripted,
 }
 
-impl Teacher {
+impl Teacher<'_> {
     fn name(&self) -> String {
         match self {
-            Teacher::Model { name, .. } => name.clone(),
+            Teacher::Model { model, .. } => model.name.clone(),
             Teacher::Scripted => "scripted".into(),
         }
     }
@@ -235,10 +250,8 @@ impl Tally {
 /// The agent, resolved for one run of one stage.
 pub struct Agent<'a> {
     cx: &'a StageCx,
-    settings: &'a AgentSettings,
-    teacher: Teacher,
-    templates: Templates,
-    taxonomy: Taxonomy,
+    setup: &'a AgentSetup,
+    teacher: Teacher<'a>,
     sandbox: Arc<Sandbox>,
     tally: Tally,
 }
@@ -248,8 +261,8 @@ impl Agent<'_> {
     /// A trajectory the teacher could not produce is a rejection (not cached: a rerun tries
     /// again); an error stops the whole run.
     pub async fn sample(&self, tasks: &[Task], n: u32) -> Vec<Result<Result<Trajectory, Rejection>>> {
-        let parallel = self.settings.parallel.unwrap_or(match &self.teacher {
-            Teacher::Model { config, .. } => config.max_concurrency.max(1),
+        let parallel = self.setup.settings.parallel.unwrap_or(match &self.teacher {
+            Teacher::Model { model, .. } => model.config.max_concurrency.max(1),
             Teacher::Scripted => 2 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
         });
         let jobs: Vec<(usize, u32)> = (0..tasks.len()).flat_map(|t| (0..n).map(move |s| (t, s))).collect();
@@ -278,7 +291,7 @@ impl Agent<'_> {
     /// The teacher's cost of `prompt` and `completion` tokens in USD (`None` when scripted).
     pub fn cost(&self, prompt: u64, completion: u64) -> Option<f64> {
         match &self.teacher {
-            Teacher::Model { config, .. } => Some(config.cost(prompt, completion)),
+            Teacher::Model { model, .. } => Some(model.config.cost(prompt, completion)),
             Teacher::Scripted => None,
         }
     }
@@ -296,7 +309,7 @@ impl Agent<'_> {
             Some((round, _)) => row_id(&[&task.parent], format!("rescue {round} trajectory {sample}").as_bytes()),
         };
         let reject = |reason: &str, detail: String| Rejection { row_id: id.clone(), reason: reason.into(), detail };
-        let opening = match self.settings.opening(&self.templates, &self.taxonomy, task) {
+        let opening = match self.setup.opening(task) {
             Ok(m) => m,
             Err(e) => return Ok(Err(reject("template_failed", e))),
         };
@@ -322,10 +335,10 @@ impl Agent<'_> {
             Teacher::Model { .. } => None,
         };
         let teacher_id = match &self.teacher {
-            Teacher::Model { config, .. } => config.request_body(&[], 1),
+            Teacher::Model { model, .. } => model.config.request_body(&[], 1),
             Teacher::Scripted => serde_json::json!({ "scripted": &script }),
         };
-        let settings = self.settings;
+        let settings = &self.setup.settings;
         let key = CacheKey::new(
             &format!("trajectory/{VERSION}"),
             &(
@@ -398,7 +411,7 @@ impl Agent<'_> {
         let spec = self.worker_spec(task, scratch);
         let mut worker: Option<Worker> = None;
         let (mut cells, mut last_output, mut last_failed) = (0usize, None::<String>, false);
-        for _ in 0..self.settings.max_turns {
+        for _ in 0..self.setup.settings.max_turns {
             let asked = Instant::now();
             let text = match (&self.teacher, script) {
                 (Teacher::Scripted, Some(script)) => match script.turn(cells, last_output.as_deref(), last_failed) {
@@ -408,8 +421,8 @@ impl Agent<'_> {
                         break;
                     }
                 },
-                (Teacher::Model { client, config, .. }, _) => {
-                    let body = config.request_body(&self.teacher_view(task, &t.messages), 1);
+                (Teacher::Model { client, model }, _) => {
+                    let body = model.config.request_body(&self.teacher_view(task, &t.messages), 1);
                     match cached_chat(self.cx, client, &body, sample).await {
                         Ok((completion, hit)) => {
                             self.tally.add("llm_cache_hits", hit as u64);
@@ -465,7 +478,7 @@ impl Agent<'_> {
                     cells += 1;
                     self.tally.add("cells", 1);
                     self.tally.add(&format!("cells_{}", status_name(&cell)), 1);
-                    let limits = &self.settings.sandbox;
+                    let limits = &self.setup.settings.sandbox;
                     let (observation, truncated) = cell.observation(limits.observation_head, limits.observation_tail);
                     t.worker_restarts += cell.state_lost() as u32;
                     last_failed = cell.error.is_some();
@@ -494,7 +507,7 @@ impl Agent<'_> {
         } else {
             (vec![DataFile { name: task.file_name(), path }], None)
         };
-        WorkerSpec { scratch: scratch.to_path_buf(), data, database, limits: self.settings.sandbox.clone() }
+        WorkerSpec { scratch: scratch.to_path_buf(), data, database, limits: self.setup.settings.sandbox.clone() }
     }
 }
 

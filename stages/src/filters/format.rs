@@ -13,7 +13,7 @@
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use kiln_pipeline::Result;
-use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Config, Input, InputSchema, Output, Problem, Stage, StageCx};
 use serde::{Deserialize, Serialize};
 
 use super::{Refusal, Row, filter_schema, messages, retain, text};
@@ -87,6 +87,12 @@ pub fn check_trajectory(row: &Row) -> Result<(), Refusal> {
         return bad("no_answer", why);
     }
     Ok(())
+}
+
+impl Config for FormatFilter {
+    fn build(&self, _cx: &CheckCx, _problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
+        Some(Box::new(self.clone()))
+    }
 }
 
 #[async_trait]

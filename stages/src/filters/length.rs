@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
-use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Config, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -47,16 +47,26 @@ fn default_answer() -> usize {
 
 const KIND: &str = "length_filter";
 
-#[async_trait]
-impl Stage for LengthFilter {
-    fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
+impl LengthFilter {
+    /// Every problem of the parameters, at its key.
+    fn problems(&self, cx: &CheckCx) -> Vec<Problem> {
         let Some(path) = &self.tokenizer else { return Vec::new() };
         match TokenCounter::load(Some(&cx.resolve(path))) {
             Ok(_) => Vec::new(),
             Err(e) => vec![Problem::new("tokenizer", e).help("name a Hugging Face tokenizer.json file")],
         }
     }
+}
 
+impl Config for LengthFilter {
+    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
+        problems.extend(self.problems(cx));
+        Some(Box::new(self.clone()))
+    }
+}
+
+#[async_trait]
+impl Stage for LengthFilter {
     fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
         self.tokenizer.iter().map(|p| FileDep::Contents(cx.resolve(p))).collect()
     }

@@ -43,14 +43,14 @@ use async_trait::async_trait;
 use kiln_llm::Message;
 use kiln_pipeline::rows::{to_batch, to_json_rows};
 use kiln_pipeline::stage::{
-    CheckCx, Estimate, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx,
+    CheckCx, Config, Estimate, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx,
 };
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::agent::Keys;
-use crate::llm_rows::{RowRequest, client, complete_rows, estimate_rows, model_config};
+use crate::agent::{AgentSetup, Keys};
+use crate::llm_rows::{Model, RowRequest, complete_rows, estimate_rows};
 use crate::templates::{Templates, check_template};
 use verdict::{Rules, Verdict, parse_reply};
 
@@ -116,60 +116,79 @@ fn output_schema(input: &Schema) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-impl Judge {
-    fn templates(&self, cx: &CheckCx) -> Result<Templates, String> {
-        Templates::load(cx.templates.as_deref(), &[&self.template])
-    }
-
-    /// How this stage decides `question`.
-    fn rules<'q>(&self, seed: u64, question: &'q str) -> Rules<'q> {
-        Rules { mode: self.mode, tolerance: self.tolerance, seed, question }
-    }
-}
-
 /// The final answers of a question's trajectories, in sample order.
 fn answers(group: &Group) -> Vec<&str> {
     group.iter().map(answer).collect()
 }
 
-#[async_trait]
-impl Stage for Judge {
-    fn models(&self) -> Vec<String> {
-        self.model.iter().cloned().chain(self.rescue.iter().map(|r| r.teacher.clone())).collect()
-    }
-
-    fn seeded(&self) -> bool {
-        self.mode == Mode::KeepRandom
-    }
-
-    fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        if let Some(model) = &self.model
-            && let Err(p) = model_config(cx, model)
-        {
-            problems.push(p);
-        }
+impl Config for Judge {
+    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
+        let model = self.model.as_ref().and_then(|m| Model::resolve(cx, m).map_err(|p| problems.push(p)).ok());
         if !(0.0..1.0).contains(&self.tolerance) {
             problems.push(Problem::new(
                 "tolerance",
                 format!("`tolerance` is relative, between 0 and 1; got {}", self.tolerance),
             ));
         }
-        problems.extend(check_template(cx, &self.template, &["question", "answers"], "judge"));
-        if let Some(rescue) = &self.rescue {
+        let templates =
+            check_template(cx, &self.template, &["question", "answers"], "judge").map_err(|p| problems.push(p)).ok();
+        let mut rescue = None;
+        if let Some(r) = &self.rescue {
             if self.model.is_none() {
                 problems.push(Problem::new("rescue", "rescue needs a judge `model` to judge the new answers"));
             }
             let keys = Keys { prefix: "rescue.", teacher: "rescue.teacher", kind: "trajectories" };
-            problems.extend(rescue.agent().problems(cx, keys));
+            rescue = Some((r.rounds, r.agent().build(cx, keys, problems)?));
         }
-        problems
+        match templates {
+            Some(templates) => Some(Box::new(Judging { params: self.clone(), model, templates, rescue })),
+            _ => None,
+        }
+    }
+}
+
+/// A built `judge` stage.
+#[derive(Debug)]
+struct Judging {
+    params: Judge,
+    /// The judge model, if any.
+    model: Option<Model>,
+    templates: Templates,
+    /// Rescue rounds, and the agent that samples them.
+    rescue: Option<(u32, AgentSetup)>,
+}
+
+impl Judging {
+    /// The judge call for the question `id` and its trajectories' answers.
+    fn judge_request(&self, id: &str, group: &Group) -> Result<RowRequest, String> {
+        let answers: Vec<&str> = group.iter().map(answer).collect();
+        let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
+        let vars = serde_json::json!({"question": question, "answers": answers});
+        let prompt = self.templates.render(&self.params.template, vars)?;
+        Ok(RowRequest { row_id: id.to_string(), messages: vec![Message::new("user", prompt)], sample: 0 })
     }
 
-    fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
-        let mut files = self.templates(cx).map(|t| t.files()).unwrap_or_default();
-        if let Some(rescue) = &self.rescue {
-            files.extend(rescue.agent().files(cx));
+    /// How this stage decides `question`.
+    fn rules<'q>(&self, seed: u64, question: &'q str) -> Rules<'q> {
+        Rules { mode: self.params.mode, tolerance: self.params.tolerance, seed, question }
+    }
+}
+
+#[async_trait]
+impl Stage for Judging {
+    fn models(&self) -> Vec<String> {
+        let teacher = self.rescue.as_ref().and_then(|(_, agent)| agent.teacher());
+        self.model.iter().chain(teacher).map(|m| m.name.clone()).collect()
+    }
+
+    fn seeded(&self) -> bool {
+        self.params.mode == Mode::KeepRandom
+    }
+
+    fn files(&self, _cx: &CheckCx) -> Vec<FileDep> {
+        let mut files = self.templates.files();
+        if let Some((_, agent)) = &self.rescue {
+            files.extend(agent.files());
         }
         files
     }
@@ -181,9 +200,8 @@ impl Stage for Judge {
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
         let Some(model) = &self.model else { return Ok(None) };
-        let config = model_config(&cx.pipeline, model).map_err(|p| Error::stage(&cx.name, p))?;
         let (_, requests) = self.plan(cx, &inputs[0])?;
-        estimate_rows(cx, &config, &requests, 1).map(Some)
+        estimate_rows(cx, &model.config, &requests, 1).map(Some)
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
@@ -205,12 +223,12 @@ impl Stage for Judge {
                     requests.len()
                 )));
             };
-            let client = client(cx, model)?;
+            let client = model.client(cx)?;
             let asked: BTreeMap<String, &Group> =
                 requests.iter().map(|r| (r.row_id.clone(), &groups[&r.row_id])).collect();
             verdicts.extend(self.consistency(cx, &client, requests, &asked, &mut out).await?);
-            if let Some(rescue) = &self.rescue {
-                rescued = self.rescue(cx, rescue, &client, &groups, &mut verdicts, &mut out).await?;
+            if let Some((rounds, agent)) = &self.rescue {
+                rescued = self.rescue(cx, *rounds, agent, &client, &groups, &mut verdicts, &mut out).await?;
             }
         }
 
@@ -255,19 +273,11 @@ impl Stage for Judge {
     }
 }
 
-/// The judge call for the question `id` and its trajectories' answers.
-fn judge_request(templates: &Templates, template: &str, id: &str, group: &Group) -> Result<RowRequest, String> {
-    let answers: Vec<&str> = group.iter().map(answer).collect();
-    let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
-    let prompt = templates.render(template, serde_json::json!({"question": question, "answers": answers}))?;
-    Ok(RowRequest { row_id: id.to_string(), messages: vec![Message::new("user", prompt)], sample: 0 })
-}
-
 fn row_id(row: &Map<String, Value>) -> String {
     row.get("row_id").and_then(Value::as_str).unwrap_or_default().to_string()
 }
 
-impl Judge {
+impl Judging {
     /// One judge call per request (a question and its answers in `groups`); the verdicts.
     async fn consistency(
         &self,
@@ -278,7 +288,7 @@ impl Judge {
         out: &mut Output,
     ) -> Result<BTreeMap<String, Verdict>> {
         let (replies, rejections, counters) =
-            complete_rows(cx, client, requests.clone(), self.max_parse_retries, parse_reply).await?;
+            complete_rows(cx, client, requests.clone(), self.params.max_parse_retries, parse_reply).await?;
         for (name, n) in counters {
             *out.counters.entry(name).or_default() += n;
         }
@@ -319,13 +329,12 @@ impl Judge {
         for group in groups.values_mut() {
             group.sort_by_key(|r| r.get("sample").and_then(Value::as_u64).unwrap_or(0));
         }
-        let templates = self.templates(&cx.pipeline).map_err(|e| Error::stage(&cx.name, e))?;
         let mut requests = Vec::new();
         for (id, group) in &groups {
             if group[0].get("gold_answer").and_then(Value::as_str).is_some() {
                 continue;
             }
-            requests.push(judge_request(&templates, &self.template, id, group).map_err(|e| Error::stage(&cx.name, e))?);
+            requests.push(self.judge_request(id, group).map_err(|e| Error::stage(&cx.name, e))?);
         }
         Ok((groups, requests))
     }

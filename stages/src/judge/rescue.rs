@@ -8,8 +8,8 @@ use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 use super::verdict::Verdict;
-use super::{Group, Judge, judge_request};
-use crate::agent::{AgentSettings, Task, TeacherSpec};
+use super::{Group, Judging};
+use crate::agent::{AgentSettings, AgentSetup, Task, TeacherSpec};
 
 /// How inconsistent questions are rescued: the agent's settings are those of a `trajectories`
 /// stage, with the same defaults.
@@ -56,25 +56,24 @@ fn one() -> u32 {
     1
 }
 
-impl Judge {
+impl Judging {
     /// Rescue rounds for the inconsistent questions among `verdicts`: new trajectories with the
     /// critique, judged again. Returns the rescued questions' new trajectories (and round),
     /// and updates their verdicts.
     pub(super) async fn rescue(
         &self,
         cx: &StageCx,
-        rescue: &Rescue,
+        rounds: u32,
+        agent: &AgentSetup,
         client: &kiln_llm::Client,
         groups: &BTreeMap<String, Group>,
         verdicts: &mut BTreeMap<String, Verdict>,
         out: &mut Output,
     ) -> Result<BTreeMap<String, (Group, u32)>> {
         let n = groups.values().map(Vec::len).max().unwrap_or(1) as u32;
-        let settings = rescue.agent();
-        let agent = settings.start(cx).await?;
-        let templates = self.templates(&cx.pipeline).map_err(|e| Error::stage(&cx.name, e))?;
+        let agent = agent.start(cx).await?;
         let mut rescued = BTreeMap::new();
-        for round in 1..=rescue.rounds {
+        for round in 1..=rounds {
             let pending: Vec<(String, String)> = verdicts
                 .iter()
                 .filter(|(id, v)| v.keep.is_empty() && v.dropped.0 == "inconsistent" && !rescued.contains_key(*id))
@@ -103,9 +102,7 @@ impl Judge {
             }
             let requests = fresh
                 .iter()
-                .map(|(id, group)| {
-                    judge_request(&templates, &self.template, id, group).map_err(|e| Error::stage(&cx.name, e))
-                })
+                .map(|(id, group)| self.judge_request(id, group).map_err(|e| Error::stage(&cx.name, e)))
                 .collect::<Result<Vec<_>>>()?;
             let asked: BTreeMap<String, &Group> = fresh.iter().map(|(id, g)| (id.clone(), g)).collect();
             for (id, verdict) in self.consistency(cx, client, requests, &asked, out).await? {

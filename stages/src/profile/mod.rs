@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
 use kiln_pipeline::cache::CacheKey;
 use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch};
-use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Config, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx};
 use kiln_pipeline::{Error, Result, progress};
 use serde::{Deserialize, Serialize};
 
@@ -415,13 +415,9 @@ fn shown_dir(dir: &Path) -> String {
     if dir.as_os_str().is_empty() { ".".into() } else { dir.display().to_string() }
 }
 
-#[async_trait]
-impl Stage for Profile {
-    fn version(&self) -> u32 {
-        VERSION
-    }
-
-    fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
+impl Profile {
+    /// Every problem of the parameters, at its key.
+    fn problems(&self, cx: &CheckCx) -> Vec<Problem> {
         let mut problems = Vec::new();
         if self.paths.is_empty() {
             problems.push(
@@ -457,6 +453,20 @@ impl Stage for Profile {
             problems.push(Problem::new("parallelism", "`parallelism` must be at least 1, got 0"));
         }
         problems
+    }
+}
+
+impl Config for Profile {
+    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
+        problems.extend(self.problems(cx));
+        Some(Box::new(self.clone()))
+    }
+}
+
+#[async_trait]
+impl Stage for Profile {
+    fn version(&self) -> u32 {
+        VERSION
     }
 
     fn files(&self, cx: &CheckCx) -> Vec<FileDep> {

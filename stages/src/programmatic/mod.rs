@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch};
-use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Config, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -197,18 +197,15 @@ fn format_value(value: &dyn Array, decimals: usize) -> Result<String, String> {
     Ok(f.value(0).to_string())
 }
 
-#[async_trait]
-impl Stage for Programmatic {
-    fn seeded(&self) -> bool {
-        true
-    }
-
-    fn validate(&self, cx: &CheckCx) -> Vec<Problem> {
+impl Config for Programmatic {
+    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
         let taxonomy = match Taxonomy::load(cx.taxonomy.as_deref()) {
             Ok(t) => t,
-            Err(e) => return vec![Problem::new("", format!("the taxonomy does not load: {e}"))],
+            Err(e) => {
+                problems.push(Problem::new("", format!("the taxonomy does not load: {e}")));
+                return None;
+            }
         };
-        let mut problems = Vec::new();
         for (i, id) in self.categories.iter().flatten().enumerate() {
             if taxonomy.get(id).is_none() {
                 let ids = taxonomy.categories.iter().map(|c| c.id.as_str());
@@ -230,11 +227,25 @@ impl Stage for Programmatic {
                 Problem::new("categories", "`categories` is empty").help("remove it to use every supported category"),
             );
         }
-        problems
+        Some(Box::new(Instantiating { params: self.clone(), taxonomy }))
+    }
+}
+
+/// A built `programmatic` stage.
+#[derive(Debug)]
+struct Instantiating {
+    params: Programmatic,
+    taxonomy: Taxonomy,
+}
+
+#[async_trait]
+impl Stage for Instantiating {
+    fn seeded(&self) -> bool {
+        true
     }
 
-    fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
-        Taxonomy::load(cx.taxonomy.as_deref()).map(|t| t.files()).unwrap_or_default()
+    fn files(&self, _cx: &CheckCx) -> Vec<FileDep> {
+        self.taxonomy.files()
     }
 
     async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
@@ -243,12 +254,11 @@ impl Stage for Programmatic {
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
-        let taxonomy = Taxonomy::load(cx.pipeline.taxonomy.as_deref()).map_err(|e| Error::stage(&cx.name, e))?;
         let mut output = Output::default();
         let mut rows = Vec::new();
         for input in inputs {
             for table in crate::profile::read_profiles(input)? {
-                rows.extend(self.table_questions(cx, &taxonomy, &table, &mut output).await?);
+                rows.extend(self.params.table_questions(cx, &self.taxonomy, &table, &mut output).await?);
             }
         }
         let mut per_category: BTreeMap<String, u64> = BTreeMap::new();
