@@ -62,7 +62,7 @@ inputs = ["files"]
         util::rows(&dir.join("D/unique")).iter().map(|r| r["question"].as_str().unwrap().to_string()).collect();
     let rejected: Vec<_> =
         util::rows(&dir.join("D/_rejections")).into_iter().filter(|r| r["stage"] == "unique").collect();
-    let normal = |s: &str| kiln_stages::answers::normalize(s);
+    let normal = |s: &str| kiln_stages::graders::normalize(s);
     let mut near_found = 0;
     for r in &rejected {
         let text = &all[r["row_id"].as_str().unwrap()];

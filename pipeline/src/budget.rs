@@ -9,6 +9,35 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// A cap that was reached: of the run or of a stage (`scope`), what was spent and the cap.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Spent {
+    /// Tokens.
+    #[error("the {scope}'s token budget is spent ({spent} of `max_tokens` = {max})")]
+    Tokens {
+        /// `run` or `stage`.
+        scope: &'static str,
+        /// Tokens spent.
+        spent: u64,
+        /// The cap.
+        max: u64,
+    },
+    /// Cost, in millionths of a USD.
+    #[error(
+        "the {scope}'s cost budget is spent (${:.4} of `max_cost_usd` = ${:.4})",
+        *micro_usd as f64 / 1e6,
+        *max_micro_usd as f64 / 1e6
+    )]
+    Cost {
+        /// `run` or `stage`.
+        scope: &'static str,
+        /// Spent, in millionths of a USD.
+        micro_usd: u64,
+        /// The cap, in millionths of a USD.
+        max_micro_usd: u64,
+    },
+}
+
 /// Spending so far and its caps; a stage's budget also counts against the run's (its parent).
 #[derive(Debug, Default)]
 pub struct Budget {
@@ -46,8 +75,8 @@ impl Budget {
         }
     }
 
-    /// `Err` with an explanation once a cap is reached.
-    pub fn check(&self) -> Result<(), String> {
+    /// `Err` saying which cap was reached, once one is.
+    pub fn check(&self) -> Result<(), Spent> {
         if let Some(p) = &self.parent {
             p.check()?;
         }
@@ -55,14 +84,10 @@ impl Budget {
         let tokens = self.tokens.load(Ordering::SeqCst);
         let micro = self.micro_usd.load(Ordering::SeqCst);
         if let Some(max) = self.max_tokens.filter(|&m| tokens >= m) {
-            return Err(format!("the {scope}'s token budget is spent ({tokens} of `max_tokens` = {max})"));
+            return Err(Spent::Tokens { scope, spent: tokens, max });
         }
         if let Some(max) = self.max_micro_usd.filter(|&m| micro >= m) {
-            return Err(format!(
-                "the {scope}'s cost budget is spent (${:.4} of `max_cost_usd` = ${:.4})",
-                micro as f64 / 1e6,
-                max as f64 / 1e6
-            ));
+            return Err(Spent::Cost { scope, micro_usd: micro, max_micro_usd: max });
         }
         Ok(())
     }
@@ -84,16 +109,19 @@ mod tests {
         b.spend(60, 0.002);
         assert!(b.check().is_ok());
         b.spend(60, 0.002);
-        assert!(b.check().unwrap_err().contains("120 of `max_tokens` = 100"));
+        assert_eq!(b.check().unwrap_err(), Spent::Tokens { scope: "run", spent: 120, max: 100 });
+        assert!(b.check().unwrap_err().to_string().contains("120 of `max_tokens` = 100"));
         let c = Budget::new(None, Some(0.01));
         c.spend(1, 0.02);
-        assert!(c.check().unwrap_err().contains("cost budget"));
+        assert!(
+            c.check().unwrap_err().to_string().contains("cost budget is spent ($0.0200 of `max_cost_usd` = $0.0100)")
+        );
         assert!(Budget::default().check().is_ok());
 
         let run = std::sync::Arc::new(Budget::new(Some(1000), None));
         let stage = Budget::stage(run.clone(), Some(10), None);
         stage.spend(10, 0.0);
-        assert!(stage.check().unwrap_err().contains("the stage's token budget"));
+        assert!(stage.check().unwrap_err().to_string().contains("the stage's token budget"));
         assert_eq!(run.tokens(), 10, "stage spending counts against the run");
     }
 }

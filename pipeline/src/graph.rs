@@ -38,7 +38,7 @@ impl Graph {
         &self.inputs[i]
     }
 
-    /// A topological order (ties keep file order), or the nodes of one cycle, first node
+    /// A topological order (ties keep index order), or the nodes of one cycle, first node
     /// repeated at the end.
     pub fn topo_order(&self) -> Result<Vec<usize>, Vec<usize>> {
         let mut order = Vec::with_capacity(self.len());

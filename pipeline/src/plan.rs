@@ -19,7 +19,7 @@ pub struct Plan {
     pub file: PathBuf,
     /// The `[pipeline]` table.
     pub settings: PipelineSettings,
-    /// The stages, in file order.
+    /// The stages, in name order (the `[stages]` table is read sorted).
     pub stages: Vec<PlannedStage>,
     /// Stages and their inputs, indexed like `stages`.
     pub graph: Graph,
@@ -116,7 +116,7 @@ impl Plan {
         })
     }
 
-    /// Stage names, in file order.
+    /// Stage names, in name order.
     pub fn stage_names(&self) -> Vec<String> {
         self.stages.iter().map(|s| s.name.clone()).collect()
     }
@@ -212,4 +212,94 @@ async fn check_schemas(
         }
     }
     schemas
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::datatypes::Schema;
+
+    use super::*;
+    use crate::registry::Kind;
+    use crate::stage::{Config, Input, Output, Problem, StageCx};
+
+    /// A kind that reads at most one input and whose `size` must be at most 10.
+    #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+    #[serde(deny_unknown_fields)]
+    struct Pass {
+        #[serde(default)]
+        size: u32,
+    }
+
+    impl Config for Pass {
+        fn build(&self, _: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
+            if self.size > 10 {
+                problems.push(Problem::new("size", format!("`size` is at most 10, got {}", self.size)));
+            }
+            Some(Box::new(self.clone()))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Stage for Pass {
+        async fn output_schema(&self, _: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
+            if inputs.len() > 1 {
+                return Err(vec![Problem::new("inputs", "a `pass` stage reads one input at most")]);
+            }
+            Ok(Arc::new(Schema::new(crate::rows::lineage_fields().to_vec())))
+        }
+
+        async fn run(&self, _: &StageCx, _: &[Input]) -> Result<Output> {
+            Ok(Output::default())
+        }
+    }
+
+    async fn load(text: &str) -> Result<Plan> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, text).unwrap();
+        Plan::load(&path, &Registry::new(vec![Kind::of::<Pass>("pass", "passes rows on")])).await
+    }
+
+    fn problems(e: Error) -> Vec<String> {
+        match e {
+            Error::Config(d) => d.0.into_iter().map(|d| format!("{}:{} {}", d.line, d.column, d.message)).collect(),
+            other => panic!("not a configuration error: {other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_valid_pipeline_is_ordered_and_keeps_resolved_parameters() {
+        let text = "[pipeline]\nname = \"p\"\n\n[stages.b]\nkind = \"pass\"\ninputs = [\"a\"]\n\n[stages.a]\nkind = \"pass\"\n";
+        let plan = load(text).await.unwrap();
+        assert_eq!(plan.stage_names(), ["a", "b"]);
+        let text = text.replace("[stages.a]", "[stages.c]").replace("[\"a\"]", "[\"c\"]");
+        let plan = load(&text).await.unwrap();
+        let order: Vec<&str> = plan.order.iter().map(|&i| plan.stages[i].name.as_str()).collect();
+        assert_eq!(order, ["c", "b"], "inputs come first");
+        assert_eq!(plan.stages[1].params, serde_json::json!({"size": 0}), "defaults are written out");
+        assert_eq!(plan.output_dir, PathBuf::from("outputs/p"));
+        assert!(plan.stage_index("x").unwrap_err().to_string().contains("no stage named `x`"));
+    }
+
+    #[tokio::test]
+    async fn every_problem_is_reported_at_once_at_its_position() {
+        let text = "[pipeline]\nname = \"p\"\n\n[stages.a]\nkind = \"pass\"\nsize = 11\n\n\
+                    [stages.b]\nkind = \"pass\"\ninputs = [\"a\", \"ghost\"]\n\n[stages.c]\nkind = \"pass\"\n\
+                    inputs = [\"a\", \"d\"]\n\n[stages.d]\nkind = \"pass\"\n";
+        let found = problems(load(text).await.unwrap_err());
+        assert_eq!(
+            found,
+            [
+                "6:8 stage `a`: `size` is at most 10, got 11",
+                "10:16 stage `b`: unknown input `ghost`",
+                "14:10 stage `c`: a `pass` stage reads one input at most",
+            ],
+            "a parameter problem does not stop the schema checks"
+        );
+        let cycle = "[pipeline]\nname = \"p\"\n\n[stages.a]\nkind = \"pass\"\ninputs = [\"b\"]\n\n\
+                     [stages.b]\nkind = \"pass\"\ninputs = [\"a\"]\n";
+        assert_eq!(problems(load(cycle).await.unwrap_err()), ["4:9 the stages form a cycle: a -> b -> a"]);
+    }
 }

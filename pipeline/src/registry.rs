@@ -44,7 +44,7 @@ impl fmt::Debug for Kind {
 fn build<C: DeserializeOwned + Serialize + Config>(de: ValueDeserializer<'_>) -> Result<Built, toml::de::Error> {
     let config = C::deserialize(de)?;
     // serde_json's maps are sorted (no `preserve_order` in this workspace), so this is canonical.
-    let resolved = serde_json::to_value(&config).map_err(|e| <toml::de::Error as de::Error>::custom(e))?;
+    let resolved = serde_json::to_value(&config).map_err(<toml::de::Error as de::Error>::custom)?;
     Ok(Built { config: Box::new(config), resolved })
 }
 

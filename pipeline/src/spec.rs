@@ -78,7 +78,7 @@ pub struct Spec {
     /// `[models.<name>]` tables, shared by stages that call LLMs, as canonical JSON: resolved
     /// (defaults written out) when valid, as written otherwise.
     pub models: serde_json::Value,
-    /// Stages, in file order.
+    /// Stages, in name order (TOML tables are read sorted by key).
     pub stages: Vec<StageSpec>,
 }
 

@@ -119,9 +119,9 @@ pub struct Problem {
 
 impl Problem {
     /// A problem at `at` (a dotted key path such as `paths.1`, or `""` for the stage itself).
-    pub fn new(at: &str, message: impl Into<String>) -> Self {
+    pub fn new(at: &str, message: impl std::fmt::Display) -> Self {
         let at = at.split('.').filter(|s| !s.is_empty()).map(str::to_string).collect();
-        Problem { at, message: message.into(), help: None }
+        Problem { at, message: message.to_string(), help: None }
     }
 
     /// Adds a hint.

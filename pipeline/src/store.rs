@@ -305,3 +305,80 @@ fn rejection_batch(stage: &str, rejections: &[Rejection]) -> Result<RecordBatch>
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, StringArray};
+
+    fn schema() -> SchemaRef {
+        crate::rows::schema_with_lineage(vec![Field::new("text", DataType::Utf8, false)])
+    }
+
+    fn batch(texts: &[&str]) -> RecordBatch {
+        let rows: Vec<serde_json::Value> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| serde_json::json!({"row_id": format!("r{i}"), "parent_ids": [], "text": t}))
+            .collect();
+        crate::rows::to_batch(&schema(), &rows).unwrap()
+    }
+
+    fn manifest() -> Manifest {
+        let parts = crate::fingerprint::parts_with(serde_json::json!({}));
+        Manifest {
+            stage: "s".into(),
+            fingerprint: parts.fingerprint(),
+            parts,
+            input_fingerprints: BTreeMap::new(),
+            content_hash: String::new(),
+            schema: vec![],
+            row_count: 0,
+            rejected: 0,
+            files: vec![],
+            started_at: now(),
+            finished_at: String::new(),
+            counters: BTreeMap::new(),
+        }
+    }
+
+    fn texts(dir: &Path) -> Vec<String> {
+        let batches = read_dataset(dir).unwrap();
+        batches
+            .iter()
+            .flat_map(|b| {
+                let col = b.column_by_name("text").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+                (0..col.len()).map(move |i| col.value(i).to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_written_dataset_reads_back_with_its_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let rejection = Rejection { row_id: "x".into(), reason: "too_short".into(), detail: "0 words".into() };
+        let m = store.write(&schema(), &[batch(&["a", "b"]), batch(&["c"])], &[rejection], manifest()).unwrap();
+        assert_eq!((m.row_count, m.rejected, m.files.len()), (3, 1, 1));
+        assert_eq!(store.manifest("s").unwrap().unwrap().content_hash, m.content_hash);
+        assert_eq!(texts(&store.stage_dir("s")), ["a", "b", "c"]);
+        let again = store.write(&schema(), &[batch(&["a", "b"]), batch(&["c"])], &[], manifest()).unwrap();
+        assert_eq!(again.content_hash, m.content_hash, "the same rows hash the same");
+        let other = store.write(&schema(), &[batch(&["z"])], &[], manifest()).unwrap();
+        assert_ne!(other.content_hash, m.content_hash);
+        assert_eq!(texts(&store.stage_dir("s")), ["z"], "a rewrite replaces the dataset");
+    }
+
+    #[test]
+    fn unfinished_and_damaged_datasets_are_not_datasets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        std::fs::create_dir_all(dir.path().join(".tmp-s-1")).unwrap();
+        std::fs::create_dir_all(dir.path().join("s")).unwrap();
+        assert!(store.manifest("s").unwrap().is_none(), "a folder without a manifest is unfinished");
+        std::fs::write(dir.path().join("s").join(MANIFEST), "{ not json").unwrap();
+        assert!(store.manifest("s").unwrap().is_none(), "a damaged manifest means rebuild");
+        store.clean_leftovers().unwrap();
+        assert!(!dir.path().join(".tmp-s-1").exists());
+    }
+}

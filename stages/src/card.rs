@@ -31,8 +31,8 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::families::{Row, TRAJECTORY, Turns};
 use crate::filters::tokens::approximate;
-use crate::filters::{Row, messages, text};
 
 /// Parameters of a `card` stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,15 +93,32 @@ fn top_reasons(out: &Path, stage: &str) -> Vec<(String, usize)> {
     let batches: Vec<_> = reader.filter_map(|b| b.ok()).collect();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for row in to_json_rows(&batches).unwrap_or_default() {
-        *counts.entry(text(&row, "reason").to_string()).or_default() += 1;
+        if let Ok(r) = serde_json::from_value::<kiln_pipeline::stage::Rejection>(Value::Object(row)) {
+            *counts.entry(r.reason).or_default() += 1;
+        }
     }
     let mut v: Vec<(String, usize)> = counts.into_iter().collect();
     v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     v
 }
 
+/// A trajectory as the card describes it.
+type Described = Row<Description>;
+
+/// The columns of a trajectory the card reads.
+#[derive(Debug, serde::Deserialize)]
+struct Description {
+    #[serde(flatten)]
+    turns: Turns,
+    category: Option<String>,
+    format: String,
+    difficulty: Option<u32>,
+    #[serde(rename = "turns")]
+    turn_count: u32,
+}
+
 /// Counts of each value of `key(row)`, sorted by value.
-fn count_by(rows: &[Row], key: impl Fn(&Row) -> String) -> BTreeMap<String, usize> {
+fn count_by(rows: &[Described], key: impl Fn(&Described) -> String) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for r in rows {
         *m.entry(key(r)).or_default() += 1;
@@ -164,7 +181,7 @@ impl Card {
         &self,
         cx: &StageCx,
         input: &Input,
-        rows: &[Row],
+        rows: &[Described],
         dir: &Path,
         stem: &str,
     ) -> Result<(String, Vec<String>)> {
@@ -183,7 +200,7 @@ impl Card {
             fingerprints.update(format!("{}\0{}\n", m.stage, parts.fingerprint()).as_bytes());
         }
         let fingerprint = fingerprints.finalize().to_hex()[..32].to_string();
-        let questions: BTreeSet<String> = rows.iter().map(|r| r["parent_ids"][0].to_string()).collect();
+        let questions: BTreeSet<String> = rows.iter().filter_map(|r| r.parent_ids.first().cloned()).collect();
 
         let mut md = String::new();
         let _ = writeln!(md, "# {title}\n");
@@ -195,19 +212,17 @@ impl Card {
             input.name
         );
         md.push_str("## Contents\n\n");
-        let by_category = count_by(rows, |r| text(r, "category").to_string());
+        let by_category = count_by(rows, |r| r.data.category.clone().unwrap_or_default());
         table(&mut md, "category", &by_category);
-        table(&mut md, "file format", &count_by(rows, |r| text(r, "format").to_string()));
-        table(
-            &mut md,
-            "difficulty",
-            &count_by(rows, |r| r.get("difficulty").map(Value::to_string).unwrap_or_default()),
-        );
-        let turns = count_by(rows, |r| format!("{:>2}", r.get("turns").and_then(Value::as_u64).unwrap_or(0)));
+        table(&mut md, "file format", &count_by(rows, |r| r.data.format.clone()));
+        table(&mut md, "difficulty", &count_by(rows, |r| r.data.difficulty.map(|d| d.to_string()).unwrap_or_default()));
+        let turns = count_by(rows, |r| format!("{:>2}", r.data.turn_count));
         table(&mut md, "assistant turns", &turns);
         md.push_str("## Lengths (tokens, approximate)\n\n");
-        let answers: Vec<usize> = rows.iter().map(|r| approximate(text(r, "final_answer"))).collect();
-        let whole: Vec<usize> = rows.iter().map(|r| messages(r).iter().map(|(_, c)| approximate(c)).sum()).collect();
+        let answers: Vec<usize> =
+            rows.iter().map(|r| approximate(r.data.turns.final_answer.as_deref().unwrap_or(""))).collect();
+        let whole: Vec<usize> =
+            rows.iter().map(|r| r.data.turns.messages.iter().map(|m| approximate(&m.content)).sum()).collect();
         let _ = writeln!(md, "- final answers: {}\n- whole trajectories: {}\n", spread(answers), spread(whole));
 
         md.push_str("## Funnel\n\n| stage | kind | rows out | rejected | top rejection reasons |\n| --- | --- | ---: | ---: | --- |\n");
@@ -289,7 +304,7 @@ impl Stage for Card {
         let dir = target.parent().map(Path::to_path_buf).unwrap_or_default();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let stem = target.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default().to_lowercase();
-        let rows = to_json_rows(&inputs[0].read()?)?;
+        let rows: Vec<Described> = TRAJECTORY.read(&inputs[0])?;
         let (md, plots) = self.render(cx, &inputs[0], &rows, &dir, &stem)?;
         crate::export::write_atomic(&target, |w| w.write_all(md.as_bytes()))?;
         let hash = blake3::hash(md.as_bytes()).to_hex().to_string();

@@ -27,13 +27,14 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use async_trait::async_trait;
 use kiln_llm::Message;
-use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch, to_json_rows};
+use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch};
 use kiln_pipeline::stage::{
     CheckCx, Config, Estimate, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx,
 };
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::families::{QUESTION, Question, Row};
 use crate::llm_rows::{Model, RowRequest, complete_rows, estimate_rows, parse_tags};
 use crate::profile::readers::Format;
 use crate::templates::{Templates, check_template};
@@ -64,17 +65,16 @@ fn default_template() -> String {
 
 /// Variables the template receives.
 const VARIABLES: &[&str] = &["table", "path", "current", "follow_up", "follow_up_category", "step", "depth"];
-/// Input columns a chain needs.
-const NEEDS: &[&str] = &["row_id", "question", "category", "path", "table"];
+/// The `Question` columns a chain needs.
+const NEEDS: &[&str] = &["question", "category", "path", "table"];
 
 /// One input question.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 struct Source {
     row_id: String,
     question: String,
     category: String,
     path: String,
-    #[serde(default)]
     format: Option<String>,
     table: String,
 }
@@ -139,14 +139,19 @@ fn follow_ups<'a>(seed: &Source, pool: &'a [Source], seed_text: &str) -> Vec<&'a
 }
 
 /// Every input question.
-fn read_sources(cx: &StageCx, input: &Input) -> Result<Vec<Source>> {
-    to_json_rows(&input.read()?)?
+fn read_sources(input: &Input) -> Result<Vec<Source>> {
+    Ok(QUESTION
+        .read::<Row<Question>>(input)?
         .into_iter()
-        .map(|r| {
-            serde_json::from_value(serde_json::Value::Object(r))
-                .map_err(|e| Error::stage(&cx.name, format!("input row: {e}")))
+        .map(|r| Source {
+            row_id: r.row_id,
+            question: r.data.question,
+            category: r.data.category.unwrap_or_default(),
+            path: r.data.path,
+            format: r.data.format,
+            table: r.data.table,
         })
-        .collect()
+        .collect())
 }
 
 impl Compose {
@@ -184,7 +189,7 @@ impl Compose {
         templates: &Templates,
         live: &[(Chain, Vec<&Source>)],
         step: u32,
-    ) -> Result<Vec<RowRequest>, String> {
+    ) -> Result<Vec<RowRequest>, crate::StageError> {
         live.iter()
             .map(|(chain, ups)| {
                 let next = ups[step as usize - 1];
@@ -245,41 +250,27 @@ impl Stage for Composing {
                 format!("a `compose` stage reads exactly one stage of questions, got {}", inputs.len()),
             )]);
         };
-        let missing: Vec<&str> = NEEDS
-            .iter()
-            .copied()
-            .filter(|n| input.schema.field_with_name(n).map(|f| f.data_type() != &DataType::Utf8).unwrap_or(true))
-            .collect();
-        if !missing.is_empty() {
-            return Err(vec![
-                Problem::new(
-                    "inputs.0",
-                    format!("input `{}` lacks the text columns {}", input.name, missing.join(", ")),
-                )
-                .help("read a `synthesize` or `programmatic` stage"),
-            ]);
-        }
+        QUESTION.check(input, NEEDS).map_err(|p| vec![p])?;
         Ok(schema())
     }
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
-        let fail = |e: String| Error::stage(&cx.name, e);
-        let pool = read_sources(cx, &inputs[0])?;
+        let pool = read_sources(&inputs[0])?;
         let (live, _) = self.params.start_chains(&pool, &cx.seed.to_string());
         // Later steps depend on earlier replies: count the first step's prompts once per step.
-        let requests = self.params.step_requests(&self.templates, &live, 1).map_err(fail)?;
+        let requests = self.params.step_requests(&self.templates, &live, 1).map_err(|e| Error::stage(&cx.name, e))?;
         estimate_rows(cx, &self.model.config, &requests, u64::from(self.params.depth - 1)).map(Some)
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
-        let fail = |e: String| Error::stage(&cx.name, e);
         let client = self.model.client(cx)?;
-        let pool = read_sources(cx, &inputs[0])?;
+        let pool = read_sources(&inputs[0])?;
         let (mut live, rejections) = self.params.start_chains(&pool, &cx.seed.to_string());
         let mut output = Output { rejections, ..Default::default() };
         let mut counters: BTreeMap<String, u64> = BTreeMap::new();
         for step in 1..self.params.depth {
-            let requests = self.params.step_requests(&self.templates, &live, step).map_err(fail)?;
+            let requests =
+                self.params.step_requests(&self.templates, &live, step).map_err(|e| Error::stage(&cx.name, e))?;
             let parse = |text: &str| parse_tags(text, &["question", "description"]);
             let (replies, rejections, step_counters) =
                 complete_rows(cx, client.as_ref(), requests, self.params.max_parse_retries, parse).await?;

@@ -28,14 +28,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use kiln_pipeline::Result;
-use kiln_pipeline::rows::to_json_rows;
+use kiln_pipeline::rows::{ROW_ID, to_json_rows};
 use kiln_pipeline::stage::{CheckCx, Config, Input, InputSchema, Output, Problem, Stage, StageCx};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::answers::normalize;
-use crate::filters::{Refusal, retain_batches};
+use crate::filters::{Refusal, keep_rows};
+use crate::graders::normalize;
 
 /// Parameters of a `dedup` stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -257,12 +257,17 @@ impl Stage for Dedup {
                 verdict.insert(item.as_str(), why);
             }
         }
-        let mut out = retain_batches(cx, "dedup", batches, &rows, |row| {
-            match verdict.get(item_of(row, per_question).as_str()) {
-                None => Ok(()),
-                Some(why) => Err(why.clone()),
-            }
-        })?;
+        let decisions = rows
+            .iter()
+            .map(|row| {
+                let row_id = row.get(ROW_ID).and_then(Value::as_str).unwrap_or_default().to_string();
+                match verdict.get(item_of(row, per_question).as_str()) {
+                    None => (row_id, Ok(())),
+                    Some(why) => (row_id, Err(why.clone())),
+                }
+            })
+            .collect();
+        let mut out = keep_rows(cx, "dedup", batches, decisions)?;
         out.counters.insert("distinct_texts".into(), texts.len() as u64);
         Ok(out)
     }

@@ -32,11 +32,13 @@ use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::parquet::arrow::ArrowWriter;
-use kiln_pipeline::rows::{lineage_fields, row_id, schema_with_lineage, to_batch, to_json_rows};
+use kiln_pipeline::rows::{lineage_fields, row_id, schema_with_lineage, to_batch};
 use kiln_pipeline::stage::{CheckCx, Config, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+
+use crate::families::{Row, TRAJECTORY, Turns};
 
 /// The file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +142,20 @@ pub(crate) fn write_atomic(
     std::fs::rename(&tmp, target).map_err(io)
 }
 
+/// The columns of a (judged) trajectory the `rl` export reads: the first sample of each
+/// question is its expert trajectory.
+#[derive(Debug, Deserialize)]
+struct Expert {
+    question: String,
+    gold_answer: Option<String>,
+    path: String,
+    sample: u32,
+    messages: Vec<kiln_llm::Message>,
+    result_csv: Option<String>,
+    category: Option<String>,
+    difficulty: Option<u32>,
+}
+
 fn other(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
@@ -152,10 +168,10 @@ impl Export {
     }
 
     /// The sharegpt file and its `dataset_info.json` entry.
-    fn sharegpt(&self, target: &Path, rows: &[Map<String, Value>]) -> Result<()> {
+    fn sharegpt(&self, target: &Path, rows: &[Row<Turns>]) -> Result<()> {
         let records: Vec<Value> = rows
             .iter()
-            .map(|r| json!({"messages": r["messages"], "row_id": r["row_id"], "parent_ids": r["parent_ids"]}))
+            .map(|r| json!({"messages": r.data.messages, "row_id": r.row_id, "parent_ids": r.parent_ids}))
             .collect();
         write_atomic(target, |w| serde_json::to_writer_pretty(&mut *w, &records).map_err(other))?;
         let info_path = target.with_file_name("dataset_info.json");
@@ -175,19 +191,19 @@ impl Export {
     }
 
     /// The RL Parquet file (and the gold result CSVs of SQL tasks, beside it).
-    fn rl(&self, target: &Path, rows: &[Map<String, Value>]) -> Result<u64> {
-        let mut questions: BTreeMap<String, Vec<&Map<String, Value>>> = BTreeMap::new();
+    fn rl(&self, target: &Path, rows: &[Row<Expert>]) -> Result<u64> {
+        let mut questions: BTreeMap<String, Vec<&Row<Expert>>> = BTreeMap::new();
         for r in rows {
-            let question = r["parent_ids"].get(0).and_then(Value::as_str).unwrap_or_default().to_string();
+            let question = r.parent_ids.first().cloned().unwrap_or_default();
             questions.entry(question).or_default().push(r);
         }
         let results_dir = target.with_extension("results");
         let mut out = Vec::new();
         for (question_id, mut group) in questions {
-            group.sort_by_key(|r| r["sample"].as_u64().unwrap_or(0));
-            let expert = group[0];
-            let messages = expert["messages"].as_array().cloned().unwrap_or_default();
-            let gold_csv = match expert.get("result_csv").and_then(Value::as_str) {
+            group.sort_by_key(|r| r.data.sample);
+            let expert = &group[0].data;
+            let messages = &expert.messages;
+            let gold_csv = match &expert.result_csv {
                 Some(csv) => {
                     let file = results_dir.join(format!("{question_id}.csv"));
                     write_atomic(&file, |w| w.write_all(csv.as_bytes()))?;
@@ -198,14 +214,14 @@ impl Export {
             };
             out.push(json!({
                 "row_id": row_id(&[&question_id], b"rl"),
-                "parent_ids": group.iter().map(|r| r["row_id"].clone()).collect::<Vec<_>>(),
+                "parent_ids": group.iter().map(|r| r.row_id.clone()).collect::<Vec<_>>(),
                 "prompt": messages.iter().take(2).collect::<Vec<_>>(),
-                "question": expert["question"],
-                "gold_answer": expert["gold_answer"],
+                "question": expert.question,
+                "gold_answer": expert.gold_answer,
                 "gold_result_csv": gold_csv,
-                "data_files": [expert["path"]],
-                "category": expert.get("category").cloned().unwrap_or(Value::Null),
-                "difficulty": expert.get("difficulty").cloned().unwrap_or(Value::Null),
+                "data_files": [expert.path],
+                "category": expert.category,
+                "difficulty": expert.difficulty,
                 "expert_trajectory": messages,
             }));
         }
@@ -285,8 +301,8 @@ impl Stage for Export {
                 }
                 writer.finish().map_err(other)
             })?,
-            Format::Sharegpt => self.sharegpt(&target, &to_json_rows(&batches)?)?,
-            Format::Rl => rows_written = self.rl(&target, &to_json_rows(&batches)?)?,
+            Format::Sharegpt => self.sharegpt(&target, &TRAJECTORY.rows(&inputs[0].name, &batches)?)?,
+            Format::Rl => rows_written = self.rl(&target, &TRAJECTORY.rows(&inputs[0].name, &batches)?)?,
         }
         let bytes = std::fs::read(&target).map_err(|e| Error::io(&target, e))?;
         let hash = blake3::hash(&bytes).to_hex().to_string();

@@ -10,13 +10,22 @@
 //! - [`TRAJECTORY`]: one agent run ([`crate::agent::Trajectory`]), from `trajectories`, and
 //!   unchanged through the filters and the judge.
 //! - [`PROFILED_TABLE`]: one table of a data file with its metadata, from `profile`.
+//! - [`VERDICT`]: a judged trajectory: the [`TRAJECTORY`] columns, the gold answer the judge
+//!   settled on, and its verdict and reasoning, from `judge`.
 //!
-//! [`Family::read`] reads an input's rows as a typed struct of the family.
+//! [`Family::read`] reads an input's rows as a typed struct of the family: [`Row`] of a view
+//! that names the columns a consumer reads ([`Question`], [`Turns`]), or a whole record
+//! ([`crate::agent::Trajectory`], [`Judged`]). No kind reads another kind's rows by string keys.
 
-use arrow::datatypes::{DataType, Field};
+use arrow::datatypes::{DataType, Field, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use kiln_llm::Message;
 use kiln_pipeline::stage::{Input, InputSchema, Problem};
 use kiln_pipeline::{Error, Result};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::agent::Trajectory;
 
 /// A family of rows: its name, its columns, and which kinds write it.
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +59,103 @@ pub const PROFILED_TABLE: Family = Family {
     producers: "a `profile` stage (or a `sql` stage that keeps its columns, `SELECT *`)",
 };
 
+/// Judged trajectories: what the judge keeps, with its verdict.
+pub const VERDICT: Family =
+    Family { name: "Verdict", columns: verdict_fields, producers: "a `judge` stage (or a filter after it)" };
+
+/// A row as a consumer reads it: its lineage, and the columns `T` names.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Row<T> {
+    /// The row's id.
+    pub row_id: String,
+    /// The ids of the rows it came from.
+    #[serde(default)]
+    pub parent_ids: Vec<String>,
+    /// The columns read.
+    #[serde(flatten)]
+    pub data: T,
+}
+
+/// A [`QUESTION`] row, with the optional columns some producers add.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Question {
+    /// The question, as asked.
+    pub question: String,
+    /// Its task category (a taxonomy key).
+    #[serde(default)]
+    pub category: Option<String>,
+    /// The data file, relative to the pipeline file.
+    pub path: String,
+    /// `csv`, `xlsx`, `sqlite`...
+    #[serde(default)]
+    pub format: Option<String>,
+    /// The table (sheet, SQLite table) it is about.
+    pub table: String,
+    /// How hard it is (composition depth; 1 for single questions).
+    #[serde(default)]
+    pub difficulty: Option<u32>,
+    /// The known answer (`programmatic`, or labelled questions brought with `load`, where a
+    /// number or a boolean is read as its text).
+    #[serde(default, deserialize_with = "scalar_text")]
+    pub answer: Option<String>,
+    /// The generator's parameters as JSON (`programmatic`), for the scripted teacher.
+    #[serde(default)]
+    pub params: Option<String>,
+    /// The SQL that computes the answer (`programmatic`), for the scripted teacher.
+    #[serde(default)]
+    pub query: Option<String>,
+}
+
+/// Text, or a number or boolean as its text.
+fn scalar_text<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<String>, D::Error> {
+    Ok(match Option::<serde_json::Value>::deserialize(d)? {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(other) => Some(other.to_string()),
+    })
+}
+
+/// The conversation of a [`TRAJECTORY`] row, as the filters, the card and the exports read it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Turns {
+    /// The question (the first user message holds it too).
+    #[serde(default)]
+    pub question: Option<String>,
+    /// System, user, then assistant turns each answered by an `<interpreter>` user turn.
+    pub messages: Vec<Message>,
+    /// The content of the `<answer>`, if the agent gave one.
+    #[serde(default)]
+    pub final_answer: Option<String>,
+    /// How the run ended.
+    #[serde(default)]
+    pub end_reason: Option<String>,
+}
+
+/// A [`VERDICT`] row: a trajectory the judge kept, with the gold answer it settled on (in the
+/// trajectory's `gold_answer`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Judged {
+    /// The trajectory.
+    #[serde(flatten)]
+    pub trajectory: Trajectory,
+    /// `gold_match`, `consistent` or `rescued`.
+    pub judge_verdict: String,
+    /// The judge model's reasoning, when a model judged.
+    pub judge_reasoning: Option<String>,
+}
+
+/// The Arrow schema of [`Judged`] rows.
+pub fn verdict_schema() -> SchemaRef {
+    kiln_pipeline::rows::schema_with_lineage(verdict_fields())
+}
+
+fn verdict_fields() -> Vec<Field> {
+    let mut fields = trajectory_fields();
+    fields.push(Field::new("judge_verdict", DataType::Utf8, false));
+    fields.push(Field::new("judge_reasoning", DataType::Utf8, true));
+    fields
+}
+
 fn profiled_table_fields() -> Vec<Field> {
     let schema = crate::profile::schema();
     let lineage = kiln_pipeline::rows::lineage_fields().len();
@@ -82,11 +188,18 @@ impl Family {
 
     /// Every row of `input` as a `T`, a struct of some of the family's columns (and lineage).
     pub fn read<T: DeserializeOwned>(&self, input: &Input) -> Result<Vec<T>> {
-        kiln_pipeline::rows::to_json_rows(&input.read()?)?
+        self.rows(&input.name, &input.read()?)
+    }
+
+    /// The rows of `batches` (from stage `stage`) as `T`s.
+    pub fn rows<T: DeserializeOwned>(&self, stage: &str, batches: &[RecordBatch]) -> Result<Vec<T>> {
+        kiln_pipeline::rows::to_json_rows(batches)?
             .into_iter()
-            .map(|row| {
-                serde_json::from_value(serde_json::Value::Object(row))
-                    .map_err(|e| Error::stage(&input.name, format!("not a {} row: {e}", self.name)))
+            .enumerate()
+            .map(|(i, row)| {
+                serde_json::from_value(serde_json::Value::Object(row)).map_err(|source| {
+                    Error::stage(stage, crate::StageError::Row { row: i + 1, family: self.name, source })
+                })
             })
             .collect()
     }
@@ -195,5 +308,60 @@ mod tests {
         let names: Vec<String> = TRAJECTORY.fields().iter().map(|f| f.name().clone()).collect();
         assert_eq!(names[0], "question");
         assert!(names.contains(&"messages".to_string()) && names.contains(&"result_csv".to_string()));
+    }
+
+    #[test]
+    fn typed_rows_round_trip_through_arrow() {
+        let about = crate::agent::About {
+            question: "How many rows?".into(),
+            category: None,
+            path: "data/a.csv".into(),
+            format: "csv".into(),
+            table: "a".into(),
+            gold_answer: Some("3".into()),
+            difficulty: Some(1),
+        };
+        let judged = Judged {
+            trajectory: Trajectory {
+                row_id: "t1".into(),
+                parent_ids: vec!["q1".into()],
+                about,
+                sample: 0,
+                teacher: "scripted".into(),
+                messages: vec![Message::new("system", "s"), Message::new("user", "How many rows?")],
+                final_answer: Some("3".into()),
+                end_reason: "answer".into(),
+                turns: 1,
+                steps: Vec::new(),
+                worker_restarts: 0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                result_csv: None,
+            },
+            judge_verdict: "gold_match".into(),
+            judge_reasoning: None,
+        };
+        let batches = [kiln_pipeline::rows::to_batch(&verdict_schema(), std::slice::from_ref(&judged)).unwrap()];
+        assert_eq!(VERDICT.rows::<Judged>("judged", &batches).unwrap(), vec![judged]);
+        let turns: Vec<Row<Turns>> = TRAJECTORY.rows("judged", &batches).unwrap();
+        assert_eq!((turns[0].row_id.as_str(), turns[0].data.messages.len()), ("t1", 2));
+        assert_eq!(turns[0].data.end_reason.as_deref(), Some("answer"));
+        assert!(
+            VERDICT
+                .check(&InputSchema { name: "j".into(), kind: "judge".into(), schema: verdict_schema() }, &[])
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_labelled_question_may_hold_a_numeric_answer() {
+        let row =
+            serde_json::json!({"row_id": "q", "question": "How many?", "path": "a.csv", "table": "a", "answer": 42});
+        let q: Row<Question> = serde_json::from_value(row).unwrap();
+        assert_eq!(q.data.answer.as_deref(), Some("42"));
+        let none: Row<Question> =
+            serde_json::from_value(serde_json::json!({"row_id": "q", "question": "?", "path": "a", "table": "a"}))
+                .unwrap();
+        assert_eq!(none.data.answer, None);
     }
 }

@@ -190,7 +190,7 @@ impl Generating {
         let mut sources = Vec::new();
         for (i, row) in to_json_rows(std::slice::from_ref(&data))?.into_iter().enumerate() {
             let parent = row.get(ROW_ID).and_then(|v| v.as_str()).unwrap_or_default().to_string();
-            let prompt = self.templates.render(&self.prompt, &row).map_err(fail)?;
+            let prompt = self.templates.render(&self.prompt, &row).map_err(|e| Error::stage(&cx.name, e))?;
             let mut messages: Vec<Message> =
                 self.params.system.iter().map(|s| Message::new("system", s.clone())).collect();
             messages.push(Message::new("user", prompt));

@@ -126,7 +126,6 @@ impl Synthesize {
 impl Synthesizing {
     /// One request per (table, sampled category), with what it is about.
     fn plan(&self, cx: &StageCx, inputs: &[Input]) -> Result<Plan> {
-        let fail = |e: String| Error::stage(&cx.name, e);
         let weights = self.params.weights(&self.taxonomy);
         let definitions: Vec<serde_json::Value> = self
             .taxonomy
@@ -140,7 +139,8 @@ impl Synthesizing {
             for table in read_profiles(input)? {
                 for category in sample(&weights, self.params.per_table, &[&seed, &table.row_id]) {
                     let vars = serde_json::json!({"table": &table, "categories": &definitions, "category": category});
-                    let prompt = self.templates.render(&self.params.template, vars).map_err(fail)?;
+                    let prompt =
+                        self.templates.render(&self.params.template, vars).map_err(|e| Error::stage(&cx.name, e))?;
                     let id = row_id(
                         &[&table.row_id],
                         format!("synthesize\0{}\0{}", category.id, self.model.name).as_bytes(),

@@ -8,6 +8,8 @@
 
 use std::path::Path;
 
+use crate::StageError;
+
 use kiln_pipeline::stage::FileDep;
 use serde::{Deserialize, Serialize};
 
@@ -63,7 +65,7 @@ pub struct Taxonomy {
 
 impl Taxonomy {
     /// Loads the taxonomy in `dir`, or the built-in one. Errors name the file, line and column.
-    pub fn load(dir: Option<&Path>) -> Result<Taxonomy, String> {
+    pub fn load(dir: Option<&Path>) -> Result<Taxonomy, StageError> {
         let mut files: Vec<(String, String, FileDep)> = Vec::new();
         match dir {
             None => {
@@ -76,11 +78,11 @@ impl Taxonomy {
                 }
             }
             Some(dir) => {
-                let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                let entries = std::fs::read_dir(dir).map_err(|e| StageError::io(dir, e))?;
                 for entry in entries {
-                    let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
+                    let path = entry.map_err(|e| StageError::io(dir, e))?.path();
                     if path.extension().is_some_and(|e| e == "toml") {
-                        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                        let text = std::fs::read_to_string(&path).map_err(|e| StageError::io(&path, e))?;
                         files.push((path.display().to_string(), text, FileDep::Contents(path)));
                     }
                 }
@@ -95,15 +97,12 @@ impl Taxonomy {
             sources.push(dep);
         }
         if categories.is_empty() {
-            return Err(format!(
-                "{}: no category files (*.toml)",
-                dir.map(|d| d.display().to_string()).unwrap_or_default()
-            ));
+            return Err(StageError::invalid(dir.unwrap_or(Path::new("taxonomy")), "no category files (*.toml)"));
         }
         categories.sort_by(|a, b| a.id.cmp(&b.id));
         sources.sort();
         if let Some(w) = categories.windows(2).find(|w| w[0].id == w[1].id) {
-            return Err(format!("category `{}` is defined twice", w[0].id));
+            return Err(StageError::Taxonomy(format!("category `{}` is defined twice", w[0].id)));
         }
         Ok(Taxonomy { categories, sources })
     }
@@ -119,14 +118,14 @@ impl Taxonomy {
     }
 }
 
-fn locate(name: &str, text: &str, e: &toml::de::Error) -> String {
+fn locate(name: &str, text: &str, e: &toml::de::Error) -> StageError {
     let offset = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
     let line = text[..offset].matches('\n').count() + 1;
     let column = offset - text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
-    format!("{name}:{line}:{column}: {}", e.message())
+    StageError::invalid(format!("{name}:{line}:{column}"), e.message())
 }
 
-fn check(name: &str, c: &Category) -> Result<(), String> {
+fn check(name: &str, c: &Category) -> Result<(), StageError> {
     let stem = Path::new(name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let problem = if c.id != stem {
         Some(format!("`id` is `{}` but the file is named `{stem}.toml`; they must match", c.id))
@@ -141,7 +140,7 @@ fn check(name: &str, c: &Category) -> Result<(), String> {
     } else {
         None
     };
-    problem.map_or(Ok(()), |p| Err(format!("{name}: {p}")))
+    problem.map_or(Ok(()), |p| Err(StageError::invalid(name, p)))
 }
 
 #[cfg(test)]
@@ -163,14 +162,14 @@ mod tests {
     fn a_bad_category_file_is_located() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("x.toml"), "id = \"x\"\nname = 3\n").unwrap();
-        let err = Taxonomy::load(Some(tmp.path())).unwrap_err();
+        let err = Taxonomy::load(Some(tmp.path())).unwrap_err().to_string();
         assert!(err.contains("x.toml:2:8: invalid type"), "{err}");
         std::fs::write(
             tmp.path().join("x.toml"),
             "id = \"x\"\nname = \"X\"\nweight = 1\ndefinition = \"d\"\ntemplates = [\"t\"]\nexamples = [\"a\"]\nprocedure = [\"p\"]\n",
         )
         .unwrap();
-        let err = Taxonomy::load(Some(tmp.path())).unwrap_err();
+        let err = Taxonomy::load(Some(tmp.path())).unwrap_err().to_string();
         assert!(err.ends_with("x.toml: `examples` must hold 4 to 6 questions, got 1"), "{err}");
     }
 }

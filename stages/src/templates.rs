@@ -8,6 +8,8 @@ use std::path::Path;
 
 use kiln_pipeline::stage::{CheckCx, FileDep, Problem};
 use minijinja::{Environment, UndefinedBehavior};
+
+use crate::StageError;
 use serde::Serialize;
 
 /// Built-in templates, as `(file name, contents)`.
@@ -27,7 +29,7 @@ pub struct Templates {
 
 impl Templates {
     /// Loads `names`, each from `dir` when it holds that file, else built in.
-    pub fn load(dir: Option<&Path>, names: &[&str]) -> Result<Templates, String> {
+    pub fn load(dir: Option<&Path>, names: &[&str]) -> Result<Templates, StageError> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         let mut files = Vec::new();
@@ -36,35 +38,35 @@ impl Templates {
             let source = match &custom {
                 Some(path) => {
                     files.push(FileDep::Contents(path.clone()));
-                    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?
+                    std::fs::read_to_string(path).map_err(|e| StageError::io(path, e))?
                 }
                 None => {
                     let (_, text) = BUILTIN.iter().find(|(n, _)| n == name).ok_or_else(|| {
-                        let place = dir.map(|d| format!(" in `{}` or", d.display())).unwrap_or_default();
-                        format!("template `{name}` not found{place} among the built-in templates")
+                        StageError::TemplateNotFound { name: name.to_string(), dir: dir.map(Path::to_path_buf) }
                     })?;
                     files.push(FileDep::Builtin(format!("templates/{name}"), text));
                     text.to_string()
                 }
             };
-            let shown = custom.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| format!("templates/{name}"));
-            env.add_template_owned(name.to_string(), source).map_err(|e| format!("{shown}: {e}"))?;
+            let shown = custom.clone().unwrap_or_else(|| Path::new("templates").join(name));
+            env.add_template_owned(name.to_string(), source).map_err(|e| StageError::invalid(shown, e))?;
         }
         Ok(Templates { env, files })
     }
 
     /// One template given inline (a `prompt` parameter), named `name`.
-    pub fn inline(name: &str, source: &str) -> Result<Templates, String> {
+    pub fn inline(name: &str, source: &str) -> Result<Templates, StageError> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
-        env.add_template_owned(name.to_string(), source.to_string()).map_err(|e| format!("`{name}`: {e}"))?;
+        env.add_template_owned(name.to_string(), source.to_string())
+            .map_err(|e| StageError::invalid(format!("`{name}`"), e))?;
         Ok(Templates { env, files: Vec::new() })
     }
 
     /// Renders `name` with `vars`.
-    pub fn render(&self, name: &str, vars: impl Serialize) -> Result<String, String> {
-        let t = self.env.get_template(name).map_err(|e| e.to_string())?;
-        t.render(vars).map_err(|e| format!("template `{name}`: {e:#}"))
+    pub fn render(&self, name: &str, vars: impl Serialize) -> Result<String, StageError> {
+        let render = |e: minijinja::Error| StageError::Render { name: name.to_string(), why: format!("{e:#}") };
+        self.env.get_template(name).map_err(render)?.render(vars).map_err(render)
     }
 
     /// Top-level variables `name` uses that are not in `provided`.
@@ -125,7 +127,10 @@ mod tests {
         let custom = Templates::load(Some(tmp.path()), &["synthesize.j2"]).unwrap();
         assert_eq!(custom.missing_variables("synthesize.j2", &["table", "categories", "category"]), ["langage"]);
         let err = custom.render("synthesize.j2", serde_json::json!({"table": {"table": "t"}})).unwrap_err();
-        assert!(err.contains("undefined"), "{err}");
-        assert!(Templates::load(None, &["nope.j2"]).unwrap_err().contains("template `nope.j2` not found"));
+        assert!(matches!(&err, StageError::Render { name, .. } if name == "synthesize.j2"), "{err}");
+        assert!(err.to_string().contains("undefined"), "{err}");
+        let missing = Templates::load(None, &["nope.j2"]).unwrap_err();
+        assert!(matches!(missing, StageError::TemplateNotFound { .. }));
+        assert!(missing.to_string().contains("template `nope.j2` not found"));
     }
 }

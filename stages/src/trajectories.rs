@@ -17,14 +17,14 @@
 
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
-use kiln_pipeline::rows::{to_batch, to_json_rows};
+use kiln_pipeline::rows::to_batch;
 use kiln_pipeline::stage::{CheckCx, Config, Estimate, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::{Result, executor};
 use kiln_sandbox::{Isolation, Limits};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{self, AgentSettings, AgentSetup, Keys, Task, TeacherSpec};
-use crate::families::QUESTION;
+use crate::families::{QUESTION, Question, Row};
 
 /// Parameters of a `trajectories` stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -128,7 +128,7 @@ struct Sampling {
 
 impl Sampling {
     fn tasks(&self, input: &Input) -> Result<Vec<Task>> {
-        Ok(to_json_rows(&input.read()?)?.iter().map(Task::from_row).collect())
+        Ok(QUESTION.read::<Row<Question>>(input)?.into_iter().map(Task::from_question).collect())
     }
 }
 

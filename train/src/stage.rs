@@ -13,6 +13,7 @@ use kiln_pipeline::stage::{CheckCx, Config, FileDep, Input, InputSchema, Output,
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::sft::data::Record;
 use crate::sft::{RunPaths, SftConfig, train};
 
 /// The `train_sft` kind, for the registry: it lives here, not in kiln-stages, which stays free
@@ -114,12 +115,19 @@ impl Stage for TrainSft {
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
         let rows = to_json_rows(&inputs[0].read()?)?;
+        let records = rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, row)| {
+                serde_json::from_value::<Record>(serde_json::Value::Object(row)).map_err(|e| {
+                    Error::stage(&cx.name, format!("row {} of `{}` is not a conversation: {e}", i + 1, inputs[0].name))
+                })
+            })
+            .collect::<Result<Vec<Record>>>()?;
         let output_dir = self.output_dir(cx);
         std::fs::create_dir_all(&output_dir).map_err(|e| Error::io(&output_dir, e))?;
         // The input as a sharegpt file: the trainer reads one format, and a rerun after a kill
         // writes the same bytes, so the checkpoint is recognised and resumed.
-        let records: Vec<serde_json::Value> =
-            rows.iter().map(|r| serde_json::json!({"messages": r["messages"]})).collect();
         let data = output_dir.join("data.json");
         let text = serde_json::to_string(&records).map_err(|e| Error::stage(&cx.name, e))?;
         std::fs::write(&data, text).map_err(|e| Error::io(&data, e))?;

@@ -37,6 +37,7 @@ use kiln_pipeline::{Error, Result, progress};
 use kiln_sandbox::{Cell, DataFile, Isolation, Limits, PythonEnv, Sandbox, Worker, WorkerSpec};
 use serde::Serialize;
 
+use crate::StageError;
 use crate::llm_rows::{Model, RowRequest, cached_chat, estimate_rows};
 use crate::taxonomy::Taxonomy;
 use crate::templates::{Templates, check_template};
@@ -196,7 +197,7 @@ impl AgentSetup {
         estimate_rows(cx, &model.config, &requests, u64::from(self.settings.max_turns)).map(Some)
     }
 
-    fn system_prompt(&self, task: &Task) -> Result<String, String> {
+    fn system_prompt(&self, task: &Task) -> Result<String, StageError> {
         let category = task.about.category.as_deref().and_then(|c| self.taxonomy.get(c));
         let files = if task.is_sql() {
             vec![format!("{} (SQLite; reach it only through the SQL tools)", task.file_name())]
@@ -217,7 +218,7 @@ impl AgentSetup {
     }
 
     /// The first two messages the teacher reads for `task` (with a rescue's critique).
-    fn opening(&self, task: &Task) -> Result<Vec<Message>, String> {
+    fn opening(&self, task: &Task) -> Result<Vec<Message>, StageError> {
         Ok(vec![Message::new("system", self.system_prompt(task)?), Message::new("user", task.teacher_prompt())])
     }
 }
@@ -311,7 +312,7 @@ impl Agent<'_> {
         let reject = |reason: &str, detail: String| Rejection { row_id: id.clone(), reason: reason.into(), detail };
         let opening = match self.setup.opening(task) {
             Ok(m) => m,
-            Err(e) => return Ok(Err(reject("template_failed", e))),
+            Err(e) => return Ok(Err(reject("template_failed", e.to_string()))),
         };
         let script = match &self.teacher {
             Teacher::Scripted => {

@@ -5,6 +5,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::Trajectory;
+use crate::families::{Question, Row};
+
 /// What a trajectory says about its question (the columns it carries from its input).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct About {
@@ -42,37 +45,37 @@ pub struct Task {
 
 impl Task {
     /// The task of a question row (`programmatic`, `synthesize`, `compose` or `load` columns).
-    pub fn from_row(row: &serde_json::Map<String, serde_json::Value>) -> Self {
-        let text = |k: &str| row.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    pub fn from_question(row: Row<Question>) -> Self {
+        let q = row.data;
+        let format = q.format.unwrap_or_else(|| {
+            crate::profile::readers::Format::of(Path::new(&q.path)).map(|f| f.name().to_string()).unwrap_or_default()
+        });
         Task {
-            parent: text("row_id").unwrap_or_default(),
+            parent: row.row_id,
             about: About {
-                question: text("question").unwrap_or_default(),
-                category: text("category"),
-                path: text("path").unwrap_or_default(),
-                format: text("format").unwrap_or_default(),
-                table: text("table").unwrap_or_default(),
-                gold_answer: text("answer"),
-                difficulty: row.get("difficulty").and_then(|v| v.as_u64()).map(|d| d as u32),
+                question: q.question,
+                category: q.category,
+                path: q.path,
+                format,
+                table: q.table,
+                gold_answer: q.answer,
+                difficulty: q.difficulty,
             },
-            params: text("params").and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default(),
-            query: text("query"),
+            params: q.params.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default(),
+            query: q.query,
             critique: None,
         }
     }
 
-    /// The question a trajectory row answered, to sample it again after `critique`.
-    pub fn again(row: &serde_json::Map<String, serde_json::Value>, round: u32, critique: &str) -> Self {
-        let mut task = Task::from_row(row);
-        task.parent = row
-            .get("parent_ids")
-            .and_then(|p| p.get(0))
-            .and_then(|p| p.as_str())
-            .map(str::to_string)
-            .unwrap_or(task.parent);
-        task.about.gold_answer = row.get("gold_answer").and_then(|v| v.as_str()).map(str::to_string);
-        task.critique = Some((round, critique.to_string()));
-        task
+    /// The question trajectory `t` answered, to sample it again after `critique`.
+    pub fn again(t: &Trajectory, round: u32, critique: &str) -> Self {
+        Task {
+            parent: t.parent_ids.first().cloned().unwrap_or_else(|| t.row_id.clone()),
+            about: t.about.clone(),
+            params: serde_json::Value::Null,
+            query: None,
+            critique: Some((round, critique.to_string())),
+        }
     }
 
     /// True for SQLite tasks (SQL tools instead of the file; the answer names a result CSV).
@@ -123,10 +126,26 @@ mod tests {
     #[test]
     fn the_critique_reaches_the_teacher_only() {
         let row = serde_json::json!({
-            "row_id": "t1", "parent_ids": ["q1"], "question": "How many?", "path": "data/a.csv",
-            "format": "csv", "table": "a", "gold_answer": null,
+            "row_id": "q1", "question": "How many?", "path": "data/a.csv", "format": "csv", "table": "a",
         });
-        let task = Task::again(row.as_object().unwrap(), 1, "the counts differ");
+        let question = Task::from_question(serde_json::from_value(row).unwrap());
+        let t = Trajectory {
+            row_id: "t1".into(),
+            parent_ids: vec!["q1".into()],
+            about: question.about,
+            sample: 0,
+            teacher: "m".into(),
+            messages: Vec::new(),
+            final_answer: None,
+            end_reason: "max_turns".into(),
+            turns: 0,
+            steps: Vec::new(),
+            worker_restarts: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            result_csv: None,
+        };
+        let task = Task::again(&t, 1, "the counts differ");
         assert_eq!(task.parent, "q1", "a rescue answers the original question");
         assert_eq!(task.prompt(), "How many?\n\nData: `data/a.csv` (CSV).");
         assert!(task.teacher_prompt().starts_with(&task.prompt()));

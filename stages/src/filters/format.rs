@@ -16,7 +16,9 @@ use kiln_pipeline::Result;
 use kiln_pipeline::stage::{CheckCx, Config, Input, InputSchema, Output, Problem, Stage, StageCx};
 use serde::{Deserialize, Serialize};
 
-use super::{Refusal, Row, filter_schema, messages, retain, text};
+use kiln_llm::Message;
+
+use super::{Refusal, filter_schema, retain};
 use crate::agent::protocol::{Action, parse_action};
 
 /// Parameters of a `format_filter` stage (none).
@@ -48,8 +50,9 @@ fn check_turn(turn: &str) -> Result<Action, String> {
 }
 
 /// The whole conversation: roles in order, every code turn answered, one final answer last.
-pub fn check_trajectory(row: &Row) -> Result<(), Refusal> {
-    let m = messages(row);
+/// `end_reason` (how the run ended) explains a missing answer.
+pub fn check_trajectory(messages: &[Message], end_reason: Option<&str>) -> Result<(), Refusal> {
+    let m: Vec<(&str, &str)> = messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
     let bad = |rule: &str, detail: String| Err((rule.to_string(), detail));
     if m.len() < 3 || m[0].0 != "system" || m[1].0 != "user" {
         return bad("roles", "a trajectory starts with a system and a user message".into());
@@ -80,7 +83,7 @@ pub fn check_trajectory(row: &Row) -> Result<(), Refusal> {
         }
     }
     if !answered {
-        let why = match text(row, "end_reason") {
+        let why = match end_reason.unwrap_or("") {
             "" => "the trajectory has no final answer".to_string(),
             reason => format!("the trajectory has no final answer (it ended: {reason})"),
         };
@@ -102,7 +105,7 @@ impl Stage for FormatFilter {
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
-        retain(cx, KIND, &inputs[0], check_trajectory)
+        retain(cx, KIND, &inputs[0], |t| check_trajectory(&t.messages, t.end_reason.as_deref()))
     }
 }
 
@@ -110,13 +113,10 @@ impl Stage for FormatFilter {
 mod tests {
     use super::*;
 
-    fn row(turns: &[(&str, &str)]) -> Row {
-        let mut messages = vec![
-            serde_json::json!({"role": "system", "content": "s"}),
-            serde_json::json!({"role": "user", "content": "q"}),
-        ];
-        messages.extend(turns.iter().map(|(r, c)| serde_json::json!({"role": r, "content": c})));
-        serde_json::json!({"messages": messages, "end_reason": "answer"}).as_object().unwrap().clone()
+    fn check(turns: &[(&str, &str)]) -> Result<(), Refusal> {
+        let mut messages = vec![Message::new("system", "s"), Message::new("user", "q")];
+        messages.extend(turns.iter().map(|(r, c)| Message::new(r, *c)));
+        check_trajectory(&messages, Some("answer"))
     }
 
     const CODE: &str = "<think>look</think>\n<code>\n```python\nprint(1)\n```\n</code>";
@@ -125,18 +125,14 @@ mod tests {
     #[test]
     fn good_trajectories_pass() {
         assert_eq!(
-            check_trajectory(&row(&[
-                ("assistant", CODE),
-                ("user", OBS),
-                ("assistant", "<think>ok</think>\n<answer>1</answer>")
-            ])),
+            check(&[("assistant", CODE), ("user", OBS), ("assistant", "<think>ok</think>\n<answer>1</answer>")]),
             Ok(())
         );
     }
 
     #[test]
     fn edge_cases_are_refused_with_their_rule() {
-        let rule = |turns: &[(&str, &str)]| check_trajectory(&row(turns)).unwrap_err();
+        let rule = |turns: &[(&str, &str)]| check(turns).unwrap_err();
         let answer = ("assistant", "<think>ok</think>\n<answer>1</answer>");
         // Nested tags inside think; an unclosed tag; an answer split over two turns.
         assert_eq!(rule(&[("assistant", "<think>a <think>b</think></think><answer>1</answer>"),]).0, "turn");

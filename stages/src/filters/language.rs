@@ -25,7 +25,8 @@ use kiln_pipeline::stage::{CheckCx, Config, Input, InputSchema, Output, Problem,
 use serde::{Deserialize, Serialize};
 use unicode_script::{Script, UnicodeScript};
 
-use super::{Refusal, Row, filter_schema, messages, retain, text};
+use super::{Refusal, filter_schema, retain};
+use crate::families::Turns;
 
 /// Parameters of a `language_filter` stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,13 +58,13 @@ const CP1252: &str = "€‚ƒ„…†‡ˆ‰Š‹ŒŽ‘’“”•–—˜�
 
 /// The natural-language text of a trajectory: the question, and each assistant turn's think
 /// and answer.
-fn prose(row: &Row) -> Vec<String> {
-    let m = messages(row);
-    let mut out: Vec<String> = m.iter().filter(|(r, _)| *r == "user").take(1).map(|(_, c)| c.to_string()).collect();
+fn prose(t: &Turns) -> Vec<String> {
+    let m = &t.messages;
+    let mut out: Vec<String> = m.iter().filter(|m| m.role == "user").take(1).map(|m| m.content.clone()).collect();
     if out.is_empty() {
-        out.push(text(row, "question").to_string());
+        out.push(t.question.clone().unwrap_or_default());
     }
-    for (_, turn) in m.iter().filter(|(r, _)| *r == "assistant") {
+    for turn in m.iter().filter(|m| m.role == "assistant").map(|m| &m.content) {
         for tag in ["think", "answer"] {
             let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
             if let Some(start) = turn.find(&open) {
@@ -160,8 +161,8 @@ fn sentence_scripts(s: &str, min_letters: usize) -> Vec<&'static str> {
 }
 
 impl LanguageFilter {
-    fn check(&self, row: &Row) -> Result<(), Refusal> {
-        let texts = prose(row);
+    fn check(&self, t: &Turns) -> Result<(), Refusal> {
+        let texts = prose(t);
         let all = texts.join("\n");
         if all.contains('\u{FFFD}') {
             return Err(("replacement_chars".into(), "the text holds U+FFFD replacement characters".into()));
@@ -219,16 +220,14 @@ mod tests {
         serde_json::from_str("{}").unwrap()
     }
 
-    fn row(question: &str, think: &str, answer: &str) -> Row {
+    fn row(question: &str, think: &str, answer: &str) -> Turns {
         let turn = format!("<think>{think}</think>\n<answer>{answer}</answer>");
-        serde_json::json!({"messages": [
+        serde_json::from_value(serde_json::json!({"messages": [
             {"role": "system", "content": "You are an analyst. 你好"},
             {"role": "user", "content": question},
             {"role": "assistant", "content": turn},
-        ]})
-        .as_object()
+        ]}))
         .unwrap()
-        .clone()
     }
 
     #[test]
@@ -249,7 +248,7 @@ mod tests {
     #[test]
     fn garbage_and_mixed_languages_are_refused() {
         let f = filter();
-        let rule = |r: Row| f.check(&r).unwrap_err().0;
+        let rule = |r: Turns| f.check(&r).unwrap_err().0;
         assert_eq!(rule(row("How many?", "Counting the rows \u{FFFD}\u{FFFD}.", "3")), "replacement_chars");
         assert_eq!(rule(row("How many?", "The cafÃ© column is clean.", "3")), "mojibake");
         assert_eq!(rule(row("How many?", "Result: #$%^&*@!~#$%^&*@!~#$%", "3")), "symbols");

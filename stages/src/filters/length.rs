@@ -16,12 +16,12 @@ use std::path::PathBuf;
 
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
+use kiln_pipeline::Result;
 use kiln_pipeline::stage::{CheckCx, Config, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
-use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 use super::tokens::TokenCounter;
-use super::{filter_schema, messages, retain, text};
+use super::{filter_schema, retain};
 
 /// Parameters of a `length_filter` stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,28 +47,29 @@ fn default_answer() -> usize {
 
 const KIND: &str = "length_filter";
 
-impl LengthFilter {
-    /// Every problem of the parameters, at its key.
-    fn problems(&self, cx: &CheckCx) -> Vec<Problem> {
-        let Some(path) = &self.tokenizer else { return Vec::new() };
-        match TokenCounter::load(Some(&cx.resolve(path))) {
-            Ok(_) => Vec::new(),
-            Err(e) => vec![Problem::new("tokenizer", e).help("name a Hugging Face tokenizer.json file")],
-        }
+impl Config for LengthFilter {
+    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
+        let path = self.tokenizer.as_ref().map(|p| cx.resolve(p));
+        let counter = TokenCounter::load(path.as_deref())
+            .map_err(|e| problems.push(Problem::new("tokenizer", e).help("name a Hugging Face tokenizer.json file")))
+            .ok()?;
+        Some(Box::new(Measuring { params: self.clone(), path, counter }))
     }
 }
 
-impl Config for LengthFilter {
-    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
-        problems.extend(self.problems(cx));
-        Some(Box::new(self.clone()))
-    }
+/// A built `length_filter` stage, its tokenizer loaded.
+#[derive(Debug)]
+struct Measuring {
+    params: LengthFilter,
+    /// The tokenizer file, if any.
+    path: Option<PathBuf>,
+    counter: TokenCounter,
 }
 
 #[async_trait]
-impl Stage for LengthFilter {
-    fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
-        self.tokenizer.iter().map(|p| FileDep::Contents(cx.resolve(p))).collect()
+impl Stage for Measuring {
+    fn files(&self, _cx: &CheckCx) -> Vec<FileDep> {
+        self.path.iter().map(|p| FileDep::Contents(p.clone())).collect()
     }
 
     async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
@@ -76,21 +77,19 @@ impl Stage for LengthFilter {
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
-        let path = self.tokenizer.as_ref().map(|p| cx.pipeline.resolve(p));
-        let counter = TokenCounter::load(path.as_deref()).map_err(|e| Error::stage(&cx.name, e))?;
-        retain(cx, KIND, &inputs[0], |row| {
-            let answer = counter.count(text(row, "final_answer"));
-            if answer > self.max_answer_tokens {
-                let limit = self.max_answer_tokens;
+        let (counter, limits) = (&self.counter, &self.params);
+        retain(cx, KIND, &inputs[0], |t| {
+            let answer = counter.count(t.final_answer.as_deref().unwrap_or(""));
+            if answer > limits.max_answer_tokens {
+                let limit = limits.max_answer_tokens;
                 return Err(("answer_tokens".into(), format!("the final answer has {answer} tokens, over {limit}")));
             }
-            let m = messages(row);
-            let turns = m.iter().filter(|(role, _)| *role == "assistant").count();
-            if let Some(limit) = self.max_turns.filter(|l| turns > *l) {
+            let turns = t.messages.iter().filter(|m| m.role == "assistant").count();
+            if let Some(limit) = limits.max_turns.filter(|l| turns > *l) {
                 return Err(("turns".into(), format!("{turns} assistant turns, over {limit}")));
             }
-            if let Some(limit) = self.max_total_tokens {
-                let total: usize = m.iter().map(|(_, c)| counter.count(c)).sum();
+            if let Some(limit) = limits.max_total_tokens {
+                let total: usize = t.messages.iter().map(|m| counter.count(&m.content)).sum();
                 if total > limit {
                     return Err(("total_tokens".into(), format!("{total} tokens in all messages, over {limit}")));
                 }

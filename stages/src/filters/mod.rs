@@ -11,13 +11,10 @@ use arrow::array::BooleanArray;
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use kiln_pipeline::rows::to_json_rows;
 use kiln_pipeline::stage::{Input, InputSchema, Output, Problem, Rejection, StageCx};
 use kiln_pipeline::{Error, Result};
-use serde_json::{Map, Value};
 
-/// One input row, as JSON.
-pub type Row = Map<String, Value>;
+use crate::families::{Row, TRAJECTORY, Turns};
 
 /// Why a row is refused: the rule (`format:no_answer`...) and a detail naming the values.
 pub type Refusal = (String, String);
@@ -40,36 +37,40 @@ pub fn filter_schema(kind: &str, inputs: &[InputSchema], required: &[&str]) -> R
     Ok(input.schema.clone())
 }
 
-/// Keeps the rows of `input` that `decide` accepts; the others become rejections named
-/// `<kind>:<rule>`. Counters: `kept`, and one `rejected_<rule>` per rule.
-pub fn retain(cx: &StageCx, kind: &str, input: &Input, decide: impl Fn(&Row) -> Result<(), Refusal>) -> Result<Output> {
+/// Keeps the rows of `input` that `decide` accepts, reading each as the conversation of a
+/// trajectory ([`Turns`]); the others become rejections named `<kind>:<rule>`. Counters:
+/// `kept`, and one `rejected_<rule>` per rule.
+pub fn retain(
+    cx: &StageCx,
+    kind: &str,
+    input: &Input,
+    decide: impl Fn(&Turns) -> Result<(), Refusal>,
+) -> Result<Output> {
     let batches = input.read()?;
-    let rows = to_json_rows(&batches)?;
-    retain_batches(cx, kind, batches, &rows, decide)
+    let rows: Vec<Row<Turns>> = TRAJECTORY.rows(&input.name, &batches)?;
+    let decisions = rows.iter().map(|r| (r.row_id.clone(), decide(&r.data))).collect();
+    keep_rows(cx, kind, batches, decisions)
 }
 
-/// [`retain`] over batches already read, with `rows` their rows as JSON (in order), for stages
-/// that look at every row before deciding.
-pub fn retain_batches(
+/// Keeps the rows of `batches` whose decision (one per row, in order, with its row id) is
+/// `Ok`, for stages that decide on other columns (`dedup`); the others become rejections named
+/// `<kind>:<rule>`.
+pub fn keep_rows(
     cx: &StageCx,
     kind: &str,
     batches: Vec<RecordBatch>,
-    rows: &[Row],
-    decide: impl Fn(&Row) -> Result<(), Refusal>,
+    decisions: Vec<(String, Result<(), Refusal>)>,
 ) -> Result<Output> {
     let mut out = Output::default();
-    let mut offset = 0;
+    let mut decisions = decisions.into_iter();
     for batch in batches {
-        let rows = &rows[offset..offset + batch.num_rows()];
-        offset += batch.num_rows();
-        let mut keep = Vec::with_capacity(rows.len());
-        for row in rows {
-            match decide(row) {
+        let mut keep = Vec::with_capacity(batch.num_rows());
+        for (row_id, decision) in decisions.by_ref().take(batch.num_rows()) {
+            match decision {
                 Ok(()) => keep.push(true),
                 Err((rule, detail)) => {
                     keep.push(false);
                     *out.counters.entry(format!("rejected_{rule}")).or_default() += 1;
-                    let row_id = row.get("row_id").and_then(Value::as_str).unwrap_or_default().to_string();
                     out.rejections.push(Rejection { row_id, reason: format!("{kind}:{rule}"), detail });
                 }
             }
@@ -79,26 +80,4 @@ pub fn retain_batches(
         out.batches.push(kept);
     }
     Ok(out)
-}
-
-/// The messages of a trajectory row as (role, content).
-pub fn messages(row: &Row) -> Vec<(&str, &str)> {
-    row.get("messages")
-        .and_then(Value::as_array)
-        .map(|m| {
-            m.iter()
-                .map(|m| {
-                    (
-                        m.get("role").and_then(Value::as_str).unwrap_or(""),
-                        m.get("content").and_then(Value::as_str).unwrap_or(""),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// A text column of the row (empty when missing or null).
-pub fn text<'a>(row: &'a Row, column: &str) -> &'a str {
-    row.get(column).and_then(Value::as_str).unwrap_or("")
 }

@@ -27,12 +27,12 @@ impl std::fmt::Debug for TokenCounter {
 
 impl TokenCounter {
     /// The tokenizer in `path`, or the approximation when there is none.
-    pub fn load(path: Option<&Path>) -> Result<Self, String> {
+    pub fn load(path: Option<&Path>) -> Result<Self, crate::StageError> {
         match path {
             None => Ok(TokenCounter::Approximate),
             Some(p) => tokenizers::Tokenizer::from_file(p)
                 .map(|t| TokenCounter::Tokenizer(Box::new(t)))
-                .map_err(|e| format!("{}: not a usable tokenizer.json ({e})", p.display())),
+                .map_err(|e| crate::StageError::invalid(p, format!("not a usable tokenizer.json ({e})"))),
         }
     }
 

@@ -2,8 +2,9 @@
 //! mattered most.
 //!
 //! Trajectories are grouped by question (their first parent). A question whose rows carry a
-//! gold answer (from `programmatic`) is checked against it: each final answer must agree
-//! within `tolerance` (numbers) or after normalisation (text). Any other question needs a
+//! gold answer (from `programmatic`) is checked against it by the graders' value rule
+//! ([`crate::graders`]): the answer's final number within `tolerance`, or its whole text equal
+//! after normalisation. Any other question needs a
 //! judge model: one call per question over its N final answers (`judge_consistency.j2`), whose
 //! reply gives its reasoning, whether the answers agree (same meaning, numbers within 3%,
 //! complete) and the best one; a consistent question's best answer becomes the gold answer of
@@ -36,20 +37,19 @@ mod verdict;
 
 pub use rescue::Rescue;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use kiln_llm::Message;
-use kiln_pipeline::rows::{to_batch, to_json_rows};
+use kiln_pipeline::rows::to_batch;
 use kiln_pipeline::stage::{
     CheckCx, Config, Estimate, FileDep, Input, InputSchema, Output, Problem, Rejection, Stage, StageCx,
 };
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
-use crate::agent::{AgentSetup, Keys};
+use crate::agent::{AgentSetup, Keys, Trajectory};
+use crate::families::{Judged, TRAJECTORY, verdict_schema};
 use crate::llm_rows::{Model, RowRequest, complete_rows, estimate_rows};
 use crate::templates::{Templates, check_template};
 use verdict::{Rules, Verdict, parse_reply};
@@ -100,20 +100,11 @@ fn default_template() -> String {
     "judge_consistency.j2".into()
 }
 
-const REQUIRED: &[&str] = &["question", "final_answer", "gold_answer", "sample"];
-
 /// A question's trajectories, in sample order.
-type Group = Vec<Map<String, Value>>;
+type Group = Vec<Trajectory>;
 
-fn answer(row: &Map<String, Value>) -> &str {
-    row.get("final_answer").and_then(Value::as_str).unwrap_or("")
-}
-
-fn output_schema(input: &Schema) -> SchemaRef {
-    let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
-    fields.push(Field::new("judge_verdict", DataType::Utf8, false));
-    fields.push(Field::new("judge_reasoning", DataType::Utf8, true));
-    Arc::new(Schema::new(fields))
+fn answer(t: &Trajectory) -> &str {
+    t.final_answer.as_deref().unwrap_or("")
 }
 
 /// The final answers of a question's trajectories, in sample order.
@@ -160,10 +151,9 @@ struct Judging {
 
 impl Judging {
     /// The judge call for the question `id` and its trajectories' answers.
-    fn judge_request(&self, id: &str, group: &Group) -> Result<RowRequest, String> {
+    fn judge_request(&self, id: &str, group: &Group) -> Result<RowRequest, crate::StageError> {
         let answers: Vec<&str> = group.iter().map(answer).collect();
-        let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
-        let vars = serde_json::json!({"question": question, "answers": answers});
+        let vars = serde_json::json!({"question": group[0].about.question, "answers": answers});
         let prompt = self.templates.render(&self.params.template, vars)?;
         Ok(RowRequest { row_id: id.to_string(), messages: vec![Message::new("user", prompt)], sample: 0 })
     }
@@ -194,8 +184,8 @@ impl Stage for Judging {
     }
 
     async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
-        let schema = crate::filters::filter_schema("judge", inputs, REQUIRED)?;
-        Ok(output_schema(&schema))
+        crate::filters::filter_schema("judge", inputs, &[])?;
+        Ok(verdict_schema())
     }
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
@@ -210,9 +200,9 @@ impl Stage for Judging {
         let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
         let mut out = Output::default();
         for (id, group) in &groups {
-            let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
-            if let Some(gold) = group[0].get("gold_answer").and_then(Value::as_str) {
-                verdicts.insert(id.clone(), self.rules(cx.seed, question).against_gold(&answers(group), gold));
+            if let Some(gold) = &group[0].about.gold_answer {
+                let rules = self.rules(cx.seed, &group[0].about.question);
+                verdicts.insert(id.clone(), rules.against_gold(&answers(group), gold));
             }
         }
         let mut rescued: BTreeMap<String, (Group, u32)> = BTreeMap::new();
@@ -227,8 +217,8 @@ impl Stage for Judging {
             let asked: BTreeMap<String, &Group> =
                 requests.iter().map(|r| (r.row_id.clone(), &groups[&r.row_id])).collect();
             verdicts.extend(self.consistency(cx, &client, requests, &asked, &mut out).await?);
-            if let Some((rounds, agent)) = &self.rescue {
-                rescued = self.rescue(cx, *rounds, agent, &client, &groups, &mut verdicts, &mut out).await?;
+            if let Some(rescue) = &self.rescue {
+                rescued = self.rescue(cx, rescue, &client, &groups, &mut verdicts, &mut out).await?;
             }
         }
 
@@ -238,7 +228,7 @@ impl Stage for Judging {
             if let Some((new, round)) = rescued.remove(&id) {
                 for row in &group {
                     out.rejections.push(Rejection {
-                        row_id: row_id(row),
+                        row_id: row.row_id.clone(),
                         reason: "judge:inconsistent".into(),
                         detail: format!(
                             "answer {:?}: replaced by the trajectories of rescue round {round}",
@@ -253,13 +243,15 @@ impl Stage for Judging {
                 .or_default() += 1;
             for (i, mut row) in group.into_iter().enumerate() {
                 if v.keep.contains(&i) {
-                    row.insert("gold_answer".into(), v.gold.clone().map(Value::String).unwrap_or(Value::Null));
-                    row.insert("judge_verdict".into(), Value::String(v.how.into()));
-                    row.insert("judge_reasoning".into(), v.reasoning.clone().map(Value::String).unwrap_or(Value::Null));
-                    rows.push(row);
+                    row.about.gold_answer = v.gold.clone();
+                    rows.push(Judged {
+                        trajectory: row,
+                        judge_verdict: v.how.into(),
+                        judge_reasoning: v.reasoning.clone(),
+                    });
                 } else {
                     out.rejections.push(Rejection {
-                        row_id: row_id(&row),
+                        row_id: row.row_id.clone(),
                         reason: format!("judge:{}", v.dropped.0),
                         detail: format!("answer {:?}: {}", answer(&row), v.dropped.1),
                     });
@@ -267,14 +259,9 @@ impl Stage for Judging {
             }
         }
         out.counters.insert("kept".into(), rows.len() as u64);
-        let schema = output_schema(&inputs[0].schema);
-        out.batches = vec![to_batch(&schema, &rows)?];
+        out.batches = vec![to_batch(&verdict_schema(), &rows)?];
         Ok(out)
     }
-}
-
-fn row_id(row: &Map<String, Value>) -> String {
-    row.get("row_id").and_then(Value::as_str).unwrap_or_default().to_string()
 }
 
 impl Judging {
@@ -296,7 +283,7 @@ impl Judging {
         for r in rejections {
             for row in groups[&r.row_id].iter() {
                 out.rejections.push(Rejection {
-                    row_id: row_id(row),
+                    row_id: row.row_id.clone(),
                     reason: "judge:unparseable".into(),
                     detail: r.detail.clone(),
                 });
@@ -305,8 +292,7 @@ impl Judging {
         for (request, reply) in requests.iter().zip(replies) {
             let Some(reply) = reply else { continue };
             let group = groups[&request.row_id];
-            let question = group[0].get("question").and_then(Value::as_str).unwrap_or("");
-            let verdict = self.rules(cx.seed, question).from_reply(&answers(group), reply.value);
+            let verdict = self.rules(cx.seed, &group[0].about.question).on_reply(&answers(group), reply.value);
             verdicts.insert(request.row_id.clone(), verdict);
         }
         Ok(verdicts)
@@ -316,22 +302,16 @@ impl Judging {
     /// and one judge request per question without a gold answer.
     fn plan(&self, cx: &StageCx, input: &Input) -> Result<(BTreeMap<String, Group>, Vec<RowRequest>)> {
         let mut groups: BTreeMap<String, Group> = BTreeMap::new();
-        for row in to_json_rows(&input.read()?)? {
-            let question = row
-                .get("parent_ids")
-                .and_then(Value::as_array)
-                .and_then(|p| p.first())
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| row_id(&row));
-            groups.entry(question).or_default().push(row);
+        for t in TRAJECTORY.read::<Trajectory>(input)? {
+            let question = t.parent_ids.first().cloned().unwrap_or_else(|| t.row_id.clone());
+            groups.entry(question).or_default().push(t);
         }
         for group in groups.values_mut() {
-            group.sort_by_key(|r| r.get("sample").and_then(Value::as_u64).unwrap_or(0));
+            group.sort_by_key(|t| t.sample);
         }
         let mut requests = Vec::new();
         for (id, group) in &groups {
-            if group[0].get("gold_answer").and_then(Value::as_str).is_some() {
+            if group[0].about.gold_answer.is_some() {
                 continue;
             }
             requests.push(self.judge_request(id, group).map_err(|e| Error::stage(&cx.name, e))?);

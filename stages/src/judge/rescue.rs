@@ -63,8 +63,7 @@ impl Judging {
     pub(super) async fn rescue(
         &self,
         cx: &StageCx,
-        rounds: u32,
-        agent: &AgentSetup,
+        (rounds, agent): &(u32, AgentSetup),
         client: &kiln_llm::Client,
         groups: &BTreeMap<String, Group>,
         verdicts: &mut BTreeMap<String, Verdict>,
@@ -73,7 +72,7 @@ impl Judging {
         let n = groups.values().map(Vec::len).max().unwrap_or(1) as u32;
         let agent = agent.start(cx).await?;
         let mut rescued = BTreeMap::new();
-        for round in 1..=rounds {
+        for round in 1..=*rounds {
             let pending: Vec<(String, String)> = verdicts
                 .iter()
                 .filter(|(id, v)| v.keep.is_empty() && v.dropped.0 == "inconsistent" && !rescued.contains_key(*id))
@@ -89,14 +88,10 @@ impl Judging {
             for (i, result) in samples.into_iter().enumerate() {
                 let id = &pending[i / n as usize].0;
                 match result? {
-                    Ok(t) => {
-                        let row =
-                            serde_json::to_value(&t).ok().and_then(|v| v.as_object().cloned()).unwrap_or_default();
-                        match crate::filters::format::check_trajectory(&row) {
-                            Ok(()) => fresh.entry(id.clone()).or_default().push(row),
-                            Err((rule, _)) => *out.counters.entry(format!("rescue_dropped_{rule}")).or_default() += 1,
-                        }
-                    }
+                    Ok(t) => match crate::filters::format::check_trajectory(&t.messages, Some(&t.end_reason)) {
+                        Ok(()) => fresh.entry(id.clone()).or_default().push(t),
+                        Err((rule, _)) => *out.counters.entry(format!("rescue_dropped_{rule}")).or_default() += 1,
+                    },
                     Err(r) => out.rejections.push(r),
                 }
             }

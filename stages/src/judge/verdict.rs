@@ -2,7 +2,7 @@
 //! trajectories are kept, the gold answer they get, and why the others are dropped.
 
 use super::Mode;
-use crate::answers::agree;
+use crate::graders::{Gold, grade};
 use crate::llm_rows::parse_tags;
 
 /// The judge's reading of one question.
@@ -45,7 +45,9 @@ impl Rules<'_> {
 
     /// A question with a gold answer: the trajectories whose answer agrees with it.
     pub fn against_gold(&self, answers: &[&str], gold: &str) -> Verdict {
-        let agreeing: Vec<usize> = (0..answers.len()).filter(|&i| agree(answers[i], gold, self.tolerance)).collect();
+        let gold_value = Gold::Value { value: gold.to_string(), tolerance: self.tolerance };
+        let agreeing: Vec<usize> =
+            (0..answers.len()).filter(|&i| grade(answers[i], None, &gold_value).correct).collect();
         let wrong: Vec<&str> = (0..answers.len()).filter(|i| !agreeing.contains(i)).map(|i| answers[i]).collect();
         let detail = format!("gold answer {gold:?}; answers that do not agree: {wrong:?}");
         if agreeing.is_empty() {
@@ -68,7 +70,7 @@ impl Rules<'_> {
 
     /// A question judged by a model, from its parsed reply: consistent answers keep the mode's
     /// selection and the best answer becomes the gold; otherwise the question is dropped.
-    pub fn from_reply(&self, answers: &[&str], (reasoning, consistent, best): (String, bool, usize)) -> Verdict {
+    pub fn on_reply(&self, answers: &[&str], (reasoning, consistent, best): (String, bool, usize)) -> Verdict {
         if consistent && (1..=answers.len()).contains(&best) {
             let all: Vec<usize> = (0..answers.len()).collect();
             return Verdict {
@@ -139,6 +141,10 @@ mod tests {
         assert!(v.dropped.1.contains("\"40\""), "{}", v.dropped.1);
         let none = rules(Mode::KeepAllConsistent).against_gold(&["1", "2"], "42");
         assert!(none.keep.is_empty() && none.gold.is_none());
+        let strict = rules(Mode::KeepAllConsistent).against_gold(&["Yes and no", "yes.", "42 rows, not Yes"], "Yes");
+        assert_eq!(strict.keep, [1], "the whole answer must be the gold, not contain it");
+        let last = rules(Mode::KeepAllConsistent).against_gold(&["42 of the 50 rows", "out of 50 rows, 42"], "42");
+        assert_eq!(last.keep, [1], "the final number is the answer");
         let all = rules(Mode::KeepBest).against_gold(&["42", "42"], "42");
         assert_eq!((all.keep, all.dropped.0.as_str()), (vec![0], "not_selected"));
     }
@@ -146,11 +152,11 @@ mod tests {
     #[test]
     fn a_reply_decides_by_consistency_and_a_best_in_range() {
         let r = rules(Mode::KeepAllConsistent);
-        let v = r.from_reply(&["7", "7.0"], ("same".into(), true, 2));
+        let v = r.on_reply(&["7", "7.0"], ("same".into(), true, 2));
         assert_eq!((v.keep, v.gold.as_deref(), v.how), (vec![0, 1], Some("7.0"), "consistent"));
-        let out_of_range = r.from_reply(&["7", "7"], ("same".into(), true, 3));
+        let out_of_range = r.on_reply(&["7", "7"], ("same".into(), true, 3));
         assert!(out_of_range.keep.is_empty() && out_of_range.dropped.1.starts_with("best answer 3 is out of range"));
-        let inconsistent = r.from_reply(&["7", "8"], ("they differ".into(), false, 1));
+        let inconsistent = r.on_reply(&["7", "8"], ("they differ".into(), false, 1));
         assert_eq!(inconsistent.dropped, ("inconsistent".to_string(), "they differ".to_string()));
     }
 

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 use crate::tokenizer::TextCodec;
@@ -17,12 +17,13 @@ pub struct Example {
     pub learn: Vec<bool>,
 }
 
-#[derive(Deserialize)]
-struct Record {
+/// One conversation of a sharegpt export (and of a trajectory row: its `messages`).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Record {
     messages: Vec<Turn>,
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Debug, Serialize, Deserialize, Clone)]
 struct Turn {
     role: String,
     content: String,

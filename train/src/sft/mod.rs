@@ -3,13 +3,14 @@
 //! checkpoints (weights and optimizer state) that a killed run resumes from at the same step,
 //! per-step metrics in CSV and a loss plot.
 
+mod checkpoint;
 pub mod data;
+mod metrics;
 pub mod optim;
 pub mod settings;
 
-use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::Param;
@@ -21,9 +22,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, TrainError};
 use crate::loader::LoadedModel;
 use crate::model::{Batch, Decoder, Dense, Lora};
-use crate::weights::{HostTensor, SaveDtype, WeightMap, read_safetensors, write_safetensors};
+use crate::weights::SaveDtype;
+use checkpoint::{load_checkpoint, save_checkpoint};
 use data::{Example, length_buckets, load_sharegpt};
-use optim::{AdamWSettings, AdamWState, cosine_lr, global_norm, restore, trainable};
+use metrics::{open_metrics, plot_loss, read_metrics};
+use optim::{AdamWSettings, AdamWState, cosine_lr, global_norm, restore};
 
 /// Everything that defines a fine-tuning run: a `kiln train` file, or a `train_sft` stage's
 /// parameters (where the data is the input stage and the output folder defaults to the stage's).
@@ -343,115 +346,4 @@ pub fn run_key(config: &SftConfig) -> String {
     let mut c = config.clone();
     c.save_every = 0;
     serde_json::to_string(&c).expect("config serialises")
-}
-
-/// Writes trainable weights, optimizer moments and the step, replacing the previous checkpoint
-/// atomically (a kill leaves either the old or the new one).
-fn save_checkpoint(dir: &Path, config: &SftConfig, decoder: &Decoder, state: &AdamWState) -> Result<()> {
-    let staging = dir.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(|e| TrainError::io(&staging, e))?;
-    let host = |map: &BTreeMap<String, Tensor<1>>, prefix: &str| -> WeightMap {
-        map.iter().map(|(k, t)| (format!("{prefix}{k}"), HostTensor::from_tensor(t))).collect()
-    };
-    write_safetensors(&host(&trainable(decoder), ""), SaveDtype::F32, &staging.join("params.safetensors"))?;
-    let mut moments = host(&state.m, "m.");
-    moments.extend(host(&state.v, "v."));
-    write_safetensors(&moments, SaveDtype::F32, &staging.join("optimizer.safetensors"))?;
-    let meta = serde_json::json!({"step": state.step, "run": run_key(config)});
-    let meta_path = staging.join("state.json");
-    std::fs::write(&meta_path, meta.to_string()).map_err(|e| TrainError::io(&meta_path, e))?;
-    let old = dir.with_extension("old");
-    let _ = std::fs::remove_dir_all(&old);
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(|e| TrainError::io(dir, e))?;
-    }
-    std::fs::rename(&staging, dir).map_err(|e| TrainError::io(&staging, e))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
-}
-
-type Checkpoint = (BTreeMap<String, Tensor<1>>, AdamWState);
-
-/// The checkpoint in `dir` (or the previous one, if a kill came mid-swap) when it belongs to
-/// this run; a checkpoint of different settings is an error rather than silently mixed in.
-fn load_checkpoint(dir: &Path, config: &SftConfig, device: &Device) -> Result<Option<Checkpoint>> {
-    let dir = [dir.to_path_buf(), dir.with_extension("old")].into_iter().find(|d| d.join("state.json").is_file());
-    let Some(dir) = dir else { return Ok(None) };
-    let meta_path = dir.join("state.json");
-    let text = std::fs::read_to_string(&meta_path).map_err(|e| TrainError::io(&meta_path, e))?;
-    let meta: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| TrainError::invalid(&meta_path, e.to_string()))?;
-    if meta["run"].as_str() != Some(run_key(config).as_str()) {
-        return Err(TrainError::invalid(
-            &meta_path,
-            "this checkpoint was written with other settings: delete the output directory or choose another",
-        ));
-    }
-    let device_tensor =
-        |t: &HostTensor| Tensor::<1>::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device);
-    let params = read_safetensors(&dir.join("params.safetensors"))?;
-    let params = params.iter().map(|(k, t)| (k.clone(), device_tensor(t))).collect();
-    let mut state = AdamWState { step: meta["step"].as_u64().unwrap_or(0), ..AdamWState::default() };
-    for (k, t) in read_safetensors(&dir.join("optimizer.safetensors"))? {
-        match k.split_once('.') {
-            Some(("m", key)) => state.m.insert(key.to_string(), device_tensor(&t)),
-            Some(("v", key)) => state.v.insert(key.to_string(), device_tensor(&t)),
-            _ => None,
-        };
-    }
-    Ok(Some((params, state)))
-}
-
-const METRICS_HEADER: &str = "step,loss,lr,grad_norm,tokens,tokens_per_s";
-
-/// Metrics already logged up to `step` (a resumed run rewrites the rest).
-fn read_metrics(path: &Path, step: u64) -> Vec<StepMetrics> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split(',').collect();
-            Some(StepMetrics {
-                step: f.first()?.parse().ok()?,
-                loss: f.get(1)?.parse().ok()?,
-                lr: f.get(2)?.parse().ok()?,
-                grad_norm: f.get(3)?.parse().ok()?,
-                tokens: f.get(4)?.parse().ok()?,
-                tokens_per_s: f.get(5)?.parse().ok()?,
-            })
-        })
-        .filter(|m| m.step <= step)
-        .collect()
-}
-
-fn open_metrics(path: &Path, kept: &[StepMetrics]) -> Result<std::fs::File> {
-    let mut text = format!("{METRICS_HEADER}\n");
-    for m in kept {
-        text.push_str(&format!("{},{},{},{},{},{:.1}\n", m.step, m.loss, m.lr, m.grad_norm, m.tokens, m.tokens_per_s));
-    }
-    std::fs::write(path, text).map_err(|e| TrainError::io(path, e))?;
-    std::fs::OpenOptions::new().append(true).open(path).map_err(|e| TrainError::io(path, e))
-}
-
-/// The loss curve as an SVG.
-fn plot_loss(metrics: &[StepMetrics], path: &Path) -> Result<()> {
-    use plotters::prelude::*;
-    let max_step = metrics.iter().map(|m| m.step).max().unwrap_or(1).max(1);
-    let max_loss = metrics.iter().map(|m| m.loss).fold(0.0, f64::max).max(1e-3);
-    let root = SVGBackend::new(path, (640, 360)).into_drawing_area();
-    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("training loss", ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(32)
-            .y_label_area_size(48)
-            .build_cartesian_2d(0u64..max_step, 0.0..max_loss * 1.05)?;
-        chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
-        chart.draw_series(LineSeries::new(metrics.iter().map(|m| (m.step, m.loss)), &BLUE))?;
-        root.present()?;
-        Ok(())
-    };
-    draw().map_err(|e| TrainError::invalid(path, format!("cannot draw the loss plot: {e}")))
 }
