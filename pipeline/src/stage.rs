@@ -3,8 +3,8 @@
 //! A stage kind has two sides, as vector's components do. Its [`Config`] is the parameters as
 //! written in `[stages.<name>]` (deserialized with `deny_unknown_fields`); [`Config::build`]
 //! checks them against the pipeline and resolves them once (templates, taxonomy, model settings,
-//! defaults) into the [`Stage`] that runs. Kinds with nothing to resolve run their parameters
-//! as they are.
+//! defaults) into the [`Stage`] that runs. Kinds with nothing to resolve implement [`Plain`]
+//! and run their checked parameters as they are.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -29,6 +29,22 @@ pub trait Config: std::fmt::Debug + Send + Sync + 'static {
     /// are then still checked, so that one `kiln check` reports everything); the plan runs
     /// only when no stage has any.
     fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>>;
+}
+
+/// Parameters that run as they are: nothing to resolve, so the built stage is the checked
+/// parameters themselves. Implementing it implements [`Config`].
+pub trait Plain: Stage + Clone + 'static {
+    /// Every problem of the parameters, at its key (none by default).
+    fn problems(&self, _cx: &CheckCx) -> Vec<Problem> {
+        Vec::new()
+    }
+}
+
+impl<T: Plain> Config for T {
+    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
+        problems.extend(self.problems(cx));
+        Some(Box::new(self.clone()))
+    }
 }
 
 /// One kind of stage, built by its [`Config`]. Only `output_schema` and `run` are required.

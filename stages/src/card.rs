@@ -24,7 +24,7 @@ use arrow::datatypes::{DataType, Field, SchemaRef};
 use async_trait::async_trait;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch, to_json_rows};
-use kiln_pipeline::stage::{CheckCx, Config, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Plain, Problem, Stage, StageCx};
 use kiln_pipeline::store::{Manifest, REJECTIONS, read_manifest};
 use kiln_pipeline::{Error, Result};
 use plotters::prelude::*;
@@ -275,20 +275,12 @@ impl Card {
     }
 }
 
-impl Card {
-    /// Every problem of the parameters, at its key.
+impl Plain for Card {
     fn problems(&self, _cx: &CheckCx) -> Vec<Problem> {
         if self.path.trim().is_empty() || !self.path.ends_with(".md") {
             return vec![Problem::new("path", format!("`path` must name a Markdown file, got {:?}", self.path))];
         }
         Vec::new()
-    }
-}
-
-impl Config for Card {
-    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
-        problems.extend(self.problems(cx));
-        Some(Box::new(self.clone()))
     }
 }
 

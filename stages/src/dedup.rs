@@ -29,7 +29,7 @@ use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use kiln_pipeline::Result;
 use kiln_pipeline::rows::{ROW_ID, to_json_rows};
-use kiln_pipeline::stage::{CheckCx, Config, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Plain, Problem, Stage, StageCx};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -183,8 +183,7 @@ fn item_of(row: &serde_json::Map<String, Value>, per_question: bool) -> String {
     }
 }
 
-impl Dedup {
-    /// Every problem of the parameters, at its key.
+impl Plain for Dedup {
     fn problems(&self, _cx: &CheckCx) -> Vec<Problem> {
         let mut problems = Vec::new();
         if !(self.threshold > 0.0 && self.threshold <= 1.0) {
@@ -197,13 +196,6 @@ impl Dedup {
             problems.push(Problem::new("shingle", "`shingle` and `permutations` must be at least 1"));
         }
         problems
-    }
-}
-
-impl Config for Dedup {
-    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
-        problems.extend(self.problems(cx));
-        Some(Box::new(self.clone()))
     }
 }
 

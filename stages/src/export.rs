@@ -33,7 +33,7 @@ use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::parquet::arrow::ArrowWriter;
 use kiln_pipeline::rows::{lineage_fields, row_id, schema_with_lineage, to_batch};
-use kiln_pipeline::stage::{CheckCx, Config, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Plain, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -235,8 +235,7 @@ impl Export {
     }
 }
 
-impl Export {
-    /// Every problem of the parameters, at its key.
+impl Plain for Export {
     fn problems(&self, _cx: &CheckCx) -> Vec<Problem> {
         let mut problems = Vec::new();
         if self.path.trim().is_empty() {
@@ -249,13 +248,6 @@ impl Export {
             );
         }
         problems
-    }
-}
-
-impl Config for Export {
-    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
-        problems.extend(self.problems(cx));
-        Some(Box::new(self.clone()))
     }
 }
 

@@ -323,20 +323,17 @@ mod tests {
         };
         let judged = Judged {
             trajectory: Trajectory {
-                row_id: "t1".into(),
-                parent_ids: vec!["q1".into()],
-                about,
-                sample: 0,
-                teacher: "scripted".into(),
-                messages: vec![Message::new("system", "s"), Message::new("user", "How many rows?")],
                 final_answer: Some("3".into()),
                 end_reason: "answer".into(),
                 turns: 1,
-                steps: Vec::new(),
-                worker_restarts: 0,
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                result_csv: None,
+                ..Trajectory::opening(
+                    "t1".into(),
+                    "q1".into(),
+                    about,
+                    0,
+                    "scripted".into(),
+                    vec![Message::new("system", "s"), Message::new("user", "How many rows?")],
+                )
             },
             judge_verdict: "gold_match".into(),
             judge_reasoning: None,

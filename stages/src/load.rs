@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use datafusion::dataframe::DataFrame;
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionContext};
 use kiln_pipeline::rows::{PARENT_IDS, ROW_ID, lineage_fields, with_content_lineage};
-use kiln_pipeline::stage::{CheckCx, Config, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Plain, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -93,11 +93,7 @@ fn output_schema(data: &Schema) -> Result<SchemaRef, Problem> {
     Ok(Arc::new(Schema::new(fields)))
 }
 
-impl Config for Load {
-    fn build(&self, _cx: &CheckCx, _problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
-        Some(Box::new(self.clone()))
-    }
-}
+impl Plain for Load {}
 
 #[async_trait]
 impl Stage for Load {

@@ -23,7 +23,7 @@ use datafusion::datasource::MemTable;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 use kiln_pipeline::rows::{PARENT_IDS, ROW_ID, lineage_fields, with_content_lineage};
-use kiln_pipeline::stage::{CheckCx, Config, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Plain, Problem, Stage, StageCx};
 use kiln_pipeline::store::dataset_files;
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -96,11 +96,7 @@ fn shape(result: &Schema) -> Result<Shape, Problem> {
     Ok(Shape { output: Arc::new(Schema::new(fields)), keeps_lineage })
 }
 
-impl Config for Sql {
-    fn build(&self, _cx: &CheckCx, _problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
-        Some(Box::new(self.clone()))
-    }
-}
+impl Plain for Sql {}
 
 #[async_trait]
 impl Stage for Sql {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use arrow::datatypes::{DataType, Field, SchemaRef};
 use async_trait::async_trait;
 use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch, to_json_rows};
-use kiln_pipeline::stage::{CheckCx, Config, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Plain, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -66,8 +66,7 @@ impl TrainSft {
     }
 }
 
-impl TrainSft {
-    /// Every problem of the parameters, at its key.
+impl Plain for TrainSft {
     fn problems(&self, cx: &CheckCx) -> Vec<Problem> {
         let mut problems = Vec::new();
         if self.0.data.is_some() {
@@ -78,13 +77,6 @@ impl TrainSft {
         }
         problems.extend(self.0.problems(&cx.base_dir));
         problems
-    }
-}
-
-impl Config for TrainSft {
-    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
-        problems.extend(self.problems(cx));
-        Some(Box::new(self.clone()))
     }
 }
 

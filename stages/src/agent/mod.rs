@@ -359,22 +359,14 @@ impl Agent<'_> {
         // The kept trajectory opens with the question alone; the teacher also reads a critique.
         let mut messages = opening;
         messages[1].content = task.prompt();
-        let mut t = Trajectory {
-            row_id: id.clone(),
-            parent_ids: vec![task.parent.clone()],
-            about: task.about.clone(),
+        let mut t = Trajectory::opening(
+            id.clone(),
+            task.parent.clone(),
+            task.about.clone(),
             sample,
-            teacher: self.teacher.name(),
+            self.teacher.name(),
             messages,
-            final_answer: None,
-            end_reason: "max_turns".into(),
-            turns: 0,
-            steps: Vec::new(),
-            worker_restarts: 0,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            result_csv: None,
-        };
+        );
         let scratch = self.cx.pipeline.output_dir.join("_scratch").join(&self.cx.name).join(&id);
         let outcome = self.run_turns(task, sample, script.as_ref(), &scratch, &mut t).await;
         let _ = std::fs::remove_dir_all(&scratch);

@@ -129,22 +129,7 @@ mod tests {
             "row_id": "q1", "question": "How many?", "path": "data/a.csv", "format": "csv", "table": "a",
         });
         let question = Task::from_question(serde_json::from_value(row).unwrap());
-        let t = Trajectory {
-            row_id: "t1".into(),
-            parent_ids: vec!["q1".into()],
-            about: question.about,
-            sample: 0,
-            teacher: "m".into(),
-            messages: Vec::new(),
-            final_answer: None,
-            end_reason: "max_turns".into(),
-            turns: 0,
-            steps: Vec::new(),
-            worker_restarts: 0,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            result_csv: None,
-        };
+        let t = Trajectory::opening("t1".into(), "q1".into(), question.about, 0, "m".into(), Vec::new());
         let task = Task::again(&t, 1, "the counts differ");
         assert_eq!(task.parent, "q1", "a rescue answers the original question");
         assert_eq!(task.prompt(), "How many?\n\nData: `data/a.csv` (CSV).");

@@ -60,6 +60,36 @@ pub struct Trajectory {
     pub result_csv: Option<String>,
 }
 
+impl Trajectory {
+    /// A trajectory about to run: its id, question, sample, teacher and opening messages; no
+    /// turn taken yet, ending at the turn limit unless something else ends it.
+    pub fn opening(
+        row_id: String,
+        parent: String,
+        about: About,
+        sample: u32,
+        teacher: String,
+        messages: Vec<Message>,
+    ) -> Self {
+        Trajectory {
+            row_id,
+            parent_ids: vec![parent],
+            about,
+            sample,
+            teacher,
+            messages,
+            final_answer: None,
+            end_reason: "max_turns".into(),
+            turns: 0,
+            steps: Vec::new(),
+            worker_restarts: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            result_csv: None,
+        }
+    }
+}
+
 /// The Arrow schema of [`Trajectory`] rows.
 pub fn schema() -> SchemaRef {
     let text = |name: &str| Field::new(name, DataType::Utf8, false);

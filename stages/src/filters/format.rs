@@ -13,7 +13,7 @@
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use kiln_pipeline::Result;
-use kiln_pipeline::stage::{CheckCx, Config, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Plain, Problem, Stage, StageCx};
 use serde::{Deserialize, Serialize};
 
 use kiln_llm::Message;
@@ -92,11 +92,7 @@ pub fn check_trajectory(messages: &[Message], end_reason: Option<&str>) -> Resul
     Ok(())
 }
 
-impl Config for FormatFilter {
-    fn build(&self, _cx: &CheckCx, _problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
-        Some(Box::new(self.clone()))
-    }
-}
+impl Plain for FormatFilter {}
 
 #[async_trait]
 impl Stage for FormatFilter {

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use kiln_pipeline::Result;
-use kiln_pipeline::stage::{CheckCx, Config, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, Input, InputSchema, Output, Plain, Problem, Stage, StageCx};
 use serde::{Deserialize, Serialize};
 use unicode_script::{Script, UnicodeScript};
 
@@ -195,11 +195,7 @@ impl LanguageFilter {
     }
 }
 
-impl Config for LanguageFilter {
-    fn build(&self, _cx: &CheckCx, _problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
-        Some(Box::new(self.clone()))
-    }
-}
+impl Plain for LanguageFilter {}
 
 #[async_trait]
 impl Stage for LanguageFilter {

@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
 use kiln_pipeline::cache::CacheKey;
 use kiln_pipeline::rows::{schema_with_lineage, to_batch};
-use kiln_pipeline::stage::{CheckCx, Config, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
+use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Plain, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result, progress};
 use serde::{Deserialize, Serialize};
 
@@ -217,8 +217,7 @@ fn shown_dir(dir: &Path) -> String {
     if dir.as_os_str().is_empty() { ".".into() } else { dir.display().to_string() }
 }
 
-impl Profile {
-    /// Every problem of the parameters, at its key.
+impl Plain for Profile {
     fn problems(&self, cx: &CheckCx) -> Vec<Problem> {
         let mut problems = Vec::new();
         if self.paths.is_empty() {
@@ -255,13 +254,6 @@ impl Profile {
             problems.push(Problem::new("parallelism", "`parallelism` must be at least 1, got 0"));
         }
         problems
-    }
-}
-
-impl Config for Profile {
-    fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
-        problems.extend(self.problems(cx));
-        Some(Box::new(self.clone()))
     }
 }
 
