@@ -48,6 +48,14 @@ pub struct Item {
 }
 
 impl Benchmark {
+    /// The files that list the items and their gold answers, in folder `dir`.
+    pub fn index_files(self, dir: &Path) -> Vec<PathBuf> {
+        match self {
+            Benchmark::Dabench => vec![dir.join("da-dev-questions.jsonl"), dir.join("da-dev-labels.jsonl")],
+            Benchmark::Qrdata => vec![dir.join("QRData.json")],
+        }
+    }
+
     /// Every item of the benchmark in folder `dir`, in file order.
     pub fn load(self, dir: &Path) -> Result<Vec<Item>, StageError> {
         match self {

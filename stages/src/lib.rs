@@ -9,6 +9,7 @@ pub mod card;
 pub mod compose;
 pub mod dedup;
 pub mod error;
+pub mod evaluate;
 pub mod export;
 pub mod families;
 pub mod filters;

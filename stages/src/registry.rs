@@ -5,6 +5,7 @@ use kiln_pipeline::registry::{Kind, ModelTable, Registry};
 use crate::card::Card;
 use crate::compose::Compose;
 use crate::dedup::Dedup;
+use crate::evaluate::Evaluate;
 use crate::export::Export;
 use crate::filters::format::FormatFilter;
 use crate::filters::language::LanguageFilter;
@@ -33,6 +34,10 @@ pub fn registry() -> Registry {
         Kind::of::<Dedup>(
             "dedup",
             "drops exact and near-duplicate questions (MinHash + LSH over word shingles), keeping one of each group",
+        ),
+        Kind::of::<Evaluate>(
+            "evaluate",
+            "a model as the agent on benchmark items (DABench, QRData), R runs each, scored: pass@1 and pass@k",
         ),
         Kind::of::<Export>(
             "export",

@@ -50,9 +50,9 @@ pub use trajectory::{Step, Trajectory, schema};
 pub const VARIABLES: &[&str] = &["sql", "data_dir", "files", "max_turns", "procedure", "category"];
 /// The system prompt template used unless a stage names another.
 pub const DEFAULT_TEMPLATE: &str = "trajectory_system.j2";
-/// Bump when the same tasks would now give other trajectories (3: a rescue's critique is no
-/// longer kept in the trajectory; model turns stay cached, so nothing is paid again).
-pub const VERSION: u32 = 3;
+/// Bump when the same tasks would now give other trajectories (4: each sample of a seeded
+/// model gets its own seed; unseeded turns stay cached, so nothing is paid again).
+pub const VERSION: u32 = 4;
 /// Most bytes of a result CSV kept in a trajectory.
 const RESULT_CSV_BYTES: usize = 64 * 1024;
 
@@ -415,7 +415,12 @@ impl Agent<'_> {
                     }
                 },
                 (Teacher::Model { client, model }, _) => {
-                    let body = model.config.request_body(&self.teacher_view(task, &t.messages), 1);
+                    let mut body = model.config.request_body(&self.teacher_view(task, &t.messages), 1);
+                    // Each sample its own seed: the same seed would make the samples of a
+                    // seeded model one sample repeated.
+                    if let Some(seed) = model.config.seed {
+                        body["seed"] = serde_json::json!(seed.wrapping_add(u64::from(sample)));
+                    }
                     match cached_chat(self.cx, client, &body, sample).await {
                         Ok((completion, hit)) => {
                             self.tally.add("llm_cache_hits", hit as u64);
