@@ -36,44 +36,30 @@ use async_trait::async_trait;
 use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch};
 use kiln_pipeline::stage::{CheckCx, Config, Estimate, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::{Result, executor};
-use kiln_sandbox::{Isolation, Limits};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::{self, About, AgentSettings, AgentSetup, Keys, Task, TeacherSpec, Trajectory};
+use crate::agent::{self, About, AgentSetup, Keys, Task, TeacherSpec, Trajectory};
 use crate::benchmarks::{Benchmark, Item};
 use crate::graders::grade;
 
-/// Parameters of an `evaluate` stage.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Evaluate {
-    /// The model evaluated: a `[models.<name>]` table. Required.
-    pub model: String,
-    /// The benchmark's format. Required.
-    pub benchmark: Benchmark,
-    /// The benchmark's folder, relative to the pipeline file. Required.
-    pub path: PathBuf,
-    /// Runs per item (pass@k's k). Default: 3.
-    #[serde(default = "default_runs")]
-    pub runs: u32,
-    /// Evaluate only the first `limit` items. Default: every item.
-    #[serde(default)]
-    pub limit: Option<usize>,
-    /// Most assistant turns per run. Default: 10.
-    #[serde(default = "crate::trajectories::default_max_turns")]
-    pub max_turns: u32,
-    /// System prompt template. Default: `trajectory_system.j2`.
-    #[serde(default = "crate::trajectories::default_template")]
-    pub template: String,
-    /// Sandbox limits. Default: the recipe's.
-    #[serde(default)]
-    pub sandbox: Limits,
-    /// Isolation: `bubblewrap` or `landlock`. Default: the first that works here.
-    #[serde(default)]
-    pub isolation: Option<Isolation>,
-    /// Runs in progress at once. Default: the model's `max_concurrency`.
-    #[serde(default)]
-    pub parallel: Option<usize>,
+crate::with_agent_keys! {
+    /// Parameters of an `evaluate` stage.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Evaluate {
+        /// The model evaluated: a `[models.<name>]` table. Required.
+        pub model: String,
+        /// The benchmark's format. Required.
+        pub benchmark: Benchmark,
+        /// The benchmark's folder, relative to the pipeline file. Required.
+        pub path: PathBuf,
+        /// Runs per item (pass@k's k). Default: 3.
+        #[serde(default = "default_runs")]
+        pub runs: u32,
+        /// Evaluate only the first `limit` items. Default: every item.
+        #[serde(default)]
+        pub limit: Option<usize>,
+    }
 }
 
 fn default_runs() -> u32 {
@@ -133,19 +119,6 @@ pub fn schema() -> SchemaRef {
     ])
 }
 
-impl Evaluate {
-    fn agent(&self) -> AgentSettings {
-        AgentSettings {
-            teacher: TeacherSpec::Model(self.model.clone()),
-            max_turns: self.max_turns,
-            template: self.template.clone(),
-            sandbox: self.sandbox.clone(),
-            isolation: self.isolation,
-            parallel: self.parallel,
-        }
-    }
-}
-
 impl Config for Evaluate {
     fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
         if self.runs == 0 {
@@ -167,7 +140,7 @@ impl Config for Evaluate {
             }
         };
         let keys = Keys { prefix: "", teacher: "model", kind: "evaluate" };
-        let agent = self.agent().build(cx, keys, problems)?;
+        let agent = self.agent_settings(TeacherSpec::Model(self.model.clone())).build(cx, keys, problems)?;
         let mut items = items?;
         items.truncate(self.limit.unwrap_or(usize::MAX));
         Some(Box::new(Evaluating { params: self.clone(), dir, items, agent }))

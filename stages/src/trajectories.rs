@@ -20,71 +20,31 @@ use async_trait::async_trait;
 use kiln_pipeline::rows::to_batch;
 use kiln_pipeline::stage::{CheckCx, Config, Estimate, FileDep, Input, InputSchema, Output, Problem, Stage, StageCx};
 use kiln_pipeline::{Result, executor};
-use kiln_sandbox::{Isolation, Limits};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::{self, AgentSettings, AgentSetup, Keys, Task, TeacherSpec};
+use crate::agent::{self, AgentSetup, Keys, Task, TeacherSpec};
 use crate::families::{QUESTION, Question, Row};
 
-/// Parameters of a `trajectories` stage.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Trajectories {
-    /// The teacher: a `[models.<name>]` table. Exactly one of `model` and `scripted`.
-    #[serde(default)]
-    pub model: Option<String>,
-    /// Solve `programmatic` questions offline with the scripted teacher.
-    #[serde(default)]
-    pub scripted: bool,
-    /// Trajectories per question. Default: 3 with a model, 1 when scripted (it is deterministic).
-    #[serde(default)]
-    pub n: Option<u32>,
-    /// Most assistant turns per trajectory. Default: 10.
-    #[serde(default = "default_max_turns")]
-    pub max_turns: u32,
-    /// System prompt template. Default: `trajectory_system.j2`.
-    #[serde(default = "default_template")]
-    pub template: String,
-    /// Sandbox limits (memory, timeouts, output, SQL and scratch caps). Default: the recipe's.
-    #[serde(default)]
-    pub sandbox: Limits,
-    /// Isolation: `bubblewrap` or `landlock`. Default: the first that works here.
-    #[serde(default)]
-    pub isolation: Option<Isolation>,
-    /// Trajectories in progress at once (each holds a Python worker). Default: the model's
-    /// `max_concurrency`, or twice the CPU count when scripted.
-    #[serde(default)]
-    pub parallel: Option<usize>,
-}
-
-/// Default of `max_turns` (the recipe's), also for judge rescue.
-pub(crate) fn default_max_turns() -> u32 {
-    10
-}
-/// Default of `template`, also for judge rescue.
-pub(crate) fn default_template() -> String {
-    agent::DEFAULT_TEMPLATE.into()
+crate::with_agent_keys! {
+    /// Parameters of a `trajectories` stage.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Trajectories {
+        /// The teacher: a `[models.<name>]` table. Exactly one of `model` and `scripted`.
+        #[serde(default)]
+        pub model: Option<String>,
+        /// Solve `programmatic` questions offline with the scripted teacher.
+        #[serde(default)]
+        pub scripted: bool,
+        /// Trajectories per question. Default: 3 with a model, 1 when scripted (it is
+        /// deterministic).
+        #[serde(default)]
+        pub n: Option<u32>,
+    }
 }
 
 /// The `Question` columns a model teacher needs (the scripted one also needs `category`).
 const REQUIRED: &[&str] = &["question", "path", "format", "table"];
-
-impl Trajectories {
-    /// The agent these parameters describe.
-    fn agent(&self) -> AgentSettings {
-        AgentSettings {
-            teacher: match &self.model {
-                Some(name) => TeacherSpec::Model(name.clone()),
-                None => TeacherSpec::Scripted,
-            },
-            max_turns: self.max_turns,
-            template: self.template.clone(),
-            sandbox: self.sandbox.clone(),
-            isolation: self.isolation,
-            parallel: self.parallel,
-        }
-    }
-}
 
 impl Config for Trajectories {
     fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
@@ -109,7 +69,11 @@ impl Config for Trajectories {
             );
         }
         let keys = Keys { prefix: "", teacher: "model", kind: "trajectories" };
-        let agent = self.agent().build(cx, keys, problems);
+        let teacher = match &self.model {
+            Some(name) => TeacherSpec::Model(name.clone()),
+            None => TeacherSpec::Scripted,
+        };
+        let agent = self.agent_settings(teacher).build(cx, keys, problems);
         match agent {
             Some(agent) => Some(Box::new(Sampling { agent, n, scripted: self.scripted })),
             None => None,

@@ -17,6 +17,7 @@
 //! finished trajectory is cached whole, so a rerun (also after kill -9) replays finished
 //! trajectories without the sandbox, and unfinished ones replay their cached model turns.
 
+pub mod keys;
 pub mod protocol;
 mod scripted;
 mod task;

@@ -11,44 +11,24 @@ use super::verdict::Verdict;
 use super::{Group, Judging};
 use crate::agent::{AgentSettings, AgentSetup, Task, TeacherSpec};
 
-/// How inconsistent questions are rescued: the agent's settings are those of a `trajectories`
-/// stage, with the same defaults.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rescue {
-    /// The teacher model, a `[models.<name>]` table.
-    pub teacher: String,
-    /// Rounds of critique, re-sampling and judging. Default: 1.
-    #[serde(default = "one")]
-    pub rounds: u32,
-    /// Most assistant turns per new trajectory. Default: 10.
-    #[serde(default = "crate::trajectories::default_max_turns")]
-    pub max_turns: u32,
-    /// System prompt template of the new trajectories. Default: `trajectory_system.j2`.
-    #[serde(default = "crate::trajectories::default_template")]
-    pub template: String,
-    /// Sandbox limits of the new trajectories. Default: the recipe's.
-    #[serde(default)]
-    pub sandbox: kiln_sandbox::Limits,
-    /// Isolation: `bubblewrap` or `landlock`. Default: the first that works here.
-    #[serde(default)]
-    pub isolation: Option<kiln_sandbox::Isolation>,
-    /// New trajectories in progress at once. Default: the teacher's `max_concurrency`.
-    #[serde(default)]
-    pub parallel: Option<usize>,
+crate::with_agent_keys! {
+    /// How inconsistent questions are rescued: the agent's keys are those of a `trajectories`
+    /// stage, with the same defaults.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Rescue {
+        /// The teacher model, a `[models.<name>]` table.
+        pub teacher: String,
+        /// Rounds of critique, re-sampling and judging. Default: 1.
+        #[serde(default = "one")]
+        pub rounds: u32,
+    }
 }
 
 impl Rescue {
     /// The agent that samples the new trajectories.
     pub(super) fn agent(&self) -> AgentSettings {
-        AgentSettings {
-            teacher: TeacherSpec::Model(self.teacher.clone()),
-            max_turns: self.max_turns,
-            template: self.template.clone(),
-            sandbox: self.sandbox.clone(),
-            isolation: self.isolation,
-            parallel: self.parallel,
-        }
+        self.agent_settings(TeacherSpec::Model(self.teacher.clone()))
     }
 }
 
