@@ -21,7 +21,7 @@
 //! [stages.eval]
 //! kind = "evaluate"
 //! model = "served"               # the model evaluated, a [models] table
-//! benchmark = "dabench"          # or "qrdata"
+//! benchmark = "dabench"          # or "qrdata", or "rl" (a kiln `rl` export: path = its file)
 //! path = "benchmarks/dabench"    # the benchmark's folder, in its published layout
 //! runs = 3
 //! max_turns = 10
@@ -128,11 +128,11 @@ impl Config for Evaluate {
             problems.push(Problem::new("limit", "`limit` must be at least 1").help("remove it to evaluate every item"));
         }
         let dir = cx.resolve(&self.path);
-        let items = match self.benchmark.load(&dir) {
+        let items = match self.benchmark.load(&dir, &cx.base_dir) {
             Ok(items) => Some(items),
             Err(e) => {
                 let help = format!(
-                    "`path` is the benchmark's folder in its published layout, relative to `{}`",
+                    "`path` is the benchmark's folder in its published layout (for `rl`, the export's Parquet file), relative to `{}`",
                     cx.base_dir.display()
                 );
                 problems.push(Problem::new("path", e).help(help));
@@ -170,7 +170,10 @@ fn task(benchmark: Benchmark, item: &Item) -> Task {
         about: About {
             question,
             category: None,
-            table: file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            table: item
+                .table
+                .clone()
+                .unwrap_or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()),
             path: file.to_string_lossy().into_owned(),
             format,
             gold_answer: None,
@@ -400,6 +403,7 @@ mod tests {
             files: vec![PathBuf::from("/b/da-dev-tables/surveys.csv")],
             gold: crate::graders::Gold::Named(vec![("n".into(), "42".into())]),
             group: "easy".into(),
+            table: None,
         };
         let t = task(Benchmark::Dabench, &item);
         assert_eq!(t.about.gold_answer, None);

@@ -7,7 +7,7 @@
 //!   entry LLaMA-Factory needs to load it by name, merged into `dataset_info.json` beside it.
 //! - `rl`: Parquet, one row per question: the prompt messages (system and user), the gold
 //!   answer, for SQL tasks the path of the gold result CSV (written beside the file), the data
-//!   files, category and difficulty, and the expert trajectory for the SFT term.
+//!   files and table, category and difficulty, and the expert trajectory for the SFT term.
 //!
 //! Every exported record keeps a `row_id` and `parent_ids`, so it traces back through the
 //! rejection ledger and the datasets to its question and source file. Files are written under
@@ -102,7 +102,7 @@ fn schema() -> SchemaRef {
 }
 
 /// The RL export's schema.
-fn rl_schema() -> SchemaRef {
+pub(crate) fn rl_schema() -> SchemaRef {
     let text = |n: &str| Field::new(n, DataType::Utf8, false);
     let maybe = |n: &str| Field::new(n, DataType::Utf8, true);
     let messages = |n: &str| {
@@ -116,6 +116,7 @@ fn rl_schema() -> SchemaRef {
         maybe("gold_answer"),
         maybe("gold_result_csv"),
         Field::new("data_files", DataType::List(Arc::new(Field::new("item", DataType::Utf8, false))), false),
+        maybe("table"),
         maybe("category"),
         Field::new("difficulty", DataType::UInt32, true),
         messages("expert_trajectory"),
@@ -149,6 +150,7 @@ struct Expert {
     question: String,
     gold_answer: Option<String>,
     path: String,
+    table: Option<String>,
     sample: u32,
     messages: Vec<kiln_llm::Message>,
     result_csv: Option<String>,
@@ -220,6 +222,7 @@ impl Export {
                 "gold_answer": expert.gold_answer,
                 "gold_result_csv": gold_csv,
                 "data_files": [expert.path],
+                "table": expert.table,
                 "category": expert.category,
                 "difficulty": expert.difficulty,
                 "expert_trajectory": messages,
