@@ -65,6 +65,7 @@ impl Plan {
             templates: resolve(&spec.settings.templates),
             models: spec.models.clone(),
             output_dir: output_dir.clone(),
+            stages: spec.stages.iter().map(|s| s.name.clone()).collect(),
         };
 
         check_settings(&spec, &check_cx, &mut diags);
@@ -128,6 +129,17 @@ impl Plan {
 }
 
 fn check_settings(spec: &Spec, cx: &CheckCx, diags: &mut Vec<Diagnostic>) {
+    let name = &spec.settings.name;
+    let one_folder = Path::new(name).components().count() == 1
+        && matches!(Path::new(name).components().next(), Some(std::path::Component::Normal(_)));
+    if spec.settings.output_dir.is_none() && (!one_folder || name.starts_with('.')) {
+        let span = spec.settings_spans.get("name").cloned().unwrap_or(0..0);
+        diags.push(spec.map.diagnostic(
+            span,
+            format!("`name` is the output folder `outputs/<name>`: one folder name, got {name:?}"),
+            Some("use letters, digits, `-` and `_`, or set `output_dir`".into()),
+        ));
+    }
     let dirs = [("templates", &spec.settings.templates), ("taxonomy", &spec.settings.taxonomy)];
     for (key, dir) in dirs {
         if let Some(dir) = dir

@@ -100,6 +100,8 @@ pub struct CheckCx {
     pub models: serde_json::Value,
     /// Where the run writes its datasets.
     pub output_dir: PathBuf,
+    /// The names of the pipeline's stages (each a dataset folder in `output_dir`).
+    pub stages: Vec<String>,
 }
 
 impl CheckCx {

@@ -276,11 +276,11 @@ impl Card {
 }
 
 impl Plain for Card {
-    fn problems(&self, _cx: &CheckCx) -> Vec<Problem> {
+    fn problems(&self, cx: &CheckCx) -> Vec<Problem> {
         if self.path.trim().is_empty() || !self.path.ends_with(".md") {
             return vec![Problem::new("path", format!("`path` must name a Markdown file, got {:?}", self.path))];
         }
-        Vec::new()
+        crate::paths::output_file_problem(cx, "path", &self.path).into_iter().collect()
     }
 }
 

@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::families::{Row, TRAJECTORY, Turns};
+use crate::paths::output_file_problem;
 
 /// The file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,11 +240,8 @@ impl Export {
 }
 
 impl Plain for Export {
-    fn problems(&self, _cx: &CheckCx) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        if self.path.trim().is_empty() {
-            problems.push(Problem::new("path", "`path` is empty"));
-        }
+    fn problems(&self, cx: &CheckCx) -> Vec<Problem> {
+        let mut problems: Vec<Problem> = output_file_problem(cx, "path", &self.path).into_iter().collect();
         if self.dataset_name.is_some() && self.format != Format::Sharegpt {
             problems.push(
                 Problem::new("dataset_name", "`dataset_name` names a sharegpt export")
