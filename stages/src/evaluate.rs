@@ -247,6 +247,15 @@ pub fn pass_rates(rows: &[&Scored]) -> (f64, f64, usize) {
     (pass1, passk, items.len())
 }
 
+/// `rows` by their item's group.
+fn by_group(rows: &[Scored]) -> BTreeMap<&str, Vec<&Scored>> {
+    let mut groups: BTreeMap<&str, Vec<&Scored>> = BTreeMap::new();
+    for r in rows {
+        groups.entry(&r.group).or_default().push(r);
+    }
+    groups
+}
+
 /// The Markdown report: pass rates overall and per group, and the failure modes.
 fn report(model: &str, benchmark: &str, runs: u32, rows: &[Scored]) -> String {
     let all: Vec<&Scored> = rows.iter().collect();
@@ -254,11 +263,7 @@ fn report(model: &str, benchmark: &str, runs: u32, rows: &[Scored]) -> String {
     let mut md = format!("# Evaluation of `{model}` on {benchmark}\n\n");
     let _ = writeln!(md, "{n} items, {runs} runs each: pass@1 {:.1}%, pass@{runs} {:.1}%.\n", p1 * 100.0, pk * 100.0);
     md.push_str("| group | items | pass@1 | pass@k |\n| --- | ---: | ---: | ---: |\n");
-    let mut groups: BTreeMap<&str, Vec<&Scored>> = BTreeMap::new();
-    for r in rows {
-        groups.entry(&r.group).or_default().push(r);
-    }
-    for (group, rows) in &groups {
+    for (group, rows) in &by_group(rows) {
         let (p1, pk, n) = pass_rates(rows);
         let _ = writeln!(md, "| {group} | {n} | {:.1}% | {:.1}% |", p1 * 100.0, pk * 100.0);
     }
@@ -338,11 +343,7 @@ impl Stage for Evaluating {
         counters.insert("items".into(), n as u64);
         counters.insert("pass_at_1_ppm".into(), ppm(p1));
         counters.insert("pass_at_k_ppm".into(), ppm(pk));
-        let mut groups: BTreeMap<&str, Vec<&Scored>> = BTreeMap::new();
-        for r in &rows {
-            groups.entry(&r.group).or_default().push(r);
-        }
-        for (group, rows) in groups {
+        for (group, rows) in by_group(&rows) {
             let (p1, pk, _) = pass_rates(&rows);
             counters.insert(format!("pass_at_1_ppm_{group}"), ppm(p1));
             counters.insert(format!("pass_at_k_ppm_{group}"), ppm(pk));
