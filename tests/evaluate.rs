@@ -1,8 +1,10 @@
 //! The `evaluate` stage end to end, through the real `kiln` binary, the real agent loop and the
-//! real sandbox, against fake endpoints that follow a script (they fake a served model): an
-//! oracle that runs a cell and then answers each item's gold scores 100%; one that answers
-//! wrong scores 0% with `wrong` as the failure; one that never answers scores 0% with
-//! `turn_limit`. A rerun sends nothing.
+//! real sandbox, against fake endpoints that follow a script (they fake a served model, and an
+//! LLM judge): an oracle that runs a cell and then answers each item's gold scores 100%; one
+//! that answers wrong scores 0% with `wrong` as the failure; one that never answers scores 0%
+//! with `turn_limit`. A rerun sends nothing. TableBench items reach the sandbox as CSV files
+//! (the oracle answers from what its cell printed), BIRD items are graded on the result CSV
+//! against the gold query's rows, and open answers by the judge.
 
 mod util;
 
@@ -58,9 +60,13 @@ fn an_oracle_scores_everything_a_wrong_model_nothing_and_a_rerun_sends_nothing()
     let mut pipeline = "[pipeline]\nname = \"eval\"\noutput_dir = \"OUT\"\n".to_string();
     for (name, server) in &servers {
         pipeline.push_str(&format!(
-            "\n[models.{name}]\nbase_url = \"{}\"\nmodel = \"{name}-7b\"\ntemperature = 0.7\ntop_p = 0.95\n\n\
-             [stages.{name}]\nkind = \"evaluate\"\nmodel = \"{name}\"\nbenchmark = \"dabench\"\npath = {:?}\nruns = 2\nmax_turns = 2\n",
+            "\n[models.{name}]\nbase_url = \"{}\"\nmodel = \"{name}-7b\"\ntemperature = 0.7\ntop_p = 0.95\n",
             server.base_url(),
+        ));
+    }
+    for (stage, models) in [("side", r#"models = ["oracle", "wrong"]"#), ("silent", r#"model = "silent""#)] {
+        pipeline.push_str(&format!(
+            "\n[stages.{stage}]\nkind = \"evaluate\"\n{models}\nbenchmark = \"dabench\"\npath = {:?}\nruns = 2\nmax_turns = 2\n",
             fixtures.display().to_string(),
         ));
     }
@@ -68,26 +74,28 @@ fn an_oracle_scores_everything_a_wrong_model_nothing_and_a_rerun_sends_nothing()
     util::kiln_ok(dir, &["run", "eval.toml"]);
 
     let out = dir.join("OUT");
-    let score = |stage: &str| util::manifest(&out.join(stage)).counters;
-    let oracle_counters = score("oracle");
-    assert_eq!(oracle_counters["items"], 2);
-    assert_eq!((oracle_counters["pass_at_1_ppm"], oracle_counters["pass_at_k_ppm"]), (1_000_000, 1_000_000));
-    assert_eq!(oracle_counters["pass_at_1_ppm_easy"], 1_000_000);
-    let rows = util::rows(&out.join("oracle"));
-    assert_eq!(rows.len(), 4, "2 items x 2 runs");
-    assert!(rows.iter().all(|r| r["correct"] == true && r["turns"] == 2), "{rows:?}");
+    let side = util::manifest(&out.join("side")).counters;
+    assert_eq!(side["oracle.items"], 2);
+    assert_eq!((side["oracle.pass_at_1_ppm"], side["oracle.pass_at_k_ppm"]), (1_000_000, 1_000_000));
+    assert_eq!(side["oracle.pass_at_1_ppm_easy"], 1_000_000);
+    assert_eq!((side["wrong.pass_at_1_ppm"], side["wrong.pass_at_k_ppm"]), (0, 0));
+    let rows = util::rows(&out.join("side"));
+    assert_eq!(rows.len(), 8, "2 models x 2 items x 2 runs");
+    let of = |model: &str| rows.iter().filter(|r| r["model"] == model).cloned().collect::<Vec<_>>();
+    assert!(of("oracle").iter().all(|r| r["correct"] == true && r["turns"] == 2 && r["grader"] == "named"), "{rows:?}");
+    assert!(of("wrong").iter().all(|r| r["failure"] == "wrong"), "{rows:?}");
+    assert!(of("wrong").iter().any(|r| r["reason"] == "@total[31] is not [30]"), "{rows:?}");
 
-    assert_eq!((score("wrong")["pass_at_1_ppm"], score("wrong")["pass_at_k_ppm"]), (0, 0));
-    let wrong_rows = util::rows(&out.join("wrong"));
-    assert!(wrong_rows.iter().all(|r| r["failure"] == "wrong"), "{wrong_rows:?}");
-    assert!(wrong_rows.iter().any(|r| r["reason"] == "@total[31] is not [30]"), "{wrong_rows:?}");
-
-    assert_eq!(score("silent")["pass_at_k_ppm"], 0);
+    let silent = util::manifest(&out.join("silent")).counters;
+    assert_eq!((silent["items"], silent["pass_at_k_ppm"]), (2, 0));
     let silent_rows = util::rows(&out.join("silent"));
     assert!(silent_rows.iter().all(|r| r["failure"] == "turn_limit" && r.get("answer").is_none()), "{silent_rows:?}");
 
-    let report = std::fs::read_to_string(out.join("oracle.report.md")).unwrap();
-    assert!(report.contains("2 items, 2 runs each: pass@1 100.0%, pass@2 100.0%."), "{report}");
+    let report = std::fs::read_to_string(out.join("side.report.md")).unwrap();
+    assert!(report.contains("| oracle | 2 | 100.0% | 100.0% |\n| wrong | 2 | 0.0% | 0.0% |"), "{report}");
+    assert!(report.contains("| wrong | 0 | 4 |"), "failures side by side: {report}");
+    let chart = std::fs::read_to_string(out.join("side.report.svg")).unwrap();
+    assert!(chart.starts_with("<svg") && chart.contains(">oracle</text>"), "{chart}");
 
     let sent: Vec<usize> = servers.iter().map(|(_, s)| s.seen.total.load(Ordering::SeqCst)).collect();
     assert!(sent.iter().all(|&n| n > 0));
@@ -99,5 +107,127 @@ fn an_oracle_scores_everything_a_wrong_model_nothing_and_a_rerun_sends_nothing()
     // the requests are the same.
     std::fs::write(dir.join("eval.toml"), pipeline.replacen("runs = 2", "runs = 3", 1)).unwrap();
     util::kiln_ok(dir, &["run", "eval.toml"]);
-    assert_eq!(util::rows(&out.join("oracle")).len(), 6);
+    assert_eq!(util::rows(&out.join("side")).len(), 12);
+}
+
+/// The number in the last interpreter output of a conversation.
+fn printed_number(messages: &[Value]) -> String {
+    let last = messages.iter().rev().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()).unwrap_or("");
+    let output = last.trim_start_matches("<interpreter>").trim_end_matches("</interpreter>");
+    output.split_whitespace().rfind(|w| w.parse::<f64>().is_ok()).unwrap_or("none").to_string()
+}
+
+fn cell(code: &str) -> String {
+    format!("<think>Look at the data.</think>\n<code>\n```python\n{code}\n```\n</code>")
+}
+
+/// Answers TableBench and BIRD items from what its cells print and write; `extra` adds a
+/// column to its SQL result (which the recipe's table rule accepts and BIRD's does not).
+fn tables_oracle(messages: &[Value], extra: bool) -> String {
+    let q = question(messages);
+    let first = turns(messages) == 0;
+    let sql = if q.contains("total amount per region") {
+        "SELECT region, SUM(amount) AS total FROM sales GROUP BY region"
+    } else {
+        "SELECT region FROM sales ORDER BY amount DESC LIMIT 1"
+    };
+    let sql = if extra { sql.replacen("SELECT region", "SELECT region, 1 AS extra", 1) } else { sql.to_string() };
+    let answer = if q.contains("total amount over all rows") {
+        if first {
+            return cell("import pandas as pd\nprint(pd.read_csv('data/tb-sum.csv')['amount'].sum())");
+        }
+        printed_number(messages)
+    } else if q.contains("correlation between week and sales") {
+        if first {
+            return cell(
+                "import pandas as pd\ndf = pd.read_csv('data/tb-corr.csv')\nprint(round(df['week'].corr(df['sales']), 2))",
+            );
+        }
+        format!("Strong positive correlation, {}", printed_number(messages))
+    } else if q.contains("describe what the table shows") {
+        if first {
+            return cell("print(open('data/tb-describe.csv').read())");
+        }
+        "Sales amounts by region; north has the largest total.".to_string()
+    } else {
+        if first {
+            return cell(&format!("df = execute_sql(sql={sql:?}, output_path='result.csv')\nprint(df)"));
+        }
+        "The rows are in result.csv".to_string()
+    };
+    format!("<think>From the output.</think>\n<answer>{answer}</answer>")
+}
+
+fn exact(messages: &[Value]) -> String {
+    tables_oracle(messages, false)
+}
+
+fn extra_column(messages: &[Value]) -> String {
+    tables_oracle(messages, true)
+}
+
+/// The LLM judge: an answer is right when it names the north region.
+fn judge(messages: &[Value]) -> String {
+    let prompt = question(messages);
+    let answer = prompt.split("Answer to grade:").nth(1).unwrap_or("");
+    let yes = answer.to_lowercase().contains("north");
+    format!(
+        "<reasoning>{}</reasoning><correct>{}</correct>",
+        if yes { "names north" } else { "misses north" },
+        if yes { "yes" } else { "no" }
+    )
+}
+
+#[test]
+fn tablebench_and_bird_items_run_in_the_sandbox_and_open_answers_go_to_the_judge() {
+    let servers = [("exact", server(exact)), ("extra", server(extra_column)), ("judge", server(judge))];
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = util::root().join("tests/data/benchmarks");
+    let bird = dir.join("bird");
+    std::fs::create_dir_all(bird.join("dev_databases/shop")).unwrap();
+    std::fs::copy(data.join("bird/dev.json"), bird.join("dev.json")).unwrap();
+    let db = rusqlite::Connection::open(bird.join("dev_databases/shop/shop.sqlite")).unwrap();
+    db.execute_batch(&std::fs::read_to_string(data.join("bird/shop.sql")).unwrap()).unwrap();
+    let tables = data.join("tablebench/tablebench.jsonl").display().to_string();
+    let mut pipeline = "[pipeline]\nname = \"eval\"\noutput_dir = \"OUT\"\n".to_string();
+    for (name, server) in &servers {
+        pipeline.push_str(&format!("\n[models.{name}]\nbase_url = \"{}\"\nmodel = \"{name}\"\n", server.base_url()));
+    }
+    pipeline.push_str(&format!(
+        "\n[stages.tables]\nkind = \"evaluate\"\nmodel = \"exact\"\nbenchmark = \"tablebench\"\npath = {tables:?}\nruns = 1\nmax_turns = 3\njudge = \"judge\"\n\
+         \n[stages.unjudged]\nkind = \"evaluate\"\nmodel = \"exact\"\nbenchmark = \"tablebench\"\npath = {tables:?}\nruns = 1\nmax_turns = 3\n\
+         \n[stages.sql]\nkind = \"evaluate\"\nmodels = [\"exact\", \"extra\"]\nbenchmark = \"bird\"\npath = \"bird\"\nruns = 1\nmax_turns = 3\n"
+    ));
+    std::fs::write(dir.join("eval.toml"), &pipeline).unwrap();
+    util::kiln_ok(dir, &["run", "eval.toml"]);
+    let out = dir.join("OUT");
+
+    let rows = util::rows(&out.join("tables"));
+    assert_eq!(rows.len(), 3, "the chart item is skipped: {rows:?}");
+    assert!(rows.iter().all(|r| r["correct"] == true), "{rows:?}");
+    let sum = rows.iter().find(|r| r["item"] == "tb-sum").unwrap();
+    assert_eq!((sum["answer"].as_str(), sum["grader"].as_str()), (Some("30"), Some("parts")), "read from the sandbox");
+    let describe = rows.iter().find(|r| r["item"] == "tb-describe").unwrap();
+    assert_eq!((describe["grader"].as_str(), describe["reason"].as_str()), (Some("judge"), Some("names north")));
+    assert!(out.join("_benchmarks/tables/tb-sum.csv").is_file());
+    let report = std::fs::read_to_string(out.join("tables.report.md")).unwrap();
+    assert!(report.contains("- skipped: 1 items, ChartGeneration (as in the recipe)"), "{report}");
+    let unjudged = std::fs::read_to_string(out.join("unjudged.report.md")).unwrap();
+    assert!(unjudged.contains("- skipped: 1 items, open answers: set `judge` to grade them"), "{unjudged}");
+    assert_eq!(util::manifest(&out.join("unjudged")).counters["items"], 2);
+
+    let sql = util::rows(&out.join("sql"));
+    assert_eq!(sql.len(), 4);
+    for r in &sql {
+        let strict = r["model"] == "exact";
+        assert!(r["correct"] == true && r["grader"] == "table" && r["strict"] == strict, "{r:?}");
+    }
+    let counters = util::manifest(&out.join("sql")).counters;
+    assert_eq!(
+        (counters["exact.execution_match_at_1_ppm"], counters["extra.execution_match_at_1_ppm"]),
+        (1_000_000, 0)
+    );
+    let report = std::fs::read_to_string(out.join("sql.report.md")).unwrap();
+    assert!(report.contains("| extra | 2 | 100.0% | 100.0% | 0.0% |"), "{report}");
 }

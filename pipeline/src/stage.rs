@@ -259,6 +259,20 @@ pub struct Estimate {
     pub approximate: bool,
 }
 
+impl Estimate {
+    /// The estimate of doing both `self` and `other`.
+    pub fn plus(&self, other: &Estimate) -> Estimate {
+        Estimate {
+            requests: self.requests + other.requests,
+            cached: self.cached + other.cached,
+            prompt_tokens: self.prompt_tokens + other.prompt_tokens,
+            completion_tokens: self.completion_tokens + other.completion_tokens,
+            cost_usd: self.cost_usd + other.cost_usd,
+            approximate: self.approximate || other.approximate,
+        }
+    }
+}
+
 /// What a stage produced.
 #[derive(Debug, Default)]
 pub struct Output {

@@ -15,6 +15,7 @@ use serde::Serialize;
 /// Built-in templates, as `(file name, contents)`.
 const BUILTIN: &[(&str, &str)] = &[
     ("compose.j2", include_str!("../../templates/compose.j2")),
+    ("judge_answer.j2", include_str!("../../templates/judge_answer.j2")),
     ("judge_consistency.j2", include_str!("../../templates/judge_consistency.j2")),
     ("synthesize.j2", include_str!("../../templates/synthesize.j2")),
     ("trajectory_system.j2", include_str!("../../templates/trajectory_system.j2")),

@@ -506,6 +506,9 @@ impl Agent<'_> {
         } else {
             (vec![DataFile { name: task.file_name(), path }], None)
         };
+        let more =
+            task.more_files.iter().map(|f| DataFile { name: task::file_name(f), path: self.cx.pipeline.resolve(f) });
+        let data = data.into_iter().chain(more).collect();
         WorkerSpec { scratch: scratch.to_path_buf(), data, database, limits: self.setup.settings.sandbox.clone() }
     }
 }

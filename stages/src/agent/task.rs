@@ -41,6 +41,9 @@ pub struct Task {
     /// A rescue round and the judge's critique of the earlier answers: sent to the teacher with
     /// the question, never kept in the trajectory (the model trained on it never gets one).
     pub critique: Option<(u32, String)>,
+    /// Further data files beside `about.path` (a benchmark item over several files), relative
+    /// to the pipeline file: shown read-only under `data/` too.
+    pub more_files: Vec<String>,
 }
 
 impl Task {
@@ -64,6 +67,7 @@ impl Task {
             params: q.params.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default(),
             query: q.query,
             critique: None,
+            more_files: Vec::new(),
         }
     }
 
@@ -75,6 +79,7 @@ impl Task {
             params: serde_json::Value::Null,
             query: None,
             critique: Some((round, critique.to_string())),
+            more_files: Vec::new(),
         }
     }
 
@@ -85,16 +90,16 @@ impl Task {
 
     /// The data file's name inside the sandbox.
     pub fn file_name(&self) -> String {
-        Path::new(&self.about.path)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "data".into())
+        file_name(&self.about.path)
     }
 
     /// The user message a trajectory keeps: the question and where its data is.
     pub fn prompt(&self) -> String {
         let name = self.file_name();
-        let data = match self.about.format.as_str() {
+        let mut data = match self.about.format.as_str() {
+            "sqlite" if self.about.table.is_empty() => {
+                format!("The SQLite database `{name}`: use get_db_info() and execute_sql().")
+            }
             "sqlite" => {
                 format!(
                     "The SQLite database `{name}`, table `{}`: use get_db_info() and execute_sql().",
@@ -104,6 +109,10 @@ impl Task {
             "xlsx" => format!("`data/{name}` (Excel workbook), sheet `{}`.", self.about.table),
             other => format!("`data/{name}` ({}).", other.to_uppercase()),
         };
+        let more: Vec<String> = self.more_files.iter().map(|f| format!("`data/{}`", file_name(f))).collect();
+        if !more.is_empty() {
+            data.push_str(&format!(" Also: {}.", more.join(", ")));
+        }
         format!("{}\n\nData: {data}", self.about.question)
     }
 
@@ -117,6 +126,11 @@ impl Task {
         }
         prompt
     }
+}
+
+/// The name a data file has inside the sandbox.
+pub fn file_name(path: &str) -> String {
+    Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into())
 }
 
 #[cfg(test)]

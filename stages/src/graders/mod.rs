@@ -11,6 +11,11 @@
 //!   the answer; numbers are equal after rounding to the label's decimals, text is compared
 //!   case- and space-insensitively.
 //! - [`Gold::Choice`]: QRData's multiple choice, by option letter or by the option's text.
+//! - [`Gold::Parts`]: TableBench's comma-separated parts, each by its published rule (exact
+//!   match after rounding to the gold's decimals, or within 10% for analysis questions).
+//! - [`Gold::Fields`]: DA-Code's named values, a JSON object of lists.
+//! - [`Gold::Open`]: an open answer (a DiscoveryBench hypothesis), which only an LLM judge can
+//!   grade: [`grade`] fails it, saying so, and the evaluation asks its judge instead.
 //! - [`Gold::Table`]: a result table (SQL tasks, BIRD). RECIPE section 8: the agent's result CSV
 //!   holds every gold column (by name, in any order), and its rows, projected on them, are the
 //!   gold rows in any order, numbers within 1e-2. [`execution_match`] is BIRD's stricter
@@ -18,7 +23,9 @@
 //!
 //! Every grade says why, so a report can count failure modes.
 
+mod fields;
 mod named;
+mod parts;
 mod table;
 mod value;
 
@@ -47,6 +54,26 @@ pub enum Gold {
         letter: char,
         /// The options, as the question lists them.
         options: Vec<(char, String)>,
+    },
+    /// TableBench: comma-separated parts, numbers within `tolerance` (relative) when given,
+    /// else equal after rounding to the gold's decimals.
+    Parts {
+        /// The gold answer, as the benchmark writes it.
+        answer: String,
+        /// Relative tolerance (TableBench's 10% for analysis subtypes), or none for exact match.
+        tolerance: Option<f64>,
+    },
+    /// DA-Code: named lists of values, all required.
+    Fields {
+        /// Each field's name and values.
+        fields: Vec<(String, Vec<serde_json::Value>)>,
+        /// Lists match in any order.
+        ignore_order: bool,
+    },
+    /// An open answer, for an LLM judge.
+    Open {
+        /// The reference answer.
+        reference: String,
     },
     /// A result table, as CSV with a header.
     Table {
@@ -81,6 +108,9 @@ pub fn grade(answer: &str, result_csv: Option<&str>, gold: &Gold) -> Grade {
         Gold::Value { value, tolerance } => value::grade(answer, value, *tolerance),
         Gold::Named(pairs) => named::grade(answer, pairs),
         Gold::Choice { letter, options } => value::choice(answer, *letter, options),
+        Gold::Parts { answer: gold, tolerance } => parts::grade(answer, gold, *tolerance),
+        Gold::Fields { fields, ignore_order } => fields::grade(answer, fields, *ignore_order),
+        Gold::Open { .. } => Grade::fail("an open answer: only an LLM judge grades it (set `judge`)"),
         Gold::Table { csv } => match result_csv {
             Some(got) => table::grade(got, csv, 1e-2),
             None => Grade::fail("the answer names no result table"),

@@ -1,0 +1,65 @@
+//! kiln's own `rl` export.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::{Item, data_file};
+use crate::StageError;
+use crate::graders::Gold;
+
+/// The columns of an `rl` export row an evaluation reads.
+#[derive(Deserialize)]
+struct RlRow {
+    row_id: String,
+    question: String,
+    gold_answer: Option<String>,
+    gold_result_csv: Option<String>,
+    data_files: Vec<String>,
+    table: Option<String>,
+    category: Option<String>,
+    difficulty: Option<u32>,
+}
+
+pub(super) fn load(path: &Path, base_dir: &Path) -> Result<Vec<Item>, StageError> {
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| StageError::invalid(path, format!("not an `rl` export: {e}")))?;
+    let batches = reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StageError::invalid(path, format!("not an `rl` export: {e}")))?;
+    let rows = kiln_pipeline::rows::to_json_rows(&batches).map_err(|e| StageError::invalid(path, e))?;
+    let export_dir = path.parent().unwrap_or(Path::new(""));
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let r: RlRow = serde_json::from_value(serde_json::Value::Object(row))
+                .map_err(|e| StageError::invalid(path, format!("row {}: not an `rl` export row: {e}", i + 1)))?;
+            let gold = match (&r.gold_result_csv, &r.gold_answer) {
+                (Some(csv), _) => {
+                    let csv_path = export_dir.join(csv);
+                    Gold::Table { csv: std::fs::read_to_string(&csv_path).map_err(|e| StageError::io(csv_path, e))? }
+                }
+                (None, Some(answer)) => Gold::Value { value: answer.clone(), tolerance: 0.03 },
+                (None, None) => {
+                    return Err(StageError::invalid(
+                        path,
+                        format!("item {}: no gold answer and no result CSV", r.row_id),
+                    ));
+                }
+            };
+            let files =
+                r.data_files.iter().map(|f| data_file(base_dir, f, &r.row_id, path)).collect::<Result<_, _>>()?;
+            let group = match (r.category, r.difficulty) {
+                (Some(c), Some(d)) if d > 1 => format!("{c} (depth {d})"),
+                (Some(c), _) => c,
+                (None, _) => "uncategorised".into(),
+            };
+            let mut item = Item::new(r.row_id, r.question, files, gold, group);
+            item.table = r.table;
+            Ok(item)
+        })
+        .collect()
+}
