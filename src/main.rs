@@ -44,6 +44,19 @@ enum Command {
         /// Say what would run and what its LLM requests would cost; send and write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Hash every file of every dataset before trusting it (by default only files whose
+        /// size or modification time changed are hashed).
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Run a pipeline's `evaluate` stages (and what is stale) like `run`, then print each
+    /// evaluation's pass rates, model by model.
+    Eval {
+        /// The pipeline file, with at least one `evaluate` stage.
+        pipeline: PathBuf,
+        /// Rerun every stage (cached model turns are still reused).
+        #[arg(long)]
+        force: bool,
     },
     /// Check the pipeline file without running anything.
     Check {
@@ -62,6 +75,10 @@ enum Command {
     Status {
         /// The pipeline file.
         pipeline: PathBuf,
+        /// Hash every file of every dataset (by default only files whose size or modification
+        /// time changed are hashed).
+        #[arg(long)]
+        verify: bool,
     },
     /// Print rows of a stage's dataset (or of the `_rejections` ledger).
     Show {
@@ -276,9 +293,9 @@ isolation: {mode}",
                 DagFormat::Dot => write!(out, "{}", plan.graph.to_dot(&plan.settings.name))?,
             }
         }
-        Command::Status { pipeline } => {
+        Command::Status { pipeline, verify } => {
             let plan = load(&pipeline).await?;
-            for (name, state) in executor::status(&plan)? {
+            for (name, state) in executor::status(&plan, verify)? {
                 match state {
                     Freshness::Fresh => writeln!(out, "{name}: fresh")?,
                     Freshness::Stale(why) => writeln!(out, "{name}: stale ({})", why.join("; "))?,
@@ -289,42 +306,30 @@ isolation: {mode}",
             let plan = load(&pipeline).await?;
             print_dry_run(&mut out, &executor::dry_run(&plan).await?)?;
         }
-        Command::Run { pipeline, only, from, force, dry_run: false } => {
+        Command::Run { pipeline, only, from, force, dry_run: false, verify } => {
             let plan = std::sync::Arc::new(load(&pipeline).await?);
-            let report = executor::run(plan.clone(), &RunOptions { only, from, force }).await?;
-            for (name, outcome) in &report.stages {
-                match outcome {
-                    Outcome::Ran { manifest, seconds, .. } => writeln!(
-                        out,
-                        "{name}: ran, {} rows, {} rejected, {seconds:.2}s",
-                        manifest.row_count, manifest.rejected
-                    )?,
-                    Outcome::Fresh => writeln!(out, "{name}: fresh")?,
-                    Outcome::NotSelected => writeln!(out, "{name}: not selected")?,
-                    Outcome::Blocked => writeln!(out, "{name}: not run, an input failed")?,
-                    Outcome::Failed(e) => writeln!(out, "{name}: FAILED: {e}")?,
-                }
-            }
-            writeln!(out, "datasets in {}", plan.output_dir.display())?;
-            if let Some(e) = report.failure() {
-                eprintln!("error: {e}");
-                return Ok(ExitCode::from(1));
-            }
-            let retryable: u64 = report
-                .stages
-                .iter()
-                .filter_map(|(_, o)| match o {
-                    Outcome::Ran { manifest, .. } => manifest.counters.get(executor::RETRYABLE).copied(),
-                    _ => None,
-                })
-                .sum();
-            if retryable > 0 {
-                eprintln!(
-                    "warning: {retryable} rows failed on errors that may pass on another attempt (an unreachable or failing endpoint); `kiln run {}` retries them, and nothing finished is paid again",
+            return run(&mut out, &pipeline, plan, RunOptions { only, from, force, verify }).await;
+        }
+        Command::Eval { pipeline, force } => {
+            let plan = std::sync::Arc::new(load(&pipeline).await?);
+            let evals: Vec<String> =
+                plan.stages.iter().filter(|s| s.kind == "evaluate").map(|s| s.name.clone()).collect();
+            if evals.is_empty() {
+                anyhow::bail!(
+                    "{} has no `evaluate` stage: add one (`kiln kinds` lists its parameters), or use `kiln run`",
                     pipeline.display()
                 );
-                return Ok(ExitCode::from(RETRY_EXIT));
             }
+            let code =
+                run(&mut out, &pipeline, plan.clone(), RunOptions { only: None, from: None, force, verify: false })
+                    .await?;
+            for name in evals {
+                let path = plan.output_dir.join(format!("{name}.report.md"));
+                let Ok(report) = std::fs::read_to_string(&path) else { continue };
+                let summary = report.split("\n## ").next().unwrap_or_default();
+                writeln!(out, "\n{}\nfull report: {}", summary.trim_end(), path.display())?;
+            }
+            return Ok(code);
         }
         Command::Show { pipeline, stage, limit, format } => {
             let plan = load(&pipeline).await?;
@@ -357,6 +362,51 @@ isolation: {mode}",
             let batches = kiln_stages::sql::query(&tables, &query).await.context("query failed")?;
             print_rows(&mut out, &batches, format)?;
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs what is stale in `plan` and prints what each stage did; the exit code says whether
+/// all is done (0), a stage failed (1) or rows may pass on another attempt (3).
+async fn run(
+    out: &mut impl Write,
+    pipeline: &Path,
+    plan: std::sync::Arc<Plan>,
+    options: RunOptions,
+) -> anyhow::Result<ExitCode> {
+    let report = executor::run(plan.clone(), &options).await?;
+    for (name, outcome) in &report.stages {
+        match outcome {
+            Outcome::Ran { manifest, seconds, .. } => writeln!(
+                out,
+                "{name}: ran, {} rows, {} rejected, {seconds:.2}s",
+                manifest.row_count, manifest.rejected
+            )?,
+            Outcome::Fresh => writeln!(out, "{name}: fresh")?,
+            Outcome::NotSelected => writeln!(out, "{name}: not selected")?,
+            Outcome::Blocked => writeln!(out, "{name}: not run, an input failed")?,
+            Outcome::Failed(e) => writeln!(out, "{name}: FAILED: {e}")?,
+        }
+    }
+    writeln!(out, "datasets in {}", plan.output_dir.display())?;
+    if let Some(e) = report.failure() {
+        eprintln!("error: {e}");
+        return Ok(ExitCode::from(1));
+    }
+    let retryable: u64 = report
+        .stages
+        .iter()
+        .filter_map(|(_, o)| match o {
+            Outcome::Ran { manifest, .. } => manifest.counters.get(executor::RETRYABLE).copied(),
+            _ => None,
+        })
+        .sum();
+    if retryable > 0 {
+        eprintln!(
+            "warning: {retryable} rows failed on errors that may pass on another attempt (an unreachable or failing endpoint); `kiln run {}` retries them, and nothing finished is paid again",
+            pipeline.display()
+        );
+        return Ok(ExitCode::from(RETRY_EXIT));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -56,7 +56,7 @@ fn an_oracle_scores_everything_a_wrong_model_nothing_and_a_rerun_sends_nothing()
     let servers = [("oracle", server(oracle)), ("wrong", server(wrong)), ("silent", server(silent))];
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let fixtures = util::root().join("tests/data/benchmarks/dabench");
+    let fixtures = util::root().join("recipes/data/benchmarks/dabench");
     let mut pipeline = "[pipeline]\nname = \"eval\"\noutput_dir = \"OUT\"\n".to_string();
     for (name, server) in &servers {
         pipeline.push_str(&format!(
@@ -99,7 +99,9 @@ fn an_oracle_scores_everything_a_wrong_model_nothing_and_a_rerun_sends_nothing()
 
     let sent: Vec<usize> = servers.iter().map(|(_, s)| s.seen.total.load(Ordering::SeqCst)).collect();
     assert!(sent.iter().all(|&n| n > 0));
-    util::kiln_ok(dir, &["run", "eval.toml"]);
+    let printed = util::kiln_ok(dir, &["eval", "eval.toml"]);
+    assert!(printed.contains("side: fresh") && printed.contains("# Evaluation on dabench"), "{printed}");
+    assert!(printed.contains("| oracle | 2 | 100.0% | 100.0% |") && printed.contains("full report: "), "{printed}");
     let again: Vec<usize> = servers.iter().map(|(_, s)| s.seen.total.load(Ordering::SeqCst)).collect();
     assert_eq!(sent, again, "a rerun with the same models sends nothing");
 
@@ -108,6 +110,15 @@ fn an_oracle_scores_everything_a_wrong_model_nothing_and_a_rerun_sends_nothing()
     std::fs::write(dir.join("eval.toml"), pipeline.replacen("runs = 2", "runs = 3", 1)).unwrap();
     util::kiln_ok(dir, &["run", "eval.toml"]);
     assert_eq!(util::rows(&out.join("side")).len(), 12);
+
+    std::fs::write(
+        dir.join("none.toml"),
+        "[pipeline]\nname = \"none\"\n[stages.x]\nkind = \"load\"\npaths = [\"x.jsonl\"]\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("x.jsonl"), "{\"a\": 1}\n").unwrap();
+    let err = util::text(&util::kiln_err(dir, &["eval", "none.toml"]).stderr);
+    assert!(err.contains("none.toml has no `evaluate` stage"), "{err}");
 }
 
 /// The number in the last interpreter output of a conversation.
@@ -183,7 +194,7 @@ fn tablebench_and_bird_items_run_in_the_sandbox_and_open_answers_go_to_the_judge
     let servers = [("exact", server(exact)), ("extra", server(extra_column)), ("judge", server(judge))];
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let data = util::root().join("tests/data/benchmarks");
+    let data = util::root().join("recipes/data/benchmarks");
     let bird = dir.join("bird");
     std::fs::create_dir_all(bird.join("dev_databases/shop")).unwrap();
     std::fs::copy(data.join("bird/dev.json"), bird.join("dev.json")).unwrap();

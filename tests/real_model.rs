@@ -134,3 +134,39 @@ rescue = {{ teacher = "real", rounds = 1, max_turns = 4 }}
     let dropped = util::rows(&dir.join("out/_rejections")).into_iter().filter(|r| r["stage"] == "judged").count();
     assert!(judged + dropped >= formed, "every well-formed trajectory is kept or dropped with a reason");
 }
+
+/// `evaluate` with a real model: every item gets a verdict and a reason, whatever the score.
+#[test]
+fn evaluate_a_real_local_model() {
+    let (url, model, _server) = local_model();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let samples = util::root().join("recipes/data/benchmarks/dabench");
+    let pipeline = format!(
+        r#"{}
+[stages.eval]
+kind = "evaluate"
+model = "real"
+benchmark = "dabench"
+path = {:?}
+runs = 1
+max_turns = 2
+"#,
+        header(&url, &model, 160, 2),
+        samples.display().to_string()
+    );
+    std::fs::write(dir.join("p.toml"), pipeline).unwrap();
+    let printed = util::kiln_ok(dir, &["eval", "p.toml"]);
+    assert!(printed.contains("| real | 2 |"), "{printed}");
+    let rows = util::rows(&dir.join("out/eval"));
+    assert_eq!(rows.len(), 2, "one row per item: {rows:?}");
+    for r in &rows {
+        assert!(!r["reason"].as_str().unwrap().is_empty(), "{r:?}");
+        let failure = r.get("failure").and_then(|f| f.as_str());
+        assert!(
+            (r["correct"] == true && failure.is_none())
+                || ["wrong", "no_answer", "turn_limit", "sandbox_error"].contains(&failure.unwrap_or("")),
+            "{r:?}"
+        );
+    }
+}

@@ -32,20 +32,39 @@ impl CacheKey {
     }
 }
 
-/// The row cache of one output folder. Cheap to share behind an `Arc`.
+/// The row cache of one output folder. Cheap to share behind an `Arc`. The database is opened
+/// on first use, so a run in which every stage is fresh never needs it (not even when it is
+/// damaged).
 #[derive(Debug)]
 pub struct RowCache {
     path: PathBuf,
-    conn: Mutex<Connection>,
+    conn: Mutex<Option<Connection>>,
+}
+
+/// The cache's error for `source`: a damaged database is named as such, with what to do.
+fn cache_error(path: &Path, source: rusqlite::Error) -> Error {
+    let damaged = matches!(
+        source.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    );
+    if damaged {
+        Error::CacheDamaged { path: path.to_path_buf(), source }
+    } else {
+        Error::Cache { path: path.to_path_buf(), source }
+    }
 }
 
 impl RowCache {
-    /// Opens (or creates) the cache in `dir`.
+    /// The cache in `dir` (created on first use).
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let path = dir.join(FILE_NAME);
-        let err = |source| Error::Cache { path: path.clone(), source };
-        let conn = Connection::open(&path).map_err(err)?;
+        Ok(RowCache { path: dir.join(FILE_NAME), conn: Mutex::new(None) })
+    }
+
+    /// Opens (or creates) the database.
+    fn connect(path: &Path) -> Result<Connection> {
+        let err = |source| cache_error(path, source);
+        let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
@@ -58,12 +77,16 @@ impl RowCache {
             ) WITHOUT ROWID;",
         )
         .map_err(err)?;
-        Ok(RowCache { path, conn: Mutex::new(conn) })
+        Ok(conn)
     }
 
     fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
-        let conn = self.conn.lock().map_err(|_| Error::Internal("row cache lock poisoned".into()))?;
-        f(&conn).map_err(|source| Error::Cache { path: self.path.clone(), source })
+        let mut conn = self.conn.lock().map_err(|_| Error::Internal("row cache lock poisoned".into()))?;
+        if conn.is_none() {
+            *conn = Some(Self::connect(&self.path)?);
+        }
+        let conn = conn.as_ref().ok_or_else(|| Error::Internal("row cache not open".into()))?;
+        f(conn).map_err(|source| cache_error(&self.path, source))
     }
 
     /// The stored result for `key`, if any.
@@ -132,5 +155,14 @@ mod tests {
         assert_eq!((v, hit), (42, true));
         assert_eq!(cache.count("t").unwrap(), 1);
         assert_ne!(key, CacheKey::new("t", &("req", 2)).unwrap());
+    }
+
+    #[test]
+    fn a_damaged_cache_is_named_with_what_to_do_and_only_when_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join(FILE_NAME), vec![7u8; 8192]).unwrap();
+        let cache = RowCache::open(tmp.path()).unwrap();
+        let err = cache.get::<u32>(&CacheKey::new("t", &1).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("_cache.sqlite is damaged") && err.contains("move it aside"), "{err}");
     }
 }

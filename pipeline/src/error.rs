@@ -42,6 +42,18 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// The row cache's database is damaged.
+    #[error(
+        "the row cache {} is damaged ({source}): move it aside (`mv {0} {0}.damaged`) and run again; the finished datasets are kept, and only rows not in them yet are paid for again",
+        path.display()
+    )]
+    CacheDamaged {
+        /// The cache database.
+        path: PathBuf,
+        /// The SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
     /// The row cache failed.
     #[error("row cache {}: {source}", path.display())]
     Cache {

@@ -25,6 +25,9 @@ pub struct RunOptions {
     pub from: Option<String>,
     /// Rerun every stage.
     pub force: bool,
+    /// Hash every file of every dataset before trusting it (otherwise only files whose size or
+    /// modification time changed are hashed).
+    pub verify: bool,
 }
 
 /// What happened to one stage.
@@ -105,11 +108,17 @@ fn parts_of(plan: &Plan, i: usize, input_hashes: &BTreeMap<String, String>) -> F
 /// it has none, so a plain rerun finishes the job.
 pub const RETRYABLE: &str = "retryable";
 
-/// Why a stage whose dataset has `manifest` would run now with `parts` (or that it would not).
-fn freshness(manifest: Option<&Manifest>, parts: &FingerprintParts) -> Freshness {
+/// Why a stage whose dataset has `manifest` (with `damage`, if its files are not as written)
+/// would run now with `parts` (or that it would not).
+fn freshness(manifest: Option<&Manifest>, damage: Option<String>, parts: &FingerprintParts) -> Freshness {
     let Some(manifest) = manifest else {
         return Freshness::Stale(vec!["no output yet".into()]);
     };
+    if let Some(damage) = damage {
+        return Freshness::Stale(vec![format!(
+            "its output is damaged ({damage}): rebuilt, with every row already paid for taken from the row cache"
+        )]);
+    }
     if manifest.fingerprint == parts.fingerprint() {
         return match manifest.counters.get(RETRYABLE).copied().unwrap_or(0) {
             0 => Freshness::Fresh,
@@ -140,7 +149,7 @@ enum Upstream {
 fn decide(
     plan: &Plan,
     i: usize,
-    manifest: Option<&Manifest>,
+    (manifest, damage): (Option<&Manifest>, Option<String>),
     inputs: &[(String, Upstream)],
 ) -> (Freshness, Option<FingerprintParts>) {
     let mut hashes = BTreeMap::new();
@@ -157,11 +166,12 @@ fn decide(
         return (Freshness::Stale(waiting), None);
     }
     let parts = parts_of(plan, i, &hashes);
-    (freshness(manifest, &parts), Some(parts))
+    (freshness(manifest, damage, &parts), Some(parts))
 }
 
-/// One line per stage, in topological order: fresh, or stale with the reasons.
-pub fn status(plan: &Plan) -> Result<Vec<(String, Freshness)>> {
+/// One line per stage, in topological order: fresh, or stale with the reasons; `verify` hashes
+/// every file of every dataset.
+pub fn status(plan: &Plan, verify: bool) -> Result<Vec<(String, Freshness)>> {
     let store = Store::new(&plan.output_dir);
     let mut ready: BTreeMap<usize, String> = BTreeMap::new();
     let mut out = Vec::new();
@@ -177,7 +187,8 @@ pub fn status(plan: &Plan) -> Result<Vec<(String, Freshness)>> {
                 (plan.stages[u].name.clone(), upstream)
             })
             .collect();
-        let (state, _) = decide(plan, i, manifest.as_ref(), &inputs);
+        let damage = manifest.as_ref().and_then(|m| store.damage(m, verify));
+        let (state, _) = decide(plan, i, (manifest.as_ref(), damage), &inputs);
         if let (Freshness::Fresh, Some(m)) = (&state, manifest) {
             ready.insert(i, m.content_hash);
         }
@@ -206,7 +217,7 @@ pub async fn dry_run(plan: &Plan) -> Result<Vec<DryRun>> {
     let store = Store::new(&plan.output_dir);
     let cache = Arc::new(RowCache::open(&plan.output_dir)?);
     let mut out = Vec::new();
-    for (name, freshness) in status(plan)? {
+    for (name, freshness) in status(plan, false)? {
         let i = plan.stage_index(&name)?;
         let mut line = DryRun { stage: name.clone(), freshness, estimate: None, note: None };
         if matches!(line.freshness, Freshness::Stale(_)) {
@@ -232,6 +243,7 @@ pub async fn dry_run(plan: &Plan) -> Result<Vec<DryRun>> {
                     cache: cache.clone(),
                     budget: Arc::new(Budget::default()),
                     shared: Arc::new(Shared::default()),
+                    written: Default::default(),
                 };
                 line.estimate = plan.stage(i).estimate(&cx, &inputs).await?;
                 let changing = ups.iter().any(|&u| {
@@ -300,7 +312,8 @@ pub async fn run(plan: Arc<Plan>, opts: &RunOptions) -> Result<RunReport> {
                 .map(|&u| (plan.stages[u].name.clone(), Upstream::Ready(hashes[u].clone().unwrap_or_default())))
                 .collect();
             let manifest = store.manifest(name)?;
-            let (state, parts) = decide(&plan, i, manifest.as_ref(), &inputs);
+            let damage = manifest.as_ref().and_then(|m| store.damage(m, opts.verify));
+            let (state, parts) = decide(&plan, i, (manifest.as_ref(), damage), &inputs);
             let parts =
                 parts.ok_or_else(|| Error::Internal("a stage whose inputs are ready has no fingerprint".into()))?;
             let reasons = match state {
@@ -378,6 +391,7 @@ async fn run_stage(
         cache,
         budget: Arc::new(Budget::stage(budget, planned.limits.max_tokens, planned.limits.max_cost_usd)),
         shared,
+        written: Default::default(),
     };
     let output = plan.stage(i).run(&cx, &inputs).await.map_err(|e| match e {
         e @ Error::Stage { .. } => e,
@@ -402,8 +416,10 @@ async fn run_stage(
         started_at,
         finished_at: String::new(),
         counters: output.counters.clone(),
+        checks: Vec::new(),
     };
-    let manifest = store.write(schema, &output.batches, &output.rejections, manifest)?;
+    let written = cx.written.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let manifest = store.write(schema, &output.batches, &output.rejections, &written, manifest)?;
     let seconds = clock.elapsed().as_secs_f64();
     tracing::info!(stage = %name, rows = manifest.row_count, rejected = manifest.rejected, seconds, "Stage finished.");
     Ok(Outcome::Ran { manifest: Box::new(manifest), reasons, seconds })
@@ -429,21 +445,22 @@ mod tests {
             started_at: String::new(),
             finished_at: String::new(),
             counters: counters.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            checks: Vec::new(),
         }
     }
 
     #[test]
     fn a_stage_without_output_is_stale() {
         let p = parts(serde_json::json!({"size": 3}));
-        assert_eq!(freshness(None, &p), Freshness::Stale(vec!["no output yet".into()]));
+        assert_eq!(freshness(None, None, &p), Freshness::Stale(vec!["no output yet".into()]));
     }
 
     #[test]
     fn a_matching_fingerprint_is_fresh_unless_rows_may_pass_on_a_retry() {
         let p = parts(serde_json::json!({"size": 3}));
-        assert_eq!(freshness(Some(&manifest(&p, &[])), &p), Freshness::Fresh);
-        assert_eq!(freshness(Some(&manifest(&p, &[(RETRYABLE, 0)])), &p), Freshness::Fresh);
-        let Freshness::Stale(why) = freshness(Some(&manifest(&p, &[(RETRYABLE, 3)])), &p) else {
+        assert_eq!(freshness(Some(&manifest(&p, &[])), None, &p), Freshness::Fresh);
+        assert_eq!(freshness(Some(&manifest(&p, &[(RETRYABLE, 0)])), None, &p), Freshness::Fresh);
+        let Freshness::Stale(why) = freshness(Some(&manifest(&p, &[(RETRYABLE, 3)])), None, &p) else {
             panic!("rows that failed on a flaky endpoint keep the stage stale")
         };
         assert!(why[0].starts_with("3 rows failed"), "{why:?}");
@@ -455,7 +472,7 @@ mod tests {
         let mut new = parts(serde_json::json!({"size": 4, "label": "a", "extra": true}));
         new.inputs.insert("up".into(), "h2".into());
         new.version = 2;
-        let Freshness::Stale(why) = freshness(Some(&manifest(&old, &[])), &new) else { panic!("stale") };
+        let Freshness::Stale(why) = freshness(Some(&manifest(&old, &[])), None, &new) else { panic!("stale") };
         assert_eq!(
             why,
             [

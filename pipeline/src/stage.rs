@@ -207,6 +207,17 @@ pub struct StageCx {
     /// Resources shared by every stage of the run (such as one client per model, so that a
     /// model's concurrency limit holds across stages).
     pub shared: Arc<Shared>,
+    /// Files the stage wrote outside its dataset folder (exports, reports), recorded with
+    /// [`StageCx::wrote`]: the manifest lists them, and a later run re-creates them when they
+    /// are missing or changed.
+    pub written: Arc<std::sync::Mutex<Vec<PathBuf>>>,
+}
+
+impl StageCx {
+    /// Records that the stage wrote `path` (outside its dataset folder).
+    pub fn wrote(&self, path: &Path) {
+        self.written.lock().unwrap_or_else(|e| e.into_inner()).push(path.to_path_buf());
+    }
 }
 
 /// Run-wide resources, created on first use and keyed by name.

@@ -57,6 +57,32 @@ pub struct Manifest {
     pub finished_at: String,
     /// Stage-specific counts (cache hits, computed items...).
     pub counters: BTreeMap<String, u64>,
+    /// Every file of the dataset (parts, rejections) and every file the stage wrote outside it
+    /// (exports, reports), as written: checked before the dataset is trusted.
+    #[serde(default)]
+    pub checks: Vec<FileCheck>,
+}
+
+/// A file as it was written: its size, hash and modification time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCheck {
+    /// Path relative to the output folder (absolute when outside it).
+    pub path: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// BLAKE3 of the contents, hex.
+    pub blake3: String,
+    /// Modification time, nanoseconds since the Unix epoch (0 when unknown).
+    pub mtime_ns: u64,
+}
+
+/// The modification time of `meta` in nanoseconds since the epoch (0 when unknown).
+fn mtime_ns(meta: &std::fs::Metadata) -> u64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// One column in a manifest.
@@ -97,16 +123,66 @@ impl Store {
         read_manifest(&self.stage_dir(stage))
     }
 
-    /// Removes temporary folders left by killed runs.
+    /// Removes what killed runs left behind: temporary dataset folders (`.tmp-<stage>-<pid>`,
+    /// `.old-<stage>-<pid>`) in the output folder and temporary files (`<name>.tmp-<pid>`) in it
+    /// and its sub-folders, each only when the process that made it is no longer running.
     pub fn clean_leftovers(&self) -> Result<()> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Ok(()) };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            if name.starts_with(".tmp-") || name.starts_with(".old-") {
-                std::fs::remove_dir_all(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+        let mut folders = vec![self.dir.clone()];
+        while let Some(dir) = folders.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let (path, name) = (entry.path(), entry.file_name().to_string_lossy().to_string());
+                let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+                let pid = if is_dir && dir == self.dir {
+                    (name.starts_with(".tmp-") || name.starts_with(".old-")).then(|| name.rsplit('-').next()).flatten()
+                } else if !is_dir {
+                    name.rsplit_once(".tmp-").map(|(_, pid)| pid)
+                } else {
+                    None
+                };
+                match pid.and_then(|p| p.parse::<u32>().ok()) {
+                    Some(pid) if !running(pid) => {
+                        let removed = if is_dir { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+                        removed.map_err(|e| Error::io(&path, e))?;
+                        tracing::info!(path = %path.display(), "Removed a temporary file of an interrupted run.");
+                    }
+                    Some(_) => {}
+                    None if is_dir && !name.starts_with('.') => folders.push(path),
+                    None => {}
+                }
             }
         }
         Ok(())
+    }
+
+    /// The check of `path` (a file just written), its bytes given when already in hand.
+    pub fn check(&self, path: &Path, bytes: Option<&[u8]>) -> Result<FileCheck> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let blake3 = match bytes {
+            Some(b) => blake3::hash(b),
+            None => blake3::hash(&std::fs::read(path).map_err(|e| Error::io(path, e))?),
+        };
+        let shown = path.strip_prefix(&self.dir).unwrap_or(path).to_string_lossy().into_owned();
+        Ok(FileCheck { path: shown, bytes: meta.len(), blake3: blake3.to_hex().to_string(), mtime_ns: mtime_ns(&meta) })
+    }
+
+    /// What is wrong with the files of `manifest`, if anything: a file missing, of another
+    /// size, or (when `full`, or when its modification time changed) with other contents.
+    pub fn damage(&self, manifest: &Manifest, full: bool) -> Option<String> {
+        for check in &manifest.checks {
+            let path = self.dir.join(&check.path);
+            let Ok(meta) = std::fs::metadata(&path) else { return Some(format!("`{}` is missing", check.path)) };
+            if meta.len() != check.bytes {
+                return Some(format!("`{}` has {} bytes, {} were written", check.path, meta.len(), check.bytes));
+            }
+            if full || mtime_ns(&meta) != check.mtime_ns {
+                let same = std::fs::read(&path).is_ok_and(|b| blake3::hash(&b).to_hex().as_str() == check.blake3);
+                if !same {
+                    return Some(format!("`{}` was changed after it was written", check.path));
+                }
+            }
+        }
+        None
     }
 
     /// Writes `stage`'s dataset atomically and returns its manifest, completed with the content
@@ -116,6 +192,7 @@ impl Store {
         schema: &SchemaRef,
         batches: &[RecordBatch],
         rejections: &[Rejection],
+        written: &[PathBuf],
         mut manifest: Manifest,
     ) -> Result<Manifest> {
         let stage = manifest.stage.clone();
@@ -127,20 +204,31 @@ impl Store {
         let total: usize = rows.iter().map(RecordBatch::num_rows).sum();
         let mut hasher = blake3::Hasher::new();
         let mut files = Vec::new();
+        let mut checks = Vec::new();
+        // Checks name the files where they will be once the folder is renamed into place.
+        let placed = |check: FileCheck, name: &str| FileCheck { path: format!("{stage}/{name}"), ..check };
         let chunks = split_rows(&rows, ROWS_PER_PART);
         for (i, chunk) in chunks.iter().enumerate() {
             let name = format!("part-{i:05}.parquet");
             let path = tmp.join(&name);
-            hasher.update(&write_parquet(&path, schema, chunk)?);
+            let bytes = write_parquet(&path, schema, chunk)?;
+            hasher.update(&bytes);
+            checks.push(placed(self.check(&path, Some(&bytes))?, &name));
             files.push(name);
         }
-        write_parquet(&tmp.join(REJECTIONS), &rejection_schema(), &[rejection_batch(&stage, rejections)?])?;
+        let path = tmp.join(REJECTIONS);
+        let bytes = write_parquet(&path, &rejection_schema(), &[rejection_batch(&stage, rejections)?])?;
+        checks.push(placed(self.check(&path, Some(&bytes))?, REJECTIONS));
+        for path in written {
+            checks.push(self.check(path, None)?);
+        }
 
         manifest.content_hash = hasher.finalize().to_hex()[..32].to_string();
         manifest.schema = schema_info(schema);
         manifest.row_count = total as u64;
         manifest.rejected = rejections.len() as u64;
         manifest.files = files;
+        manifest.checks = checks;
         manifest.finished_at = now();
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
         let mpath = tmp.join(MANIFEST);
@@ -180,6 +268,11 @@ impl Store {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))
     }
+}
+
+/// True when process `pid` is running (here, on Linux: its `/proc` entry exists).
+fn running(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
 }
 
 /// Reads a manifest from a dataset folder; `None` if the folder holds no finished dataset. A
@@ -339,6 +432,7 @@ mod tests {
             started_at: now(),
             finished_at: String::new(),
             counters: BTreeMap::new(),
+            checks: Vec::new(),
         }
     }
 
@@ -358,13 +452,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
         let rejection = Rejection { row_id: "x".into(), reason: "too_short".into(), detail: "0 words".into() };
-        let m = store.write(&schema(), &[batch(&["a", "b"]), batch(&["c"])], &[rejection], manifest()).unwrap();
+        let m = store.write(&schema(), &[batch(&["a", "b"]), batch(&["c"])], &[rejection], &[], manifest()).unwrap();
         assert_eq!((m.row_count, m.rejected, m.files.len()), (3, 1, 1));
         assert_eq!(store.manifest("s").unwrap().unwrap().content_hash, m.content_hash);
         assert_eq!(texts(&store.stage_dir("s")), ["a", "b", "c"]);
-        let again = store.write(&schema(), &[batch(&["a", "b"]), batch(&["c"])], &[], manifest()).unwrap();
+        let again = store.write(&schema(), &[batch(&["a", "b"]), batch(&["c"])], &[], &[], manifest()).unwrap();
         assert_eq!(again.content_hash, m.content_hash, "the same rows hash the same");
-        let other = store.write(&schema(), &[batch(&["z"])], &[], manifest()).unwrap();
+        let other = store.write(&schema(), &[batch(&["z"])], &[], &[], manifest()).unwrap();
         assert_ne!(other.content_hash, m.content_hash);
         assert_eq!(texts(&store.stage_dir("s")), ["z"], "a rewrite replaces the dataset");
     }
@@ -373,12 +467,15 @@ mod tests {
     fn unfinished_and_damaged_datasets_are_not_datasets() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
+        // Above the kernel's largest pid: the run that made it is gone. Pid 1 always runs.
+        std::fs::create_dir_all(dir.path().join(".tmp-s-4194305")).unwrap();
         std::fs::create_dir_all(dir.path().join(".tmp-s-1")).unwrap();
         std::fs::create_dir_all(dir.path().join("s")).unwrap();
         assert!(store.manifest("s").unwrap().is_none(), "a folder without a manifest is unfinished");
         std::fs::write(dir.path().join("s").join(MANIFEST), "{ not json").unwrap();
         assert!(store.manifest("s").unwrap().is_none(), "a damaged manifest means rebuild");
         store.clean_leftovers().unwrap();
-        assert!(!dir.path().join(".tmp-s-1").exists());
+        assert!(!dir.path().join(".tmp-s-4194305").exists());
+        assert!(dir.path().join(".tmp-s-1").exists(), "a running run's folder is left alone");
     }
 }

@@ -299,6 +299,7 @@ impl Stage for Card {
         let rows: Vec<Described> = TRAJECTORY.read(&inputs[0])?;
         let (md, plots) = self.render(cx, &inputs[0], &rows, &dir, &stem)?;
         crate::export::write_atomic(&target, |w| w.write_all(md.as_bytes()))?;
+        cx.wrote(&target);
         let hash = blake3::hash(md.as_bytes()).to_hex().to_string();
         let row = Written {
             row_id: row_id(&[], format!("card\0{}\0{hash}", self.path).as_bytes()),

@@ -297,6 +297,7 @@ impl Stage for Export {
             Format::Sharegpt => self.sharegpt(&target, &TRAJECTORY.rows(&inputs[0].name, &batches)?)?,
             Format::Rl => rows_written = self.rl(&target, &TRAJECTORY.rows(&inputs[0].name, &batches)?)?,
         }
+        cx.wrote(&target);
         let bytes = std::fs::read(&target).map_err(|e| Error::io(&target, e))?;
         let hash = blake3::hash(&bytes).to_hex().to_string();
         let format =

@@ -516,6 +516,7 @@ impl Stage for Evaluating {
         for (ext, text) in [("md", report::markdown(&about, &rows)), ("svg", report::svg(&about, &rows))] {
             let path = cx.pipeline.output_dir.join(format!("{}.report.{ext}", cx.name));
             crate::export::write_atomic(&path, |w| w.write_all(text.as_bytes()))?;
+            cx.wrote(&path);
         }
         counters.extend(report::counters(&models, &rows));
         if retryable > 0 {
