@@ -73,6 +73,10 @@ path = "exports/rewrite.jsonl"
         80,
         "two requests per row, n samples without `n`"
     );
+    // Each further sample is its own request: a seed derived from the pipeline's (0) + sample.
+    let seeds = server.seen.seeds.lock().unwrap().clone();
+    assert_eq!(seeds.iter().filter(|s| s.is_none()).count(), 40, "the first sample as before");
+    assert_eq!(seeds.iter().filter(|s| **s == Some(1)).count(), 40, "{seeds:?}");
     assert!(util::kiln_ok(dir, &["run", "p.toml"]).contains("rewrite: fresh"));
 
     let exported: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("out/exports/rewrite.jsonl"))

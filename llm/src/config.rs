@@ -67,6 +67,13 @@ pub struct ModelConfig {
     pub price_per_mtok_completion: f64,
 }
 
+/// The largest `max_tokens` accepted: far above any model's context.
+pub const MAX_TOKENS_CAP: u32 = 1_000_000;
+/// The largest `max_concurrency` accepted.
+pub const MAX_CONCURRENCY_CAP: usize = 100_000;
+/// The largest `max_retries` accepted.
+pub const MAX_RETRIES_CAP: u32 = 100;
+
 fn default_max_concurrency() -> usize {
     16
 }
@@ -90,14 +97,50 @@ impl ModelConfig {
         if self.max_concurrency == 0 {
             out.push(("max_concurrency", "`max_concurrency` must be at least 1, got 0".to_string()));
         }
-        if self.timeout_s.is_nan() || self.timeout_s <= 0.0 {
-            out.push(("timeout_s", format!("`timeout_s` must be > 0, got {}", self.timeout_s)));
+        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
+            out.push(("timeout_s", format!("`timeout_s` must be a number of seconds above 0, got {}", self.timeout_s)));
         }
-        if self.backoff_s.is_nan() || self.backoff_s < 0.0 {
-            out.push(("backoff_s", format!("`backoff_s` must be >= 0, got {}", self.backoff_s)));
+        if !(self.backoff_s.is_finite() && self.backoff_s >= 0.0) {
+            out.push((
+                "backoff_s",
+                format!("`backoff_s` must be a number of seconds, 0 or more, got {}", self.backoff_s),
+            ));
         }
         if let Some(t) = self.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
             out.push(("temperature", format!("`temperature` must be between 0 and 2, got {t}")));
+        }
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            out.push(("top_p", format!("`top_p` must be above 0 and at most 1, got {p}")));
+        }
+        if let Some(n) = self.max_tokens.filter(|n| !(1..=MAX_TOKENS_CAP).contains(n)) {
+            out.push(("max_tokens", format!("`max_tokens` must be between 1 and {MAX_TOKENS_CAP}, got {n}")));
+        }
+        if self.max_concurrency > MAX_CONCURRENCY_CAP {
+            out.push((
+                "max_concurrency",
+                format!("`max_concurrency` must be at most {MAX_CONCURRENCY_CAP}, got {}", self.max_concurrency),
+            ));
+        }
+        if self.max_retries > MAX_RETRIES_CAP {
+            out.push((
+                "max_retries",
+                format!("`max_retries` must be at most {MAX_RETRIES_CAP}, got {}", self.max_retries),
+            ));
+        }
+        for (key, rate) in
+            [("requests_per_minute", self.requests_per_minute), ("tokens_per_minute", self.tokens_per_minute)]
+        {
+            if rate == Some(0) {
+                out.push((key, format!("`{key}` must be at least 1 (leave it out for no limit), got 0")));
+            }
+        }
+        for (key, price) in [
+            ("price_per_mtok_prompt", self.price_per_mtok_prompt),
+            ("price_per_mtok_completion", self.price_per_mtok_completion),
+        ] {
+            if !(price.is_finite() && price >= 0.0) {
+                out.push((key, format!("`{key}` must be a price in USD, 0 or more, got {price}")));
+            }
         }
         out
     }

@@ -10,7 +10,7 @@ use crate::graph::Graph;
 use crate::registry::Registry;
 use crate::rows::check_lineage;
 use crate::spec::{self, PipelineSettings, Spec, StageLimits};
-use crate::stage::{CheckCx, InputSchema, Stage};
+use crate::stage::{CheckCx, InputSchema, Problem, Stage};
 
 /// A validated pipeline, ready to run: the raw file is dropped once it is checked.
 #[derive(Debug)]
@@ -139,6 +139,16 @@ fn check_settings(spec: &Spec, cx: &CheckCx, diags: &mut Vec<Diagnostic>) {
             format!("`name` is the output folder `outputs/<name>`: one folder name, got {name:?}"),
             Some("use letters, digits, `-` and `_`, or set `output_dir`".into()),
         ));
+    }
+    let caps = StageLimits { max_tokens: spec.settings.max_tokens, max_cost_usd: spec.settings.max_cost_usd };
+    for (key, message) in caps.problems() {
+        let span = spec.settings_spans.get(key).cloned().unwrap_or(0..0);
+        diags.push(spec.map.diagnostic(span, message, None));
+    }
+    for stage in &spec.stages {
+        for (key, message) in stage.limits.problems() {
+            diags.push(stage.diagnostic(&spec.map, Problem::new(key, message)));
+        }
     }
     let dirs = [("templates", &spec.settings.templates), ("taxonomy", &spec.settings.taxonomy)];
     for (key, dir) in dirs {

@@ -61,6 +61,23 @@ pub struct StageLimits {
     pub max_cost_usd: Option<f64>,
 }
 
+impl StageLimits {
+    /// Problems with the caps, as `(key, message)`: a cap is a positive, finite amount.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.max_tokens == Some(0) {
+            out.push(("max_tokens", "`max_tokens` must be at least 1 (leave it out for no cap), got 0".to_string()));
+        }
+        if let Some(usd) = self.max_cost_usd.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            out.push((
+                "max_cost_usd",
+                format!("`max_cost_usd` must be an amount in USD above 0 (leave it out for no cap), got {usd}"),
+            ));
+        }
+        out
+    }
+}
+
 /// Top-level tables a pipeline file may hold.
 const TOP_LEVEL: &[&str] = &["pipeline", "models", "stages"];
 

@@ -99,11 +99,23 @@ impl Limits {
         if !positive(self.sql_timeout_s) {
             out.push(("sql_timeout_s", format!("`sql_timeout_s` must be positive, got {}", self.sql_timeout_s)));
         }
+        if !positive(self.start_timeout_s) {
+            out.push(("start_timeout_s", format!("`start_timeout_s` must be positive, got {}", self.start_timeout_s)));
+        }
+        for (key, value) in [
+            ("file_size_mb", self.file_size_mb),
+            ("sql_max_rows", self.sql_max_rows as u64),
+            ("capture_chars", self.capture_chars as u64),
+        ] {
+            if value == 0 {
+                out.push((key, format!("`{key}` must be at least 1, got 0")));
+            }
+        }
         out
     }
 }
 
-/// True for a number above zero (false for NaN).
+/// True for a finite number above zero (false for NaN and infinity).
 fn positive(x: f64) -> bool {
-    x > 0.0
+    x.is_finite() && x > 0.0
 }

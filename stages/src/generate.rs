@@ -153,9 +153,7 @@ impl Config for Generate {
     fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
         let model = Model::resolve(cx, &self.model).map_err(|p| problems.push(p)).ok();
         let templates = self.templates(cx).map_err(|p| problems.push(p)).ok();
-        if self.n == 0 {
-            problems.push(Problem::new("n", "`n` must be at least 1, got 0"));
-        }
+        problems.extend(crate::llm_rows::sample_problems("n", self.n, model.as_ref()));
         let modes = [!self.tags.is_empty(), self.regex.is_some(), !self.json_fields.is_empty()];
         if modes.iter().filter(|&&m| m).count() > 1 {
             problems.push(Problem::new("", "give at most one of `tags`, `regex` and `json_fields`"));

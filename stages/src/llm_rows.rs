@@ -53,6 +53,27 @@ impl Model {
     }
 }
 
+/// The most samples of one row a stage may ask for.
+pub const MAX_SAMPLES: u32 = 1000;
+
+/// Problems with asking `n` samples of each row (at key `key`) from `model`: at least one, at
+/// most [`MAX_SAMPLES`], and never several at temperature 0, which would repeat one sample.
+pub fn sample_problems(key: &str, n: u32, model: Option<&Model>) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if !(1..=MAX_SAMPLES).contains(&n) {
+        out.push(Problem::new(key, format!("`{key}` must be between 1 and {MAX_SAMPLES}, got {n}")));
+    } else if let Some(m) = model
+        && n > 1
+        && m.config.temperature == Some(0.0)
+    {
+        out.push(
+            Problem::new(key, format!("{n} samples at temperature 0 (model `{}`) are one sample repeated", m.name))
+                .help(format!("set `temperature` above 0 in `[models.{}]`, or `{key} = 1`", m.name)),
+        );
+    }
+    out
+}
+
 /// Default of every LLM stage's `max_parse_retries`.
 pub fn default_parse_retries() -> u32 {
     2
@@ -175,7 +196,13 @@ async fn complete_one<T>(
     let mut messages = request.messages.clone();
     let (mut prompt_tokens, mut completion_tokens, mut hits) = (0, 0, 0);
     for attempt in 0..=max_parse_retries {
-        let body = client.request_body(&messages, 1);
+        let mut body = client.request_body(&messages, 1);
+        if request.sample > 0 {
+            // Each further sample its own seed (from the model's seed, else the pipeline's), so
+            // a deterministic endpoint does not answer every sample with the first one.
+            let base = client.config().seed.unwrap_or(cx.seed);
+            body["seed"] = serde_json::json!(base.wrapping_add(u64::from(request.sample)));
+        }
         let completed = cached_chat(cx, client, &body, request.sample).await;
         let (completion, hit): (Completion, bool) = match completed {
             Ok(c) => c,

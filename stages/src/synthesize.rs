@@ -172,8 +172,11 @@ fn sample<'t>(weights: &[(&'t Category, f64)], k: usize, seed: &[&str]) -> Vec<&
 impl Config for Synthesize {
     fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
         let model = Model::resolve(cx, &self.model).map_err(|p| problems.push(p)).ok();
-        if self.per_table == 0 {
-            problems.push(Problem::new("per_table", "`per_table` must be at least 1, got 0"));
+        if !(1..=crate::llm_rows::MAX_SAMPLES as usize).contains(&self.per_table) {
+            problems.push(Problem::new(
+                "per_table",
+                format!("`per_table` must be between 1 and {}, got {}", crate::llm_rows::MAX_SAMPLES, self.per_table),
+            ));
         }
         let templates = check_template(cx, &self.template, VARIABLES, "synthesize").map_err(|p| problems.push(p)).ok();
         let taxonomy = Taxonomy::load(cx.taxonomy.as_deref())

@@ -59,9 +59,6 @@ impl Config for Trajectories {
             _ => {}
         }
         let n = self.n.unwrap_or(if self.scripted { 1 } else { 3 });
-        if n == 0 {
-            problems.push(Problem::new("n", "`n` must be at least 1"));
-        }
         if self.scripted && n > 1 {
             problems.push(
                 Problem::new("n", "scripted trajectories are deterministic: `n` above 1 would repeat them")
@@ -74,6 +71,7 @@ impl Config for Trajectories {
             None => TeacherSpec::Scripted,
         };
         let agent = self.agent_settings(teacher).build(cx, keys, problems);
+        problems.extend(crate::llm_rows::sample_problems("n", n, agent.as_ref().and_then(|a| a.teacher())));
         match agent {
             Some(agent) => Some(Box::new(Sampling { agent, n, scripted: self.scripted })),
             None => None,

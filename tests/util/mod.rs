@@ -98,13 +98,15 @@ pub fn run_python(python: &Path, script: &str) -> String {
     text(&out.stdout)
 }
 
-/// Copies the quickstart sample files into `dir/data`.
+/// Copies the quickstart sample files into `dir/data` (not the benchmark samples' folder).
 pub fn copy_sample_data(dir: &Path) {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
     for entry in std::fs::read_dir(root().join("recipes/data")).unwrap() {
         let entry = entry.unwrap();
-        std::fs::copy(entry.path(), data.join(entry.file_name())).unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), data.join(entry.file_name())).unwrap();
+        }
     }
 }
 

@@ -64,6 +64,8 @@ pub struct Seen {
     pub max_in_flight: AtomicUsize,
     /// All requests.
     pub total: AtomicUsize,
+    /// The `seed` of each request (`None` when it had none), in arrival order.
+    pub seeds: Mutex<Vec<Option<u64>>>,
 }
 
 /// The deterministic reply to a prompt: in the judge's format for consistency prompts (the
@@ -178,6 +180,7 @@ async fn serve(mut stream: TcpStream, seen: &Seen, faults: &Faults, counter: &At
         let n = body["n"].as_u64().unwrap_or(1) as usize;
 
         seen.total.fetch_add(1, Ordering::SeqCst);
+        seen.seeds.lock().unwrap().push(body["seed"].as_u64());
         *seen.per_prompt.lock().unwrap().entry(conversation.clone()).or_default() += 1;
         let now = seen.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         seen.max_in_flight.fetch_max(now, Ordering::SeqCst);

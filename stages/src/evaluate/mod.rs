@@ -175,9 +175,6 @@ fn grader(gold: &Gold) -> &'static str {
 
 impl Config for Evaluate {
     fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
-        if self.runs == 0 {
-            problems.push(Problem::new("runs", "`runs` must be at least 1"));
-        }
         if self.limit == Some(0) {
             problems.push(Problem::new("limit", "`limit` must be at least 1").help("remove it to evaluate every item"));
         }
