@@ -53,6 +53,25 @@ fn the_recipes_check_clean() {
     assert_eq!(out, "recipes/quickstart.toml: ok, 12 stages\n");
     let out = util::kiln_ok(&util::root(), &["check", "recipes/throughput.toml"]);
     assert_eq!(out, "recipes/throughput.toml: ok, 3 stages\n");
+    let out = util::kiln_ok(&util::root(), &["check", "recipes/eval.toml"]);
+    assert_eq!(out, "recipes/eval.toml: ok, 2 stages\n");
+}
+
+/// A huge file of bad stages prints its first problems and counts the rest.
+#[test]
+fn the_output_of_a_huge_bad_file_is_capped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut text = String::from("[pipeline]\nname = \"big\"\n");
+    for i in 0..5000 {
+        text.push_str(&format!("[stages.s{i}]\nkind = \"nope\"\n"));
+    }
+    std::fs::write(tmp.path().join("big.toml"), text).unwrap();
+    let err = util::text(&util::kiln_err(tmp.path(), &["check", "big.toml"]).stderr);
+    assert_eq!(err.matches("unknown stage kind `nope`").count(), 100, "the first 100 problems");
+    assert!(
+        err.ends_with("... and 4900 more, not shown (fix the first ones and check again)\n5000 errors found\n"),
+        "{err}"
+    );
 }
 
 /// Pipelines whose stages hand each other the row families they need check clean.

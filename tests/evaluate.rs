@@ -42,9 +42,14 @@ fn wrong(messages: &[Value]) -> String {
     format!("<think>A guess.</think>\n<answer>{answer}</answer>")
 }
 
-/// Never answers.
+/// Never answers: runs cells until the turns run out.
 fn silent(_: &[Value]) -> String {
     CELL.into()
+}
+
+/// Never follows the protocol.
+fn mute(_: &[Value]) -> String {
+    "The total is probably 30.".into()
 }
 
 fn server(teacher: fn(&[Value]) -> String) -> FaultServer {
@@ -53,7 +58,8 @@ fn server(teacher: fn(&[Value]) -> String) -> FaultServer {
 
 #[test]
 fn an_oracle_scores_everything_a_wrong_model_nothing_and_a_rerun_sends_nothing() {
-    let servers = [("oracle", server(oracle)), ("wrong", server(wrong)), ("silent", server(silent))];
+    let servers =
+        [("oracle", server(oracle)), ("wrong", server(wrong)), ("silent", server(silent)), ("mute", server(mute))];
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let fixtures = util::root().join("recipes/data/benchmarks/dabench");
@@ -64,7 +70,7 @@ fn an_oracle_scores_everything_a_wrong_model_nothing_and_a_rerun_sends_nothing()
             server.base_url(),
         ));
     }
-    for (stage, models) in [("side", r#"models = ["oracle", "wrong"]"#), ("silent", r#"model = "silent""#)] {
+    for (stage, models) in [("side", r#"models = ["oracle", "wrong"]"#), ("silent", r#"models = ["silent", "mute"]"#)] {
         pipeline.push_str(&format!(
             "\n[stages.{stage}]\nkind = \"evaluate\"\n{models}\nbenchmark = \"dabench\"\npath = {:?}\nruns = 2\nmax_turns = 2\n",
             fixtures.display().to_string(),
@@ -87,9 +93,12 @@ fn an_oracle_scores_everything_a_wrong_model_nothing_and_a_rerun_sends_nothing()
     assert!(of("wrong").iter().any(|r| r["reason"] == "@total[31] is not [30]"), "{rows:?}");
 
     let silent = util::manifest(&out.join("silent")).counters;
-    assert_eq!((silent["items"], silent["pass_at_k_ppm"]), (2, 0));
+    assert_eq!((silent["silent.items"], silent["silent.pass_at_k_ppm"], silent["mute.pass_at_k_ppm"]), (2, 0, 0));
     let silent_rows = util::rows(&out.join("silent"));
-    assert!(silent_rows.iter().all(|r| r["failure"] == "turn_limit" && r.get("answer").is_none()), "{silent_rows:?}");
+    for r in &silent_rows {
+        let failure = if r["model"] == "silent" { "turn_limit" } else { "format" };
+        assert!(r["failure"] == failure && r.get("answer").is_none(), "{r:?}");
+    }
 
     let report = std::fs::read_to_string(out.join("side.report.md")).unwrap();
     assert!(report.contains("| oracle | 2 | 100.0% | 100.0% |\n| wrong | 2 | 0.0% | 0.0% |"), "{report}");
@@ -155,6 +164,20 @@ fn tables_oracle(messages: &[Value], extra: bool) -> String {
             );
         }
         format!("Strong positive correlation, {}", printed_number(messages))
+    } else if q.contains("compute the total amount per region and save it") {
+        if first {
+            return cell(
+                "import pandas as pd\ndf = pd.read_csv('data/sales.csv')\ndf.groupby('region', as_index=False)['amount'].sum().rename(columns={'amount': 'total'}).to_csv('result.csv', index=False)",
+            );
+        }
+        "Saved to result.csv".to_string()
+    } else if q.contains("Which region has the largest total amount in sales.csv") {
+        if first {
+            return cell(
+                "import pandas as pd\nprint(pd.read_csv('data/sales.csv').groupby('region')['amount'].sum().max())",
+            );
+        }
+        format!("{{\"region\": [\"north\"], \"total\": [{}]}}", printed_number(messages))
     } else if q.contains("describe what the table shows") {
         if first {
             return cell("print(open('data/tb-describe.csv').read())");
@@ -201,6 +224,7 @@ fn tablebench_and_bird_items_run_in_the_sandbox_and_open_answers_go_to_the_judge
     let db = rusqlite::Connection::open(bird.join("dev_databases/shop/shop.sqlite")).unwrap();
     db.execute_batch(&std::fs::read_to_string(data.join("bird/shop.sql")).unwrap()).unwrap();
     let tables = data.join("tablebench/tablebench.jsonl").display().to_string();
+    let dacode = data.join("dacode").display().to_string();
     let mut pipeline = "[pipeline]\nname = \"eval\"\noutput_dir = \"OUT\"\n".to_string();
     for (name, server) in &servers {
         pipeline.push_str(&format!("\n[models.{name}]\nbase_url = \"{}\"\nmodel = \"{name}\"\n", server.base_url()));
@@ -208,7 +232,8 @@ fn tablebench_and_bird_items_run_in_the_sandbox_and_open_answers_go_to_the_judge
     pipeline.push_str(&format!(
         "\n[stages.tables]\nkind = \"evaluate\"\nmodel = \"exact\"\nbenchmark = \"tablebench\"\npath = {tables:?}\nruns = 1\nmax_turns = 3\njudge = \"judge\"\n\
          \n[stages.unjudged]\nkind = \"evaluate\"\nmodel = \"exact\"\nbenchmark = \"tablebench\"\npath = {tables:?}\nruns = 1\nmax_turns = 3\n\
-         \n[stages.sql]\nkind = \"evaluate\"\nmodels = [\"exact\", \"extra\"]\nbenchmark = \"bird\"\npath = \"bird\"\nruns = 1\nmax_turns = 3\n"
+         \n[stages.sql]\nkind = \"evaluate\"\nmodels = [\"exact\", \"extra\"]\nbenchmark = \"bird\"\npath = \"bird\"\nruns = 1\nmax_turns = 3\n\
+         \n[stages.dacode]\nkind = \"evaluate\"\nmodel = \"exact\"\nbenchmark = \"dacode\"\npath = {dacode:?}\nruns = 1\nmax_turns = 3\n"
     ));
     std::fs::write(dir.join("eval.toml"), &pipeline).unwrap();
     util::kiln_ok(dir, &["run", "eval.toml"]);
@@ -241,4 +266,13 @@ fn tablebench_and_bird_items_run_in_the_sandbox_and_open_answers_go_to_the_judge
     );
     let report = std::fs::read_to_string(out.join("sql.report.md")).unwrap();
     assert!(report.contains("| extra | 2 | 100.0% | 100.0% | 0.0% |"), "{report}");
+
+    // DA-Code: a result table written by a CSV task, and named values; the chart is skipped.
+    let rows = util::rows(&out.join("dacode"));
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().all(|r| r["correct"] == true), "{rows:?}");
+    let graders: Vec<&str> = rows.iter().map(|r| r["grader"].as_str().unwrap()).collect();
+    assert_eq!(graders, ["table", "fields"]);
+    let report = std::fs::read_to_string(out.join("dacode.report.md")).unwrap();
+    assert!(report.contains("- skipped: 1 items, graded by compare_image"), "{report}");
 }

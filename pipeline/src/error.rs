@@ -126,15 +126,21 @@ impl Diagnostics {
     }
 }
 
+/// The most problems printed for one file; the rest are counted.
+pub const SHOWN_DIAGNOSTICS: usize = 100;
+
 impl fmt::Display for Diagnostics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, d) in self.0.iter().enumerate() {
+        for (i, d) in self.0.iter().take(SHOWN_DIAGNOSTICS).enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
             write!(f, "{d}")?;
         }
         let n = self.0.len();
+        if n > SHOWN_DIAGNOSTICS {
+            write!(f, "\n... and {} more, not shown (fix the first ones and check again)", n - SHOWN_DIAGNOSTICS)?;
+        }
         write!(f, "\n{n} error{} found", if n == 1 { "" } else { "s" })
     }
 }

@@ -56,6 +56,18 @@ impl Graph {
         Ok(order)
     }
 
+    /// The nodes that come before any cycle or anything downstream of one, in a topological
+    /// order: those whose checks do not depend on a cycle.
+    pub fn acyclic_order(&self) -> Vec<usize> {
+        let mut order = Vec::new();
+        let mut done = vec![false; self.len()];
+        while let Some(i) = (0..self.len()).find(|&i| !done[i] && self.inputs[i].iter().all(|&u| done[u])) {
+            done[i] = true;
+            order.push(i);
+        }
+        order
+    }
+
     /// Walks upstream from a blocked node until a node repeats.
     fn find_cycle(&self, done: &[bool]) -> Vec<usize> {
         let start = (0..self.len()).find(|&i| !done[i]).unwrap_or(0);

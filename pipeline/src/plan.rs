@@ -51,7 +51,21 @@ pub struct PlannedStage {
 impl Plan {
     /// Loads and checks the pipeline at `path`. On failure the error lists every problem.
     pub async fn load(path: &Path, registry: &Registry) -> Result<Plan> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let text = match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(e) => {
+                let at = e.utf8_error().valid_up_to();
+                let text = String::from_utf8_lossy(e.as_bytes());
+                let map = crate::error::SourceMap::new(path, &text);
+                let diag = map.diagnostic(
+                    at..at,
+                    format!("not a text file: the byte at offset {at} is not UTF-8"),
+                    Some("a pipeline file is TOML text, saved as UTF-8".into()),
+                );
+                return Err(Error::Config(Diagnostics(vec![diag])));
+            }
+        };
         let (spec, mut diags) = spec::parse(path, &text, registry);
         let Some(spec) = spec else { return Err(Error::Config(Diagnostics(diags).normalize())) };
         let resolve = |dir: &Option<PathBuf>| dir.as_ref().map(|d| spec.base_dir.join(d));
@@ -89,7 +103,8 @@ impl Plan {
                     format!("the stages form a cycle: {}", graph.describe_path(&cycle)),
                     Some("a stage cannot read, directly or not, its own output: remove one of these inputs".into()),
                 ));
-                Vec::new()
+                // The stages outside the cycle (and not downstream of it) are still checked.
+                graph.acyclic_order()
             }
         };
         let schemas = check_schemas(&spec, &built, &check_cx, &graph, &order, &mut diags).await;

@@ -178,13 +178,9 @@ pub fn parse(file: &Path, text: &str, registry: &Registry) -> (Option<Spec>, Vec
         ));
         return (None, diags);
     };
-    let settings = match PipelineSettings::deserialize(ValueDeserializer::from(pipeline.clone())) {
-        Ok(s) => s,
-        Err(e) => {
-            diags.push(toml_error(&map, &e, Some(crate::registry::struct_fields::<PipelineSettings>())));
-            return (None, diags);
-        }
-    };
+    let fields = crate::registry::struct_fields::<PipelineSettings>();
+    let (settings, errors) = deserialize_all(&map, pipeline.clone(), Some(fields), PipelineSettings::deserialize);
+    diags.extend(errors);
     let mut settings_spans = BTreeMap::new();
     collect_spans(pipeline, "", &mut settings_spans);
 
@@ -214,6 +210,8 @@ pub fn parse(file: &Path, text: &str, registry: &Registry) -> (Option<Spec>, Vec
         )),
     }
 
+    // A `[pipeline]` table with problems still lets every stage and model be checked.
+    let Some(settings) = settings else { return (None, diags) };
     let base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
     (Some(Spec { map, base_dir, settings, settings_spans, models, stages }), diags)
 }
@@ -566,6 +564,13 @@ fn syntax_errors(map: &SourceMap, text: &str, errors: &[toml::de::Error]) -> Vec
             if duplicated_header.is_some_and(|h| !text[h..span.start.max(h)].contains("\n[")) {
                 continue;
             }
+            let key = text.get(span.clone()).unwrap_or_default().trim();
+            out.push(map.diagnostic(
+                span,
+                format!("duplicate key `{key}`"),
+                Some("each key may appear only once in a table: remove one of the two".into()),
+            ));
+            continue;
         }
         out.push(toml_error(map, e, None));
     }

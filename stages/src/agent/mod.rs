@@ -134,7 +134,13 @@ impl AgentSettings {
             Ok(t) => Some(t),
         };
         let taxonomy = Taxonomy::load(cx.taxonomy.as_deref()).map_err(|e| problems.push(Problem::new("", e))).ok();
-        Some(AgentSetup { settings: self.clone(), teacher: teacher.ok()?, templates: templates?, taxonomy: taxonomy? })
+        Some(AgentSetup {
+            settings: self.clone(),
+            teacher: teacher.ok()?,
+            templates: templates?,
+            taxonomy: taxonomy?,
+            seed_every_sample: false,
+        })
     }
 }
 
@@ -147,9 +153,18 @@ pub struct AgentSetup {
     teacher: Option<Model>,
     templates: Templates,
     taxonomy: Taxonomy,
+    /// Every sample gets a seed, from the pipeline's when the model has none.
+    seed_every_sample: bool,
 }
 
 impl AgentSetup {
+    /// Gives every sample its own seed (the model's seed, else the pipeline's, plus the sample
+    /// number), also for a model without a seed: runs that are reproducible and distinct.
+    pub fn seeding_every_sample(mut self) -> Self {
+        self.seed_every_sample = true;
+        self
+    }
+
     /// The settings as written.
     pub fn settings(&self) -> &AgentSettings {
         &self.settings
@@ -419,7 +434,8 @@ impl Agent<'_> {
                     let mut body = model.config.request_body(&self.teacher_view(task, &t.messages), 1);
                     // Each sample its own seed: the same seed would make the samples of a
                     // seeded model one sample repeated.
-                    if let Some(seed) = model.config.seed {
+                    let base = model.config.seed.or(self.setup.seed_every_sample.then_some(self.cx.seed));
+                    if let Some(seed) = base {
                         body["seed"] = serde_json::json!(seed.wrapping_add(u64::from(sample)));
                     }
                     match cached_chat(self.cx, client, &body, sample).await {
@@ -448,7 +464,7 @@ impl Agent<'_> {
                         exec_ms: 0.0,
                         truncated: false,
                     });
-                    t.result_csv = result_csv(scratch, &answer).filter(|_| task.is_sql());
+                    t.result_csv = result_csv(scratch, &answer).filter(|_| task.is_sql() || task.table_answer);
                     t.final_answer = Some(answer);
                     t.end_reason = "answer".into();
                     break;

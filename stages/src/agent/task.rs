@@ -44,6 +44,9 @@ pub struct Task {
     /// Further data files beside `about.path` (a benchmark item over several files), relative
     /// to the pipeline file: shown read-only under `data/` too.
     pub more_files: Vec<String>,
+    /// The answer is a table: the CSV file the final answer names is kept as the result (as
+    /// for every SQL task), for a benchmark item graded on its result table.
+    pub table_answer: bool,
 }
 
 impl Task {
@@ -68,6 +71,7 @@ impl Task {
             query: q.query,
             critique: None,
             more_files: Vec::new(),
+            table_answer: false,
         }
     }
 
@@ -80,6 +84,7 @@ impl Task {
             query: None,
             critique: Some((round, critique.to_string())),
             more_files: Vec::new(),
+            table_answer: false,
         }
     }
 

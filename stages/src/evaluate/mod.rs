@@ -2,8 +2,8 @@
 //! ([`crate::graders`]), with exactly the `trajectories` protocol, sandbox and tools (the agent
 //! loop of [`crate::agent`], not a copy).
 //!
-//! Each item runs `runs` times (pass@k's k; each run its own sample, and its own seed when the
-//! model has one), at most `max_turns` turns, temperature and top-p from the model table (the
+//! Each item runs `runs` times (pass@k's k; each run its own sample and its own seed, from the
+//! model's seed or else the pipeline's), at most `max_turns` turns, temperature and top-p from the model table (the
 //! recipe's evaluation: 3 runs, 0.7, 0.95, 10 turns). Every (model, item, run) is cached like
 //! any trajectory, every model turn as it returns: a killed evaluation resumes, and a rerun
 //! with the same model sends nothing. The item's gold answer never reaches the model. A model
@@ -17,7 +17,7 @@
 //!
 //! Rows: one per (model, item, run): the answer, whether it is correct, the grader and its
 //! reason (the judge's reasoning for open answers), BIRD's stricter execution match for result
-//! tables, the failure mode (`no_answer`, `turn_limit`, `sandbox_error`, `wrong`), turns,
+//! tables, the failure mode (`no_answer`, `format`, `turn_limit`, `sandbox_error`, `wrong`), turns,
 //! tokens and seconds. Counters: `pass_at_1_ppm` (the mean over runs of the share of items
 //! right, in millionths) and `pass_at_k_ppm` (the share of items right in any run), and both
 //! per group (`pass_at_1_ppm_<group>`), each prefixed by `<model>.` when there are several. A
@@ -124,8 +124,8 @@ pub struct Scored {
     pub reason: String,
     /// BIRD's execution match (the same multiset of rows), for result tables.
     pub strict: Option<bool>,
-    /// Why the run failed, if it did: `no_answer`, `turn_limit`, `sandbox_error`, `wrong`, or
-    /// `unjudged` (the judge's reply never parsed).
+    /// Why the run failed, if it did: `no_answer`, `format`, `turn_limit`, `sandbox_error`,
+    /// `wrong`, or `unjudged` (the judge's reply never parsed).
     pub failure: Option<String>,
     /// Assistant turns taken.
     pub turns: u32,
@@ -211,8 +211,14 @@ impl Config for Evaluate {
         let mut agents = Vec::new();
         for name in &names {
             let keys = Keys { prefix: "", teacher: key, kind: "evaluate" };
-            agents
-                .push((name.clone(), self.agent_settings(TeacherSpec::Model(name.clone())).build(cx, keys, problems)?));
+            let agent = self.agent_settings(TeacherSpec::Model(name.clone())).build(cx, keys, problems);
+            let teacher = agent.as_ref().and_then(|a| a.teacher());
+            for p in crate::llm_rows::sample_problems("runs", self.runs, teacher) {
+                if !problems.iter().any(|q| q.message == p.message) {
+                    problems.push(p);
+                }
+            }
+            agents.push((name.clone(), agent?.seeding_every_sample()));
         }
         let mut loaded = loaded?;
         if self.judge.is_some() && judge.is_none() {
@@ -284,16 +290,21 @@ fn task(cx: &CheckCx, benchmark: Benchmark, item: &Item) -> Task {
         query: None,
         critique: None,
         more_files: item.files.iter().skip(1).map(|f| shown(cx, f)).collect(),
+        table_answer: matches!(item.gold, Gold::Table { .. }),
     }
 }
 
-/// The failure mode of a run without a final answer.
+/// The failure mode of a run without a final answer: its last cell crashed
+/// (`sandbox_error`), its last turn broke the protocol (`format`), its turns ran out while it
+/// worked (`turn_limit`), or it stopped (`no_answer`).
 fn no_answer(t: &Trajectory) -> &'static str {
-    let crashed =
-        t.steps.last().and_then(|s| s.status.as_deref()).is_some_and(|s| matches!(s, "crashed" | "killed" | "timeout"));
-    match (crashed, t.end_reason.as_str()) {
-        (true, _) => "sandbox_error",
-        (false, "max_turns") => "turn_limit",
+    let last = t.steps.last();
+    let crashed = last.and_then(|s| s.status.as_deref()).is_some_and(|s| matches!(s, "crashed" | "killed" | "timeout"));
+    let invalid = last.is_some_and(|s| s.action == "invalid");
+    match (crashed, invalid, t.end_reason.as_str()) {
+        (true, _, _) => "sandbox_error",
+        (false, true, _) => "format",
+        (false, false, "max_turns") => "turn_limit",
         _ => "no_answer",
     }
 }
