@@ -127,3 +127,35 @@ fn rows_lost_to_a_failing_endpoint_are_retried_by_a_plain_rerun() {
     assert_eq!(run().status.code(), Some(3), "still failing");
     assert_eq!(server.seen.total.load(std::sync::atomic::Ordering::SeqCst), 4, "the failed rows were sent again");
 }
+
+/// With `supports_n`, the samples of a row are one request with `n` choices; each choice is
+/// filed as its sample's own reply, so a rerun (or a run without `supports_n`) sends nothing.
+#[test]
+fn a_server_with_n_gets_one_request_per_row() {
+    let server = start_in_background(Faults::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let lines: Vec<String> = (0..10).map(|i| format!(r#"{{"question": "What is {i} + 1?"}}"#)).collect();
+    std::fs::write(dir.join("questions.jsonl"), lines.join("\n")).unwrap();
+    let pipeline = |supports_n: bool| {
+        format!(
+            "[pipeline]\nname = \"gen\"\noutput_dir = \"out\"\n\n[models.local]\nbase_url = \"{}\"\nmodel = \"m\"\nsupports_n = {supports_n}\n\n\
+             [stages.questions]\nkind = \"load\"\npaths = [\"questions.jsonl\"]\n\n\
+             [stages.rewrite]\nkind = \"generate\"\ninputs = [\"questions\"]\nmodel = \"local\"\nprompt = \"{{{{ question }}}}\"\ntags = [\"description\"]\nn = 3\n",
+            server.base_url()
+        )
+    };
+    std::fs::write(dir.join("p.toml"), pipeline(true)).unwrap();
+    let out = util::kiln_ok(dir, &["run", "p.toml"]);
+    assert!(out.contains("rewrite: ran, 30 rows, 0 rejected"), "{out}");
+    let sent = || server.seen.total.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(sent(), 10, "one request per row");
+    let counters = util::manifest(&dir.join("out/rewrite")).counters;
+    assert_eq!(counters["samples_asked_together"], 30);
+    let samples: std::collections::BTreeSet<u64> =
+        util::rows(&dir.join("out/rewrite")).iter().map(|r| r["sample"].as_u64().unwrap()).collect();
+    assert_eq!(samples, [0, 1, 2].into());
+    std::fs::write(dir.join("p.toml"), pipeline(false)).unwrap();
+    assert!(util::kiln_ok(dir, &["run", "p.toml"]).contains("rewrite: ran, 30 rows"));
+    assert_eq!(sent(), 10, "every sample was filed under its own request");
+}

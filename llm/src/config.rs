@@ -39,6 +39,10 @@ pub struct ModelConfig {
     /// Sampling seed sent to the server. Default: none.
     #[serde(default)]
     pub seed: Option<u64>,
+    /// The server returns several choices per request (`n`), as OpenAI and vLLM do: the samples
+    /// of one row are then asked in one request. Default: false (one request per sample).
+    #[serde(default)]
+    pub supports_n: bool,
     /// Most requests in flight; the client halves its limit on 429/503 and grows it back
     /// slowly up to this. Default: 16.
     #[serde(default = "default_max_concurrency")]

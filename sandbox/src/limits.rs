@@ -102,6 +102,13 @@ impl Limits {
         if !positive(self.start_timeout_s) {
             out.push(("start_timeout_s", format!("`start_timeout_s` must be positive, got {}", self.start_timeout_s)));
         }
+        for (key, value) in
+            [("memory_mb", self.memory_mb), ("file_size_mb", self.file_size_mb), ("scratch_mb", self.scratch_mb)]
+        {
+            if value > MAX_MB {
+                out.push((key, format!("`{key}` must be at most {MAX_MB} (1 TiB), got {value}")));
+            }
+        }
         for (key, value) in [
             ("file_size_mb", self.file_size_mb),
             ("sql_max_rows", self.sql_max_rows as u64),
@@ -114,6 +121,9 @@ impl Limits {
         out
     }
 }
+
+/// The largest size in MiB a limit may name (1 TiB).
+const MAX_MB: u64 = 1 << 20;
 
 /// True for a finite number above zero (false for NaN and infinity).
 fn positive(x: f64) -> bool {

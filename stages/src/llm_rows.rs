@@ -132,8 +132,9 @@ where
     P: Fn(&str) -> Result<T, String> + Sync,
 {
     let before = client.stats().snapshot();
-    let bar = progress::bar(&cx.name, requests.len() as u64);
     let parallel = client.config().max_concurrency * 2;
+    let batched = ask_samples_together(cx, client, &requests, parallel).await?;
+    let bar = progress::bar(&cx.name, requests.len() as u64);
     let results: Vec<RowOutcome<T>> = stream::iter(0..requests.len())
         .map(|i| {
             let (request, parse, bar) = (&requests[i], &parse, &bar);
@@ -149,6 +150,9 @@ where
     bar.finish_and_clear();
 
     let mut counters: BTreeMap<String, u64> = BTreeMap::new();
+    if batched > 0 {
+        counters.insert("samples_asked_together".into(), batched);
+    }
     let (mut replies, mut rejections) = (Vec::new(), Vec::new());
     for result in results {
         let (reply, hits) = result?;
@@ -196,13 +200,7 @@ async fn complete_one<T>(
     let mut messages = request.messages.clone();
     let (mut prompt_tokens, mut completion_tokens, mut hits) = (0, 0, 0);
     for attempt in 0..=max_parse_retries {
-        let mut body = client.request_body(&messages, 1);
-        if request.sample > 0 {
-            // Each further sample its own seed (from the model's seed, else the pipeline's), so
-            // a deterministic endpoint does not answer every sample with the first one.
-            let base = client.config().seed.unwrap_or(cx.seed);
-            body["seed"] = serde_json::json!(base.wrapping_add(u64::from(request.sample)));
-        }
+        let body = sample_body(cx, client, &messages, request.sample);
         let completed = cached_chat(cx, client, &body, request.sample).await;
         let (completion, hit): (Completion, bool) = match completed {
             Ok(c) => c,
@@ -232,6 +230,76 @@ async fn complete_one<T>(
         }
     }
     unreachable!("the loop returns on its last attempt")
+}
+
+/// The request for sample `sample` of `messages`: each further sample gets its own seed (from
+/// the model's seed, else the pipeline's), so a deterministic endpoint does not answer every
+/// sample with the first one; the first is sent as it always was.
+fn sample_body(cx: &StageCx, client: &Client, messages: &[Message], sample: u32) -> serde_json::Value {
+    let mut body = client.request_body(messages, 1);
+    if sample > 0 {
+        let base = client.config().seed.unwrap_or(cx.seed);
+        body["seed"] = serde_json::json!(base.wrapping_add(u64::from(sample)));
+    }
+    body
+}
+
+/// For a model that `supports_n`, asks the samples of each conversation asked more than once
+/// in one request with `n` choices, and files choice `k` in the row cache as the reply to
+/// sample `k`'s own request: the per-sample path then finds them all cached (and a reply that
+/// does not parse is retried alone). Conversations with a sample already cached are left to
+/// that path. Returns how many samples were asked together.
+async fn ask_samples_together(cx: &StageCx, client: &Client, requests: &[RowRequest], parallel: usize) -> Result<u64> {
+    if !client.config().supports_n {
+        return Ok(0);
+    }
+    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, r) in requests.iter().enumerate() {
+        groups.entry(serde_json::to_string(&r.messages).unwrap_or_default()).or_default().push(i);
+    }
+    let groups: Vec<Vec<usize>> = groups.into_values().filter(|g| g.len() > 1).collect();
+    let asked: Vec<Result<u64>> = stream::iter(groups)
+        .map(|group| ask_group(cx, client, requests, group))
+        .buffer_unordered(parallel)
+        .collect()
+        .await;
+    asked.into_iter().sum()
+}
+
+/// The samples of one conversation (`group`: indices of `requests`, one request each) in one
+/// request with `n` choices, filed under each sample's own request; nothing when one is
+/// already cached or the request fails. Returns how many samples were filed.
+async fn ask_group(cx: &StageCx, client: &Client, requests: &[RowRequest], group: Vec<usize>) -> Result<u64> {
+    let group: Vec<&RowRequest> = group.into_iter().map(|i| &requests[i]).collect();
+    let keys = group
+        .iter()
+        .map(|r| chat_key(&sample_body(cx, client, &r.messages, r.sample), r.sample))
+        .collect::<Result<Vec<_>>>()?;
+    for key in &keys {
+        if cx.cache.get::<Completion>(key)?.is_some() {
+            return Ok(0);
+        }
+    }
+    let n = group.len() as u32;
+    let (all, _) = match cached_chat(cx, client, &client.request_body(&group[0].messages, n), 0).await {
+        Ok(c) => c,
+        // Left to the per-sample path, which retries and rejects with the reason.
+        Err(Error::Stage { .. }) => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut filed = 0;
+    for (k, key) in keys.iter().enumerate().take(all.texts.len()) {
+        let one = Completion {
+            texts: vec![all.texts[k].clone()],
+            finish_reasons: vec![all.finish_reasons.get(k).cloned().flatten()],
+            prompt_tokens: if k == 0 { all.prompt_tokens } else { 0 },
+            completion_tokens: all.completion_tokens / u64::from(n)
+                + if k == 0 { all.completion_tokens % u64::from(n) } else { 0 },
+        };
+        cx.cache.put(key, "llm/chat", &one)?;
+        filed += 1;
+    }
+    Ok(filed)
 }
 
 /// The cache key of one chat request: its body, and the sample number when it is not the first
