@@ -165,7 +165,7 @@ max_turns = 2
         let failure = r.get("failure").and_then(|f| f.as_str());
         assert!(
             (r["correct"] == true && failure.is_none())
-                || ["wrong", "no_answer", "turn_limit", "sandbox_error"].contains(&failure.unwrap_or("")),
+                || ["wrong", "no_answer", "format", "turn_limit", "sandbox_error"].contains(&failure.unwrap_or("")),
             "{r:?}"
         );
     }

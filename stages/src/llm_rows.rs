@@ -200,8 +200,9 @@ async fn complete_one<T>(
     let mut messages = request.messages.clone();
     let (mut prompt_tokens, mut completion_tokens, mut hits) = (0, 0, 0);
     for attempt in 0..=max_parse_retries {
-        let body = sample_body(cx, client, &messages, request.sample);
-        let completed = cached_chat(cx, client, &body, request.sample).await;
+        let body = client.request_body(&messages, 1);
+        let seed = sample_seed(client.config(), cx.seed, request.sample, false);
+        let completed = cached_sample(cx, client, &body, seed, request.sample).await;
         let (completion, hit): (Completion, bool) = match completed {
             Ok(c) => c,
             Err(Error::Stage { source, .. }) => return Ok((Err(reject("llm_failed", source.to_string())), hits)),
@@ -232,16 +233,52 @@ async fn complete_one<T>(
     unreachable!("the loop returns on its last attempt")
 }
 
-/// The request for sample `sample` of `messages`: each further sample gets its own seed (from
-/// the model's seed, else the pipeline's), so a deterministic endpoint does not answer every
-/// sample with the first one; the first is sent as it always was.
-fn sample_body(cx: &StageCx, client: &Client, messages: &[Message], sample: u32) -> serde_json::Value {
-    let mut body = client.request_body(messages, 1);
-    if sample > 0 {
-        let base = client.config().seed.unwrap_or(cx.seed);
-        body["seed"] = serde_json::json!(base.wrapping_add(u64::from(sample)));
+/// The seed of sample `sample` of a request to `config`: the model's seed plus the sample; else,
+/// for every sample but the first (or for every one, with `every`), the pipeline's seed plus
+/// the sample, so that a deterministic endpoint does not answer every sample alike. `None`
+/// leaves the request as the model table makes it.
+pub fn sample_seed(config: &ModelConfig, pipeline_seed: u64, sample: u32, every: bool) -> Option<u64> {
+    match config.seed {
+        Some(seed) => Some(seed.wrapping_add(u64::from(sample))),
+        None if sample > 0 || every => Some(pipeline_seed.wrapping_add(u64::from(sample))),
+        None => None,
     }
-    body
+}
+
+/// The cache keys under which sample `sample` of `body` may be stored: with its `seed`, and
+/// without it (kiln sent further samples unseeded before they had their own seeds: what was
+/// paid for then is found again).
+fn sample_keys(body: &serde_json::Value, seed: Option<u64>, sample: u32) -> Result<(CacheKey, Option<CacheKey>)> {
+    match seed {
+        Some(seed) => {
+            let mut seeded = body.clone();
+            seeded["seed"] = serde_json::json!(seed);
+            Ok((chat_key(&seeded, sample)?, (sample > 0).then(|| chat_key(body, sample)).transpose()?))
+        }
+        None => Ok((chat_key(body, sample)?, None)),
+    }
+}
+
+/// [`cached_chat`] for sample `sample` of `body`, sent with `seed` when given, and answered from
+/// the row cache when it holds the reply under either of [`sample_keys`].
+pub async fn cached_sample(
+    cx: &StageCx,
+    client: &Client,
+    body: &serde_json::Value,
+    seed: Option<u64>,
+    sample: u32,
+) -> Result<(Completion, bool)> {
+    let (_, unseeded) = sample_keys(body, seed, sample)?;
+    if let Some(key) = unseeded
+        && let Some(hit) = cx.cache.get::<Completion>(&key)?
+    {
+        return Ok((hit, true));
+    }
+    let mut body = body.clone();
+    if let Some(seed) = seed {
+        body["seed"] = serde_json::json!(seed);
+    }
+    cached_chat(cx, client, &body, sample).await
 }
 
 /// For a model that `supports_n`, asks the samples of each conversation asked more than once
@@ -271,14 +308,16 @@ async fn ask_samples_together(cx: &StageCx, client: &Client, requests: &[RowRequ
 /// already cached or the request fails. Returns how many samples were filed.
 async fn ask_group(cx: &StageCx, client: &Client, requests: &[RowRequest], group: Vec<usize>) -> Result<u64> {
     let group: Vec<&RowRequest> = group.into_iter().map(|i| &requests[i]).collect();
-    let keys = group
-        .iter()
-        .map(|r| chat_key(&sample_body(cx, client, &r.messages, r.sample), r.sample))
-        .collect::<Result<Vec<_>>>()?;
-    for key in &keys {
-        if cx.cache.get::<Completion>(key)?.is_some() {
-            return Ok(0);
+    let mut keys = Vec::new();
+    for r in &group {
+        let seed = sample_seed(client.config(), cx.seed, r.sample, false);
+        let (key, unseeded) = sample_keys(&client.request_body(&r.messages, 1), seed, r.sample)?;
+        for k in [Some(key), unseeded].into_iter().flatten() {
+            if cx.cache.get::<Completion>(&k)?.is_some() {
+                return Ok(0);
+            }
         }
+        keys.push(key);
     }
     let n = group.len() as u32;
     let (all, _) = match cached_chat(cx, client, &client.request_body(&group[0].messages, n), 0).await {
@@ -377,6 +416,52 @@ pub fn parse_tags(text: &str, tags: &[&str]) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(seed: Option<u64>) -> ModelConfig {
+        let mut c: ModelConfig =
+            serde_json::from_value(serde_json::json!({"base_url": "http://127.0.0.1:9/v1", "model": "m"})).unwrap();
+        c.seed = seed;
+        c
+    }
+
+    #[test]
+    fn further_samples_get_their_own_seeds() {
+        assert_eq!(sample_seed(&config(None), 7, 0, false), None, "the first request as it always was");
+        assert_eq!(sample_seed(&config(None), 7, 2, false), Some(9));
+        assert_eq!(sample_seed(&config(None), 7, 0, true), Some(7));
+        assert_eq!(sample_seed(&config(Some(100)), 7, 0, false), Some(100));
+        assert_eq!(sample_seed(&config(Some(100)), 7, 3, false), Some(103));
+    }
+
+    /// A reply paid for when further samples were sent without a seed is found again.
+    #[tokio::test]
+    async fn replies_cached_before_samples_had_seeds_are_reused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cx = StageCx {
+            name: "s".into(),
+            pipeline: CheckCx::default(),
+            seed: 0,
+            cache: std::sync::Arc::new(kiln_pipeline::cache::RowCache::open(tmp.path()).unwrap()),
+            budget: Default::default(),
+            shared: Default::default(),
+            written: Default::default(),
+        };
+        // Port 9 (discard) on loopback: a request sent there fails, so a hit must come from the cache.
+        let client = Client::new("m", ModelConfig { max_retries: 0, timeout_s: 1.0, ..config(None) }).unwrap();
+        let body = client.request_body(&[Message::new("user", "q")], 1);
+        let paid = Completion {
+            texts: vec!["old".into()],
+            finish_reasons: vec![None],
+            prompt_tokens: 3,
+            completion_tokens: 1,
+        };
+        cx.cache.put(&chat_key(&body, 1).unwrap(), "llm/chat", &paid).unwrap();
+        let (got, hit) = cached_sample(&cx, &client, &body, Some(1), 1).await.unwrap();
+        assert!(hit && got.texts == ["old"]);
+        let (seeded, _) = sample_keys(&body, Some(1), 1).unwrap();
+        assert_ne!(seeded, chat_key(&body, 1).unwrap(), "new requests carry the seed");
+        assert!(cached_sample(&cx, &client, &body, Some(2), 2).await.is_err(), "anything else is sent");
+    }
 
     #[test]
     fn tags_are_extracted_or_named_as_missing() {

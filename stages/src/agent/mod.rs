@@ -39,7 +39,7 @@ use kiln_sandbox::{Cell, DataFile, Isolation, Limits, PythonEnv, Sandbox, Worker
 use serde::Serialize;
 
 use crate::StageError;
-use crate::llm_rows::{Model, RowRequest, cached_chat, estimate_rows};
+use crate::llm_rows::{Model, RowRequest, cached_sample, estimate_rows, sample_seed};
 use crate::taxonomy::Taxonomy;
 use crate::templates::{Templates, check_template};
 use protocol::{Action, STOP, close_turn, corrective, interpreter, parse_action};
@@ -52,7 +52,9 @@ pub const VARIABLES: &[&str] = &["sql", "data_dir", "files", "max_turns", "proce
 /// The system prompt template used unless a stage names another.
 pub const DEFAULT_TEMPLATE: &str = "trajectory_system.j2";
 /// Bump when the same tasks would now give other trajectories (4: each sample of a seeded
-/// model gets its own seed; unseeded turns stay cached, so nothing is paid again).
+/// model gets its own seed; unseeded turns stay cached, so nothing is paid again). Samples after
+/// the first of an unseeded model now get seeds from the pipeline's too, without a bump: their
+/// turns cached unseeded are still found ([`cached_sample`]), so finished work stays as it was.
 pub const VERSION: u32 = 4;
 /// Most bytes of a result CSV kept in a trajectory.
 const RESULT_CSV_BYTES: usize = 64 * 1024;
@@ -431,14 +433,11 @@ impl Agent<'_> {
                     }
                 },
                 (Teacher::Model { client, model }, _) => {
-                    let mut body = model.config.request_body(&self.teacher_view(task, &t.messages), 1);
-                    // Each sample its own seed: the same seed would make the samples of a
-                    // seeded model one sample repeated.
-                    let base = model.config.seed.or(self.setup.seed_every_sample.then_some(self.cx.seed));
-                    if let Some(seed) = base {
-                        body["seed"] = serde_json::json!(seed.wrapping_add(u64::from(sample)));
-                    }
-                    match cached_chat(self.cx, client, &body, sample).await {
+                    let body = model.config.request_body(&self.teacher_view(task, &t.messages), 1);
+                    // Each sample its own seed: the same seed (or none, on a deterministic
+                    // endpoint) would make the samples one sample repeated.
+                    let seed = sample_seed(&model.config, self.cx.seed, sample, self.setup.seed_every_sample);
+                    match cached_sample(self.cx, client, &body, seed, sample).await {
                         Ok((completion, hit)) => {
                             self.tally.add("llm_cache_hits", hit as u64);
                             t.prompt_tokens += completion.prompt_tokens;
