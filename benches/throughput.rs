@@ -2,6 +2,8 @@
 //! generate request each) against a local OpenAI-compatible endpoint with a fixed latency.
 //! Reports rows/s and kiln's peak memory, against a baseline measured in the same run: the
 //! same N requests sent by the bare client (no engine, no cache, no datasets).
+//! Then the same rows against endpoints that throttle (429 with Retry-After: 1) or fail (500)
+//! 20% of requests: rows/s, and that no row is lost or paid for twice.
 //! `cargo bench --bench throughput`; `cargo test --benches` runs a small smoke version.
 
 #[path = "../llm/tests/support/fault_server.rs"]
@@ -98,13 +100,42 @@ fn main() {
         start.elapsed()
     });
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    let mut faulted = Vec::new();
+    for (kind, retry_after_s) in [("429", 1), ("500", 0)] {
+        let server =
+            start_in_background(Faults { latency, rate: 0.2, only: Some(kind), retry_after_s, ..Faults::default() });
+        let recipe = std::fs::read_to_string(dir.join("throughput.toml")).unwrap();
+        let fdir = dir.join(format!("faults-{kind}"));
+        std::fs::create_dir_all(fdir.join("data")).unwrap();
+        std::fs::copy(dir.join("data/throughput_questions.jsonl"), fdir.join("data/throughput_questions.jsonl"))
+            .unwrap();
+        let base = recipe.lines().find(|l| l.starts_with("base_url")).unwrap().to_string();
+        std::fs::write(
+            fdir.join("throughput.toml"),
+            recipe.replace(&base, &format!("base_url = \"{}\"", server.base_url())),
+        )
+        .unwrap();
+        let start = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["run", "throughput.toml"])
+            .current_dir(&fdir)
+            .env("KILN_LOG", "warn")
+            .output()
+            .unwrap();
+        let took = start.elapsed();
+        let exported = std::fs::read_to_string(fdir.join("out/answers.jsonl")).unwrap_or_default().lines().count();
+        let twice = server.seen.answered.lock().unwrap().values().filter(|&&k| k > 1).count();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        faulted.push(format!("20% {kind}: {:.0} rows/s, {} lost, {twice} paid twice", rate(took), n - exported));
+    }
     println!(
-        "throughput, {n} rows, endpoint latency {} ms: kiln {:.0} rows/s, bare client {:.0} requests/s (kiln/bare = {:.2}); forced rerun from the row cache {:.0} rows/s; kiln peak RSS {:.0} MiB",
+        "throughput, {n} rows, endpoint latency {} ms: kiln {:.0} rows/s, bare client {:.0} requests/s (kiln/bare = {:.2}); forced rerun from the row cache {:.0} rows/s; kiln peak RSS {:.0} MiB; {}",
         latency.as_millis(),
         rate(engine),
         rate(bare),
         rate(engine) / rate(bare),
         rate(cached),
-        peak
+        peak,
+        faulted.join("; ")
     );
 }

@@ -183,9 +183,9 @@ impl Client {
                 let prompt = body["messages"].to_string().len() as f64 / 4.0;
                 b.take(prompt + f64::from(self.config.max_tokens.unwrap_or(512))).await;
             }
-            let outcome = {
-                let _slot = self.limit.acquire().await;
-                self.attempt(body).await
+            let (outcome, seq) = {
+                let slot = self.limit.acquire().await;
+                (self.attempt(body).await, slot.seq())
             };
             match outcome {
                 Attempt::Done(c) => {
@@ -195,7 +195,7 @@ impl Client {
                 Attempt::Fatal(e) => return Err(e),
                 Attempt::Retry { why, after, throttled } => {
                     if throttled {
-                        self.limit.throttled();
+                        self.limit.throttled(seq, after);
                     }
                     last = why;
                     if attempt + 1 < attempts {

@@ -1,11 +1,30 @@
-//! Adaptive concurrency: additive increase, multiplicative decrease.
+//! Adaptive concurrency that tells load from noise, after TCP's congestion control (RFC 5681
+//! and NewReno's recovery, RFC 6582), with requests in flight as the window:
 //!
-//! The limit starts at the configured maximum, halves (down to 1) when the server says it is
-//! overloaded (429, 503), and grows back by one after a limit's worth of successes.
+//! - Each request gets a sequence number when it starts. A throttle (429, 503) decreases the
+//!   limit only if its request started after the last decrease: the requests in flight at a
+//!   decrease must complete before the next one counts, so a burst of throttles caused by one
+//!   overload lowers the limit once, not once per request (`halves on every single 429` pinned
+//!   the limit near 1 under a steady trickle of throttles).
+//! - The decrease is gentle (x0.9) when few requests of the current window were throttled
+//!   (providers throttle a share of requests at any load) and halves the limit when a quarter
+//!   or more were (the server is overloaded).
+//! - Each success grows the limit by one, up to the configured maximum: like slow start, the
+//!   limit doubles within about a round trip, so a limit lowered by noise is back quickly.
+//! - Retry-After is obeyed by the request that got it (the client waits before retrying), and
+//!   by every request (no new request starts until then) only while most requests of the window
+//!   are throttled.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// The share of a window's requests throttled above which a decrease halves the limit.
+const SEVERE: f64 = 0.25;
+/// The gentle decrease factor.
+const GENTLE: f64 = 0.9;
 
 /// A concurrency limit that adapts to the server.
 #[derive(Debug)]
@@ -16,22 +35,48 @@ pub struct AdaptiveLimit {
 
 #[derive(Debug)]
 struct State {
-    limit: usize,
+    /// The limit; fractional so that gentle decreases add up.
+    limit: f64,
     max: usize,
     in_flight: usize,
-    successes: usize,
+    /// The sequence number of the next request.
+    next: u64,
+    /// Throttles of requests that started at or before this number do not decrease the limit
+    /// again (they were in flight at the last decrease).
+    recovering_until: Option<u64>,
+    /// Successes and throttles since the last decrease.
+    window_ok: u64,
+    window_throttled: u64,
+    /// No request starts before this (a Retry-After while most requests are throttled).
+    paused_until: Option<Instant>,
+}
+
+impl State {
+    fn allowed(&self) -> usize {
+        (self.limit.floor() as usize).clamp(1, self.max)
+    }
 }
 
 /// A slot in flight; dropping it frees the slot.
 #[derive(Debug)]
-pub struct Slot<'a>(&'a AdaptiveLimit);
+pub struct Slot<'a> {
+    limiter: &'a AdaptiveLimit,
+    seq: u64,
+}
+
+impl Slot<'_> {
+    /// The request's sequence number, for [`AdaptiveLimit::throttled`].
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        if let Ok(mut s) = self.0.state.lock() {
+        if let Ok(mut s) = self.limiter.state.lock() {
             s.in_flight -= 1;
         }
-        self.0.freed.notify_waiters();
+        self.limiter.freed.notify_waiters();
     }
 }
 
@@ -39,46 +84,77 @@ impl AdaptiveLimit {
     /// A limit starting at, and never above, `max`.
     pub fn new(max: usize) -> Self {
         let max = max.max(1);
-        AdaptiveLimit { state: Mutex::new(State { limit: max, max, in_flight: 0, successes: 0 }), freed: Notify::new() }
+        let state = State {
+            limit: max as f64,
+            max,
+            in_flight: 0,
+            next: 0,
+            recovering_until: None,
+            window_ok: 0,
+            window_throttled: 0,
+            paused_until: None,
+        };
+        AdaptiveLimit { state: Mutex::new(state), freed: Notify::new() }
     }
 
-    /// Waits for a free slot.
+    /// Waits for a free slot (and for the end of a global pause).
     pub async fn acquire(&self) -> Slot<'_> {
         loop {
             let notified = self.freed.notified();
-            {
+            let pause = {
                 let mut s = self.state.lock().expect("limiter lock");
-                if s.in_flight < s.limit {
-                    s.in_flight += 1;
-                    return Slot(self);
+                match s.paused_until.filter(|t| *t > Instant::now()) {
+                    Some(until) => Some(until),
+                    None if s.in_flight < s.allowed() => {
+                        s.in_flight += 1;
+                        s.next += 1;
+                        return Slot { limiter: self, seq: s.next - 1 };
+                    }
+                    None => None,
                 }
+            };
+            match pause {
+                Some(until) => tokio::time::sleep_until(until).await,
+                None => notified.await,
             }
-            notified.await;
         }
     }
 
-    /// The server answered normally.
+    /// A request was answered normally.
     pub fn success(&self) {
         let mut s = self.state.lock().expect("limiter lock");
-        s.successes += 1;
-        if s.successes >= s.limit && s.limit < s.max {
-            s.limit += 1;
-            s.successes = 0;
-            drop(s);
+        s.window_ok += 1;
+        let grown = (s.limit + 1.0).min(s.max as f64);
+        let more = grown.floor() > s.limit.floor();
+        s.limit = grown;
+        drop(s);
+        if more {
             self.freed.notify_waiters();
         }
     }
 
-    /// The server is overloaded: halve the limit.
-    pub fn throttled(&self) {
+    /// Request `seq` was throttled (429, 503), with the server's Retry-After if it sent one.
+    pub fn throttled(&self, seq: u64, retry_after: Option<Duration>) {
         let mut s = self.state.lock().expect("limiter lock");
-        s.limit = (s.limit / 2).max(1);
-        s.successes = 0;
+        s.window_throttled += 1;
+        let rate = s.window_throttled as f64 / (s.window_throttled + s.window_ok) as f64;
+        if let Some(after) = retry_after.filter(|_| rate > 0.5) {
+            let until = Instant::now() + after;
+            s.paused_until = Some(s.paused_until.map_or(until, |t| t.max(until)));
+        }
+        if s.recovering_until.is_some_and(|last| seq <= last) {
+            return;
+        }
+        let factor = if rate >= SEVERE { 0.5 } else { GENTLE };
+        s.limit = (s.limit * factor).max(1.0);
+        s.recovering_until = Some(s.next.saturating_sub(1));
+        s.window_ok = 0;
+        s.window_throttled = 0;
     }
 
     /// The current limit.
     pub fn limit(&self) -> usize {
-        self.state.lock().map(|s| s.limit).unwrap_or(1)
+        self.state.lock().map(|s| s.allowed()).unwrap_or(1)
     }
 }
 
@@ -87,26 +163,99 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn halves_on_throttle_and_grows_back_slowly() {
+    async fn a_burst_of_throttles_lowers_the_limit_once_per_window() {
+        let l = AdaptiveLimit::new(32);
+        let mut window = Vec::new();
+        for _ in 0..32 {
+            window.push(l.acquire().await);
+        }
+        for slot in window {
+            l.throttled(slot.seq(), None);
+        }
+        assert_eq!(l.limit(), 16, "32 throttles of one window: one halving");
+        let after = l.acquire().await;
+        l.throttled(after.seq(), None);
+        assert_eq!(l.limit(), 8, "a request started after the decrease counts again");
+    }
+
+    #[tokio::test]
+    async fn a_lone_throttle_is_a_gentle_decrease_and_success_grows_back_fast() {
+        let l = AdaptiveLimit::new(20);
+        for _ in 0..9 {
+            drop(l.acquire().await);
+            l.success();
+        }
+        let seq = l.acquire().await.seq();
+        l.throttled(seq, None);
+        assert_eq!(l.limit(), 18, "x0.9 when one in ten was throttled");
+        l.success();
+        l.success();
+        assert_eq!(l.limit(), 20, "back within a couple of successes");
+    }
+
+    /// A window of requests in flight against a server that throttles 10% of them at random,
+    /// at any load.
+    #[tokio::test]
+    async fn random_ten_percent_throttles_keep_the_limit_above_half() {
+        let l = AdaptiveLimit::new(64);
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut lowest = usize::MAX;
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            while in_flight.len() < l.limit() {
+                in_flight.push_back(l.acquire().await);
+            }
+            let slot = in_flight.pop_front().unwrap();
+            if rng.f64() < 0.1 {
+                l.throttled(slot.seq(), None)
+            } else {
+                l.success()
+            }
+            drop(slot);
+            lowest = lowest.min(l.limit());
+        }
+        assert!(lowest > 32, "the limit fell to {lowest} of 64");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_throttles_everything_drives_it_to_one_and_is_waited_for() {
+        let l = AdaptiveLimit::new(64);
+        for _ in 0..100 {
+            let seq = l.acquire().await.seq();
+            l.throttled(seq, None);
+        }
+        assert_eq!(l.limit(), 1);
+        let seq = l.acquire().await.seq();
+        l.throttled(seq, Some(Duration::from_secs(2)));
+        let start = Instant::now();
+        let _slot = l.acquire().await;
+        assert!(start.elapsed() >= Duration::from_secs(2), "Retry-After holds every request while most are throttled");
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_among_few_throttles_holds_only_its_request() {
         let l = AdaptiveLimit::new(8);
-        l.throttled();
-        l.throttled();
-        assert_eq!(l.limit(), 2);
-        l.success();
-        assert_eq!(l.limit(), 2);
-        l.success();
-        assert_eq!(l.limit(), 3);
-        (0..100).for_each(|_| l.success());
-        assert_eq!(l.limit(), 8);
-        let held: Vec<_> = acquire_all(&l, 8).await;
-        assert_eq!(held.len(), 8);
-        let ninth = tokio::time::timeout(std::time::Duration::from_millis(20), l.acquire()).await;
+        for _ in 0..9 {
+            drop(l.acquire().await);
+            l.success();
+        }
+        let seq = l.acquire().await.seq();
+        l.throttled(seq, Some(Duration::from_secs(30)));
+        let next = tokio::time::timeout(Duration::from_millis(50), l.acquire()).await;
+        assert!(next.is_ok(), "no global pause when one request in ten is throttled");
+    }
+
+    #[tokio::test]
+    async fn slots_are_waited_for_and_reused() {
+        let l = AdaptiveLimit::new(8);
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            held.push(l.acquire().await);
+        }
+        let ninth = tokio::time::timeout(Duration::from_millis(20), l.acquire()).await;
         assert!(ninth.is_err(), "a ninth request waits while eight are in flight");
         drop(held);
-        assert!(
-            tokio::time::timeout(std::time::Duration::from_millis(20), l.acquire()).await.is_ok(),
-            "freed slots are reused"
-        );
+        assert!(tokio::time::timeout(Duration::from_millis(20), l.acquire()).await.is_ok(), "freed slots are reused");
     }
 
     #[tokio::test(start_paused = true)]
@@ -121,14 +270,6 @@ mod tests {
         b.take(1.0).await;
         let waited = start.elapsed().as_secs_f64();
         assert!((1.9..2.2).contains(&waited), "then one per second: {waited}");
-    }
-
-    async fn acquire_all(l: &AdaptiveLimit, n: usize) -> Vec<Slot<'_>> {
-        let mut v = Vec::new();
-        for _ in 0..n {
-            v.push(l.acquire().await);
-        }
-        v
     }
 }
 

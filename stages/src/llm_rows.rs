@@ -135,19 +135,23 @@ where
     let parallel = client.config().max_concurrency * 2;
     let batched = ask_samples_together(cx, client, &requests, parallel).await?;
     let bar = progress::bar(&cx.name, requests.len() as u64);
-    let results: Vec<RowOutcome<T>> = stream::iter(0..requests.len())
+    // Requests complete in any order, so a slow one holds only its own slot; the replies are
+    // put back in request order.
+    let mut results: Vec<(usize, RowOutcome<T>)> = stream::iter(0..requests.len())
         .map(|i| {
             let (request, parse, bar) = (&requests[i], &parse, &bar);
             async move {
                 let r = complete_one(cx, client, request, max_parse_retries, parse).await;
                 bar.inc(1);
-                r
+                (i, r)
             }
         })
-        .buffered(parallel)
+        .buffer_unordered(parallel)
         .collect()
         .await;
     bar.finish_and_clear();
+    results.sort_by_key(|(i, _)| *i);
+    let results = results.into_iter().map(|(_, r)| r);
 
     let mut counters: BTreeMap<String, u64> = BTreeMap::new();
     if batched > 0 {

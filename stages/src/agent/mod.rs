@@ -286,20 +286,24 @@ impl Agent<'_> {
         });
         let jobs: Vec<(usize, u32)> = (0..tasks.len()).flat_map(|t| (0..n).map(move |s| (t, s))).collect();
         let bar = progress::bar(&self.cx.name, jobs.len() as u64);
-        let results = stream::iter(jobs)
-            .map(|(task, sample)| {
-                let (bar, task) = (&bar, &tasks[task]);
-                async move {
-                    let r = self.trajectory(task, sample).await;
-                    bar.inc(1);
-                    r
-                }
-            })
-            .buffered(parallel)
-            .collect()
-            .await;
+        // Trajectories finish in any order (a slow one holds only its own slot), and are put
+        // back in (task, sample) order.
+        let mut results: Vec<(usize, Result<Result<Trajectory, Rejection>>)> =
+            stream::iter(jobs.into_iter().enumerate())
+                .map(|(at, (task, sample))| {
+                    let (bar, task) = (&bar, &tasks[task]);
+                    async move {
+                        let r = self.trajectory(task, sample).await;
+                        bar.inc(1);
+                        (at, r)
+                    }
+                })
+                .buffer_unordered(parallel)
+                .collect()
+                .await;
         bar.finish_and_clear();
-        results
+        results.sort_by_key(|(at, _)| *at);
+        results.into_iter().map(|(_, r)| r).collect()
     }
 
     /// The isolation the sandbox uses.
