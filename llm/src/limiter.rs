@@ -6,14 +6,15 @@
 //!   decrease must complete before the next one counts, so a burst of throttles caused by one
 //!   overload lowers the limit once, not once per request (`halves on every single 429` pinned
 //!   the limit near 1 under a steady trickle of throttles).
-//! - The decrease is gentle (x0.9) when few requests of the current window were throttled
-//!   (providers throttle a share of requests at any load) and halves the limit when a quarter
-//!   or more were (the server is overloaded).
+//! - The decrease is gentle (x0.9) when few recent requests were throttled (providers throttle
+//!   a share of requests at any load) and halves the limit when 30% or more were (the
+//!   server is overloaded). "Recent" is a moving average over about the last 32 outcomes, kept
+//!   across decreases, so the first throttle after a decrease is not mistaken for all of them.
 //! - Each success grows the limit by one, up to the configured maximum: like slow start, the
 //!   limit doubles within about a round trip, so a limit lowered by noise is back quickly.
 //! - Retry-After is obeyed by the request that got it (the client waits before retrying), and
-//!   by every request (no new request starts until then) only while most requests of the window
-//!   are throttled.
+//!   by every request (no new request starts until then) only while most recent requests are
+//!   throttled.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -21,8 +22,10 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// The share of a window's requests throttled above which a decrease halves the limit.
-const SEVERE: f64 = 0.25;
+/// The share of recent requests throttled above which a decrease halves the limit.
+const SEVERE: f64 = 0.3;
+/// The weight of one outcome in the moving share of throttled requests.
+const WEIGHT: f64 = 1.0 / 32.0;
 /// The gentle decrease factor.
 const GENTLE: f64 = 0.9;
 
@@ -44,9 +47,8 @@ struct State {
     /// Throttles of requests that started at or before this number do not decrease the limit
     /// again (they were in flight at the last decrease).
     recovering_until: Option<u64>,
-    /// Successes and throttles since the last decrease.
-    window_ok: u64,
-    window_throttled: u64,
+    /// The moving share of recent requests that were throttled.
+    throttled_share: f64,
     /// No request starts before this (a Retry-After while most requests are throttled).
     paused_until: Option<Instant>,
 }
@@ -90,8 +92,7 @@ impl AdaptiveLimit {
             in_flight: 0,
             next: 0,
             recovering_until: None,
-            window_ok: 0,
-            window_throttled: 0,
+            throttled_share: 0.0,
             paused_until: None,
         };
         AdaptiveLimit { state: Mutex::new(state), freed: Notify::new() }
@@ -123,7 +124,7 @@ impl AdaptiveLimit {
     /// A request was answered normally.
     pub fn success(&self) {
         let mut s = self.state.lock().expect("limiter lock");
-        s.window_ok += 1;
+        s.throttled_share *= 1.0 - WEIGHT;
         let grown = (s.limit + 1.0).min(s.max as f64);
         let more = grown.floor() > s.limit.floor();
         s.limit = grown;
@@ -136,8 +137,8 @@ impl AdaptiveLimit {
     /// Request `seq` was throttled (429, 503), with the server's Retry-After if it sent one.
     pub fn throttled(&self, seq: u64, retry_after: Option<Duration>) {
         let mut s = self.state.lock().expect("limiter lock");
-        s.window_throttled += 1;
-        let rate = s.window_throttled as f64 / (s.window_throttled + s.window_ok) as f64;
+        s.throttled_share = s.throttled_share * (1.0 - WEIGHT) + WEIGHT;
+        let rate = s.throttled_share;
         if let Some(after) = retry_after.filter(|_| rate > 0.5) {
             let until = Instant::now() + after;
             s.paused_until = Some(s.paused_until.map_or(until, |t| t.max(until)));
@@ -148,8 +149,6 @@ impl AdaptiveLimit {
         let factor = if rate >= SEVERE { 0.5 } else { GENTLE };
         s.limit = (s.limit * factor).max(1.0);
         s.recovering_until = Some(s.next.saturating_sub(1));
-        s.window_ok = 0;
-        s.window_throttled = 0;
     }
 
     /// The current limit.
@@ -172,10 +171,10 @@ mod tests {
         for slot in window {
             l.throttled(slot.seq(), None);
         }
-        assert_eq!(l.limit(), 16, "32 throttles of one window: one halving");
+        assert_eq!(l.limit(), 28, "32 throttles of one window: one decrease (gentle: the first came alone)");
         let after = l.acquire().await;
         l.throttled(after.seq(), None);
-        assert_eq!(l.limit(), 8, "a request started after the decrease counts again");
+        assert_eq!(l.limit(), 14, "a request started after the decrease counts again, now as an overload");
     }
 
     #[tokio::test]
@@ -187,7 +186,7 @@ mod tests {
         }
         let seq = l.acquire().await.seq();
         l.throttled(seq, None);
-        assert_eq!(l.limit(), 18, "x0.9 when one in ten was throttled");
+        assert_eq!(l.limit(), 18, "x0.9 for a throttle among successes");
         l.success();
         l.success();
         assert_eq!(l.limit(), 20, "back within a couple of successes");

@@ -132,7 +132,9 @@ where
     P: Fn(&str) -> Result<T, String> + Sync,
 {
     let before = client.stats().snapshot();
-    let parallel = client.config().max_concurrency * 2;
+    // Rows waiting to retry hold no request slot: let enough rows proceed that they do not
+    // starve the client of work (the client's limiter bounds what is in flight).
+    let parallel = client.config().max_concurrency * 8;
     let batched = ask_samples_together(cx, client, &requests, parallel).await?;
     let bar = progress::bar(&cx.name, requests.len() as u64);
     // Requests complete in any order, so a slow one holds only its own slot; the replies are
