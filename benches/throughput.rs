@@ -135,7 +135,11 @@ fn main() {
         let exported = std::fs::read_to_string(fdir.join("out/answers.jsonl")).unwrap_or_default().lines().count();
         let twice = server.seen.answered.lock().unwrap().values().filter(|&&k| k > 1).count();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        faulted.push(format!("20% {kind}: {:.0} rows/s, {} lost, {twice} paid twice", rate(took), n - exported));
+        faulted.push(format!(
+            "20% {kind}: {:.0} rows/s, {} lost, {twice} paid twice, {reruns} reruns",
+            rate(took),
+            n - exported
+        ));
     }
     println!(
         "throughput, {n} rows, endpoint latency {} ms: kiln {:.0} rows/s, bare client {:.0} requests/s (kiln/bare = {:.2}); forced rerun from the row cache {:.0} rows/s; kiln peak RSS {:.0} MiB; {}",

@@ -210,10 +210,10 @@ impl Client {
         Err(LlmError::Exhausted { model: self.name.clone(), attempts, last })
     }
 
-    /// Exponential backoff with full jitter in [0.5, 1.5), capped at 60 s.
+    /// Exponential backoff with jitter in [0.5, 1.5), capped at 30 s.
     fn backoff(&self, attempt: u32) -> Duration {
         let base = self.config.backoff_s * 2f64.powi(attempt as i32);
-        Duration::from_secs_f64(base.min(60.0) * (0.5 + fastrand::f64()))
+        Duration::from_secs_f64(base.min(30.0) * (0.5 + fastrand::f64()))
     }
 
     async fn attempt(&self, body: &serde_json::Value) -> Attempt {

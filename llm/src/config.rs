@@ -60,7 +60,7 @@ pub struct ModelConfig {
     /// that are not valid JSON. Default: 6.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
-    /// First backoff delay in seconds, doubled per retry (with jitter), at most 60. Default: 1.
+    /// First backoff delay in seconds, doubled per retry (with jitter), at most 30. Default: 0.5.
     #[serde(default = "default_backoff_s")]
     pub backoff_s: f64,
     /// USD per million prompt tokens, for cost accounting. Default: 0.
@@ -88,7 +88,7 @@ fn default_max_retries() -> u32 {
     6
 }
 fn default_backoff_s() -> f64 {
-    1.0
+    0.5
 }
 
 impl ModelConfig {
