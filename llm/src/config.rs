@@ -43,8 +43,8 @@ pub struct ModelConfig {
     /// of one row are then asked in one request. Default: false (one request per sample).
     #[serde(default)]
     pub supports_n: bool,
-    /// Most requests in flight; the client halves its limit on 429/503 and grows it back
-    /// slowly up to this. Default: 16.
+    /// Most requests in flight; the client lowers its limit once per window of throttles
+    /// (429/503) and grows it back by one per success up to this (see `limiter`). Default: 16.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: usize,
     /// Most requests started per minute. Default: unlimited.
