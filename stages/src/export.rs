@@ -7,7 +7,15 @@
 //!   entry LLaMA-Factory needs to load it by name, merged into `dataset_info.json` beside it.
 //! - `rl`: Parquet, one row per question: the prompt messages (system and user), the gold
 //!   answer, for SQL tasks the path of the gold result CSV (written beside the file), the data
-//!   files and table, category and difficulty, and the expert trajectory for the SFT term.
+//!   files and table, category and difficulty, and the expert trajectory for the SFT term;
+//!   beside them verl's columns: `data_source` (`kiln/<file stem>` unless set), `prompt`,
+//!   `ability` (`data_analysis`), `reward_model {style, ground_truth}` (style `answer` with the
+//!   gold answer, or `result_csv` with the gold CSV's text) and `extra_info {index,
+//!   question_id, table, category, difficulty}`.
+//!
+//! The exported system prompt is the one the model gets at inference: the teacher's, with the
+//! procedural knowledge of the question's categories, only with `keep_procedure = true`
+//! (a model trained on hints it never gets at inference learns to lean on them).
 //!
 //! Every exported record keeps a `row_id` and `parent_ids`, so it traces back through the
 //! rejection ledger and the datasets to its question and source file. Files are written under
@@ -38,7 +46,7 @@ use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::families::{Row, TRAJECTORY, Turns};
+use crate::families::{Row, TRAJECTORY, Turns, with_teacher_system};
 use crate::paths::output_file_problem;
 
 /// The file format.
@@ -65,6 +73,13 @@ pub struct Export {
     /// The name LLaMA-Factory loads a sharegpt export by. Default: the file stem.
     #[serde(default)]
     pub dataset_name: Option<String>,
+    /// Export the system prompt the teacher read, with its category procedures, instead of the
+    /// one the model gets at inference. Default: false (train as the model will be asked).
+    #[serde(default)]
+    pub keep_procedure: bool,
+    /// `data_source` of the RL export's verl columns. Default: `kiln/<file stem>`.
+    #[serde(default)]
+    pub data_source: Option<String>,
 }
 
 fn default_format() -> Format {
@@ -111,8 +126,20 @@ pub(crate) fn rl_schema() -> SchemaRef {
         Field::new(n, DataType::List(Arc::new(Field::new("item", DataType::Struct(item), false))), false)
     };
     let mut fields: Vec<Field> = lineage_fields().into();
+    let reward_model = Fields::from(vec![text("style"), text("ground_truth")]);
+    let extra_info = Fields::from(vec![
+        Field::new("index", DataType::UInt64, false),
+        text("question_id"),
+        maybe("table"),
+        maybe("category"),
+        Field::new("difficulty", DataType::UInt32, true),
+    ]);
     fields.extend([
+        text("data_source"),
         messages("prompt"),
+        text("ability"),
+        Field::new("reward_model", DataType::Struct(reward_model), false),
+        Field::new("extra_info", DataType::Struct(extra_info), false),
         text("question"),
         maybe("gold_answer"),
         maybe("gold_result_csv"),
@@ -157,6 +184,8 @@ struct Expert {
     result_csv: Option<String>,
     category: Option<String>,
     difficulty: Option<u32>,
+    #[serde(default)]
+    teacher_system: Option<String>,
 }
 
 fn other(e: impl std::fmt::Display) -> std::io::Error {
@@ -174,7 +203,9 @@ impl Export {
     fn sharegpt(&self, target: &Path, rows: &[Row<Turns>]) -> Result<()> {
         let records: Vec<Value> = rows
             .iter()
-            .map(|r| json!({"messages": r.data.messages, "row_id": r.row_id, "parent_ids": r.parent_ids}))
+            .map(|r| {
+                json!({"messages": r.data.exported(self.keep_procedure), "row_id": r.row_id, "parent_ids": r.parent_ids})
+            })
             .collect();
         write_atomic(target, |w| serde_json::to_writer_pretty(&mut *w, &records).map_err(other))?;
         let info_path = target.with_file_name("dataset_info.json");
@@ -201,11 +232,13 @@ impl Export {
             questions.entry(question).or_default().push(r);
         }
         let results_dir = target.with_extension("results");
+        let data_source = self.data_source.clone().unwrap_or_else(|| format!("kiln/{}", self.dataset_name()));
         let mut out = Vec::new();
         for (question_id, mut group) in questions {
             group.sort_by_key(|r| r.data.sample);
             let expert = &group[0].data;
-            let messages = &expert.messages;
+            let system = expert.teacher_system.as_deref().filter(|_| self.keep_procedure);
+            let messages = &with_teacher_system(&expert.messages, system);
             let gold_csv = match &expert.result_csv {
                 Some(csv) => {
                     let file = results_dir.join(format!("{question_id}.csv"));
@@ -215,10 +248,16 @@ impl Export {
                 }
                 None => None,
             };
+            let prompt: Vec<_> = messages.iter().take(2).collect();
+            let ground_truth = expert.result_csv.as_ref().or(expert.gold_answer.as_ref()).cloned().unwrap_or_default();
             out.push(json!({
+                "data_source": data_source,
+                "ability": "data_analysis",
+                "reward_model": {"style": if gold_csv.is_some() { "result_csv" } else { "answer" }, "ground_truth": ground_truth},
+                "extra_info": {"index": out.len() as u64, "question_id": question_id, "table": expert.table, "category": expert.category, "difficulty": expert.difficulty},
                 "row_id": row_id(&[&question_id], b"rl"),
                 "parent_ids": group.iter().map(|r| r.row_id.clone()).collect::<Vec<_>>(),
-                "prompt": messages.iter().take(2).collect::<Vec<_>>(),
+                "prompt": prompt,
                 "question": expert.question,
                 "gold_answer": expert.gold_answer,
                 "gold_result_csv": gold_csv,
@@ -246,6 +285,18 @@ impl Plain for Export {
             problems.push(
                 Problem::new("dataset_name", "`dataset_name` names a sharegpt export")
                     .help("remove it, or set `format = \"sharegpt\"`"),
+            );
+        }
+        if self.keep_procedure && self.format == Format::Jsonl {
+            problems.push(
+                Problem::new("keep_procedure", "`keep_procedure` applies to sharegpt and rl exports")
+                    .help("remove it: a jsonl export writes every column as it is, `teacher_system` included"),
+            );
+        }
+        if self.data_source.is_some() && self.format != Format::Rl {
+            problems.push(
+                Problem::new("data_source", "`data_source` names the RL export's data source (verl's column)")
+                    .help("remove it, or set `format = \"rl\"`"),
             );
         }
         problems

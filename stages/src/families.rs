@@ -104,6 +104,9 @@ pub struct Question {
     /// The SQL that computes the answer (`programmatic`), for the scripted teacher.
     #[serde(default)]
     pub query: Option<String>,
+    /// The categories a composed question chains, in order (`compose`).
+    #[serde(default)]
+    pub chain_categories: Option<Vec<String>>,
 }
 
 /// Text, or a number or boolean as its text.
@@ -129,6 +132,26 @@ pub struct Turns {
     /// How the run ended.
     #[serde(default)]
     pub end_reason: Option<String>,
+    /// The system prompt the teacher read, when it held the procedures the kept one lacks.
+    #[serde(default)]
+    pub teacher_system: Option<String>,
+}
+
+impl Turns {
+    /// The conversation to export: as kept (the system prompt the model gets at inference), or
+    /// with the teacher's system prompt and its procedures when `keep_procedure`.
+    pub fn exported(&self, keep_procedure: bool) -> Vec<Message> {
+        with_teacher_system(&self.messages, self.teacher_system.as_deref().filter(|_| keep_procedure))
+    }
+}
+
+/// `messages` with its system prompt replaced by `system`, if any.
+pub fn with_teacher_system(messages: &[Message], system: Option<&str>) -> Vec<Message> {
+    let mut messages = messages.to_vec();
+    if let (Some(system), Some(first)) = (system, messages.first_mut().filter(|m| m.role == "system")) {
+        first.content = system.to_string();
+    }
+    messages
 }
 
 /// A [`VERDICT`] row: a trajectory the judge kept, with the gold answer it settled on (in the

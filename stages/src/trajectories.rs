@@ -101,7 +101,7 @@ impl Stage for Sampling {
     }
 
     fn version(&self) -> u32 {
-        agent::VERSION
+        agent::STAGE_VERSION
     }
 
     fn files(&self, _cx: &CheckCx) -> Vec<FileDep> {

@@ -23,7 +23,6 @@ mod scripted;
 mod task;
 mod trajectory;
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -56,6 +55,10 @@ pub const DEFAULT_TEMPLATE: &str = "trajectory_system.j2";
 /// the first of an unseeded model now get seeds from the pipeline's too, without a bump: their
 /// turns cached unseeded are still found ([`cached_sample`]), so finished work stays as it was.
 pub const VERSION: u32 = 4;
+/// The `trajectories` stage's version, which joins its fingerprint: bump it when the kept
+/// records change while the cached work stays valid (5: the kept system prompt is the one the
+/// model gets at inference, without the category's procedure).
+pub const STAGE_VERSION: u32 = 5;
 /// Most bytes of a result CSV kept in a trajectory.
 const RESULT_CSV_BYTES: usize = 64 * 1024;
 
@@ -215,8 +218,16 @@ impl AgentSetup {
         estimate_rows(cx, &model.config, &requests, u64::from(self.settings.max_turns)).map(Some)
     }
 
-    fn system_prompt(&self, task: &Task) -> Result<String, StageError> {
-        let category = task.about.category.as_deref().and_then(|c| self.taxonomy.get(c));
+    /// The system prompt: the protocol, with the procedures of the task's categories (what the
+    /// teacher reads) when `procedure` is set, else without (what a model gets at inference).
+    fn system_prompt(&self, task: &Task, procedure: bool) -> Result<String, StageError> {
+        let categories: Vec<_> =
+            task.categories.iter().filter_map(|c| self.taxonomy.get(c)).filter(|_| procedure).collect();
+        let steps: Vec<String> = match categories.as_slice() {
+            [one] => one.procedure.clone(),
+            many => many.iter().flat_map(|c| c.procedure.iter().map(move |s| format!("{}: {s}", c.name))).collect(),
+        };
+        let names: Vec<&str> = categories.iter().map(|c| c.name.as_str()).collect();
         let files = if task.is_sql() {
             vec![format!("{} (SQLite; reach it only through the SQL tools)", task.file_name())]
         } else {
@@ -229,15 +240,22 @@ impl AgentSetup {
                 "data_dir": "data/",
                 "files": files,
                 "max_turns": self.settings.max_turns,
-                "procedure": category.map(|c| c.procedure.clone()).unwrap_or_default(),
-                "category": category.map(|c| c.name.clone()).unwrap_or_default(),
+                "procedure": steps,
+                "category": names.join(", then "),
             }),
         )
     }
 
-    /// The first two messages the teacher reads for `task` (with a rescue's critique).
+    /// The first two messages the teacher reads for `task`: the system prompt with the
+    /// procedures, and the question (with a rescue's critique).
     fn opening(&self, task: &Task) -> Result<Vec<Message>, StageError> {
-        Ok(vec![Message::new("system", self.system_prompt(task)?), Message::new("user", task.teacher_prompt())])
+        Ok(vec![Message::new("system", self.system_prompt(task, true)?), Message::new("user", task.teacher_prompt())])
+    }
+
+    /// The first two messages a kept trajectory holds: what the model trained on it gets at
+    /// inference (no procedure, no critique).
+    fn kept_opening(&self, task: &Task) -> Result<Vec<Message>, StageError> {
+        Ok(vec![Message::new("system", self.system_prompt(task, false)?), Message::new("user", task.prompt())])
     }
 }
 
@@ -332,10 +350,11 @@ impl Agent<'_> {
             Some((round, _)) => row_id(&[&task.parent], format!("rescue {round} trajectory {sample}").as_bytes()),
         };
         let reject = |reason: &str, detail: String| Rejection { row_id: id.clone(), reason: reason.into(), detail };
-        let opening = match self.setup.opening(task) {
+        let (opening, kept) = match self.setup.opening(task).and_then(|o| Ok((o, self.setup.kept_opening(task)?))) {
             Ok(m) => m,
             Err(e) => return Ok(Err(reject("template_failed", e.to_string()))),
         };
+        let teacher_system = Some(opening[0].content.clone()).filter(|s| *s != kept[0].content);
         let script = match &self.teacher {
             Teacher::Scripted => {
                 let category = task.about.category.as_deref().unwrap_or("");
@@ -374,23 +393,19 @@ impl Agent<'_> {
                 &task.about.table,
             ),
         )?;
-        if let Some(hit) = self.cx.cache.get::<Trajectory>(&key)? {
+        if let Some(mut hit) = self.cx.cache.get::<Trajectory>(&key)? {
             self.tally.add("trajectories_cached", 1);
-            return Ok(Ok(Trajectory { row_id: id, ..hit }));
+            // Trajectories cached before the kept prompt lost its procedure get it out now.
+            hit.messages.splice(..2.min(hit.messages.len()), kept);
+            return Ok(Ok(Trajectory { row_id: id, teacher_system, ..hit }));
         }
-        // The kept trajectory opens with the question alone; the teacher also reads a critique.
-        let mut messages = opening;
-        messages[1].content = task.prompt();
-        let mut t = Trajectory::opening(
-            id.clone(),
-            task.parent.clone(),
-            task.about.clone(),
-            sample,
-            self.teacher.name(),
-            messages,
-        );
+        // The kept trajectory opens as the model will be asked at inference; the teacher also
+        // reads the procedures and a rescue's critique.
+        let mut t =
+            Trajectory::opening(id.clone(), task.parent.clone(), task.about.clone(), sample, self.teacher.name(), kept);
+        t.teacher_system = teacher_system;
         let scratch = self.cx.pipeline.output_dir.join("_scratch").join(&self.cx.name).join(&id);
-        let outcome = self.run_turns(task, sample, script.as_ref(), &scratch, &mut t).await;
+        let outcome = self.run_turns(&opening, sample, script.as_ref(), &scratch, task, &mut t).await;
         let _ = std::fs::remove_dir_all(&scratch);
         let _ = std::fs::remove_dir_all(scratch.with_file_name(format!("{id}.data")));
         match outcome? {
@@ -403,23 +418,15 @@ impl Agent<'_> {
         }
     }
 
-    /// The conversation as the teacher reads it: the kept one, with a rescue's critique.
-    fn teacher_view<'m>(&self, task: &Task, messages: &'m [Message]) -> Cow<'m, [Message]> {
-        if task.critique.is_none() {
-            return Cow::Borrowed(messages);
-        }
-        let mut view = messages.to_vec();
-        view[1].content = task.teacher_prompt();
-        Cow::Owned(view)
-    }
-
-    /// The turn loop. `Ok(Err(why))` when the model could not be reached.
+    /// The turn loop; the teacher reads `opening` in place of the kept first two messages.
+    /// `Ok(Err(why))` when the model could not be reached.
     async fn run_turns(
         &self,
-        task: &Task,
+        opening: &[Message],
         sample: u32,
         script: Option<&Script>,
         scratch: &Path,
+        task: &Task,
         t: &mut Trajectory,
     ) -> Result<Result<(), String>> {
         let _ = std::fs::remove_dir_all(scratch);
@@ -437,7 +444,8 @@ impl Agent<'_> {
                     }
                 },
                 (Teacher::Model { client, model }, _) => {
-                    let body = model.config.request_body(&self.teacher_view(task, &t.messages), 1);
+                    let view: Vec<Message> = opening.iter().chain(&t.messages[opening.len()..]).cloned().collect();
+                    let body = model.config.request_body(&view, 1);
                     // Each sample its own seed: the same seed (or none, on a deterministic
                     // endpoint) would make the samples one sample repeated.
                     let seed = sample_seed(&model.config, self.cx.seed, sample, self.setup.seed_every_sample);

@@ -47,12 +47,19 @@ pub struct Task {
     /// The answer is a table: the CSV file the final answer names is kept as the result (as
     /// for every SQL task), for a benchmark item graded on its result table.
     pub table_answer: bool,
+    /// The categories whose procedures the teacher reads (a composed question's chain, else its
+    /// category).
+    pub categories: Vec<String>,
 }
 
 impl Task {
     /// The task of a question row (`programmatic`, `synthesize`, `compose` or `load` columns).
     pub fn from_question(row: Row<Question>) -> Self {
         let q = row.data;
+        let categories = match q.chain_categories {
+            Some(chain) if !chain.is_empty() => chain,
+            _ => q.category.iter().cloned().collect(),
+        };
         let format = q.format.unwrap_or_else(|| {
             crate::profile::readers::Format::of(Path::new(&q.path)).map(|f| f.name().to_string()).unwrap_or_default()
         });
@@ -72,6 +79,7 @@ impl Task {
             critique: None,
             more_files: Vec::new(),
             table_answer: false,
+            categories,
         }
     }
 
@@ -85,6 +93,7 @@ impl Task {
             critique: Some((round, critique.to_string())),
             more_files: Vec::new(),
             table_answer: false,
+            categories: t.about.category.iter().cloned().collect(),
         }
     }
 

@@ -58,6 +58,10 @@ pub struct Trajectory {
     pub completion_tokens: u64,
     /// SQL tasks: the CSV the answer names, as written by `execute_sql`.
     pub result_csv: Option<String>,
+    /// The system prompt the teacher read, when it held more than the kept one (the procedures
+    /// of the question's categories); exports leave it out unless asked to keep it.
+    #[serde(default)]
+    pub teacher_system: Option<String>,
 }
 
 impl Trajectory {
@@ -86,6 +90,7 @@ impl Trajectory {
             prompt_tokens: 0,
             completion_tokens: 0,
             result_csv: None,
+            teacher_system: None,
         }
     }
 }
@@ -124,5 +129,6 @@ pub fn schema() -> SchemaRef {
         Field::new("prompt_tokens", DataType::UInt64, false),
         Field::new("completion_tokens", DataType::UInt64, false),
         maybe("result_csv"),
+        maybe("teacher_system"),
     ])
 }

@@ -273,7 +273,12 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("out/rl.results")).unwrap();
         std::fs::write(dir.path().join("out/rl.results/q2.csv"), "name,n\nLyon,3\n").unwrap();
         let message = serde_json::json!({"role": "user", "content": "q"});
-        let rows = vec![
+        let verl = |i: u64, truth: &str| {
+            serde_json::json!({"data_source": "kiln/rl", "ability": "data_analysis",
+                "reward_model": {"style": "answer", "ground_truth": truth},
+                "extra_info": {"index": i, "question_id": format!("q{i}")}})
+        };
+        let rows: Vec<serde_json::Value> = vec![
             serde_json::json!({"row_id": "q1", "parent_ids": ["t1"], "prompt": [message], "question": "How many?",
                 "gold_answer": "42", "data_files": ["data/a.csv"], "category": "counting", "difficulty": 1,
                 "expert_trajectory": [message]}),
@@ -281,7 +286,14 @@ mod tests {
                 "gold_answer": "see rl.results/q2.csv", "gold_result_csv": "rl.results/q2.csv",
                 "data_files": ["data/shop.sqlite"], "table": "sales", "category": "grouping", "difficulty": 3,
                 "expert_trajectory": [message]}),
-        ];
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut row)| {
+            row.as_object_mut().unwrap().extend(verl(i as u64 + 1, "42").as_object().unwrap().clone());
+            row
+        })
+        .collect();
         let batch = kiln_pipeline::rows::to_batch(&crate::export::rl_schema(), &rows).unwrap();
         let file = std::fs::File::create(dir.path().join("out/rl.parquet")).unwrap();
         let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();

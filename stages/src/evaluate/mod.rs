@@ -291,6 +291,7 @@ fn task(cx: &CheckCx, benchmark: Benchmark, item: &Item) -> Task {
         critique: None,
         more_files: item.files.iter().skip(1).map(|f| shown(cx, f)).collect(),
         table_answer: matches!(item.gold, Gold::Table { .. }),
+        categories: Vec::new(),
     }
 }
 

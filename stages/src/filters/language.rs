@@ -161,7 +161,8 @@ fn sentence_scripts(s: &str, min_letters: usize) -> Vec<&'static str> {
 }
 
 impl LanguageFilter {
-    fn check(&self, t: &Turns) -> Result<(), Refusal> {
+    /// Whether `t`'s prose is clean and in one language.
+    pub(crate) fn check(&self, t: &Turns) -> Result<(), Refusal> {
         let texts = prose(t);
         let all = texts.join("\n");
         if all.contains('\u{FFFD}') {
@@ -196,6 +197,17 @@ impl LanguageFilter {
 }
 
 impl Plain for LanguageFilter {}
+
+impl Default for LanguageFilter {
+    fn default() -> Self {
+        LanguageFilter {
+            max_mojibake: 0,
+            symbol_run: default_symbol_run(),
+            min_sentence_letters: default_min_letters(),
+            max_foreign_sentences: 0,
+        }
+    }
+}
 
 #[async_trait]
 impl Stage for LanguageFilter {

@@ -21,7 +21,8 @@ use kiln_pipeline::stage::{CheckCx, Config, FileDep, Input, InputSchema, Output,
 use serde::{Deserialize, Serialize};
 
 use super::tokens::TokenCounter;
-use super::{filter_schema, retain};
+use super::{Refusal, filter_schema, retain};
+use crate::families::Turns;
 
 /// Parameters of a `length_filter` stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,17 +50,13 @@ const KIND: &str = "length_filter";
 
 impl Config for LengthFilter {
     fn build(&self, cx: &CheckCx, problems: &mut Vec<Problem>) -> Option<Box<dyn Stage>> {
-        let path = self.tokenizer.as_ref().map(|p| cx.resolve(p));
-        let counter = TokenCounter::load(path.as_deref())
-            .map_err(|e| problems.push(Problem::new("tokenizer", e).help("name a Hugging Face tokenizer.json file")))
-            .ok()?;
-        Some(Box::new(Measuring { params: self.clone(), path, counter }))
+        Some(Box::new(self.measuring(cx, "").map_err(|p| problems.push(p)).ok()?))
     }
 }
 
 /// A built `length_filter` stage, its tokenizer loaded.
 #[derive(Debug)]
-struct Measuring {
+pub(crate) struct Measuring {
     params: LengthFilter,
     /// The tokenizer file, if any.
     path: Option<PathBuf>,
@@ -69,7 +66,7 @@ struct Measuring {
 #[async_trait]
 impl Stage for Measuring {
     fn files(&self, _cx: &CheckCx) -> Vec<FileDep> {
-        self.path.iter().map(|p| FileDep::Contents(p.clone())).collect()
+        self.files_used()
     }
 
     async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
@@ -77,24 +74,50 @@ impl Stage for Measuring {
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
+        retain(cx, KIND, &inputs[0], |t| self.check(t))
+    }
+}
+
+impl Measuring {
+    /// The tokenizer file it reads, if any.
+    pub(crate) fn files_used(&self) -> Vec<FileDep> {
+        self.path.iter().map(|p| FileDep::Contents(p.clone())).collect()
+    }
+
+    /// Whether `t` is within the limits.
+    pub(crate) fn check(&self, t: &Turns) -> Result<(), Refusal> {
         let (counter, limits) = (&self.counter, &self.params);
-        retain(cx, KIND, &inputs[0], |t| {
-            let answer = counter.count(t.final_answer.as_deref().unwrap_or(""));
-            if answer > limits.max_answer_tokens {
-                let limit = limits.max_answer_tokens;
-                return Err(("answer_tokens".into(), format!("the final answer has {answer} tokens, over {limit}")));
+        let answer = counter.count(t.final_answer.as_deref().unwrap_or(""));
+        if answer > limits.max_answer_tokens {
+            let limit = limits.max_answer_tokens;
+            return Err(("answer_tokens".into(), format!("the final answer has {answer} tokens, over {limit}")));
+        }
+        let turns = t.messages.iter().filter(|m| m.role == "assistant").count();
+        if let Some(limit) = limits.max_turns.filter(|l| turns > *l) {
+            return Err(("turns".into(), format!("{turns} assistant turns, over {limit}")));
+        }
+        if let Some(limit) = limits.max_total_tokens {
+            let total: usize = t.messages.iter().map(|m| counter.count(&m.content)).sum();
+            if total > limit {
+                return Err(("total_tokens".into(), format!("{total} tokens in all messages, over {limit}")));
             }
-            let turns = t.messages.iter().filter(|m| m.role == "assistant").count();
-            if let Some(limit) = limits.max_turns.filter(|l| turns > *l) {
-                return Err(("turns".into(), format!("{turns} assistant turns, over {limit}")));
-            }
-            if let Some(limit) = limits.max_total_tokens {
-                let total: usize = t.messages.iter().map(|m| counter.count(&m.content)).sum();
-                if total > limit {
-                    return Err(("total_tokens".into(), format!("{total} tokens in all messages, over {limit}")));
-                }
-            }
-            Ok(())
-        })
+        }
+        Ok(())
+    }
+}
+
+impl Default for LengthFilter {
+    fn default() -> Self {
+        LengthFilter { max_answer_tokens: default_answer(), max_turns: None, max_total_tokens: None, tokenizer: None }
+    }
+}
+
+impl LengthFilter {
+    /// The filter with its tokenizer loaded (a problem at `key.tokenizer` when it cannot be).
+    pub(crate) fn measuring(&self, cx: &CheckCx, key: &str) -> Result<Measuring, Problem> {
+        let path = self.tokenizer.as_ref().map(|p| cx.resolve(p));
+        let counter = TokenCounter::load(path.as_deref())
+            .map_err(|e| Problem::new(&format!("{key}tokenizer"), e).help("name a Hugging Face tokenizer.json file"))?;
+        Ok(Measuring { params: self.clone(), path, counter })
     }
 }

@@ -4,20 +4,27 @@
 //! Trajectories are grouped by question (their first parent). A question whose rows carry a
 //! gold answer (from `programmatic`) is checked against it by the graders' value rule
 //! ([`crate::graders`]): the answer's final number within `tolerance`, or its whole text equal
-//! after normalisation. Any other question needs a
-//! judge model: one call per question over its N final answers (`judge_consistency.j2`), whose
-//! reply gives its reasoning, whether the answers agree (same meaning, numbers within 3%,
-//! complete) and the best one; a consistent question's best answer becomes the gold answer of
-//! its rows. Inconsistent questions, and answers that miss the gold, are rejected with the
-//! judge's reasoning.
+//! after normalisation. Any other question first needs `min_answers` (default 2) answers, since
+//! one answer agrees with nothing (`too_few_answers`). A SQL question is then decided on its
+//! result tables, without a model (RECIPE section 8): the answers agree when every result CSV
+//! holds the columns of one of them (the reference) with the same rows in any order, numbers
+//! within 1e-2. Any other question needs a judge model: one call per question over its N final
+//! answers (`judge_consistency.j2`), whose reply gives its reasoning, whether the answers agree
+//! (same meaning, numbers within 3%, complete) and the best one; a consistent question's best
+//! answer becomes the gold answer of its rows. Inconsistent questions, and answers that miss
+//! the gold, are rejected with the judge's reasoning.
 //!
-//! Rescue (optional): an inconsistent question goes back to the teacher with the judge's
-//! reasoning as a critique (the teacher reads it; the trajectories kept do not hold it); the
-//! teacher samples N new trajectories through the agent loop ([`crate::agent`], cached the same
-//! way), with the rescue's own `max_turns`, `template`, `sandbox`, `isolation` and `parallel`
-//! (the keys and defaults of a `trajectories` stage); those that pass the format check are judged
-//! again, up to `rounds` times. A rescued question keeps its new trajectories;
-//! its first ones go to the ledger.
+//! Rescue (optional): an inconsistent question (or one with too few answers) goes back to the
+//! teacher with the judge's reasoning as a critique (the teacher reads it; the trajectories kept
+//! do not hold it); the teacher samples N (at least `min_answers`) new trajectories through the
+//! agent loop ([`crate::agent`], cached the same way), with the rescue's own `max_turns`,
+//! `template`, `sandbox`, `isolation` and `parallel` (the keys and defaults of a `trajectories`
+//! stage). New trajectories pass the rule-based filters the first ones passed on their way
+//! here: the format check, and the length and language rules (`rescue.length` and
+//! `rescue.language`, with the keys and defaults of those filter kinds); each one refused is in
+//! the ledger as `rescue:<filter>:<rule>`. The rest are judged again, up to `rounds` times. A
+//! rescued question keeps its new trajectories; its first ones go to the ledger. A rescue
+//! teacher at temperature 0 is a check error: its samples would be one sample repeated.
 //!
 //! Which of the agreeing trajectories are kept: `keep_all_consistent` (default; best in the
 //! paper's ablation), `keep_best` (the judge's best, or the first correct one), or
@@ -29,13 +36,15 @@
 //! inputs = ["clean"]
 //! model = "judge"             # needed for questions without a gold answer
 //! mode = "keep_all_consistent"
-//! rescue = { teacher = "teacher", rounds = 2 }   # optional
+//! min_answers = 2
+//! rescue = { teacher = "teacher", rounds = 2, length = { max_answer_tokens = 1024 } }   # optional
 //! ```
 
 mod rescue;
 mod verdict;
 
 pub use rescue::Rescue;
+use rescue::Rescuing;
 use std::collections::BTreeMap;
 
 use arrow::datatypes::SchemaRef;
@@ -48,7 +57,7 @@ use kiln_pipeline::stage::{
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::{AgentSetup, Keys, Trajectory};
+use crate::agent::{Keys, Trajectory};
 use crate::families::{Judged, TRAJECTORY, verdict_schema};
 use crate::llm_rows::{Model, RowRequest, complete_rows, estimate_rows};
 use crate::templates::{Templates, check_template};
@@ -85,9 +94,17 @@ pub struct Judge {
     /// Extra requests when the judge's reply does not parse. Default: 2.
     #[serde(default = "crate::llm_rows::default_parse_retries")]
     pub max_parse_retries: u32,
+    /// Answers a question needs before agreement among them counts (one answer agrees with
+    /// nothing). Default: 2.
+    #[serde(default = "default_min_answers")]
+    pub min_answers: u32,
     /// Re-sample inconsistent questions with the judge's critique. Default: no rescue.
     #[serde(default)]
     pub rescue: Option<Rescue>,
+}
+
+fn default_min_answers() -> u32 {
+    2
 }
 
 fn default_mode() -> Mode {
@@ -123,13 +140,33 @@ impl Config for Judge {
         }
         let templates =
             check_template(cx, &self.template, &["question", "answers"], "judge").map_err(|p| problems.push(p)).ok();
+        if !(1..=crate::llm_rows::MAX_SAMPLES).contains(&self.min_answers) {
+            problems.push(Problem::new(
+                "min_answers",
+                format!(
+                    "`min_answers` must be between 1 and {}, got {}",
+                    crate::llm_rows::MAX_SAMPLES,
+                    self.min_answers
+                ),
+            ));
+        }
         let mut rescue = None;
         if let Some(r) = &self.rescue {
             if self.model.is_none() {
                 problems.push(Problem::new("rescue", "rescue needs a judge `model` to judge the new answers"));
             }
             let keys = Keys { prefix: "rescue.", teacher: "rescue.teacher", kind: "trajectories" };
-            rescue = Some((r.rounds, r.agent().build(cx, keys, problems)?));
+            let agent = r.agent().build(cx, keys, problems);
+            // A rescue samples every question again, at least `min_answers` times.
+            let samples = self.min_answers.max(2);
+            let mut repeated =
+                crate::llm_rows::sample_problems("rescue", samples, agent.as_ref().and_then(|a| a.teacher()));
+            for p in &mut repeated {
+                p.at = vec!["rescue".into(), "teacher".into()];
+            }
+            problems.extend(repeated);
+            let length = r.length.measuring(cx, "rescue.length.").map_err(|p| problems.push(p)).ok();
+            rescue = Some(Rescuing { rounds: r.rounds, agent: agent?, length: length?, language: r.language.clone() });
         }
         match templates {
             Some(templates) => Some(Box::new(Judging { params: self.clone(), model, templates, rescue })),
@@ -145,8 +182,8 @@ struct Judging {
     /// The judge model, if any.
     model: Option<Model>,
     templates: Templates,
-    /// Rescue rounds, and the agent that samples them.
-    rescue: Option<(u32, AgentSetup)>,
+    /// Rescue rounds, the agent that samples them and the filters they pass.
+    rescue: Option<Rescuing>,
 }
 
 impl Judging {
@@ -167,7 +204,7 @@ impl Judging {
 #[async_trait]
 impl Stage for Judging {
     fn models(&self) -> Vec<String> {
-        let teacher = self.rescue.as_ref().and_then(|(_, agent)| agent.teacher());
+        let teacher = self.rescue.as_ref().and_then(|r| r.agent.teacher());
         self.model.iter().chain(teacher).map(|m| m.name.clone()).collect()
     }
 
@@ -177,8 +214,9 @@ impl Stage for Judging {
 
     fn files(&self, _cx: &CheckCx) -> Vec<FileDep> {
         let mut files = self.templates.files();
-        if let Some((_, agent)) = &self.rescue {
-            files.extend(agent.files());
+        if let Some(rescue) = &self.rescue {
+            files.extend(rescue.agent.files());
+            files.extend(rescue.length.files_used());
         }
         files
     }
@@ -190,15 +228,15 @@ impl Stage for Judging {
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
         let Some(model) = &self.model else { return Ok(None) };
-        let (_, requests) = self.plan(cx, &inputs[0])?;
+        let (_, requests) = self.triage(cx, &self.groups(&inputs[0])?)?;
         estimate_rows(cx, &model.config, &requests, 1).map(Some)
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
         let fail = |e: String| Error::stage(&cx.name, e);
-        let (groups, requests) = self.plan(cx, &inputs[0])?;
-        let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
+        let groups = self.groups(&inputs[0])?;
         let mut out = Output::default();
+        let (mut verdicts, requests) = self.triage(cx, &groups)?;
         for (id, group) in &groups {
             if let Some(gold) = &group[0].about.gold_answer {
                 let rules = self.rules(cx.seed, &group[0].about.question);
@@ -206,13 +244,7 @@ impl Stage for Judging {
             }
         }
         let mut rescued: BTreeMap<String, (Group, u32)> = BTreeMap::new();
-        if !requests.is_empty() {
-            let Some(model) = &self.model else {
-                return Err(fail(format!(
-                    "{} questions have no gold answer: set `model` to a judge model for the self-consistency check",
-                    requests.len()
-                )));
-            };
+        if let Some(model) = &self.model {
             let client = model.client(cx)?;
             let asked: BTreeMap<String, &Group> =
                 requests.iter().map(|r| (r.row_id.clone(), &groups[&r.row_id])).collect();
@@ -220,6 +252,11 @@ impl Stage for Judging {
             if let Some(rescue) = &self.rescue {
                 rescued = self.rescue(cx, rescue, &client, &groups, &mut verdicts, &mut out).await?;
             }
+        } else if !requests.is_empty() {
+            return Err(fail(format!(
+                "{} questions have no gold answer: set `model` to a judge model for the self-consistency check",
+                requests.len()
+            )));
         }
 
         let mut rows = Vec::new();
@@ -298,9 +335,8 @@ impl Judging {
         Ok(verdicts)
     }
 
-    /// The trajectories grouped by question (in input order of questions, sample order within),
-    /// and one judge request per question without a gold answer.
-    fn plan(&self, cx: &StageCx, input: &Input) -> Result<(BTreeMap<String, Group>, Vec<RowRequest>)> {
+    /// The trajectories grouped by question (sample order within).
+    fn groups(&self, input: &Input) -> Result<BTreeMap<String, Group>> {
         let mut groups: BTreeMap<String, Group> = BTreeMap::new();
         for t in TRAJECTORY.read::<Trajectory>(input)? {
             let question = t.parent_ids.first().cloned().unwrap_or_else(|| t.row_id.clone());
@@ -309,13 +345,28 @@ impl Judging {
         for group in groups.values_mut() {
             group.sort_by_key(|t| t.sample);
         }
-        let mut requests = Vec::new();
-        for (id, group) in &groups {
-            if group[0].about.gold_answer.is_some() {
-                continue;
+        Ok(groups)
+    }
+
+    /// The questions of `groups` without a gold answer: those decided without a model (too few
+    /// answers; SQL tasks, on their result tables), and one judge request for each other.
+    fn triage(
+        &self,
+        cx: &StageCx,
+        groups: &BTreeMap<String, Group>,
+    ) -> Result<(BTreeMap<String, Verdict>, Vec<RowRequest>)> {
+        let (mut decided, mut requests) = (BTreeMap::new(), Vec::new());
+        for (id, group) in groups.iter().filter(|(_, g)| g[0].about.gold_answer.is_none()) {
+            let answers = answers(group);
+            if let Some(v) = verdict::too_few(&answers, self.params.min_answers) {
+                decided.insert(id.clone(), v);
+            } else if group[0].about.format == "sqlite" {
+                let tables: Vec<Option<&str>> = group.iter().map(|t| t.result_csv.as_deref()).collect();
+                decided.insert(id.clone(), self.rules(cx.seed, &group[0].about.question).on_tables(&answers, &tables));
+            } else {
+                requests.push(self.judge_request(id, group).map_err(|e| Error::stage(&cx.name, e))?);
             }
-            requests.push(self.judge_request(id, group).map_err(|e| Error::stage(&cx.name, e))?);
         }
-        Ok((groups, requests))
+        Ok((decided, requests))
     }
 }

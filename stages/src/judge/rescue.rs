@@ -3,13 +3,19 @@
 
 use std::collections::BTreeMap;
 
+use kiln_pipeline::Result;
 use kiln_pipeline::stage::{Output, StageCx};
-use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
+
+use kiln_pipeline::stage::Rejection;
 
 use super::verdict::Verdict;
 use super::{Group, Judging};
-use crate::agent::{AgentSettings, AgentSetup, Task, TeacherSpec};
+use crate::agent::{AgentSettings, AgentSetup, Task, TeacherSpec, Trajectory};
+use crate::families::Turns;
+use crate::filters::format::check_trajectory;
+use crate::filters::language::LanguageFilter;
+use crate::filters::length::{LengthFilter, Measuring};
 
 crate::with_agent_keys! {
     /// How inconsistent questions are rescued: the agent's keys are those of a `trajectories`
@@ -22,6 +28,43 @@ crate::with_agent_keys! {
         /// Rounds of critique, re-sampling and judging. Default: 1.
         #[serde(default = "one")]
         pub rounds: u32,
+        /// The length rules new trajectories must pass, as a `length_filter` stage's keys.
+        /// Default: that kind's defaults.
+        #[serde(default)]
+        pub length: LengthFilter,
+        /// The language rules new trajectories must pass, as a `language_filter` stage's keys.
+        /// Default: that kind's defaults.
+        #[serde(default)]
+        pub language: LanguageFilter,
+    }
+}
+
+/// A built rescue: its rounds, the agent that samples them, and the filters new trajectories
+/// pass (format, length and language, as the first ones did on their way to the judge).
+#[derive(Debug)]
+pub(super) struct Rescuing {
+    pub rounds: u32,
+    pub agent: AgentSetup,
+    pub length: Measuring,
+    pub language: LanguageFilter,
+}
+
+impl Rescuing {
+    /// Why trajectory `t` may not be kept, by the rule-based filters' rules.
+    fn refusal(&self, t: &Trajectory) -> Option<(String, String)> {
+        let turns = Turns {
+            question: Some(t.about.question.clone()),
+            messages: t.messages.clone(),
+            final_answer: t.final_answer.clone(),
+            end_reason: Some(t.end_reason.clone()),
+            teacher_system: None,
+        };
+        let (kind, refusal) = check_trajectory(&t.messages, Some(&t.end_reason))
+            .map_err(|r| ("format", r))
+            .and_then(|()| self.length.check(&turns).map_err(|r| ("length", r)))
+            .and_then(|()| self.language.check(&turns).map_err(|r| ("language", r)))
+            .err()?;
+        Some((format!("rescue:{kind}:{}", refusal.0), refusal.1))
     }
 }
 
@@ -43,20 +86,24 @@ impl Judging {
     pub(super) async fn rescue(
         &self,
         cx: &StageCx,
-        (rounds, agent): &(u32, AgentSetup),
+        rescue: &Rescuing,
         client: &kiln_llm::Client,
         groups: &BTreeMap<String, Group>,
         verdicts: &mut BTreeMap<String, Verdict>,
         out: &mut Output,
     ) -> Result<BTreeMap<String, (Group, u32)>> {
-        let n = groups.values().map(Vec::len).max().unwrap_or(1) as u32;
-        let agent = agent.start(cx).await?;
+        let n = (groups.values().map(Vec::len).max().unwrap_or(1) as u32).max(self.params.min_answers);
+        let agent = rescue.agent.start(cx).await?;
         let mut rescued = BTreeMap::new();
-        for round in 1..=*rounds {
+        for round in 1..=rescue.rounds {
             let pending: Vec<(String, String)> = verdicts
                 .iter()
-                .filter(|(id, v)| v.keep.is_empty() && v.dropped.0 == "inconsistent" && !rescued.contains_key(*id))
-                .map(|(id, v)| (id.clone(), v.reasoning.clone().unwrap_or_default()))
+                .filter(|(id, v)| {
+                    v.keep.is_empty()
+                        && ["inconsistent", "too_few_answers"].contains(&v.dropped.0.as_str())
+                        && !rescued.contains_key(*id)
+                })
+                .map(|(id, v)| (id.clone(), v.reasoning.clone().unwrap_or_else(|| v.dropped.1.clone())))
                 .collect();
             if pending.is_empty() {
                 break;
@@ -68,19 +115,22 @@ impl Judging {
             for (i, result) in samples.into_iter().enumerate() {
                 let id = &pending[i / n as usize].0;
                 match result? {
-                    Ok(t) => match crate::filters::format::check_trajectory(&t.messages, Some(&t.end_reason)) {
-                        Ok(()) => fresh.entry(id.clone()).or_default().push(t),
-                        Err((rule, _)) => *out.counters.entry(format!("rescue_dropped_{rule}")).or_default() += 1,
+                    Ok(t) => match rescue.refusal(&t) {
+                        None => fresh.entry(id.clone()).or_default().push(t),
+                        Some((reason, detail)) => {
+                            *out.counters.entry(format!("rescue_dropped_{}", reason.replace(':', "_"))).or_default() +=
+                                1;
+                            out.rejections.push(Rejection { row_id: t.row_id, reason, detail });
+                        }
                     },
                     Err(r) => out.rejections.push(r),
                 }
             }
-            let requests = fresh
-                .iter()
-                .map(|(id, group)| self.judge_request(id, group).map_err(|e| Error::stage(&cx.name, e)))
-                .collect::<Result<Vec<_>>>()?;
+            let (decided, requests) = self.triage(cx, &fresh)?;
             let asked: BTreeMap<String, &Group> = fresh.iter().map(|(id, g)| (id.clone(), g)).collect();
-            for (id, verdict) in self.consistency(cx, client, requests, &asked, out).await? {
+            let mut judged = decided;
+            judged.extend(self.consistency(cx, client, requests, &asked, out).await?);
+            for (id, verdict) in judged {
                 if verdict.keep.is_empty() {
                     verdicts.insert(id, verdict);
                 } else {

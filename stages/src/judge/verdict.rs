@@ -92,6 +92,66 @@ impl Rules<'_> {
     }
 }
 
+/// Answers too few to agree on: fewer than `min_answers` of the question's trajectories gave
+/// one.
+pub(super) fn too_few(answers: &[&str], min_answers: u32) -> Option<Verdict> {
+    let given = answers.iter().filter(|a| !a.trim().is_empty()).count();
+    (given < min_answers as usize).then(|| Verdict {
+        keep: vec![],
+        gold: None,
+        how: "consistent",
+        reasoning: None,
+        dropped: (
+            "too_few_answers".into(),
+            format!("{given} of {} trajectories answered; agreement needs at least {min_answers}", answers.len()),
+        ),
+    })
+}
+
+impl Rules<'_> {
+    /// A SQL question decided on its result tables (RECIPE section 8), without a model: the
+    /// answers agree when one of their tables (the reference, the first that works) is met by
+    /// every table, each holding the reference's columns with the same rows in any order,
+    /// numbers within 1e-2. The reference's answer becomes the gold.
+    pub fn on_tables(&self, answers: &[&str], tables: &[Option<&str>]) -> Verdict {
+        let agree_with = |reference: &str| -> Vec<usize> {
+            let gold = Gold::Table { csv: reference.to_string() };
+            (0..tables.len()).filter(|&i| grade(answers[i], tables[i], &gold).correct).collect()
+        };
+        let reference = (0..tables.len()).find(|&r| tables[r].is_some_and(|t| agree_with(t).len() == tables.len()));
+        match reference {
+            Some(r) => {
+                let all: Vec<usize> = (0..answers.len()).collect();
+                Verdict {
+                    keep: self.select(&all, r),
+                    gold: Some(answers[r].to_string()),
+                    how: "consistent",
+                    reasoning: Some(format!(
+                        "every result table holds the columns and rows of answer {}'s table",
+                        r + 1
+                    )),
+                    dropped: ("not_selected".into(), format!("mode {:?}", self.mode)),
+                }
+            }
+            None => {
+                let missing = tables.iter().filter(|t| t.is_none()).count();
+                let why = if missing > 0 {
+                    format!("{missing} of {} answers name no result table; the tables do not agree", tables.len())
+                } else {
+                    format!("the {} result tables do not agree (columns or rows differ)", tables.len())
+                };
+                Verdict {
+                    keep: vec![],
+                    gold: None,
+                    how: "consistent",
+                    reasoning: Some(why.clone()),
+                    dropped: ("inconsistent".into(), why),
+                }
+            }
+        }
+    }
+}
+
 /// The judge's reply: reasoning, whether the answers agree, the best (1-based).
 pub(super) fn parse_reply(text: &str) -> Result<(String, bool, usize), String> {
     let [reasoning, consistent, best] =
@@ -158,6 +218,28 @@ mod tests {
         assert!(out_of_range.keep.is_empty() && out_of_range.dropped.1.starts_with("best answer 3 is out of range"));
         let inconsistent = r.on_reply(&["7", "8"], ("they differ".into(), false, 1));
         assert_eq!(inconsistent.dropped, ("inconsistent".to_string(), "they differ".to_string()));
+    }
+
+    #[test]
+    fn agreement_needs_enough_answers() {
+        assert!(too_few(&["7", "7", "7"], 2).is_none());
+        let one = too_few(&["7", "", "  "], 2).expect("one answer is not agreement");
+        assert_eq!(one.dropped.0, "too_few_answers");
+        assert_eq!(one.dropped.1, "1 of 3 trajectories answered; agreement needs at least 2");
+        assert!(too_few(&["7", "8"], 3).is_some());
+    }
+
+    #[test]
+    fn sql_answers_agree_on_their_tables() {
+        let r = rules(Mode::KeepAllConsistent);
+        let (narrow, wide) = ("city,n\nLyon,3\nParis,10\n", "n,city,extra\n10.001,paris,x\n3,Lyon,y\n");
+        let v = r.on_tables(&["a.csv", "b.csv"], &[Some(wide), Some(narrow)]);
+        assert_eq!((v.keep, v.gold.as_deref()), (vec![0, 1], Some("b.csv")), "the narrower table is the reference");
+        let other = "city,n\nLyon,3\nParis,11\n";
+        let v = r.on_tables(&["a.csv", "b.csv"], &[Some(narrow), Some(other)]);
+        assert!(v.keep.is_empty() && v.dropped.0 == "inconsistent", "{v:?}");
+        let v = r.on_tables(&["a.csv", "no table"], &[Some(narrow), None]);
+        assert!(v.keep.is_empty() && v.dropped.1.starts_with("1 of 2 answers name no result table"));
     }
 
     #[test]
