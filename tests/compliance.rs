@@ -56,7 +56,7 @@ per_table = 2
 
 [stages.hard]
 kind = "compose"
-inputs = ["easy"]
+inputs = ["easy", "small"]
 model = "fake"
 depth = 2
 

@@ -44,7 +44,7 @@ inputs = ["files"]
 
 [stages.hard]
 kind = "compose"
-inputs = ["easy"]
+inputs = ["easy", "files"]
 model = "fake"
 depth = 3
 "#,
@@ -62,7 +62,8 @@ depth = 3
     assert!(hard.len() >= easy.len() / 2, "most seeds compose: {} of {}", hard.len(), easy.len());
     for r in &rejected {
         assert!(
-            ["not_enough_questions", "unparseable", "llm_failed"].contains(&r["reason"].as_str().unwrap()),
+            ["not_enough_questions", "unparseable", "llm_failed", "not_dependent"]
+                .contains(&r["reason"].as_str().unwrap()),
             "{r:?}"
         );
     }

@@ -131,7 +131,10 @@ fn judge_keeps_agreeing_answers_and_rejects_the_rest_with_reasons() {
     // with the critique in the question; none was well formed, so nothing changed.
     let m = util::manifest(&dir.join("OUT/rescued"));
     assert_eq!(m.counters["rescue_attempts"], 2 * counting as u64, "{:?}", m.counters);
-    assert_eq!(m.counters["rescue_dropped_turn"], 2 * 2 * counting as u64, "{:?}", m.counters);
+    assert_eq!(m.counters["rescue_dropped_format_turn"], 2 * 2 * counting as u64, "{:?}", m.counters);
+    let refused: Vec<_> =
+        rejections(dir, "rescued").into_iter().filter(|r| r["reason"] == "judge:rescue_format:turn").collect();
+    assert_eq!(refused.len(), 2 * 2 * counting, "each refused rescue trajectory is in the ledger with its rule");
     assert!(!m.counters.contains_key("rescued"));
     assert_eq!(util::rows(&dir.join("OUT/rescued")).len(), kept.len());
     let critique_sent =

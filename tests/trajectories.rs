@@ -122,8 +122,13 @@ sandbox = {{ cell_timeout_s = 20, hard_timeout_s = 30 }}
         }
         let format = row["format"].as_str().unwrap().to_string();
         if format == "sqlite" {
+            // The result CSV is the answering SELECT's: a header and the one row that answers,
+            // whose first cell is the answer (not a dump of the table analysed).
             let csv = row["result_csv"].as_str().expect("SQL tasks keep their result CSV");
-            assert!(csv.lines().count() >= 2, "{csv}");
+            let lines: Vec<&str> = csv.lines().collect();
+            assert_eq!(lines.len(), 2, "{} {}: {csv}", row["category"], row["question"]);
+            let first = lines[1].split(',').next().unwrap().trim_matches('"');
+            assert!(agrees(answer, first), "{}: the CSV's {first:?} is not the answer {answer:?}", row["category"]);
         }
         formats.insert(format);
     }

@@ -5,19 +5,26 @@
 //! in the chain, in a seeded order. One LLM call per step fuses the current (composite)
 //! question with the next follow-up into a single question in which the first part's answer
 //! feeds the second (a filter, threshold, group or entity chosen by the first part), using
-//! `templates/compose.j2`. A chain of depth `d` fuses `d` questions with `d - 1` calls; all
-//! chains advance one step per round, and every call goes through the row cache. The output
-//! row is a full `Question` row ([`crate::families::QUESTION`]: the seed's path, format, table
-//! and category, the depth as its difficulty) that keeps the chain (source questions and
-//! categories, in order), its depth and the source rows as `parent_ids`. A seed whose table has
-//! too few questions of other categories, or whose fusion fails, is rejected with the reason.
+//! `templates/compose.j2`: the prompt holds the table's metadata (from the `profile` stage, the
+//! second input), the current question and the steps it was built from, and the follow-up. The
+//! reply names what the follow-up takes from the first part (`<uses>`); a fusion that takes
+//! nothing, or that copies the follow-up unchanged (two questions joined, not one that depends
+//! on the other), is rejected as `not_dependent` with the reply's words.
+//!
+//! A chain of depth `d` fuses `d` questions with `d - 1` calls; all chains advance one step per
+//! round, and every call goes through the row cache. The output row is a full `Question` row
+//! ([`crate::families::QUESTION`]: the seed's path, format, table and category, the depth as its
+//! difficulty) that keeps the chain (source questions and categories, in order: the agent gives
+//! the teacher the procedures of every category in it), its depth and the source rows as
+//! `parent_ids`. A seed whose table has too few questions of other categories, or was not
+//! profiled, or whose fusion fails, is rejected with the reason.
 //!
 //! ```toml
 //! [stages.hard]
 //! kind = "compose"
-//! inputs = ["queries"]      # rows with question, category, path, table
+//! inputs = ["queries", "files"]   # Question rows, and the profile of their tables
 //! model = "teacher"
-//! depth = 3                 # 2..=5
+//! depth = 3                       # 2..=5
 //! ```
 
 use std::collections::BTreeMap;
@@ -34,9 +41,10 @@ use kiln_pipeline::stage::{
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::families::{QUESTION, Question, Row};
+use crate::families::{PROFILED_TABLE, QUESTION, Question, Row};
 use crate::llm_rows::{Model, RowRequest, complete_rows, estimate_rows, parse_tags};
 use crate::profile::readers::Format;
+use crate::profile::{ProfiledTable, read_profiles};
 use crate::templates::{Templates, check_template};
 
 /// Parameters of a `compose` stage.
@@ -64,7 +72,7 @@ fn default_template() -> String {
 }
 
 /// Variables the template receives.
-const VARIABLES: &[&str] = &["table", "path", "current", "follow_up", "follow_up_category", "step", "depth"];
+const VARIABLES: &[&str] = &["table", "current", "steps", "follow_up", "follow_up_category", "step", "depth"];
 /// The `Question` columns a chain needs.
 const NEEDS: &[&str] = &["question", "category", "path", "table"];
 
@@ -138,6 +146,30 @@ fn follow_ups<'a>(seed: &Source, pool: &'a [Source], seed_text: &str) -> Vec<&'a
     picked
 }
 
+/// The profiled tables, by (path, table).
+type Tables = BTreeMap<(String, String), ProfiledTable>;
+
+fn read_tables(input: &Input) -> Result<Tables> {
+    Ok(read_profiles(input)?.into_iter().map(|t| ((t.path.clone(), t.table.clone()), t)).collect())
+}
+
+/// A fusion that does not depend on the earlier steps: why, or `None` when it does. `uses` is
+/// the reply's account of what the follow-up takes from the first part.
+fn not_dependent(fused: &str, uses: &str, follow_up: &str) -> Option<String> {
+    let squash = |s: &str| s.to_lowercase().split_whitespace().collect::<Vec<_>>().join(" ");
+    let said = squash(uses);
+    let said = said.trim_matches(|c: char| !c.is_alphanumeric());
+    if said.is_empty() || ["none", "nothing", "n/a", "na", "no", "independent"].contains(&said) {
+        return Some(format!("the reply says the follow-up takes nothing from the first part ({uses:?})"));
+    }
+    let follow_up = squash(follow_up);
+    let follow_up = follow_up.trim_end_matches(['?', '.', ' ']);
+    if squash(fused).contains(follow_up) {
+        return Some(format!("the follow-up is copied unchanged into {fused:?}: joined, not fed by the first part"));
+    }
+    None
+}
+
 /// Every input question.
 fn read_sources(input: &Input) -> Result<Vec<Source>> {
     Ok(QUESTION
@@ -157,9 +189,25 @@ fn read_sources(input: &Input) -> Result<Vec<Source>> {
 impl Compose {
     /// A chain per seed question with its planned follow-ups; seeds without enough follow-ups
     /// are rejected.
-    fn start_chains<'a>(&self, pool: &'a [Source], seed_text: &str) -> (Vec<(Chain, Vec<&'a Source>)>, Vec<Rejection>) {
+    fn start_chains<'a>(
+        &self,
+        pool: &'a [Source],
+        tables: &Tables,
+        seed_text: &str,
+    ) -> (Vec<(Chain, Vec<&'a Source>)>, Vec<Rejection>) {
         let (mut live, mut rejections) = (Vec::new(), Vec::new());
         for seed in pool {
+            if !tables.contains_key(&(seed.path.clone(), seed.table.clone())) {
+                rejections.push(Rejection {
+                    row_id: seed.row_id.clone(),
+                    reason: "table_not_profiled".into(),
+                    detail: format!(
+                        "{} [{}]: the profile input has no such table, so the prompt would lack its columns",
+                        seed.path, seed.table
+                    ),
+                });
+                continue;
+            }
             let ups = follow_ups(seed, pool, seed_text);
             if ups.len() + 1 < self.depth as usize {
                 rejections.push(Rejection {
@@ -187,15 +235,22 @@ impl Compose {
     fn step_requests(
         &self,
         templates: &Templates,
+        tables: &Tables,
         live: &[(Chain, Vec<&Source>)],
         step: u32,
     ) -> Result<Vec<RowRequest>, crate::StageError> {
         live.iter()
             .map(|(chain, ups)| {
                 let next = ups[step as usize - 1];
+                let steps: Vec<_> = chain
+                    .sources
+                    .iter()
+                    .map(|s| serde_json::json!({"category": s.category, "question": s.question}))
+                    .collect();
                 let vars = serde_json::json!({
-                    "table": next.table, "path": next.path, "current": chain.question, "follow_up": next.question,
-                    "follow_up_category": next.category, "step": step, "depth": self.depth,
+                    "table": tables.get(&(next.path.clone(), next.table.clone())), "current": chain.question,
+                    "steps": steps, "follow_up": next.question, "follow_up_category": next.category,
+                    "step": step, "depth": self.depth,
                 });
                 let prompt = templates.render(&self.template, vars)?;
                 let ids: Vec<&str> =
@@ -244,51 +299,70 @@ impl Stage for Composing {
     }
 
     async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
-        let [input] = inputs else {
-            return Err(vec![Problem::new(
-                "inputs",
-                format!("a `compose` stage reads exactly one stage of questions, got {}", inputs.len()),
-            )]);
+        let [questions, profile] = inputs else {
+            return Err(vec![
+                Problem::new(
+                    "inputs",
+                    format!(
+                        "a `compose` stage reads a stage of questions and the `profile` of their tables, got {} inputs",
+                        inputs.len()
+                    ),
+                )
+                .help("write `inputs = [\"queries\", \"files\"]`: the questions, then the profile stage"),
+            ]);
         };
-        QUESTION.check(input, NEEDS).map_err(|p| vec![p])?;
+        QUESTION.check(questions, NEEDS).map_err(|p| vec![p])?;
+        PROFILED_TABLE.check(profile, &["path", "table", "columns", "head"]).map_err(|p| vec![p])?;
         Ok(schema())
     }
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
-        let pool = read_sources(&inputs[0])?;
-        let (live, _) = self.params.start_chains(&pool, &cx.seed.to_string());
+        let (pool, tables) = (read_sources(&inputs[0])?, read_tables(&inputs[1])?);
+        let (live, _) = self.params.start_chains(&pool, &tables, &cx.seed.to_string());
         // Later steps depend on earlier replies: count the first step's prompts once per step.
-        let requests = self.params.step_requests(&self.templates, &live, 1).map_err(|e| Error::stage(&cx.name, e))?;
+        let requests =
+            self.params.step_requests(&self.templates, &tables, &live, 1).map_err(|e| Error::stage(&cx.name, e))?;
         estimate_rows(cx, &self.model.config, &requests, u64::from(self.params.depth - 1)).map(Some)
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
         let client = self.model.client(cx)?;
-        let pool = read_sources(&inputs[0])?;
-        let (mut live, rejections) = self.params.start_chains(&pool, &cx.seed.to_string());
+        let (pool, tables) = (read_sources(&inputs[0])?, read_tables(&inputs[1])?);
+        let (mut live, rejections) = self.params.start_chains(&pool, &tables, &cx.seed.to_string());
         let mut output = Output { rejections, ..Default::default() };
         let mut counters: BTreeMap<String, u64> = BTreeMap::new();
         for step in 1..self.params.depth {
-            let requests =
-                self.params.step_requests(&self.templates, &live, step).map_err(|e| Error::stage(&cx.name, e))?;
-            let parse = |text: &str| parse_tags(text, &["question", "description"]);
+            let requests = self
+                .params
+                .step_requests(&self.templates, &tables, &live, step)
+                .map_err(|e| Error::stage(&cx.name, e))?;
+            let parse = |text: &str| parse_tags(text, &["question", "uses", "description"]);
             let (replies, rejections, step_counters) =
                 complete_rows(cx, client.as_ref(), requests, self.params.max_parse_retries, parse).await?;
             output.rejections.extend(rejections);
             for (k, v) in step_counters {
                 *counters.entry(k).or_default() += v;
             }
-            live = live
-                .into_iter()
-                .zip(replies)
-                .filter_map(|((mut chain, ups), reply)| {
-                    let [question, description]: [String; 2] = reply?.value.try_into().ok()?;
-                    chain.sources.push(ups[step as usize - 1].clone());
-                    chain.question = question;
-                    chain.description = description;
-                    Some((chain, ups))
-                })
-                .collect();
+            let mut next = Vec::with_capacity(live.len());
+            for ((mut chain, ups), reply) in live.into_iter().zip(replies) {
+                let Some(reply) = reply else { continue };
+                let Ok([question, uses, description]) = <[String; 3]>::try_from(reply.value) else { continue };
+                let follow_up = ups[step as usize - 1];
+                if let Some(why) = not_dependent(&question, &uses, &follow_up.question) {
+                    *counters.entry("not_dependent".into()).or_default() += 1;
+                    output.rejections.push(Rejection {
+                        row_id: chain.sources[0].row_id.clone(),
+                        reason: "not_dependent".into(),
+                        detail: format!("fusion {step}: {why}"),
+                    });
+                    continue;
+                }
+                chain.sources.push(follow_up.clone());
+                chain.question = question;
+                chain.description = description;
+                next.push((chain, ups));
+            }
+            live = next;
         }
         let rows: Vec<Composed> = live
             .into_iter()
@@ -319,5 +393,24 @@ impl Stage for Composing {
         output.counters.insert("composed".into(), rows.len() as u64);
         output.batches = vec![to_batch(&schema(), &rows)?];
         Ok(output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_dependent;
+
+    #[test]
+    fn a_fusion_must_feed_the_follow_up() {
+        let follow_up = "What is the mean price per region?";
+        let fused = "For the region with the most orders, what is the mean price of its orders?";
+        assert_eq!(not_dependent(fused, "the region with the most orders filters the rows", follow_up), None);
+        for nothing in ["none", "None.", " N/A ", ""] {
+            let why = not_dependent(fused, nothing, follow_up).expect(nothing);
+            assert!(why.starts_with("the reply says the follow-up takes nothing"), "{why}");
+        }
+        let joined = "How many orders are there, and what is the mean price per region?";
+        let why = not_dependent(joined, "the count", follow_up).expect("the follow-up is copied");
+        assert!(why.contains("copied unchanged"), "{why}");
     }
 }

@@ -69,7 +69,8 @@ pub struct Seen {
 }
 
 /// The deterministic reply to a prompt: in the judge's format for consistency prompts (the
-/// answers agree when their texts are equal, the first is best), else synthesis tags.
+/// answers agree when their texts are equal, the first is best), a dependent fusion for
+/// compose prompts, else synthesis tags.
 pub fn reply(prompt: &str) -> String {
     if prompt.contains("<consistent>yes or no</consistent>") {
         let answers: Vec<&str> = prompt
@@ -79,6 +80,17 @@ pub fn reply(prompt: &str) -> String {
         let same = answers.windows(2).all(|w| w[0] == w[1]);
         let (why, verdict) = if same { ("the answers are equal", "yes") } else { ("the answers differ", "no") };
         return format!("<reasoning>{why}</reasoning><consistent>{verdict}</consistent><best>1</best>");
+    }
+    if prompt.contains("<uses>") {
+        // A compose prompt: a fused question (one per prompt) that says what it takes from the
+        // first part.
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        prompt.hash(&mut h);
+        return format!(
+            "<question>What about the rows the first part selects ({:016x})?</question><uses>the first part's answer selects the rows</uses><description>d</description>",
+            h.finish()
+        );
     }
     format!("<question>What about {prompt}?</question><description>d:{prompt}</description><type>t</type>")
 }

@@ -14,6 +14,10 @@ pub struct Script {
     pub steps: Vec<(String, String)>,
     /// For SQL tasks, the result CSV the answer names (RECIPE section 5).
     pub result_csv: Option<String>,
+    /// A SQL task solved in pandas: before answering, the value is saved as the result table by
+    /// a SELECT of it, so the result CSV holds the answering row, not the table analysed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub answer_table: bool,
 }
 
 impl Script {
@@ -27,11 +31,29 @@ impl Script {
             return Some(code_turn(think, code));
         }
         let value = last_output?.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+        if self.answer_table && done == self.steps.len() {
+            let select = format!("SELECT {} AS answer", sql_literal(value));
+            return Some(code_turn(
+                &format!("The answer is {value}. I save it as the result table with a SELECT of that value."),
+                &format!(
+                    "result = execute_sql(sql={}, output_path='result.csv')\nprint(result.iloc[0, 0])",
+                    py(&select)
+                ),
+            ));
+        }
         let think = format!("The code printed the result on its last line: {value}.");
         Some(match &self.result_csv {
             Some(csv) => answer_turn(&think, &format!("{value} (result saved in {csv})")),
             None => answer_turn(&think, value),
         })
+    }
+}
+
+/// A SQL literal: a number as it is, anything else quoted.
+fn sql_literal(value: &str) -> String {
+    match value.parse::<f64>() {
+        Ok(x) if x.is_finite() => value.to_string(),
+        _ => format!("'{}'", value.replace('\'', "''")),
     }
 }
 
@@ -91,7 +113,7 @@ pub fn script(
                         py(query)
                     ),
                 ));
-                return Some(Script { steps, result_csv: Some("result.csv".into()) });
+                return Some(Script { steps, result_csv: Some("result.csv".into()), answer_table: false });
             }
             let csv = format!("{}.csv", table.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
             steps.push((
@@ -103,12 +125,12 @@ pub fn script(
                 ),
             ));
             steps.push(solve(category, params)?);
-            return Some(Script { steps, result_csv: Some(csv) });
+            return Some(Script { steps, result_csv: Some("result.csv".into()), answer_table: true });
         }
         _ => return None,
     }
     steps.push(solve(category, params)?);
-    Some(Script { steps, result_csv: None })
+    Some(Script { steps, result_csv: None, answer_table: false })
 }
 
 /// The solving step: (think, code) whose last printed line is the answer.
@@ -273,6 +295,15 @@ mod tests {
         let by_pandas =
             script("statistical_analysis", &stats, Some("SELECT MEDIAN(c) FROM t"), "sqlite", "db", "t").unwrap();
         assert_eq!(by_pandas.steps.len(), 3);
-        assert_eq!(by_pandas.result_csv.as_deref(), Some("t.csv"));
+        // The value pandas printed becomes the result table, by a SELECT of it, then the answer.
+        let save = by_pandas.turn(3, Some("(10, 2)\n2.5\n"), false).unwrap();
+        assert!(
+            matches!(parse_action(&save), Action::Code(c) if c.contains("execute_sql(sql=\"SELECT 2.5 AS answer\", output_path='result.csv')")),
+            "{save}"
+        );
+        let answer = by_pandas.turn(4, Some("2.5"), false).unwrap();
+        assert_eq!(parse_action(&answer), Action::Answer("2.5 (result saved in result.csv)".into()));
+        assert_eq!(sql_literal("it's"), "'it''s'");
+        assert_eq!(sql_literal("-3e2"), "-3e2");
     }
 }

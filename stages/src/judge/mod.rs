@@ -22,7 +22,7 @@
 //! stage). New trajectories pass the rule-based filters the first ones passed on their way
 //! here: the format check, and the length and language rules (`rescue.length` and
 //! `rescue.language`, with the keys and defaults of those filter kinds); each one refused is in
-//! the ledger as `rescue:<filter>:<rule>`. The rest are judged again, up to `rounds` times. A
+//! the ledger as `judge:rescue_<filter>:<rule>`. The rest are judged again, up to `rounds` times. A
 //! rescued question keeps its new trajectories; its first ones go to the ledger. A rescue
 //! teacher at temperature 0 is a check error: its samples would be one sample repeated.
 //!

@@ -50,8 +50,9 @@ pub(super) struct Rescuing {
 }
 
 impl Rescuing {
-    /// Why trajectory `t` may not be kept, by the rule-based filters' rules.
-    fn refusal(&self, t: &Trajectory) -> Option<(String, String)> {
+    /// Why trajectory `t` may not be kept, by the rule-based filters' rules: the filter
+    /// (`format`, `length`, `language`), its rule and the detail.
+    fn refusal(&self, t: &Trajectory) -> Option<(&'static str, String, String)> {
         let turns = Turns {
             question: Some(t.about.question.clone()),
             messages: t.messages.clone(),
@@ -64,7 +65,7 @@ impl Rescuing {
             .and_then(|()| self.length.check(&turns).map_err(|r| ("length", r)))
             .and_then(|()| self.language.check(&turns).map_err(|r| ("language", r)))
             .err()?;
-        Some((format!("rescue:{kind}:{}", refusal.0), refusal.1))
+        Some((kind, refusal.0, refusal.1))
     }
 }
 
@@ -117,9 +118,9 @@ impl Judging {
                 match result? {
                     Ok(t) => match rescue.refusal(&t) {
                         None => fresh.entry(id.clone()).or_default().push(t),
-                        Some((reason, detail)) => {
-                            *out.counters.entry(format!("rescue_dropped_{}", reason.replace(':', "_"))).or_default() +=
-                                1;
+                        Some((filter, rule, detail)) => {
+                            *out.counters.entry(format!("rescue_dropped_{filter}_{rule}")).or_default() += 1;
+                            let reason = format!("judge:rescue_{filter}:{rule}");
                             out.rejections.push(Rejection { row_id: t.row_id, reason, detail });
                         }
                     },
