@@ -1,5 +1,6 @@
 //! `trajectories`: knowledge-augmented trajectory sampling (RECIPE section 5): `n` independent
-//! runs of the agent loop ([`crate::agent`]) per input question, each a row.
+//! runs of the agent loop ([`crate::agent`]) per input question, each a row. It reads one or
+//! more stages of questions (say, synthesized and composed ones), in the order listed.
 //!
 //! The teacher is a model (`model = "<name>"`) or, offline, the scripted solver for
 //! `programmatic` questions (`scripted = true`). Every finished trajectory is cached whole, and
@@ -8,7 +9,7 @@
 //! ```toml
 //! [stages.trajectories]
 //! kind = "trajectories"
-//! inputs = ["questions"]
+//! inputs = ["queries", "hard"]   # stages of Question rows
 //! model = "teacher"        # or: scripted = true
 //! n = 3                    # default 3 (1 when scripted)
 //! max_turns = 10
@@ -89,8 +90,13 @@ struct Sampling {
 }
 
 impl Sampling {
-    fn tasks(&self, input: &Input) -> Result<Vec<Task>> {
-        Ok(QUESTION.read::<Row<Question>>(input)?.into_iter().map(Task::from_question).collect())
+    /// The questions of every input, in input order.
+    fn tasks(&self, inputs: &[Input]) -> Result<Vec<Task>> {
+        let mut tasks = Vec::new();
+        for input in inputs {
+            tasks.extend(QUESTION.read::<Row<Question>>(input)?.into_iter().map(Task::from_question));
+        }
+        Ok(tasks)
     }
 }
 
@@ -109,30 +115,34 @@ impl Stage for Sampling {
     }
 
     async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {
-        let [input] = inputs else {
-            return Err(vec![Problem::new(
-                "inputs",
-                format!("a `trajectories` stage reads exactly one stage of questions, got {}", inputs.len()),
-            )]);
-        };
+        if inputs.is_empty() {
+            return Err(vec![Problem::new("inputs", "a `trajectories` stage reads one or more stages of questions")]);
+        }
         let needed: &[&str] =
             if self.scripted { &["question", "path", "format", "table", "category"] } else { REQUIRED };
-        QUESTION.check(input, needed).map_err(|p| vec![p])?;
-        if self.scripted && input.schema.field_with_name("params").is_err() {
-            return Err(vec![
-                Problem::new("inputs", format!("`{}` ({}) lacks the column params", input.name, input.kind))
-                    .help("scripted trajectories solve `programmatic` questions, which have it"),
-            ]);
+        let mut problems = Vec::new();
+        for input in inputs {
+            if let Err(p) = QUESTION.check(input, needed) {
+                problems.push(p);
+            } else if self.scripted && input.schema.field_with_name("params").is_err() {
+                problems.push(
+                    Problem::new("inputs", format!("`{}` ({}) lacks the column params", input.name, input.kind))
+                        .help("scripted trajectories solve `programmatic` questions, which have it"),
+                );
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
         }
         Ok(agent::schema())
     }
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
-        self.agent.estimate(cx, &self.tasks(&inputs[0])?, self.n)
+        self.agent.estimate(cx, &self.tasks(inputs)?, self.n)
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
-        let tasks = self.tasks(&inputs[0])?;
+        let tasks = self.tasks(inputs)?;
         let agent = self.agent.start(cx).await?;
         let results = agent.sample(&tasks, self.n).await;
 

@@ -33,6 +33,9 @@ pub struct Faults {
     /// A scripted teacher: the reply to a whole conversation (its messages), instead of
     /// [`reply`] to its first user message.
     pub teacher: Option<fn(&[serde_json::Value]) -> String>,
+    /// A scripted endpoint that reads the whole request (model, messages, seed): the reply's
+    /// content. Takes precedence over `teacher`.
+    pub respond: Option<fn(&serde_json::Value) -> String>,
 }
 
 impl Default for Faults {
@@ -45,6 +48,7 @@ impl Default for Faults {
             seed: 1,
             only: None,
             teacher: None,
+            respond: None,
         }
     }
 }
@@ -243,7 +247,12 @@ async fn serve(mut stream: TcpStream, seen: &Seen, faults: &Faults, counter: &At
                 tokio::time::sleep(faults.latency).await;
                 *seen.answered.lock().unwrap().entry(conversation.clone()).or_default() += 1;
                 let messages = body["messages"].as_array().map(Vec::as_slice).unwrap_or_default();
-                let b = ok_body(&faults.teacher.map_or_else(|| reply(&prompt), |teacher| teacher(messages)));
+                let content = match (faults.respond, faults.teacher) {
+                    (Some(respond), _) => respond(&body),
+                    (None, Some(teacher)) => teacher(messages),
+                    (None, None) => reply(&prompt),
+                };
+                let b = ok_body(&content);
                 format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}", b.len())
             }
         };

@@ -244,11 +244,18 @@ impl Stage for Judging {
             }
         }
         let mut rescued: BTreeMap<String, (Group, u32)> = BTreeMap::new();
+        // Why each question was first dropped, for the ledger of those a rescue replaces.
+        let mut dropped_first: BTreeMap<String, String> = BTreeMap::new();
         if let Some(model) = &self.model {
             let client = model.client(cx)?;
             let asked: BTreeMap<String, &Group> =
                 requests.iter().map(|r| (r.row_id.clone(), &groups[&r.row_id])).collect();
             verdicts.extend(self.consistency(cx, &client, requests, &asked, &mut out).await?);
+            dropped_first = verdicts
+                .iter()
+                .filter(|(_, v)| v.keep.is_empty())
+                .map(|(id, v)| (id.clone(), v.dropped.0.clone()))
+                .collect();
             if let Some(rescue) = &self.rescue {
                 rescued = self.rescue(cx, rescue, &client, &groups, &mut verdicts, &mut out).await?;
             }
@@ -266,10 +273,11 @@ impl Stage for Judging {
                 for row in &group {
                     out.rejections.push(Rejection {
                         row_id: row.row_id.clone(),
-                        reason: "judge:inconsistent".into(),
+                        reason: "judge:superseded".into(),
                         detail: format!(
-                            "answer {:?}: replaced by the trajectories of rescue round {round}",
-                            answer(row)
+                            "answer {:?}: {}; replaced by the trajectories of rescue round {round}",
+                            answer(row),
+                            dropped_first.get(&id).map(String::as_str).unwrap_or("")
                         ),
                     });
                 }
