@@ -167,7 +167,9 @@ fn the_datamind_recipe_runs_end_to_end_and_lets_no_bad_data_through() {
     util::copy_sample_data(dir);
     let recipe = std::fs::read_to_string(util::root().join("recipes/datamind.toml")).unwrap();
     assert!(recipe.contains(&format!("seed = {SEED}")));
-    let recipe = recipe.replace("http://127.0.0.1:8000/v1", &server.base_url());
+    // Beside the recipe's exports, one that keeps the teacher's system prompt on purpose.
+    let recipe = recipe.replace("http://127.0.0.1:8000/v1", &server.base_url())
+        + "\n[stages.hints]\nkind = \"export\"\ninputs = [\"unique\"]\nformat = \"sharegpt\"\npath = \"export/hints.json\"\nkeep_procedure = true\n";
     std::fs::write(dir.join("datamind.toml"), recipe).unwrap();
     let summary = util::kiln_ok(dir, &["run", "datamind.toml"]);
     let out = dir.join("outputs/datamind");
@@ -240,6 +242,9 @@ fn the_datamind_recipe_runs_end_to_end_and_lets_no_bad_data_through() {
     for banned in ["A reviewer said", "A workflow that suits", "critique"] {
         assert!(!sft.contains(banned), "the SFT export holds {banned:?}");
     }
+    let hints = std::fs::read_to_string(out.join("export/hints.json")).unwrap();
+    assert!(hints.contains("A workflow that suits"), "keep_procedure exports the teacher's system prompt");
+    assert!(!hints.contains("A reviewer said"), "never the critique");
     let script = format!(
         r#"
 import json, pyarrow.parquet as pq

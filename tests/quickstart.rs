@@ -98,9 +98,17 @@ for ex in rl:
     assert [m["role"] for m in ex["prompt"]] == ["system", "user"], ex["prompt"]
     assert ex["expert_trajectory"][-1]["role"] == "assistant"
     assert ex["gold_answer"] and ex["data_files"] and ex["category"] and ex["difficulty"] == 1
+    assert ex["data_source"] == "kiln/quickstart_rl" and ex["ability"] == "data_analysis", ex
+    assert ex["extra_info"]["category"] == ex["category"] and ex["extra_info"]["difficulty"] == ex["difficulty"]
     if ex["gold_result_csv"]:
         sql += 1
-        assert open(os.path.join(root, ex["gold_result_csv"])).read().count(chr(10)) >= 2
+        # The answering SELECT's rows: a header and the one row holding the answer.
+        lines = open(os.path.join(root, ex["gold_result_csv"])).read().splitlines()
+        assert len(lines) == 2, lines
+        assert ex["reward_model"]["style"] == "result_csv" and ex["reward_model"]["ground_truth"].splitlines() == lines
+    else:
+        assert ex["reward_model"] == {{"style": "answer", "ground_truth": ex["gold_answer"]}}, ex["reward_model"]
+    assert "A workflow that suits" not in ex["prompt"][0]["content"]
 print(len(sft), interpreter_turns, len(rl), len(set(rl["row_id"])), sql)
 "#,
         root = export.display().to_string()

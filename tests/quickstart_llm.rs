@@ -29,13 +29,22 @@ fn quickstart_with_a_local_model_runs_end_to_end() {
             messages.iter().any(|m| m["role"] == "assistant" && m["content"].as_str().is_some_and(|c| !c.is_empty()))
         );
     }
-    // Whatever the filters and the judge drop is in the ledger with its rule.
+    // Whatever the filters and the judge drop is in the ledger with its rule: every input row
+    // of each is kept or named there.
+    assert!(!trajectories.is_empty(), "the served model wrote trajectories: {summary}");
     let ledger = util::rows(&out.join("_rejections"));
-    for stage in ["well_formed", "short", "clean", "judged"] {
-        let kept = util::rows(&out.join(stage)).len();
-        let dropped: Vec<_> = ledger.iter().filter(|r| r["stage"] == stage).collect();
-        assert!(dropped.iter().all(|r| !r["reason"].as_str().unwrap().is_empty()));
-        assert!(kept + dropped.len() > 0 || stage != "well_formed", "{stage}: {summary}");
+    assert!(ledger.iter().all(|r| !r["reason"].as_str().unwrap().is_empty()));
+    for (input, stage) in
+        [("trajectories", "well_formed"), ("well_formed", "short"), ("short", "clean"), ("open", "judged")]
+    {
+        let kept: Vec<String> =
+            util::rows(&out.join(stage)).iter().map(|r| r["row_id"].as_str().unwrap().to_string()).collect();
+        let dropped: Vec<&str> =
+            ledger.iter().filter(|r| r["stage"] == stage).map(|r| r["row_id"].as_str().unwrap()).collect();
+        for row in util::rows(&out.join(input)) {
+            let id = row["row_id"].as_str().unwrap();
+            assert!(kept.iter().any(|k| k == id) || dropped.contains(&id), "{stage}: row {id} of {input} vanished");
+        }
     }
     assert!(dir.join("outputs/quickstart_llm/export/README.md").is_file());
 

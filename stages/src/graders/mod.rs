@@ -4,9 +4,9 @@
 //! An item's [`Gold`] says what it expects and so which rule grades it:
 //!
 //! - [`Gold::Value`]: one value. A numeric gold is met by the answer's final number within a
-//!   relative tolerance; a text gold by the answer's text, equal after normalisation (case,
-//!   punctuation, spacing). Nothing weaker: "Yes and no" is not "Yes", and a number elsewhere in
-//!   the answer does not count.
+//!   relative tolerance; a list gold (`a, b and c`) by the same items in any order; a text gold
+//!   by the answer's text, equal after normalisation (case, punctuation, spacing). Nothing
+//!   weaker: "Yes and no" is not "Yes", and a number elsewhere in the answer does not count.
 //! - [`Gold::Named`]: InfiAgent-DABench's closed form. Every `@name[value]` of the label must be in
 //!   the answer; numbers are equal after rounding to the label's decimals, text is compared
 //!   case- and space-insensitively.

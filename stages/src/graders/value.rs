@@ -67,8 +67,8 @@ pub(super) fn close(got: f64, want: f64, tolerance: f64) -> bool {
     (got - want).abs() <= tolerance * want.abs() || (got - want).abs() < 1e-9
 }
 
-/// One value: a numeric gold against the answer's final number, a text gold against the whole
-/// answer after normalisation.
+/// One value: a numeric gold against the answer's final number, a list gold (`a, b and c`)
+/// as a set of items, any other text gold against the whole answer after normalisation.
 pub(super) fn grade(answer: &str, gold: &str, tolerance: f64) -> Grade {
     if let Some(want) = as_number(gold) {
         return match final_number(answer) {
@@ -77,12 +77,47 @@ pub(super) fn grade(answer: &str, gold: &str, tolerance: f64) -> Grade {
             Some(got) => Grade::fail(format!("{got} is not {gold} (tolerance {tolerance})")),
         };
     }
+    let wanted = items(gold);
+    if wanted.len() > 1 {
+        return list(answer, gold, &wanted, tolerance);
+    }
     let (got, want) = (normalize(core(answer)), normalize(core(gold)));
     if !want.is_empty() && got == want {
         Grade::pass(format!("{:?} matches {gold:?}", core(answer)))
     } else {
         Grade::fail(format!("{:?} is not {gold:?}", core(answer)))
     }
+}
+
+/// The items of a list written `a, b and c` (or one per line, or with semicolons).
+fn items(text: &str) -> Vec<String> {
+    core(text)
+        .replace(" and ", ",")
+        .split([',', ';', '\n'])
+        .map(|item| core(item).to_string())
+        .filter(|item| !item.is_empty())
+        .collect()
+}
+
+/// A list gold: the answer's items are the gold's, in any order, each number within `tolerance`
+/// and each text equal after normalisation; nothing missing, nothing extra.
+fn list(answer: &str, gold: &str, wanted: &[String], tolerance: f64) -> Grade {
+    let got = items(answer);
+    let same = |a: &str, b: &str| match (as_number(a), as_number(b)) {
+        (Some(x), Some(y)) => close(x, y, tolerance),
+        _ => !normalize(b).is_empty() && normalize(a) == normalize(b),
+    };
+    if got.len() != wanted.len() {
+        return Grade::fail(format!("{} items, expected the {} of {gold:?}", got.len(), wanted.len()));
+    }
+    let mut used = vec![false; got.len()];
+    for want in wanted {
+        match (0..got.len()).find(|&i| !used[i] && same(&got[i], want)) {
+            Some(i) => used[i] = true,
+            None => return Grade::fail(format!("{want:?} of {gold:?} is not in the answer")),
+        }
+    }
+    Grade::pass(format!("the {} items of {gold:?}, in any order", wanted.len()))
 }
 
 /// Multiple choice: the answer is the right option's letter (alone, or as `B.`, `(B)`,
@@ -138,6 +173,17 @@ mod tests {
         assert!(!grade("Lyon has the highest average", "Lyon", 0.03).correct);
         assert!(!grade("Lyonnais", "Lyon", 0.03).correct);
         assert!(!grade("", "", 0.03).correct, "an empty gold matches nothing");
+    }
+
+    #[test]
+    fn lists_are_sets() {
+        assert!(grade("Paris, Lyon", "Lyon, Paris", 0.03).correct);
+        assert!(grade("Paris and lyon.", "Lyon; Paris", 0.03).correct);
+        assert!(grade("12.4, 7", "7, 12.5", 0.03).correct, "numbers within the tolerance");
+        assert_eq!(grade("Paris", "Lyon, Paris", 0.03).reason, "1 items, expected the 2 of \"Lyon, Paris\"");
+        assert!(!grade("Paris, Lyon, Nice", "Lyon, Paris", 0.03).correct, "nothing extra");
+        assert!(!grade("Paris, Paris", "Lyon, Paris", 0.03).correct, "each item once");
+        assert!(grade("1,234", "1234", 0.0).correct, "a thousands separator is not a list");
     }
 
     #[test]

@@ -157,14 +157,18 @@ impl Config for Judge {
             }
             let keys = Keys { prefix: "rescue.", teacher: "rescue.teacher", kind: "trajectories" };
             let agent = r.agent().build(cx, keys, problems);
-            // A rescue samples every question again, at least `min_answers` times.
-            let samples = self.min_answers.max(2);
-            let mut repeated =
-                crate::llm_rows::sample_problems("rescue", samples, agent.as_ref().and_then(|a| a.teacher()));
-            for p in &mut repeated {
-                p.at = vec!["rescue".into(), "teacher".into()];
+            // A rescue samples every question again, several times (at least `min_answers`).
+            if let Some(teacher) =
+                agent.as_ref().and_then(|a| a.teacher()).filter(|m| m.config.temperature == Some(0.0))
+            {
+                problems.push(
+                    Problem::new(
+                        "rescue.teacher",
+                        format!("a rescue at temperature 0 (model `{}`) samples one answer repeated", teacher.name),
+                    )
+                    .help(format!("set `temperature` above 0 in `[models.{}]`", teacher.name)),
+                );
             }
-            problems.extend(repeated);
             let length = r.length.measuring(cx, "rescue.length.").map_err(|p| problems.push(p)).ok();
             rescue = Some(Rescuing { rounds: r.rounds, agent: agent?, length: length?, language: r.language.clone() });
         }
