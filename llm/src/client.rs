@@ -35,6 +35,9 @@ pub struct Completion {
     pub prompt_tokens: u64,
     /// Completion tokens, as the server counted them.
     pub completion_tokens: u64,
+    /// HTTP attempts it took (this run's: not cached with the reply).
+    #[serde(skip)]
+    pub attempts: u32,
 }
 
 /// Why a request failed for good.
@@ -190,7 +193,7 @@ impl Client {
             match outcome {
                 Attempt::Done(c) => {
                     self.limit.success();
-                    return Ok(c);
+                    return Ok(Completion { attempts: attempt + 1, ..c });
                 }
                 Attempt::Fatal(e) => return Err(e),
                 Attempt::Retry { why, after, throttled } => {
@@ -308,6 +311,7 @@ fn parse_completion(text: &str) -> Result<Completion, String> {
         finish_reasons: reply.choices.iter().map(|c| c.finish_reason.clone()).collect(),
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
+        attempts: 1,
     })
 }
 

@@ -51,6 +51,16 @@ struct State {
     throttled_share: f64,
     /// No request starts before this (a Retry-After while most requests are throttled).
     paused_until: Option<Instant>,
+    /// When the limit was made: changes are traced with the time since.
+    born: Instant,
+}
+
+impl State {
+    /// Traces the limit (target `kiln_llm::limit`, at debug level): what a plot of the limit
+    /// over time reads.
+    fn trace(&self, why: &str) {
+        tracing::debug!(target: "kiln_llm::limit", t_ms = self.born.elapsed().as_millis() as u64, limit = self.allowed(), why);
+    }
 }
 
 impl State {
@@ -94,6 +104,7 @@ impl AdaptiveLimit {
             recovering_until: None,
             throttled_share: 0.0,
             paused_until: None,
+            born: Instant::now(),
         };
         AdaptiveLimit { state: Mutex::new(state), freed: Notify::new() }
     }
@@ -128,6 +139,9 @@ impl AdaptiveLimit {
         let grown = (s.limit + 1.0).min(s.max as f64);
         let more = grown.floor() > s.limit.floor();
         s.limit = grown;
+        if more {
+            s.trace("grow");
+        }
         drop(s);
         if more {
             self.freed.notify_waiters();
@@ -149,6 +163,7 @@ impl AdaptiveLimit {
         let factor = if rate >= SEVERE { 0.5 } else { GENTLE };
         s.limit = (s.limit * factor).max(1.0);
         s.recovering_until = Some(s.next.saturating_sub(1));
+        s.trace("decrease");
     }
 
     /// The current limit.

@@ -13,7 +13,7 @@ use crate::cache::RowCache;
 use crate::error::{Error, Result};
 use crate::fingerprint::{FingerprintParts, file_states};
 use crate::plan::Plan;
-use crate::stage::{Estimate, Input, Shared, StageCx};
+use crate::stage::{Estimate, Input, Shared, Sink, StageCx};
 use crate::store::{LEDGER, MANIFEST, Manifest, Store, now};
 
 /// Which stages `kiln run` may run.
@@ -244,6 +244,7 @@ pub async fn dry_run(plan: &Plan) -> Result<Vec<DryRun>> {
                     budget: Arc::new(Budget::default()),
                     shared: Arc::new(Shared::default()),
                     written: Default::default(),
+                    sink: Default::default(),
                 };
                 line.estimate = plan.stage(i).estimate(&cx, &inputs).await?;
                 let changing = ups.iter().any(|&u| {
@@ -392,17 +393,12 @@ async fn run_stage(
         budget: Arc::new(Budget::stage(budget, planned.limits.max_tokens, planned.limits.max_cost_usd)),
         shared,
         written: Default::default(),
+        sink: Arc::new(Sink::parts(store.parts(&name, &planned.schema)?)),
     };
     let output = plan.stage(i).run(&cx, &inputs).await.map_err(|e| match e {
         e @ Error::Stage { .. } => e,
         e => Error::stage(&name, e),
     })?;
-    let schema = &planned.schema;
-    for batch in &output.batches {
-        if batch.schema().fields() != schema.fields() {
-            return Err(Error::Internal(format!("stage `{name}` produced rows that do not match its declared schema")));
-        }
-    }
     let manifest = Manifest {
         stage: name.clone(),
         fingerprint: parts.fingerprint(),
@@ -419,7 +415,13 @@ async fn run_stage(
         checks: Vec::new(),
     };
     let written = cx.written.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let manifest = store.write(schema, &output.batches, &output.rejections, &written, manifest)?;
+    let sink = Arc::try_unwrap(cx.sink)
+        .map_err(|_| Error::Internal(format!("stage `{name}` kept its output sink after it finished")))?;
+    let mut parts = sink.into_parts().ok_or_else(|| Error::Internal("the output sink lost its writer".into()))?;
+    for batch in output.batches {
+        parts.push(batch)?;
+    }
+    let manifest = store.finish(parts, &output.rejections, &written, manifest)?;
     let seconds = clock.elapsed().as_secs_f64();
     tracing::info!(stage = %name, rows = manifest.row_count, rejected = manifest.rejected, seconds, "Stage finished.");
     Ok(Outcome::Ran { manifest: Box::new(manifest), reasons, seconds })

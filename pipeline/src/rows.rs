@@ -56,6 +56,25 @@ pub fn check_lineage(schema: &Schema) -> Result<(), String> {
     Ok(())
 }
 
+/// Each row's id and first parent (its own id when it has none), read from the lineage
+/// columns without converting the rest of the batch.
+pub fn first_parents(batch: &RecordBatch) -> Result<Vec<(String, String)>> {
+    use arrow::array::{Array, AsArray};
+    let missing = |c: &str| crate::Error::Internal(format!("a batch without its `{c}` column"));
+    let ids = batch.column_by_name(ROW_ID).ok_or_else(|| missing(ROW_ID))?;
+    let parents = batch.column_by_name(PARENT_IDS).ok_or_else(|| missing(PARENT_IDS))?;
+    let ids = ids.as_string_opt::<i32>().ok_or_else(|| missing(ROW_ID))?;
+    let parents = parents.as_list_opt::<i32>().ok_or_else(|| missing(PARENT_IDS))?;
+    Ok((0..batch.num_rows())
+        .map(|i| {
+            let id = ids.value(i).to_string();
+            let list = parents.value(i);
+            let first = list.as_string_opt::<i32>().filter(|l| !l.is_empty()).map(|l| l.value(0).to_string());
+            (id.clone(), first.unwrap_or(id))
+        })
+        .collect())
+}
+
 /// A `parent_ids` column from one list of parents per row.
 pub fn parents_array(parents: &[Vec<String>]) -> ArrayRef {
     let mut builder = arrow::array::ListBuilder::new(arrow::array::StringBuilder::new());

@@ -189,6 +189,41 @@ impl Input {
     pub fn read(&self) -> Result<Vec<RecordBatch>> {
         store::read_dataset(&self.dir)
     }
+
+    /// The dataset's row count, from its manifest.
+    pub fn row_count(&self) -> Option<u64> {
+        store::read_manifest(&self.dir).ok().flatten().map(|m| m.row_count)
+    }
+
+    /// The rows of the dataset one record batch at a time, reading one part file at a time:
+    /// for stages whose memory must not grow with their input.
+    pub fn batches(&self) -> Result<impl Iterator<Item = Result<RecordBatch>> + Send + use<>> {
+        store::dataset_batches(&self.dir)
+    }
+}
+
+/// Where a running stage's rows go as it produces them ([`StageCx::emit`]): the dataset's part
+/// writer when the executor runs the stage; nowhere in a context made for an estimate.
+#[derive(Debug, Default)]
+pub struct Sink(std::sync::Mutex<Option<store::PartWriter>>);
+
+impl Sink {
+    /// A sink writing into `parts`.
+    pub fn parts(parts: store::PartWriter) -> Self {
+        Sink(std::sync::Mutex::new(Some(parts)))
+    }
+
+    fn push(&self, batch: RecordBatch) -> Result<()> {
+        match &mut *self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(parts) => parts.push(batch),
+            None => Err(crate::Error::Internal("rows emitted by a stage that is not running".into())),
+        }
+    }
+
+    /// The part writer, once the stage is done.
+    pub fn into_parts(self) -> Option<store::PartWriter> {
+        self.0.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// What a running stage can use.
@@ -211,9 +246,17 @@ pub struct StageCx {
     /// [`StageCx::wrote`]: the manifest lists them, and a later run re-creates them when they
     /// are missing or changed.
     pub written: Arc<std::sync::Mutex<Vec<PathBuf>>>,
+    /// Where rows emitted while the stage runs go ([`StageCx::emit`]).
+    pub sink: Arc<Sink>,
 }
 
 impl StageCx {
+    /// Hands rows of the output to the dataset now, in output order, before the rows of the
+    /// returned [`Output`]: a stage that emits as it goes holds only what is in flight.
+    pub fn emit(&self, batch: RecordBatch) -> Result<()> {
+        self.sink.push(batch)
+    }
+
     /// Records that the stage wrote `path` (outside its dataset folder).
     pub fn wrote(&self, path: &Path) {
         self.written.lock().unwrap_or_else(|e| e.into_inner()).push(path.to_path_buf());

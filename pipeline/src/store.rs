@@ -160,7 +160,7 @@ impl Store {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         let blake3 = match bytes {
             Some(b) => blake3::hash(b),
-            None => blake3::hash(&std::fs::read(path).map_err(|e| Error::io(path, e))?),
+            None => hash_file(path)?,
         };
         let shown = path.strip_prefix(&self.dir).unwrap_or(path).to_string_lossy().into_owned();
         Ok(FileCheck { path: shown, bytes: meta.len(), blake3: blake3.to_hex().to_string(), mtime_ns: mtime_ns(&meta) })
@@ -176,13 +176,34 @@ impl Store {
                 return Some(format!("`{}` has {} bytes, {} were written", check.path, meta.len(), check.bytes));
             }
             if full || mtime_ns(&meta) != check.mtime_ns {
-                let same = std::fs::read(&path).is_ok_and(|b| blake3::hash(&b).to_hex().as_str() == check.blake3);
+                let same = hash_file(&path).is_ok_and(|h| h.to_hex().as_str() == check.blake3);
                 if !same {
                     return Some(format!("`{}` was changed after it was written", check.path));
                 }
             }
         }
         None
+    }
+
+    /// A writer of `stage`'s dataset, in its temporary folder: rows pushed while the stage
+    /// runs are written as Parquet parts as soon as a part is full, so a stage's output need
+    /// not be held in memory. [`Store::finish`] completes it.
+    pub fn parts(&self, stage: &str, schema: &SchemaRef) -> Result<PartWriter> {
+        let tmp = self.dir.join(format!(".tmp-{stage}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(PartWriter {
+            store_dir: self.dir.clone(),
+            tmp,
+            stage: stage.to_string(),
+            schema: schema.clone(),
+            pending: Vec::new(),
+            pending_rows: 0,
+            hasher: blake3::Hasher::new(),
+            files: Vec::new(),
+            checks: Vec::new(),
+            rows: 0,
+        })
     }
 
     /// Writes `stage`'s dataset atomically and returns its manifest, completed with the content
@@ -193,42 +214,43 @@ impl Store {
         batches: &[RecordBatch],
         rejections: &[Rejection],
         written: &[PathBuf],
+        manifest: Manifest,
+    ) -> Result<Manifest> {
+        let mut parts = self.parts(&manifest.stage, schema)?;
+        for batch in batches {
+            parts.push(batch.clone())?;
+        }
+        self.finish(parts, rejections, written, manifest)
+    }
+
+    /// Completes a dataset: its last part, its rejections, the checks of the files the stage
+    /// wrote elsewhere and the manifest (written last), then the folder renamed into place.
+    pub fn finish(
+        &self,
+        mut parts: PartWriter,
+        rejections: &[Rejection],
+        written: &[PathBuf],
         mut manifest: Manifest,
     ) -> Result<Manifest> {
         let stage = manifest.stage.clone();
-        let tmp = self.dir.join(format!(".tmp-{stage}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-
-        let rows: Vec<RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).cloned().collect();
-        let total: usize = rows.iter().map(RecordBatch::num_rows).sum();
-        let mut hasher = blake3::Hasher::new();
-        let mut files = Vec::new();
-        let mut checks = Vec::new();
-        // Checks name the files where they will be once the folder is renamed into place.
-        let placed = |check: FileCheck, name: &str| FileCheck { path: format!("{stage}/{name}"), ..check };
-        let chunks = split_rows(&rows, ROWS_PER_PART);
-        for (i, chunk) in chunks.iter().enumerate() {
-            let name = format!("part-{i:05}.parquet");
-            let path = tmp.join(&name);
-            let bytes = write_parquet(&path, schema, chunk)?;
-            hasher.update(&bytes);
-            checks.push(placed(self.check(&path, Some(&bytes))?, &name));
-            files.push(name);
+        // A dataset without rows still has one (empty) part, which carries its schema.
+        if parts.pending_rows > 0 || parts.files.is_empty() {
+            parts.flush()?;
         }
+        let tmp = parts.tmp.clone();
         let path = tmp.join(REJECTIONS);
         let bytes = write_parquet(&path, &rejection_schema(), &[rejection_batch(&stage, rejections)?])?;
-        checks.push(placed(self.check(&path, Some(&bytes))?, REJECTIONS));
+        parts.checks.push(placed(&stage, self.check(&path, Some(&bytes))?, REJECTIONS));
         for path in written {
-            checks.push(self.check(path, None)?);
+            parts.checks.push(self.check(path, None)?);
         }
 
-        manifest.content_hash = hasher.finalize().to_hex()[..32].to_string();
-        manifest.schema = schema_info(schema);
-        manifest.row_count = total as u64;
+        manifest.content_hash = parts.hasher.finalize().to_hex()[..32].to_string();
+        manifest.schema = schema_info(&parts.schema);
+        manifest.row_count = parts.rows as u64;
         manifest.rejected = rejections.len() as u64;
-        manifest.files = files;
-        manifest.checks = checks;
+        manifest.files = parts.files;
+        manifest.checks = parts.checks;
         manifest.finished_at = now();
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
         let mpath = tmp.join(MANIFEST);
@@ -340,27 +362,98 @@ fn write_parquet(path: &Path, schema: &SchemaRef, batches: &[RecordBatch]) -> Re
     Ok(bytes)
 }
 
-/// Splits batches into chunks of at most `n` rows each; no rows gives one empty chunk, so that
-/// an empty dataset still has a part file carrying its schema.
-fn split_rows(batches: &[RecordBatch], n: usize) -> Vec<Vec<RecordBatch>> {
-    let mut chunks = vec![Vec::new()];
-    let mut filled = 0;
-    for batch in batches {
+/// The BLAKE3 of a file, read in pieces (exports can be large).
+fn hash_file(path: &Path) -> Result<blake3::Hash> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(file).map_err(|e| Error::io(path, e))?;
+    Ok(hasher.finalize())
+}
+
+/// A check of a file in a stage's temporary folder, named where it will be once the folder is
+/// renamed into place.
+fn placed(stage: &str, check: FileCheck, name: &str) -> FileCheck {
+    FileCheck { path: format!("{stage}/{name}"), ..check }
+}
+
+/// A dataset being written: full parts go to disk as rows arrive (see [`Store::parts`]).
+#[derive(Debug)]
+pub struct PartWriter {
+    store_dir: PathBuf,
+    tmp: PathBuf,
+    stage: String,
+    schema: SchemaRef,
+    /// Rows not yet in a part, fewer than `ROWS_PER_PART`.
+    pending: Vec<RecordBatch>,
+    pending_rows: usize,
+    hasher: blake3::Hasher,
+    files: Vec<String>,
+    checks: Vec<FileCheck>,
+    rows: usize,
+}
+
+impl PartWriter {
+    /// Adds rows (in the dataset's order); every `ROWS_PER_PART` rows become a part file.
+    pub fn push(&mut self, batch: RecordBatch) -> Result<()> {
+        if batch.schema().fields() != self.schema.fields() {
+            return Err(Error::Internal(format!(
+                "stage `{}` produced rows that do not match its declared schema",
+                self.stage
+            )));
+        }
         let mut offset = 0;
         while offset < batch.num_rows() {
-            if filled == n {
-                chunks.push(Vec::new());
-                filled = 0;
-            }
-            let take = (n - filled).min(batch.num_rows() - offset);
-            if let Some(c) = chunks.last_mut() {
-                c.push(batch.slice(offset, take));
-            }
-            filled += take;
+            let take = (ROWS_PER_PART - self.pending_rows).min(batch.num_rows() - offset);
+            self.pending.push(batch.slice(offset, take));
+            self.pending_rows += take;
             offset += take;
+            if self.pending_rows == ROWS_PER_PART {
+                self.flush()?;
+            }
         }
+        Ok(())
     }
-    chunks
+
+    /// Rows pushed so far.
+    pub fn rows(&self) -> usize {
+        self.rows + self.pending_rows
+    }
+
+    /// Writes the pending rows as the next part.
+    fn flush(&mut self) -> Result<()> {
+        let name = format!("part-{:05}.parquet", self.files.len());
+        let path = self.tmp.join(&name);
+        let bytes = write_parquet(&path, &self.schema, &self.pending)?;
+        self.hasher.update(&bytes);
+        let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+        let check = FileCheck {
+            path: path.strip_prefix(&self.store_dir).unwrap_or(&path).to_string_lossy().into_owned(),
+            bytes: meta.len(),
+            blake3: blake3::hash(&bytes).to_hex().to_string(),
+            mtime_ns: mtime_ns(&meta),
+        };
+        self.checks.push(placed(&self.stage, check, &name));
+        self.files.push(name);
+        self.rows += self.pending_rows;
+        self.pending.clear();
+        self.pending_rows = 0;
+        Ok(())
+    }
+}
+
+/// The rows of a dataset folder, one part file at a time (at most `ROWS_PER_PART` rows held).
+pub fn dataset_batches(dir: &Path) -> Result<impl Iterator<Item = Result<RecordBatch>> + Send + use<>> {
+    let files = dataset_files(dir)?;
+    Ok(files.into_iter().flat_map(|file| {
+        let reader = File::open(&file).map_err(|e| Error::io(&file, e)).and_then(|f| {
+            ParquetRecordBatchReaderBuilder::try_new(f).and_then(|b| b.build()).map_err(|e| Error::dataset(&file, e))
+        });
+        let batches: Box<dyn Iterator<Item = Result<RecordBatch>> + Send> = match reader {
+            Ok(reader) => Box::new(reader.map(move |b| b.map_err(|e| Error::dataset(&file, e)))),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        };
+        batches
+    }))
 }
 
 fn schema_info(schema: &Schema) -> Vec<ColumnInfo> {

@@ -32,6 +32,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, SchemaRef};
+use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use kiln_llm::Message;
 use kiln_pipeline::rows::{row_id, schema_with_lineage, to_batch};
@@ -42,6 +43,7 @@ use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::families::{PROFILED_TABLE, QUESTION, Question, Row};
+use crate::grouped::Grouped;
 use crate::llm_rows::{Model, RowRequest, complete_rows, estimate_rows, parse_tags};
 use crate::profile::readers::Format;
 use crate::profile::{ProfiledTable, read_profiles};
@@ -170,21 +172,37 @@ fn not_dependent(fused: &str, uses: &str, follow_up: &str) -> Option<String> {
     None
 }
 
-/// Every input question.
-fn read_sources(input: &Input) -> Result<Vec<Source>> {
+/// The questions of `batch`, each with its table's key.
+fn sources(stage: &str, batch: RecordBatch) -> Result<Vec<(String, Source)>> {
     Ok(QUESTION
-        .read::<Row<Question>>(input)?
+        .rows::<Row<Question>>(stage, &[batch])?
         .into_iter()
-        .map(|r| Source {
-            row_id: r.row_id,
-            question: r.data.question,
-            category: r.data.category.unwrap_or_default(),
-            path: r.data.path,
-            format: r.data.format,
-            table: r.data.table,
+        .map(|r| {
+            let source = Source {
+                row_id: r.row_id,
+                question: r.data.question,
+                category: r.data.category.unwrap_or_default(),
+                path: r.data.path,
+                format: r.data.format,
+                table: r.data.table,
+            };
+            (format!("{}\0{}", source.path, source.table), source)
         })
         .collect())
 }
+
+/// The table key of each question of `batch`.
+fn table_keys(stage: &str, batch: &RecordBatch) -> Result<Vec<String>> {
+    Ok(sources(stage, batch.clone())?.into_iter().map(|(key, _)| key).collect())
+}
+
+/// The questions of `input`, whole tables at a time: a chain never leaves its table.
+fn pools(input: &Input) -> Result<Grouped<Source>> {
+    Grouped::read(input, table_keys, sources)
+}
+
+/// Questions composed at once (whole tables): what compose holds in memory.
+const QUESTIONS_AT_ONCE: usize = 8192;
 
 impl Compose {
     /// A chain per seed question with its planned follow-ups; seeds without enough follow-ups
@@ -317,31 +335,62 @@ impl Stage for Composing {
     }
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
-        let (pool, tables) = (read_sources(&inputs[0])?, read_tables(&inputs[1])?);
-        let (live, _) = self.params.start_chains(&pool, &tables, &cx.seed.to_string());
-        // Later steps depend on earlier replies: count the first step's prompts once per step.
-        let requests =
-            self.params.step_requests(&self.templates, &tables, &live, 1).map_err(|e| Error::stage(&cx.name, e))?;
+        let tables = read_tables(&inputs[1])?;
+        let mut requests = Vec::new();
+        let mut pools = pools(&inputs[0])?;
+        while let Some(chunk) = pools.next_chunk(QUESTIONS_AT_ONCE)? {
+            let pool: Vec<Source> = chunk.into_iter().flat_map(|(_, questions)| questions).collect();
+            let (live, _) = self.params.start_chains(&pool, &tables, &cx.seed.to_string());
+            // Later steps depend on earlier replies: count the first step's prompts once per step.
+            requests.extend(
+                self.params.step_requests(&self.templates, &tables, &live, 1).map_err(|e| Error::stage(&cx.name, e))?,
+            );
+        }
         estimate_rows(cx, &self.model.config, &requests, u64::from(self.params.depth - 1)).map(Some)
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
         let client = self.model.client(cx)?;
-        let (pool, tables) = (read_sources(&inputs[0])?, read_tables(&inputs[1])?);
-        let (mut live, rejections) = self.params.start_chains(&pool, &tables, &cx.seed.to_string());
-        let mut output = Output { rejections, ..Default::default() };
-        let mut counters: BTreeMap<String, u64> = BTreeMap::new();
+        let tables = read_tables(&inputs[1])?;
+        let mut output = Output::default();
+        let (mut seeds, mut composed) = (0, 0);
+        let mut pools = pools(&inputs[0])?;
+        while let Some(chunk) = pools.next_chunk(QUESTIONS_AT_ONCE)? {
+            let pool: Vec<Source> = chunk.into_iter().flat_map(|(_, questions)| questions).collect();
+            seeds += pool.len() as u64;
+            let rows = self.compose(cx, &client, &pool, &tables, &mut output).await?;
+            composed += rows.len() as u64;
+            cx.emit(to_batch(&schema(), &rows)?)?;
+        }
+        output.counters.insert("seeds".into(), seeds);
+        output.counters.insert("composed".into(), composed);
+        Ok(output)
+    }
+}
+
+impl Composing {
+    /// The composed questions of `pool` (whole tables), with rejections and counters in `output`.
+    async fn compose(
+        &self,
+        cx: &StageCx,
+        client: &kiln_llm::Client,
+        pool: &[Source],
+        tables: &Tables,
+        output: &mut Output,
+    ) -> Result<Vec<Composed>> {
+        let (mut live, rejections) = self.params.start_chains(pool, tables, &cx.seed.to_string());
+        output.rejections.extend(rejections);
         for step in 1..self.params.depth {
             let requests = self
                 .params
-                .step_requests(&self.templates, &tables, &live, step)
+                .step_requests(&self.templates, tables, &live, step)
                 .map_err(|e| Error::stage(&cx.name, e))?;
             let parse = |text: &str| parse_tags(text, &["question", "uses", "description"]);
             let (replies, rejections, step_counters) =
-                complete_rows(cx, client.as_ref(), requests, self.params.max_parse_retries, parse).await?;
+                complete_rows(cx, client, requests, self.params.max_parse_retries, parse).await?;
             output.rejections.extend(rejections);
             for (k, v) in step_counters {
-                *counters.entry(k).or_default() += v;
+                *output.counters.entry(k).or_default() += v;
             }
             let mut next = Vec::with_capacity(live.len());
             for ((mut chain, ups), reply) in live.into_iter().zip(replies) {
@@ -349,7 +398,7 @@ impl Stage for Composing {
                 let Ok([question, uses, description]) = <[String; 3]>::try_from(reply.value) else { continue };
                 let follow_up = ups[step as usize - 1];
                 if let Some(why) = not_dependent(&question, &uses, &follow_up.question) {
-                    *counters.entry("not_dependent".into()).or_default() += 1;
+                    *output.counters.entry("not_dependent".into()).or_default() += 1;
                     output.rejections.push(Rejection {
                         row_id: chain.sources[0].row_id.clone(),
                         reason: "not_dependent".into(),
@@ -364,7 +413,7 @@ impl Stage for Composing {
             }
             live = next;
         }
-        let rows: Vec<Composed> = live
+        Ok(live
             .into_iter()
             .map(|(chain, _)| {
                 let ids: Vec<String> = chain.sources.iter().map(|s| s.row_id.clone()).collect();
@@ -387,12 +436,7 @@ impl Stage for Composing {
                     model: self.model.name.clone(),
                 }
             })
-            .collect();
-        output.counters = counters;
-        output.counters.insert("seeds".into(), pool.len() as u64);
-        output.counters.insert("composed".into(), rows.len() as u64);
-        output.batches = vec![to_batch(&schema(), &rows)?];
-        Ok(output)
+            .collect())
     }
 }
 

@@ -335,22 +335,33 @@ impl Stage for Export {
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
         let target: PathBuf = cx.pipeline.output_dir.join(&self.path);
-        let batches = inputs[0].read()?;
-        let mut rows_written: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
-        match self.format {
-            Format::Jsonl => write_atomic(&target, |w| {
-                let mut writer = arrow::json::LineDelimitedWriter::new(w);
-                for b in &batches {
-                    writer.write(b).map_err(other)?;
-                }
-                writer.finish().map_err(other)
-            })?,
-            Format::Sharegpt => self.sharegpt(&target, &TRAJECTORY.rows(&inputs[0].name, &batches)?)?,
-            Format::Rl => rows_written = self.rl(&target, &TRAJECTORY.rows(&inputs[0].name, &batches)?)?,
-        }
+        let rows_written = match self.format {
+            // JSON lines stream: one input batch at a time.
+            Format::Jsonl => {
+                let mut rows = 0;
+                write_atomic(&target, |w| {
+                    let mut writer = arrow::json::LineDelimitedWriter::new(w);
+                    for b in inputs[0].batches().map_err(other)? {
+                        let b = b.map_err(other)?;
+                        rows += b.num_rows() as u64;
+                        writer.write(&b).map_err(other)?;
+                    }
+                    writer.finish().map_err(other)
+                })?;
+                rows
+            }
+            Format::Sharegpt => {
+                let batches = inputs[0].read()?;
+                self.sharegpt(&target, &TRAJECTORY.rows(&inputs[0].name, &batches)?)?;
+                batches.iter().map(|b| b.num_rows() as u64).sum()
+            }
+            Format::Rl => self.rl(&target, &TRAJECTORY.rows(&inputs[0].name, &inputs[0].read()?)?)?,
+        };
         cx.wrote(&target);
-        let bytes = std::fs::read(&target).map_err(|e| Error::io(&target, e))?;
-        let hash = blake3::hash(&bytes).to_hex().to_string();
+        let file = std::fs::File::open(&target).map_err(|e| Error::io(&target, e))?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(file).map_err(|e| Error::io(&target, e))?;
+        let (hash, bytes) = (hasher.finalize().to_hex().to_string(), hasher.count());
         let format =
             serde_json::to_value(self.format).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         let row = Exported {
@@ -359,7 +370,7 @@ impl Stage for Export {
             path: self.path.clone(),
             format,
             rows: rows_written,
-            bytes: bytes.len() as u64,
+            bytes,
             blake3: hash,
         };
         Ok(Output { batches: vec![to_batch(&schema(), &[row])?], ..Default::default() })

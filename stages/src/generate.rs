@@ -3,6 +3,10 @@
 //! column is a variable, requests `n` samples, optionally parses tags out of each reply, and
 //! writes the input columns plus the new ones. One output row per (input row, sample).
 //!
+//! It streams: the input is read one record batch at a time, requests are made as the model
+//! frees up, and output rows are written to the dataset in batches as they complete, so memory
+//! holds what is in flight, not the whole input or output.
+//!
 //! ```toml
 //! [stages.rewrite]
 //! kind = "generate"
@@ -16,7 +20,7 @@
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, StringArray, UInt32Array, UInt64Array};
-use arrow::compute::{concat_batches, take_record_batch};
+use arrow::compute::concat_batches;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use kiln_llm::Message;
@@ -25,7 +29,7 @@ use kiln_pipeline::stage::{CheckCx, Config, Estimate, FileDep, Input, InputSchem
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::llm_rows::{Model, RowRequest, complete_rows, estimate_rows, parse_tags};
+use crate::llm_rows::{Model, RowReply, RowRequest, complete_each, estimate_rows, parse_tags};
 use crate::templates::Templates;
 
 /// Parameters of a `generate` stage.
@@ -68,7 +72,11 @@ fn default_n() -> u32 {
 
 /// The input rows as one batch, the requests, and per request its input row index, parent id
 /// and sample number.
-type Plan = (RecordBatch, Vec<RowRequest>, Vec<(u32, String, u32)>);
+/// Rows of output handed on at once.
+const OUTPUT_BATCH: usize = 4096;
+
+/// Where a request came from: its input batch and row, the row's id, the sample number.
+type Source = (RecordBatch, usize, String, u32);
 
 /// Turns a reply into the values of the new columns, or says why it cannot.
 type Parser = Box<dyn Fn(&str) -> Result<Vec<String>, String> + Send + Sync>;
@@ -179,14 +187,10 @@ struct Generating {
 }
 
 impl Generating {
-    /// The input rows as one batch, one request per (row, sample), and for each request its
-    /// input row index, parent id and sample number.
-    fn plan(&self, cx: &StageCx, input: &Input) -> Result<Plan> {
-        let fail = |e: String| Error::stage(&cx.name, e);
-        let data = concat_batches(&input.schema, &input.read()?).map_err(|e| fail(e.to_string()))?;
-        let mut requests = Vec::new();
-        let mut sources = Vec::new();
-        for (i, row) in to_json_rows(std::slice::from_ref(&data))?.into_iter().enumerate() {
+    /// One request per (row, sample) of `batch`, each with where it came from.
+    fn requests(&self, cx: &StageCx, batch: &RecordBatch) -> Result<Vec<(RowRequest, Source)>> {
+        let mut out = Vec::new();
+        for (i, row) in to_json_rows(std::slice::from_ref(batch))?.into_iter().enumerate() {
             let parent = row.get(ROW_ID).and_then(|v| v.as_str()).unwrap_or_default().to_string();
             let prompt = self.templates.render(&self.prompt, &row).map_err(|e| Error::stage(&cx.name, e))?;
             let mut messages: Vec<Message> =
@@ -195,11 +199,49 @@ impl Generating {
             for sample in 0..self.params.n {
                 let body = serde_json::to_string(&messages).unwrap_or_default();
                 let id = row_id(&[&parent], format!("generate\0{}\0{sample}\0{body}", self.model.name).as_bytes());
-                requests.push(RowRequest { row_id: id, messages: messages.clone(), sample });
-                sources.push((i as u32, parent.clone(), sample));
+                out.push((
+                    RowRequest { row_id: id, messages: messages.clone(), sample },
+                    (batch.clone(), i, parent.clone(), sample),
+                ));
             }
         }
-        Ok((data, requests, sources))
+        Ok(out)
+    }
+
+    /// Output rows: the input rows of `sources` (with new ids and parents) and their replies.
+    fn output_batch(
+        &self,
+        schema: &SchemaRef,
+        rows: Vec<(String, Source, RowReply<Vec<String>>)>,
+    ) -> Result<RecordBatch> {
+        let fail = |e: arrow::error::ArrowError| Error::Internal(format!("generate output: {e}"));
+        let input_schema = rows[0].1.0.schema();
+        let slices: Vec<RecordBatch> = rows.iter().map(|(_, (batch, i, _, _), _)| batch.slice(*i, 1)).collect();
+        let kept = concat_batches(&input_schema, &slices).map_err(fail)?;
+        let n = rows.len();
+        let ids: Vec<&str> = rows.iter().map(|(id, _, _)| id.as_str()).collect();
+        let parents: Vec<Vec<String>> = rows.iter().map(|(_, (_, _, parent, _), _)| vec![parent.clone()]).collect();
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        for (field, column) in input_schema.fields().iter().zip(kept.columns()) {
+            columns.push(match field.name().as_str() {
+                ROW_ID => Arc::new(StringArray::from(ids.clone())),
+                PARENT_IDS => parents_array(&parents),
+                _ => column.clone(),
+            });
+        }
+        columns.push(Arc::new(UInt32Array::from_iter_values(rows.iter().map(|(_, source, _)| source.3))));
+        for k in 0..self.params.new_columns().len() {
+            columns.push(Arc::new(StringArray::from_iter_values(rows.iter().map(|(_, _, r)| r.value[k].as_str()))));
+        }
+        columns.push(Arc::new(StringArray::from(vec![self.model.name.clone(); n])));
+        columns.push(Arc::new(UInt64Array::from_iter_values(rows.iter().map(|(_, _, r)| r.prompt_tokens))));
+        columns.push(Arc::new(UInt64Array::from_iter_values(rows.iter().map(|(_, _, r)| r.completion_tokens))));
+        RecordBatch::try_new(schema.clone(), columns).map_err(fail)
+    }
+
+    async fn schema(&self, cx: &StageCx, input: &Input) -> Result<SchemaRef> {
+        let inputs = [InputSchema { name: input.name.clone(), kind: String::new(), schema: input.schema.clone() }];
+        self.output_schema(&cx.pipeline, &inputs).await.map_err(|p| Error::stage(&cx.name, p[0].message.clone()))
     }
 }
 
@@ -252,58 +294,45 @@ impl Stage for Generating {
     }
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
-        let (_, requests, _) = self.plan(cx, &inputs[0])?;
+        let mut requests = Vec::new();
+        for batch in inputs[0].batches()? {
+            requests.extend(self.requests(cx, &batch?)?.into_iter().map(|(r, _)| r));
+        }
         estimate_rows(cx, &self.model.config, &requests, 1).map(Some)
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
-        let fail = |e: String| Error::stage(&cx.name, e);
         let input = &inputs[0];
         let client = self.model.client(cx)?;
-        let (data, requests, sources) = self.plan(cx, input)?;
-        let parse = self.params.parser().map_err(|p| fail(p.to_string()))?;
-        let (replies, rejections, counters) =
-            complete_rows(cx, client.as_ref(), requests.clone(), self.params.max_parse_retries, parse).await?;
-
-        let (mut take, mut ids, mut parents, mut samples, mut tokens) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), (Vec::new(), Vec::new()));
-        let mut values: Vec<Vec<String>> = vec![Vec::new(); self.params.new_columns().len()];
-        for ((request, (index, parent, sample)), reply) in requests.iter().zip(&sources).zip(replies) {
-            let Some(reply) = reply else { continue };
-            take.push(*index);
-            ids.push(request.row_id.clone());
-            parents.push(vec![parent.clone()]);
-            samples.push(*sample);
-            tokens.0.push(reply.prompt_tokens);
-            tokens.1.push(reply.completion_tokens);
-            for (column, value) in values.iter_mut().zip(reply.value) {
-                column.push(value);
-            }
-        }
-        let kept = take_record_batch(&data, &UInt32Array::from(take)).map_err(|e| fail(e.to_string()))?;
-        let schema = self
-            .output_schema(
-                &cx.pipeline,
-                &[InputSchema { name: input.name.clone(), kind: String::new(), schema: input.schema.clone() }],
-            )
-            .await
-            .map_err(|p| fail(p[0].message.clone()))?;
-        let mut columns: Vec<ArrayRef> = Vec::new();
-        for (field, column) in input.schema.fields().iter().zip(kept.columns()) {
-            columns.push(match field.name().as_str() {
-                ROW_ID => Arc::new(StringArray::from(ids.clone())),
-                PARENT_IDS => parents_array(&parents),
-                _ => column.clone(),
-            });
-        }
-        let n = ids.len();
-        columns.push(Arc::new(UInt32Array::from(samples)));
-        columns.extend(values.into_iter().map(|v| Arc::new(StringArray::from(v)) as ArrayRef));
-        columns.push(Arc::new(StringArray::from(vec![self.model.name.clone(); n])));
-        columns.push(Arc::new(UInt64Array::from(tokens.0)));
-        columns.push(Arc::new(UInt64Array::from(tokens.1)));
-        let batch = RecordBatch::try_new(schema, columns).map_err(|e| fail(e.to_string()))?;
-        Ok(Output { batches: vec![batch], rejections, counters })
+        let parse = self.params.parser().map_err(|p| Error::stage(&cx.name, p.to_string()))?;
+        let schema = self.schema(cx, input).await?;
+        // Requests are made from the input one batch at a time, as the client takes them.
+        let requests = input.batches()?.flat_map(|batch| match batch.and_then(|b| self.requests(cx, &b)) {
+            Ok(requests) => requests.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(e) => vec![Err(e)],
+        });
+        let total = input.row_count().unwrap_or(0) * u64::from(self.params.n);
+        let mut ready = Vec::new();
+        let (rejections, counters) = complete_each(
+            cx,
+            client.as_ref(),
+            requests,
+            total,
+            self.params.max_parse_retries,
+            parse,
+            |request, source, reply| {
+                if let Some(reply) = reply {
+                    ready.push((request.row_id, source, reply));
+                }
+                if ready.len() >= OUTPUT_BATCH {
+                    cx.emit(self.output_batch(&schema, std::mem::take(&mut ready))?)?;
+                }
+                Ok(())
+            },
+        )
+        .await?;
+        let batches = if ready.is_empty() { Vec::new() } else { vec![self.output_batch(&schema, ready)?] };
+        Ok(Output { batches, rejections, counters })
     }
 }
 

@@ -15,6 +15,7 @@ pub mod families;
 pub mod filters;
 pub mod generate;
 pub mod graders;
+pub mod grouped;
 pub mod judge;
 pub mod llm_rows;
 pub mod load;

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use futures::stream::{self, StreamExt};
+use futures::stream::{FuturesUnordered, StreamExt};
 use kiln_llm::{Client, Completion, Message, ModelConfig};
 use kiln_pipeline::cache::CacheKey;
 use kiln_pipeline::stage::{CheckCx, Estimate, Problem, Rejection, StageCx};
@@ -116,10 +116,17 @@ pub struct RowReply<T> {
 /// Replies in request order (`None` for rejected rows), rejections and counters.
 pub type Completed<T> = (Vec<Option<RowReply<T>>>, Vec<Rejection>, BTreeMap<String, u64>);
 
-/// One row's outcome, and how many of its requests were cache hits.
-type RowOutcome<T> = Result<(Result<RowReply<T>, Rejection>, u64)>;
+/// One row's outcome, how many of its requests were cache hits, and how many HTTP attempts it
+/// took.
+type RowOutcome<T> = Result<(Result<RowReply<T>, Rejection>, u64, u32)>;
 
-/// Completes every request, in parallel within the client's limits.
+/// How many rows may start ahead of the oldest unfinished one: a slow or hung request holds
+/// only its own slot while up to this many later rows finish (their outcomes wait, in memory,
+/// to be handed on in order); past it, new rows wait for the slow one.
+pub const REORDER_WINDOW: usize = 16_384;
+
+/// Completes every request, in parallel within the client's limits; the replies in request
+/// order. See [`complete_each`], which this collects.
 pub async fn complete_rows<T, P>(
     cx: &StageCx,
     client: &Client,
@@ -131,54 +138,111 @@ where
     T: Send,
     P: Fn(&str) -> Result<T, String> + Sync,
 {
+    let total = requests.len() as u64;
+    let mut replies = Vec::with_capacity(requests.len());
+    let requests = requests.into_iter().map(|r| Ok((r, ())));
+    let (rejections, counters) =
+        complete_each(cx, client, requests, total, max_parse_retries, parse, |_, (), reply| {
+            replies.push(reply);
+            Ok(())
+        })
+        .await?;
+    Ok((replies, rejections, counters))
+}
+
+/// Completes `requests` (read as the client frees up, so they may be produced lazily from a
+/// large input), each with what it came from (`S`), in parallel within the client's limits,
+/// and hands each row's request, source and reply (`None` when rejected) to `on_row` in
+/// request order. Requests complete in any order:
+/// a slow one holds only its own slot (see [`REORDER_WINDOW`]). Consecutive samples of one
+/// conversation are asked in one request with `n` choices when the model `supports_n`.
+/// `total` sizes the progress bar. Returns the rejections and counters: cache hits, tokens,
+/// cost, the client's attempts, and per row its tries (`row_tries_<k>`, rows that took `k`
+/// HTTP attempts this run) and final status (`rows_ok`, `rows_<reason>`).
+pub async fn complete_each<S, T, P>(
+    cx: &StageCx,
+    client: &Client,
+    requests: impl Iterator<Item = Result<(RowRequest, S)>>,
+    total: u64,
+    max_parse_retries: u32,
+    parse: P,
+    mut on_row: impl FnMut(RowRequest, S, Option<RowReply<T>>) -> Result<()>,
+) -> Result<(Vec<Rejection>, BTreeMap<String, u64>)>
+where
+    S: Send,
+    T: Send,
+    P: Fn(&str) -> Result<T, String> + Sync,
+{
     let before = client.stats().snapshot();
     // Rows waiting to retry hold no request slot: let enough rows proceed that they do not
     // starve the client of work (the client's limiter bounds what is in flight).
     let parallel = client.config().max_concurrency * 8;
-    let batched = ask_samples_together(cx, client, &requests, parallel).await?;
-    let bar = progress::bar(&cx.name, requests.len() as u64);
-    // Requests complete in any order, so a slow one holds only its own slot; the replies are
-    // put back in request order.
-    let mut results: Vec<(usize, RowOutcome<T>)> = stream::iter(0..requests.len())
-        .map(|i| {
-            let (request, parse, bar) = (&requests[i], &parse, &bar);
-            async move {
-                let r = complete_one(cx, client, request, max_parse_retries, parse).await;
-                bar.inc(1);
-                (i, r)
-            }
-        })
-        .buffer_unordered(parallel)
-        .collect()
-        .await;
-    bar.finish_and_clear();
-    results.sort_by_key(|(i, _)| *i);
-    let results = results.into_iter().map(|(_, r)| r);
-
+    let bar = progress::bar(&cx.name, total);
+    let mut requests = requests.peekable();
+    let mut running = FuturesUnordered::new();
+    let mut done: BTreeMap<usize, (RowRequest, S, RowOutcome<T>)> = BTreeMap::new();
+    let (mut started, mut handed) = (0usize, 0usize);
     let mut counters: BTreeMap<String, u64> = BTreeMap::new();
-    if batched > 0 {
-        counters.insert("samples_asked_together".into(), batched);
-    }
-    let (mut replies, mut rejections) = (Vec::new(), Vec::new());
-    for result in results {
-        let (reply, hits) = result?;
-        *counters.entry("llm_cache_hits".into()).or_default() += hits;
-        match reply {
-            Ok(r) => {
-                *counters.entry("prompt_tokens".into()).or_default() += r.prompt_tokens;
-                *counters.entry("completion_tokens".into()).or_default() += r.completion_tokens;
-                replies.push(Some(r));
-            }
-            Err(rejection) => {
-                // The endpoint failed past the client's retries: a later run may succeed.
-                if rejection.reason == "llm_failed" {
-                    *counters.entry(kiln_pipeline::executor::RETRYABLE.into()).or_default() += 1;
+    let mut rejections = Vec::new();
+    loop {
+        while running.len() < parallel && started - handed < REORDER_WINDOW {
+            let unit = match next_unit(&mut requests, client.config().supports_n) {
+                Some(unit) => unit?,
+                None => break,
+            };
+            let (first, parse) = (started, &parse);
+            started += unit.len();
+            running.push(async move {
+                let together = if unit.len() > 1 {
+                    let group: Vec<&RowRequest> = unit.iter().map(|(r, _)| r).collect();
+                    ask_group(cx, client, &group).await
+                } else {
+                    Ok(0)
+                };
+                let mut outcomes = Vec::with_capacity(unit.len());
+                for (k, (request, source)) in unit.into_iter().enumerate() {
+                    let outcome = complete_one(cx, client, &request, max_parse_retries, parse).await;
+                    outcomes.push((first + k, request, source, outcome));
                 }
-                rejections.push(rejection);
-                replies.push(None);
+                (together, outcomes)
+            });
+        }
+        let Some((together, outcomes)) = running.next().await else { break };
+        let together = together?;
+        if together > 0 {
+            *counters.entry("samples_asked_together".into()).or_default() += together;
+        }
+        for (at, request, source, outcome) in outcomes {
+            bar.inc(1);
+            done.insert(at, (request, source, outcome));
+        }
+        while let Some((request, source, outcome)) = done.remove(&handed) {
+            handed += 1;
+            let (reply, hits, tries) = outcome?;
+            *counters.entry("llm_cache_hits".into()).or_default() += hits;
+            if tries > 0 {
+                *counters.entry(format!("row_tries_{tries}")).or_default() += 1;
+            }
+            match reply {
+                Ok(r) => {
+                    *counters.entry("rows_ok".into()).or_default() += 1;
+                    *counters.entry("prompt_tokens".into()).or_default() += r.prompt_tokens;
+                    *counters.entry("completion_tokens".into()).or_default() += r.completion_tokens;
+                    on_row(request, source, Some(r))?;
+                }
+                Err(rejection) => {
+                    *counters.entry(format!("rows_{}", rejection.reason)).or_default() += 1;
+                    // The endpoint failed past the client's retries: a later run may succeed.
+                    if rejection.reason == "llm_failed" {
+                        *counters.entry(kiln_pipeline::executor::RETRYABLE.into()).or_default() += 1;
+                    }
+                    rejections.push(rejection);
+                    on_row(request, source, None)?;
+                }
             }
         }
     }
+    bar.finish_and_clear();
     let cost = client.config().cost(
         counters.get("prompt_tokens").copied().unwrap_or(0),
         counters.get("completion_tokens").copied().unwrap_or(0),
@@ -189,7 +253,26 @@ where
     for ((name, after), (_, earlier)) in client.stats().snapshot().into_iter().zip(before) {
         counters.insert(name.to_string(), after - earlier);
     }
-    Ok((replies, rejections, counters))
+    Ok((rejections, counters))
+}
+
+/// The next request, with the requests right after it that are further samples of the same
+/// conversation when the model takes `n` (they are asked together); `None` at the end.
+fn next_unit<S>(
+    requests: &mut std::iter::Peekable<impl Iterator<Item = Result<(RowRequest, S)>>>,
+    supports_n: bool,
+) -> Option<Result<Vec<(RowRequest, S)>>> {
+    let first = match requests.next()? {
+        Ok(r) => r,
+        Err(e) => return Some(Err(e)),
+    };
+    let mut unit = vec![first];
+    while supports_n && matches!(requests.peek(), Some(Ok((next, _))) if next.messages == unit[0].0.messages) {
+        if let Some(Ok(next)) = requests.next() {
+            unit.push(next);
+        }
+    }
+    Some(Ok(unit))
 }
 
 /// One row: request, parse, and on a parse error ask again with the error, up to the limit.
@@ -204,27 +287,34 @@ async fn complete_one<T>(
     let reject =
         |reason: &str, detail: String| Rejection { row_id: request.row_id.clone(), reason: reason.into(), detail };
     let mut messages = request.messages.clone();
-    let (mut prompt_tokens, mut completion_tokens, mut hits) = (0, 0, 0);
+    let (mut prompt_tokens, mut completion_tokens, mut hits, mut tries) = (0, 0, 0, 0);
     for attempt in 0..=max_parse_retries {
         let body = client.request_body(&messages, 1);
         let seed = sample_seed(client.config(), cx.seed, request.sample, false);
         let completed = cached_sample(cx, client, &body, seed, request.sample).await;
         let (completion, hit): (Completion, bool) = match completed {
             Ok(c) => c,
-            Err(Error::Stage { source, .. }) => return Ok((Err(reject("llm_failed", source.to_string())), hits)),
+            Err(Error::Stage { source, .. }) => {
+                tries += client.config().max_retries + 1;
+                return Ok((Err(reject("llm_failed", source.to_string())), hits, tries));
+            }
             Err(e) => return Err(e),
         };
         hits += hit as u64;
+        if !hit {
+            tries += completion.attempts.max(1);
+        }
         prompt_tokens += completion.prompt_tokens;
         completion_tokens += completion.completion_tokens;
         let text = completion.texts.first().cloned().unwrap_or_default();
         match parse(&text) {
-            Ok(value) => return Ok((Ok(RowReply { value, prompt_tokens, completion_tokens }), hits)),
+            Ok(value) => return Ok((Ok(RowReply { value, prompt_tokens, completion_tokens }), hits, tries)),
             Err(why) if attempt == max_parse_retries => {
                 let head: String = text.chars().take(200).collect();
                 return Ok((
                     Err(reject("unparseable", format!("{why} after {} attempts; last reply: {head}", attempt + 1))),
                     hits,
+                    tries,
                 ));
             }
             Err(why) => {
@@ -287,35 +377,11 @@ pub async fn cached_sample(
     cached_chat(cx, client, &body, sample).await
 }
 
-/// For a model that `supports_n`, asks the samples of each conversation asked more than once
-/// in one request with `n` choices, and files choice `k` in the row cache as the reply to
-/// sample `k`'s own request: the per-sample path then finds them all cached (and a reply that
-/// does not parse is retried alone). Conversations with a sample already cached are left to
-/// that path. Returns how many samples were asked together.
-async fn ask_samples_together(cx: &StageCx, client: &Client, requests: &[RowRequest], parallel: usize) -> Result<u64> {
-    if !client.config().supports_n {
-        return Ok(0);
-    }
-    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for (i, r) in requests.iter().enumerate() {
-        groups.entry(serde_json::to_string(&r.messages).unwrap_or_default()).or_default().push(i);
-    }
-    let groups: Vec<Vec<usize>> = groups.into_values().filter(|g| g.len() > 1).collect();
-    let asked: Vec<Result<u64>> = stream::iter(groups)
-        .map(|group| ask_group(cx, client, requests, group))
-        .buffer_unordered(parallel)
-        .collect()
-        .await;
-    asked.into_iter().sum()
-}
-
-/// The samples of one conversation (`group`: indices of `requests`, one request each) in one
-/// request with `n` choices, filed under each sample's own request; nothing when one is
+/// The samples of one conversation (`group`: one request each) in one request with `n` choices, filed under each sample's own request; nothing when one is
 /// already cached or the request fails. Returns how many samples were filed.
-async fn ask_group(cx: &StageCx, client: &Client, requests: &[RowRequest], group: Vec<usize>) -> Result<u64> {
-    let group: Vec<&RowRequest> = group.into_iter().map(|i| &requests[i]).collect();
+async fn ask_group(cx: &StageCx, client: &Client, group: &[&RowRequest]) -> Result<u64> {
     let mut keys = Vec::new();
-    for r in &group {
+    for r in group {
         let seed = sample_seed(client.config(), cx.seed, r.sample, false);
         let (key, unseeded) = sample_keys(&client.request_body(&r.messages, 1), seed, r.sample)?;
         for k in [Some(key), unseeded].into_iter().flatten() {
@@ -340,6 +406,7 @@ async fn ask_group(cx: &StageCx, client: &Client, requests: &[RowRequest], group
             prompt_tokens: if k == 0 { all.prompt_tokens } else { 0 },
             completion_tokens: all.completion_tokens / u64::from(n)
                 + if k == 0 { all.completion_tokens % u64::from(n) } else { 0 },
+            attempts: 0,
         };
         cx.cache.put(key, "llm/chat", &one)?;
         filed += 1;
@@ -439,6 +506,25 @@ mod tests {
         assert_eq!(sample_seed(&config(Some(100)), 7, 3, false), Some(103));
     }
 
+    #[test]
+    fn consecutive_samples_of_one_conversation_are_one_unit_when_the_model_takes_n() {
+        let request = |text: &str, sample: u32| {
+            Ok((
+                RowRequest { row_id: format!("{text}{sample}"), messages: vec![Message::new("user", text)], sample },
+                sample,
+            ))
+        };
+        let requests = || vec![request("a", 0), request("a", 1), request("b", 0), request("a", 2)].into_iter();
+        let units = |supports_n: bool| {
+            let mut it = requests().peekable();
+            std::iter::from_fn(|| next_unit(&mut it, supports_n))
+                .map(|u| u.unwrap().into_iter().map(|(r, _)| r.row_id).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(units(true), [vec!["a0", "a1"], vec!["b0"], vec!["a2"]]);
+        assert_eq!(units(false), [vec!["a0"], vec!["a1"], vec!["b0"], vec!["a2"]]);
+    }
+
     /// A reply paid for when further samples were sent without a seed is found again.
     #[tokio::test]
     async fn replies_cached_before_samples_had_seeds_are_reused() {
@@ -451,6 +537,7 @@ mod tests {
             budget: Default::default(),
             shared: Default::default(),
             written: Default::default(),
+            sink: Default::default(),
         };
         // Port 9 (discard) on loopback: a request sent there fails, so a hit must come from the cache.
         let client = Client::new("m", ModelConfig { max_retries: 0, timeout_s: 1.0, ..config(None) }).unwrap();
@@ -460,6 +547,7 @@ mod tests {
             finish_reasons: vec![None],
             prompt_tokens: 3,
             completion_tokens: 1,
+            attempts: 0,
         };
         cx.cache.put(&chat_key(&body, 1).unwrap(), "llm/chat", &paid).unwrap();
         let (got, hit) = cached_sample(&cx, &client, &body, Some(1), 1).await.unwrap();

@@ -27,8 +27,9 @@ use kiln_pipeline::stage::{CheckCx, Config, Estimate, FileDep, Input, InputSchem
 use kiln_pipeline::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::llm_rows::{Model, RowRequest, complete_rows, estimate_rows, parse_tags};
-use crate::profile::{ProfiledTable, check_profile_input, read_profiles};
+use crate::families::PROFILED_TABLE;
+use crate::llm_rows::{Model, RowRequest, complete_each, estimate_rows, parse_tags};
+use crate::profile::{ProfiledTable, check_profile_input};
 use crate::taxonomy::{Category, Taxonomy};
 use crate::templates::{Templates, check_template};
 
@@ -60,8 +61,8 @@ fn default_template() -> String {
     "synthesize.j2".into()
 }
 
-/// The requests, and for each the table and category it is about.
-type Plan = (Vec<RowRequest>, Vec<(ProfiledTable, Category)>);
+/// Questions handed to the dataset at once.
+const OUTPUT_BATCH: usize = 1024;
 
 /// Variables the template receives.
 const VARIABLES: &[&str] = &["table", "categories", "category"];
@@ -124,33 +125,57 @@ impl Synthesize {
 }
 
 impl Synthesizing {
-    /// One request per (table, sampled category), with what it is about.
-    fn plan(&self, cx: &StageCx, inputs: &[Input]) -> Result<Plan> {
-        let weights = self.params.weights(&self.taxonomy);
-        let definitions: Vec<serde_json::Value> = self
-            .taxonomy
+    /// The category definitions every prompt lists.
+    fn definitions(&self) -> Vec<serde_json::Value> {
+        self.taxonomy
             .categories
             .iter()
             .map(|c| serde_json::json!({"id": c.id, "name": c.name, "definition": c.definition}))
-            .collect();
-        let (mut requests, mut planned) = (Vec::new(), Vec::new());
+            .collect()
+    }
+
+    /// One request per sampled category of `table`, with what it is about.
+    fn requests(
+        &self,
+        cx: &StageCx,
+        definitions: &[serde_json::Value],
+        table: ProfiledTable,
+    ) -> Result<Vec<(RowRequest, (ProfiledTable, Category))>> {
+        let weights = self.params.weights(&self.taxonomy);
         let seed = cx.seed.to_string();
-        for input in inputs {
-            for table in read_profiles(input)? {
-                for category in sample(&weights, self.params.per_table, &[&seed, &table.row_id]) {
-                    let vars = serde_json::json!({"table": &table, "categories": &definitions, "category": category});
-                    let prompt =
-                        self.templates.render(&self.params.template, vars).map_err(|e| Error::stage(&cx.name, e))?;
-                    let id = row_id(
-                        &[&table.row_id],
-                        format!("synthesize\0{}\0{}", category.id, self.model.name).as_bytes(),
-                    );
-                    requests.push(RowRequest { row_id: id, messages: vec![Message::new("user", prompt)], sample: 0 });
-                    planned.push((table.clone(), category.clone()));
-                }
-            }
+        let mut out = Vec::new();
+        for category in sample(&weights, self.params.per_table, &[&seed, &table.row_id]) {
+            let vars = serde_json::json!({"table": &table, "categories": definitions, "category": category});
+            let prompt = self.templates.render(&self.params.template, vars).map_err(|e| Error::stage(&cx.name, e))?;
+            let id = row_id(&[&table.row_id], format!("synthesize\0{}\0{}", category.id, self.model.name).as_bytes());
+            let request = RowRequest { row_id: id, messages: vec![Message::new("user", prompt)], sample: 0 };
+            out.push((request, (table.clone(), category.clone())));
         }
-        Ok((requests, planned))
+        Ok(out)
+    }
+
+    /// The requests of every table of `inputs`, made one record batch of tables at a time.
+    fn plan<'a>(
+        &'a self,
+        cx: &'a StageCx,
+        inputs: &'a [Input],
+        definitions: &'a [serde_json::Value],
+    ) -> Result<impl Iterator<Item = Result<(RowRequest, (ProfiledTable, Category))>> + Send + 'a> {
+        let mut batches = Vec::new();
+        for input in inputs {
+            let name = input.name.clone();
+            batches.push(input.batches()?.map(move |b| (name.clone(), b)));
+        }
+        Ok(batches.into_iter().flatten().flat_map(move |(name, batch)| {
+            let tables = batch.and_then(|b| PROFILED_TABLE.rows::<ProfiledTable>(&name, &[b]));
+            let requests = tables.and_then(|tables| {
+                tables.into_iter().map(|t| self.requests(cx, definitions, t)).collect::<Result<Vec<_>>>()
+            });
+            match requests {
+                Ok(r) => r.into_iter().flatten().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            }
+        }))
     }
 }
 
@@ -239,42 +264,53 @@ impl Stage for Synthesizing {
     }
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
-        let (requests, _) = self.plan(cx, inputs)?;
+        let definitions = self.definitions();
+        let requests: Vec<RowRequest> =
+            self.plan(cx, inputs, &definitions)?.map(|r| r.map(|(r, _)| r)).collect::<Result<_>>()?;
         estimate_rows(cx, &self.model.config, &requests, 1).map(Some)
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
         let client = self.model.client(cx)?;
-        let (requests, planned) = self.plan(cx, inputs)?;
+        let definitions = self.definitions();
+        let requests = self.plan(cx, inputs, &definitions)?;
+        let total = inputs.iter().filter_map(Input::row_count).sum::<u64>() * self.params.per_table as u64;
         let parse = |text: &str| parse_tags(text, &["question", "description", "type"]);
-        let (replies, rejections, counters) =
-            complete_rows(cx, client.as_ref(), requests.clone(), self.params.max_parse_retries, parse).await?;
-        let mut rows = Vec::new();
-        for ((request, (table, category)), reply) in requests.iter().zip(&planned).zip(replies) {
-            let Some(reply) = reply else { continue };
-            let [question, description, answer_type]: [String; 3] =
-                reply.value.try_into().map_err(|_| Error::Internal("three tags".into()))?;
-            rows.push(Query {
-                row_id: request.row_id.clone(),
-                parent_ids: vec![table.row_id.clone()],
-                path: table.path.clone(),
-                format: table.format.clone(),
-                table: table.table.clone(),
-                category: category.id.clone(),
-                category_name: category.name.clone(),
-                question,
-                description,
-                answer_type,
-                difficulty: 1,
-                model: self.model.name.clone(),
-                seed: cx.seed,
-                prompt_tokens: reply.prompt_tokens,
-                completion_tokens: reply.completion_tokens,
-            });
-        }
+        let (mut rows, mut kept, mut requested) = (Vec::new(), 0u64, 0u64);
+        let retries = self.params.max_parse_retries;
+        let (rejections, counters) =
+            complete_each(cx, client.as_ref(), requests, total, retries, parse, |request, (table, category), reply| {
+                requested += 1;
+                let Some(reply) = reply else { return Ok(()) };
+                let [question, description, answer_type]: [String; 3] =
+                    reply.value.try_into().map_err(|_| Error::Internal("three tags".into()))?;
+                kept += 1;
+                rows.push(Query {
+                    row_id: request.row_id,
+                    parent_ids: vec![table.row_id.clone()],
+                    path: table.path,
+                    format: table.format,
+                    table: table.table,
+                    category: category.id,
+                    category_name: category.name,
+                    question,
+                    description,
+                    answer_type,
+                    difficulty: 1,
+                    model: self.model.name.clone(),
+                    seed: cx.seed,
+                    prompt_tokens: reply.prompt_tokens,
+                    completion_tokens: reply.completion_tokens,
+                });
+                if rows.len() >= OUTPUT_BATCH {
+                    cx.emit(to_batch(&schema(), &std::mem::take(&mut rows))?)?;
+                }
+                Ok(())
+            })
+            .await?;
         let mut output = Output { rejections, counters, ..Default::default() };
-        output.counters.insert("requested".into(), planned.len() as u64);
-        output.counters.insert("queries".into(), rows.len() as u64);
+        output.counters.insert("requested".into(), requested);
+        output.counters.insert("queries".into(), kept);
         output.batches = vec![to_batch(&schema(), &rows)?];
         Ok(output)
     }

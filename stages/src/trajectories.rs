@@ -100,6 +100,18 @@ impl Sampling {
     }
 }
 
+/// The questions of `input` as tasks, read one record batch at a time.
+fn tasks_of(input: &Input) -> Result<impl Iterator<Item = Result<Task>> + Send + use<>> {
+    let name = input.name.clone();
+    Ok(input.batches()?.flat_map(move |batch| match batch.and_then(|b| QUESTION.rows::<Row<Question>>(&name, &[b])) {
+        Ok(rows) => rows.into_iter().map(|r| Ok(Task::from_question(r))).collect::<Vec<_>>(),
+        Err(e) => vec![Err(e)],
+    }))
+}
+
+/// Trajectories handed to the dataset at once.
+const OUTPUT_BATCH: usize = 256;
+
 #[async_trait]
 impl Stage for Sampling {
     fn models(&self) -> Vec<String> {
@@ -142,28 +154,35 @@ impl Stage for Sampling {
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
-        let tasks = self.tasks(inputs)?;
         let agent = self.agent.start(cx).await?;
-        let results = agent.sample(&tasks, self.n).await;
-
+        let schema = agent::schema();
+        let tasks = inputs.iter().map(tasks_of).collect::<Result<Vec<_>>>()?;
+        let total: u64 = inputs.iter().filter_map(Input::row_count).sum::<u64>() * u64::from(self.n);
         let mut out = Output::default();
-        let mut rows = Vec::new();
-        let mut retryable = 0;
-        for result in results {
-            match result? {
-                Ok(t) => rows.push(t),
-                Err(rejection) => {
-                    retryable += u64::from(rejection.reason == "teacher_failed");
-                    out.rejections.push(rejection);
+        let (mut ready, mut kept, mut retryable, mut prompt, mut completion) = (Vec::new(), 0u64, 0u64, 0u64, 0u64);
+        agent
+            .sample_each(tasks.into_iter().flatten(), self.n, total, |result| {
+                match result {
+                    Ok(t) => {
+                        (prompt, completion, kept) =
+                            (prompt + t.prompt_tokens, completion + t.completion_tokens, kept + 1);
+                        ready.push(t);
+                    }
+                    Err(rejection) => {
+                        retryable += u64::from(rejection.reason == "teacher_failed");
+                        out.rejections.push(rejection);
+                    }
                 }
-            }
-        }
-        let prompt: u64 = rows.iter().map(|t| t.prompt_tokens).sum();
-        let completion: u64 = rows.iter().map(|t| t.completion_tokens).sum();
+                if ready.len() >= OUTPUT_BATCH {
+                    cx.emit(to_batch(&schema, &std::mem::take(&mut ready))?)?;
+                }
+                Ok(())
+            })
+            .await?;
         let cost = agent.cost(prompt, completion);
         let isolation = format!("isolation_{}", agent.isolation());
         let mut counters = agent.counters();
-        counters.insert("trajectories".into(), rows.len() as u64);
+        counters.insert("trajectories".into(), kept);
         counters.insert(isolation, 1);
         if retryable > 0 {
             counters.insert(executor::RETRYABLE.into(), retryable);
@@ -174,7 +193,7 @@ impl Stage for Sampling {
             counters.insert("cost_micro_usd".into(), (cost * 1e6).round() as u64);
         }
         out.counters = counters;
-        out.batches = vec![to_batch(&agent::schema(), &rows)?];
+        out.batches = vec![to_batch(&schema, &ready)?];
         Ok(out)
     }
 }

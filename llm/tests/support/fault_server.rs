@@ -28,7 +28,8 @@ pub struct Faults {
     pub latency: Duration,
     /// Seed of the fault sequence.
     pub seed: u64,
-    /// Inject only this kind of fault (`429`, `500`, `slow`, `truncated`, `malformed`).
+    /// Inject only these kinds of fault, `|`-separated, in equal shares (`429`, `500`,
+    /// `slow`, `truncated`, `malformed`; `429|500` for throttles and server errors).
     pub only: Option<&'static str>,
     /// A scripted teacher: the reply to a whole conversation (its messages), instead of
     /// [`reply`] to its first user message.
@@ -204,7 +205,9 @@ async fn serve(mut stream: TcpStream, seen: &Seen, faults: &Faults, counter: &At
         let k = counter.fetch_add(1, Ordering::SeqCst) as u64;
         let r = mix(faults.seed ^ k.wrapping_mul(0x9e3779b97f4a7c15));
         let fault = if ((r % 10_000) as f64) < faults.rate * 10_000.0 {
-            Some(faults.only.unwrap_or(["429", "500", "slow", "truncated", "malformed"][(r / 10_000 % 5) as usize]))
+            let kinds: Vec<&'static str> =
+                faults.only.unwrap_or("429|500|slow|truncated|malformed").split('|').collect();
+            Some(kinds[(r / 10_000 % kinds.len() as u64) as usize])
         } else {
             None
         };
@@ -222,7 +225,11 @@ async fn serve(mut stream: TcpStream, seen: &Seen, faults: &Faults, counter: &At
                 "HTTP/1.1 429 Too Many Requests\r\nretry-after: {}\r\ncontent-length: 0\r\n\r\n",
                 faults.retry_after_s
             ),
-            Some("500") => "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 5\r\n\r\noops!".to_string(),
+            Some("500") => {
+                // A server error comes after the work was (partly) done.
+                tokio::time::sleep(faults.latency).await;
+                "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 5\r\n\r\noops!".to_string()
+            }
             Some("slow") => {
                 // The client gives up before this answers: it no longer counts as in flight.
                 seen.in_flight.fetch_sub(1, Ordering::SeqCst);

@@ -28,7 +28,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::stream::{self, StreamExt};
+use futures::stream::{FuturesUnordered, StreamExt};
 use kiln_llm::{Client, Message};
 use kiln_pipeline::cache::CacheKey;
 use kiln_pipeline::rows::row_id;
@@ -298,30 +298,65 @@ impl Agent<'_> {
     /// A trajectory the teacher could not produce is a rejection (not cached: a rerun tries
     /// again); an error stops the whole run.
     pub async fn sample(&self, tasks: &[Task], n: u32) -> Vec<Result<Result<Trajectory, Rejection>>> {
+        let mut out = Vec::new();
+        let tasks = tasks.iter().cloned().map(Ok);
+        let total = tasks.len() as u64 * u64::from(n);
+        let finished = self
+            .sample_each(tasks, n, total, |r| {
+                out.push(Ok(r));
+                Ok(())
+            })
+            .await;
+        if let Err(e) = finished {
+            out.push(Err(e));
+        }
+        out
+    }
+
+    /// `n` trajectories of each task of `tasks` (read as trajectories free up, so they may come
+    /// lazily from a large input), handed to `on_result` in task then sample order. Trajectories
+    /// finish in any order (a slow one holds only its own slot, up to
+    /// [`crate::llm_rows::REORDER_WINDOW`] ahead). `total` sizes the progress bar.
+    pub async fn sample_each(
+        &self,
+        tasks: impl Iterator<Item = Result<Task>>,
+        n: u32,
+        total: u64,
+        mut on_result: impl FnMut(Result<Trajectory, Rejection>) -> Result<()>,
+    ) -> Result<()> {
         let parallel = self.setup.settings.parallel.unwrap_or(match &self.teacher {
             Teacher::Model { model, .. } => model.config.max_concurrency.max(1),
             Teacher::Scripted => 2 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
         });
-        let jobs: Vec<(usize, u32)> = (0..tasks.len()).flat_map(|t| (0..n).map(move |s| (t, s))).collect();
-        let bar = progress::bar(&self.cx.name, jobs.len() as u64);
-        // Trajectories finish in any order (a slow one holds only its own slot), and are put
-        // back in (task, sample) order.
-        let mut results: Vec<(usize, Result<Result<Trajectory, Rejection>>)> =
-            stream::iter(jobs.into_iter().enumerate())
-                .map(|(at, (task, sample))| {
-                    let (bar, task) = (&bar, &tasks[task]);
-                    async move {
-                        let r = self.trajectory(task, sample).await;
-                        bar.inc(1);
-                        (at, r)
-                    }
-                })
-                .buffer_unordered(parallel)
-                .collect()
-                .await;
+        let bar = progress::bar(&self.cx.name, total);
+        let mut jobs = tasks.flat_map(|task| match task {
+            Ok(task) => {
+                let task = Arc::new(task);
+                (0..n).map(|s| Ok((task.clone(), s))).collect::<Vec<_>>()
+            }
+            Err(e) => vec![Err(e)],
+        });
+        let mut running = FuturesUnordered::new();
+        let mut done = BTreeMap::new();
+        let (mut started, mut handed) = (0usize, 0usize);
+        loop {
+            while running.len() < parallel && started - handed < crate::llm_rows::REORDER_WINDOW {
+                let Some(job) = jobs.next() else { break };
+                let (task, sample) = job?;
+                let at = started;
+                started += 1;
+                running.push(async move { (at, self.trajectory(&task, sample).await) });
+            }
+            let Some((at, result)) = running.next().await else { break };
+            bar.inc(1);
+            done.insert(at, result);
+            while let Some(result) = done.remove(&handed) {
+                handed += 1;
+                on_result(result?)?;
+            }
+        }
         bar.finish_and_clear();
-        results.sort_by_key(|(at, _)| *at);
-        results.into_iter().map(|(_, r)| r).collect()
+        Ok(())
     }
 
     /// The isolation the sandbox uses.

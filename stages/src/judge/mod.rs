@@ -48,6 +48,7 @@ use rescue::Rescuing;
 use std::collections::BTreeMap;
 
 use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use kiln_llm::Message;
 use kiln_pipeline::rows::to_batch;
@@ -59,6 +60,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::{Keys, Trajectory};
 use crate::families::{Judged, TRAJECTORY, verdict_schema};
+use crate::grouped::{Grouped, Groups};
 use crate::llm_rows::{Model, RowRequest, complete_rows, estimate_rows};
 use crate::templates::{Templates, check_template};
 use verdict::{Rules, Verdict, parse_reply};
@@ -232,14 +234,74 @@ impl Stage for Judging {
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
         let Some(model) = &self.model else { return Ok(None) };
-        let (_, requests) = self.triage(cx, &self.groups(&inputs[0])?)?;
+        let mut requests = Vec::new();
+        let mut questions = questions(&inputs[0])?;
+        while let Some(chunk) = questions.next_chunk(ROWS_AT_ONCE)? {
+            requests.extend(self.triage(cx, &by_question(chunk))?.1);
+        }
         estimate_rows(cx, &model.config, &requests, 1).map(Some)
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
-        let fail = |e: String| Error::stage(&cx.name, e);
-        let groups = self.groups(&inputs[0])?;
+        let client = self.model.as_ref().map(|m| m.client(cx)).transpose()?;
         let mut out = Output::default();
+        let mut kept = 0;
+        let mut questions = questions(&inputs[0])?;
+        while let Some(chunk) = questions.next_chunk(ROWS_AT_ONCE)? {
+            let rows = self.judge_chunk(cx, client.as_deref(), by_question(chunk), &mut out).await?;
+            kept += rows.len() as u64;
+            cx.emit(to_batch(&verdict_schema(), &rows)?)?;
+        }
+        out.counters.insert("kept".into(), kept);
+        Ok(out)
+    }
+}
+
+/// Trajectories judged at once (whole questions): what the judge holds in memory, and the
+/// questions whose judge calls run together.
+const ROWS_AT_ONCE: usize = 4096;
+
+/// A question's id, per trajectory of `batch`: its first parent.
+fn question_ids(_: &str, batch: &RecordBatch) -> Result<Vec<String>> {
+    Ok(kiln_pipeline::rows::first_parents(batch)?.into_iter().map(|(_, question)| question).collect())
+}
+
+/// The trajectories of `batch`, each with its question's id.
+fn trajectories(stage: &str, batch: RecordBatch) -> Result<Vec<(String, Trajectory)>> {
+    Ok(TRAJECTORY
+        .rows::<Trajectory>(stage, &[batch])?
+        .into_iter()
+        .map(|t| (t.parent_ids.first().cloned().unwrap_or_else(|| t.row_id.clone()), t))
+        .collect())
+}
+
+/// The trajectories of `input` by question, complete groups at a time, samples in order.
+fn questions(input: &Input) -> Result<Grouped<Trajectory>> {
+    Grouped::read(input, question_ids, trajectories)
+}
+
+/// A chunk of complete questions, by id, samples in order.
+fn by_question(chunk: Groups<Trajectory>) -> BTreeMap<String, Group> {
+    chunk
+        .into_iter()
+        .map(|(id, mut group)| {
+            group.sort_by_key(|t| t.sample);
+            (id, group)
+        })
+        .collect()
+}
+
+impl Judging {
+    /// Judges the questions of `groups` (complete groups): their kept rows, with the rejections
+    /// and counters added to `out`.
+    async fn judge_chunk(
+        &self,
+        cx: &StageCx,
+        client: Option<&kiln_llm::Client>,
+        groups: BTreeMap<String, Group>,
+        out: &mut Output,
+    ) -> Result<Vec<Judged>> {
+        let fail = |e: String| Error::stage(&cx.name, e);
         let (mut verdicts, requests) = self.triage(cx, &groups)?;
         for (id, group) in &groups {
             if let Some(gold) = &group[0].about.gold_answer {
@@ -250,18 +312,17 @@ impl Stage for Judging {
         let mut rescued: BTreeMap<String, (Group, u32)> = BTreeMap::new();
         // Why each question was first dropped, for the ledger of those a rescue replaces.
         let mut dropped_first: BTreeMap<String, String> = BTreeMap::new();
-        if let Some(model) = &self.model {
-            let client = model.client(cx)?;
+        if let Some(client) = client {
             let asked: BTreeMap<String, &Group> =
                 requests.iter().map(|r| (r.row_id.clone(), &groups[&r.row_id])).collect();
-            verdicts.extend(self.consistency(cx, &client, requests, &asked, &mut out).await?);
+            verdicts.extend(self.consistency(cx, client, requests, &asked, out).await?);
             dropped_first = verdicts
                 .iter()
                 .filter(|(_, v)| v.keep.is_empty())
                 .map(|(id, v)| (id.clone(), v.dropped.0.clone()))
                 .collect();
             if let Some(rescue) = &self.rescue {
-                rescued = self.rescue(cx, rescue, &client, &groups, &mut verdicts, &mut out).await?;
+                rescued = self.rescue(cx, rescue, client, &groups, &mut verdicts, out).await?;
             }
         } else if !requests.is_empty() {
             return Err(fail(format!(
@@ -307,9 +368,7 @@ impl Stage for Judging {
                 }
             }
         }
-        out.counters.insert("kept".into(), rows.len() as u64);
-        out.batches = vec![to_batch(&verdict_schema(), &rows)?];
-        Ok(out)
+        Ok(rows)
     }
 }
 
@@ -345,19 +404,6 @@ impl Judging {
             verdicts.insert(request.row_id.clone(), verdict);
         }
         Ok(verdicts)
-    }
-
-    /// The trajectories grouped by question (sample order within).
-    fn groups(&self, input: &Input) -> Result<BTreeMap<String, Group>> {
-        let mut groups: BTreeMap<String, Group> = BTreeMap::new();
-        for t in TRAJECTORY.read::<Trajectory>(input)? {
-            let question = t.parent_ids.first().cloned().unwrap_or_else(|| t.row_id.clone());
-            groups.entry(question).or_default().push(t);
-        }
-        for group in groups.values_mut() {
-            group.sort_by_key(|t| t.sample);
-        }
-        Ok(groups)
     }
 
     /// The questions of `groups` without a gold answer: those decided without a model (too few
