@@ -123,8 +123,20 @@ fn limit_svg(series: &[(String, Vec<(f64, f64)>)], max_limit: f64) -> String {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let sizes: &[usize] = if full { &[20_000, 200_000] } else { &[200] };
-    let rates: &[f64] = if full { &[0.05, 0.2, 0.5] } else { &[0.2] };
+    // KILN_BENCH_ROWS=20000 measures one size only.
+    let chosen: Option<usize> = std::env::var("KILN_BENCH_ROWS").ok().and_then(|v| v.parse().ok());
+    let sizes: &[usize] = match chosen {
+        Some(ref n) if full => std::slice::from_ref(n),
+        _ if full => &[20_000, 200_000],
+        _ => &[200],
+    };
+    // KILN_BENCH_FAULTS=0.2 measures one fault rate only.
+    let chosen_rate: Option<f64> = std::env::var("KILN_BENCH_FAULTS").ok().and_then(|v| v.parse().ok());
+    let rates: &[f64] = match chosen_rate {
+        Some(ref r) if full => std::slice::from_ref(r),
+        _ if full => &[0.05, 0.2, 0.5],
+        _ => &[0.2],
+    };
     let latency = Duration::from_millis(50);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
@@ -168,13 +180,16 @@ fn main() {
                 .await;
             start.elapsed()
         });
-        lines.push(format!(
-            "{n} rows, clean: kiln {:.0} rows/s, {:.0} MiB peak; bare client {:.0} requests/s (kiln/bare = {:.2})",
-            rate(took),
-            run.peak_mib,
-            rate(bare),
-            rate(took) / rate(bare)
-        ));
+        say(
+            &mut lines,
+            format!(
+                "{n} rows, clean: kiln {:.0} rows/s, {:.0} MiB peak; bare client {:.0} requests/s (kiln/bare = {:.2})",
+                rate(took),
+                run.peak_mib,
+                rate(bare),
+                rate(took) / rate(bare)
+            ),
+        );
         for &share in rates {
             let server = start_in_background(Faults {
                 latency,
@@ -209,13 +224,16 @@ fn main() {
                 .filter(|(k, _)| k.starts_with("row_tries_") && *k != "row_tries_1")
                 .map(|(_, v)| v.as_u64().unwrap())
                 .sum();
-            lines.push(format!(
-                "{n} rows, {:.0}% faults: {:.1} s, {:.0} rows/s, {peak:.0} MiB peak, {} lost, {twice} paid twice, {retried} rows retried, {reruns} reruns",
-                share * 100.0,
-                took.as_secs_f64(),
-                rate(took),
-                n - exported
-            ));
+            say(
+                &mut lines,
+                format!(
+                    "{n} rows, {:.0}% faults: {:.1} s, {:.0} rows/s, {peak:.0} MiB peak, {} lost, {twice} paid twice, {retried} rows retried, {reruns} reruns",
+                    share * 100.0,
+                    took.as_secs_f64(),
+                    rate(took),
+                    n - exported
+                ),
+            );
             if n == sizes[0] {
                 series.push((format!("{:.0}% faults", share * 100.0), trace));
             }
@@ -229,4 +247,10 @@ fn main() {
         println!("  {line}");
     }
     println!("  the limit over time of the {}-row runs: {}", sizes[0], svg.display());
+}
+
+/// Records a result line, and shows it at once on stderr (a long bench shows its progress).
+fn say(lines: &mut Vec<String>, line: String) {
+    eprintln!("{line}");
+    lines.push(line);
 }

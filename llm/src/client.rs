@@ -199,6 +199,8 @@ impl Client {
                 Attempt::Retry { why, after, throttled } => {
                     if throttled {
                         self.limit.throttled(seq, after);
+                    } else {
+                        self.limit.errored();
                     }
                     last = why;
                     if attempt + 1 < attempts {
@@ -213,10 +215,13 @@ impl Client {
         Err(LlmError::Exhausted { model: self.name.clone(), attempts, last })
     }
 
-    /// Exponential backoff with jitter in [0.5, 1.5), capped at 30 s.
+    /// The wait before retry `attempt + 1`, with jitter in [0.5, 1.5), capped at 30 s: it grows
+    /// exponentially while most recent requests fail (an outage: give the server room), and
+    /// linearly while failures are scattered (noise: a row retried soon most likely succeeds,
+    /// and a long wait would only stretch the run's tail).
     fn backoff(&self, attempt: u32) -> Duration {
-        let base = self.config.backoff_s * 2f64.powi(attempt as i32);
-        Duration::from_secs_f64(base.min(30.0) * (0.5 + fastrand::f64()))
+        let growth = if self.limit.failed_share() >= 0.5 { 2f64.powi(attempt as i32) } else { f64::from(attempt + 1) };
+        Duration::from_secs_f64((self.config.backoff_s * growth).min(30.0) * (0.5 + fastrand::f64()))
     }
 
     async fn attempt(&self, body: &serde_json::Value) -> Attempt {

@@ -60,7 +60,8 @@ pub struct ModelConfig {
     /// that are not valid JSON. Default: 6.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
-    /// First backoff delay in seconds, doubled per retry (with jitter), at most 30. Default: 0.5.
+    /// First backoff delay in seconds (with jitter), at most 30: it grows by itself per retry
+    /// while failures are scattered, and doubles per retry while most requests fail. Default: 0.5.
     #[serde(default = "default_backoff_s")]
     pub backoff_s: f64,
     /// USD per million prompt tokens, for cost accounting. Default: 0.

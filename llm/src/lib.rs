@@ -1,9 +1,9 @@
 //! kiln's LLM layer: an OpenAI-compatible chat-completions client per declared model.
 //!
 //! The key decision: every limit lives in the client, not in the stages. Requests in flight are
-//! capped by an adaptive limit (halved on 429/503, grown back slowly), optional requests- and
-//! tokens-per-minute budgets pace the starts, and retries use exponential backoff with jitter,
-//! honouring `Retry-After`. Stages only build request bodies and go through the row cache, so
+//! capped by an adaptive limit that tells load from noise ([`limiter`]), optional requests- and
+//! tokens-per-minute budgets pace the starts, and retries back off with jitter (exponentially
+//! only while most requests fail), honouring `Retry-After`. Stages only build request bodies and go through the row cache, so
 //! a finished request is never paid for twice.
 #![deny(missing_docs)]
 

@@ -10,6 +10,9 @@
 //!   a share of requests at any load) and halves the limit when 30% or more were (the
 //!   server is overloaded). "Recent" is a moving average over about the last 32 outcomes, kept
 //!   across decreases, so the first throttle after a decrease is not mistaken for all of them.
+//! - Server errors and timeouts count among the recent outcomes (the throttled share is the
+//!   share of throttles among all answers, so a 5xx does not make throttles look severe), but
+//!   neither grow nor lower the limit.
 //! - Each success grows the limit by one, up to the configured maximum: like slow start, the
 //!   limit doubles within about a round trip, so a limit lowered by noise is back quickly.
 //! - Retry-After is obeyed by the request that got it (the client waits before retrying), and
@@ -49,6 +52,8 @@ struct State {
     recovering_until: Option<u64>,
     /// The moving share of recent requests that were throttled.
     throttled_share: f64,
+    /// The moving share of recent requests that failed (throttled or errored).
+    failed_share: f64,
     /// No request starts before this (a Retry-After while most requests are throttled).
     paused_until: Option<Instant>,
     /// When the limit was made: changes are traced with the time since.
@@ -103,6 +108,7 @@ impl AdaptiveLimit {
             next: 0,
             recovering_until: None,
             throttled_share: 0.0,
+            failed_share: 0.0,
             paused_until: None,
             born: Instant::now(),
         };
@@ -136,6 +142,7 @@ impl AdaptiveLimit {
     pub fn success(&self) {
         let mut s = self.state.lock().expect("limiter lock");
         s.throttled_share *= 1.0 - WEIGHT;
+        s.failed_share *= 1.0 - WEIGHT;
         let grown = (s.limit + 1.0).min(s.max as f64);
         let more = grown.floor() > s.limit.floor();
         s.limit = grown;
@@ -148,10 +155,26 @@ impl AdaptiveLimit {
         }
     }
 
+    /// A request ended in another error (a server error, a timeout): it counts among the
+    /// recent outcomes, so the throttled share stays the share of throttles, but it is not a
+    /// sign of load and neither grows nor lowers the limit.
+    pub fn errored(&self) {
+        let mut s = self.state.lock().expect("limiter lock");
+        s.throttled_share *= 1.0 - WEIGHT;
+        s.failed_share = s.failed_share * (1.0 - WEIGHT) + WEIGHT;
+    }
+
+    /// The moving share of recent requests that failed, throttled or not: the client's backoff
+    /// grows exponentially only when it is high.
+    pub fn failed_share(&self) -> f64 {
+        self.state.lock().map(|s| s.failed_share).unwrap_or(1.0)
+    }
+
     /// Request `seq` was throttled (429, 503), with the server's Retry-After if it sent one.
     pub fn throttled(&self, seq: u64, retry_after: Option<Duration>) {
         let mut s = self.state.lock().expect("limiter lock");
         s.throttled_share = s.throttled_share * (1.0 - WEIGHT) + WEIGHT;
+        s.failed_share = s.failed_share * (1.0 - WEIGHT) + WEIGHT;
         let rate = s.throttled_share;
         if let Some(after) = retry_after.filter(|_| rate > 0.5) {
             let until = Instant::now() + after;
@@ -229,6 +252,27 @@ mod tests {
             lowest = lowest.min(l.limit());
         }
         assert!(lowest > 32, "the limit fell to {lowest} of 64");
+    }
+
+    #[test]
+    fn server_errors_dilute_the_throttled_share() {
+        // A quarter of outcomes throttled and a quarter server errors: a gentle decrease, not
+        // a halving, since throttles are a quarter of the answers, not a third.
+        let limit = AdaptiveLimit::new(100);
+        for i in 0..400u64 {
+            match i % 4 {
+                0 => limit.throttled(i, None),
+                1 => limit.errored(),
+                _ => limit.success(),
+            }
+        }
+        let share = limit.state.lock().unwrap().throttled_share;
+        assert!((0.2..0.3).contains(&share), "{share}");
+        limit.state.lock().unwrap().recovering_until = None;
+        let before = limit.state.lock().unwrap().limit;
+        limit.throttled(1000, None);
+        let after = limit.state.lock().unwrap().limit;
+        assert!((after / before - GENTLE).abs() < 1e-9, "{before} -> {after}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -197,8 +197,7 @@ impl Store {
             tmp,
             stage: stage.to_string(),
             schema: schema.clone(),
-            pending: Vec::new(),
-            pending_rows: 0,
+            open: None,
             hasher: blake3::Hasher::new(),
             files: Vec::new(),
             checks: Vec::new(),
@@ -234,8 +233,8 @@ impl Store {
     ) -> Result<Manifest> {
         let stage = manifest.stage.clone();
         // A dataset without rows still has one (empty) part, which carries its schema.
-        if parts.pending_rows > 0 || parts.files.is_empty() {
-            parts.flush()?;
+        if parts.open.is_some() || parts.files.is_empty() {
+            parts.close_part()?;
         }
         let tmp = parts.tmp.clone();
         let path = tmp.join(REJECTIONS);
@@ -376,24 +375,32 @@ fn placed(stage: &str, check: FileCheck, name: &str) -> FileCheck {
     FileCheck { path: format!("{stage}/{name}"), ..check }
 }
 
-/// A dataset being written: full parts go to disk as rows arrive (see [`Store::parts`]).
-#[derive(Debug)]
+/// Rows per Parquet row group: what a part writer holds in memory before it goes to disk.
+const ROWS_PER_GROUP: usize = 8192;
+
+/// A dataset being written: rows go to disk as they arrive, a row group at a time, in parts of
+/// `ROWS_PER_PART` rows (see [`Store::parts`]).
 pub struct PartWriter {
     store_dir: PathBuf,
     tmp: PathBuf,
     stage: String,
     schema: SchemaRef,
-    /// Rows not yet in a part, fewer than `ROWS_PER_PART`.
-    pending: Vec<RecordBatch>,
-    pending_rows: usize,
+    /// The part being written: its name, its writer and its rows so far.
+    open: Option<(String, ArrowWriter<std::io::BufWriter<File>>, usize)>,
     hasher: blake3::Hasher,
     files: Vec<String>,
     checks: Vec<FileCheck>,
     rows: usize,
 }
 
+impl std::fmt::Debug for PartWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartWriter").field("stage", &self.stage).field("rows", &self.rows).finish_non_exhaustive()
+    }
+}
+
 impl PartWriter {
-    /// Adds rows (in the dataset's order); every `ROWS_PER_PART` rows become a part file.
+    /// Adds rows (in the dataset's order); every `ROWS_PER_PART` rows make a part file.
     pub fn push(&mut self, batch: RecordBatch) -> Result<()> {
         if batch.schema().fields() != self.schema.fields() {
             return Err(Error::Internal(format!(
@@ -403,12 +410,16 @@ impl PartWriter {
         }
         let mut offset = 0;
         while offset < batch.num_rows() {
-            let take = (ROWS_PER_PART - self.pending_rows).min(batch.num_rows() - offset);
-            self.pending.push(batch.slice(offset, take));
-            self.pending_rows += take;
+            let (_, writer, rows) = match &mut self.open {
+                Some(open) => open,
+                None => self.open.insert(self.start_part()?),
+            };
+            let take = (ROWS_PER_PART - *rows).min(batch.num_rows() - offset);
+            writer.write(&batch.slice(offset, take)).map_err(|e| Error::dataset(&self.tmp, e))?;
+            *rows += take;
             offset += take;
-            if self.pending_rows == ROWS_PER_PART {
-                self.flush()?;
+            if *rows == ROWS_PER_PART {
+                self.close_part()?;
             }
         }
         Ok(())
@@ -416,27 +427,54 @@ impl PartWriter {
 
     /// Rows pushed so far.
     pub fn rows(&self) -> usize {
-        self.rows + self.pending_rows
+        self.rows + self.open.as_ref().map_or(0, |(_, _, rows)| *rows)
     }
 
-    /// Writes the pending rows as the next part.
-    fn flush(&mut self) -> Result<()> {
+    fn start_part(&self) -> Result<(String, ArrowWriter<std::io::BufWriter<File>>, usize)> {
         let name = format!("part-{:05}.parquet", self.files.len());
         let path = self.tmp.join(&name);
-        let bytes = write_parquet(&path, &self.schema, &self.pending)?;
-        self.hasher.update(&bytes);
+        let file = std::io::BufWriter::new(File::create(&path).map_err(|e| Error::io(&path, e))?);
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(ROWS_PER_GROUP))
+            .build();
+        let writer =
+            ArrowWriter::try_new(file, self.schema.clone(), Some(props)).map_err(|e| Error::dataset(&path, e))?;
+        Ok((name, writer, 0))
+    }
+
+    /// Closes the part being written (starting an empty one first if there is none, so that a
+    /// dataset without rows still has a part carrying its schema).
+    fn close_part(&mut self) -> Result<()> {
+        let (name, writer, rows) = match self.open.take() {
+            Some(open) => open,
+            None => self.start_part()?,
+        };
+        let path = self.tmp.join(&name);
+        let mut file = writer.into_inner().map_err(|e| Error::dataset(&path, e))?;
+        std::io::Write::flush(&mut file).map_err(|e| Error::io(&path, e))?;
+        drop(file);
+        // One pass over the file: its own hash, and the dataset's content hash.
+        let mut own = blake3::Hasher::new();
+        let mut reader = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let mut buf = vec![0; 1 << 16];
+        loop {
+            let n = std::io::Read::read(&mut reader, &mut buf).map_err(|e| Error::io(&path, e))?;
+            if n == 0 {
+                break;
+            }
+            own.update(&buf[..n]);
+            self.hasher.update(&buf[..n]);
+        }
         let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
         let check = FileCheck {
             path: path.strip_prefix(&self.store_dir).unwrap_or(&path).to_string_lossy().into_owned(),
             bytes: meta.len(),
-            blake3: blake3::hash(&bytes).to_hex().to_string(),
+            blake3: own.finalize().to_hex().to_string(),
             mtime_ns: mtime_ns(&meta),
         };
         self.checks.push(placed(&self.stage, check, &name));
         self.files.push(name);
-        self.rows += self.pending_rows;
-        self.pending.clear();
-        self.pending_rows = 0;
+        self.rows += rows;
         Ok(())
     }
 }
