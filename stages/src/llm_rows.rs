@@ -79,14 +79,37 @@ pub fn default_parse_retries() -> u32 {
     2
 }
 
-/// One lock per request key, so that a request is never sent twice at the same time.
+/// One lock per request key, so that a request is never sent twice at the same time. A key's
+/// entry lives while someone holds or waits for it (the table does not grow with the rows).
 #[derive(Debug, Default)]
 struct InFlight(std::sync::Mutex<std::collections::HashMap<CacheKey, std::sync::Arc<tokio::sync::Mutex<()>>>>);
 
+/// The turn of one request key: held while the request is sent and cached.
+struct Turn<'a> {
+    table: &'a InFlight,
+    key: CacheKey,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut map = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        // The table's reference and this turn's guard: nobody else waits for the key.
+        if map.get(&self.key).is_some_and(|entry| std::sync::Arc::strong_count(entry) <= 2) {
+            map.remove(&self.key);
+        }
+    }
+}
+
 impl InFlight {
-    async fn lock(&self, key: CacheKey) -> tokio::sync::OwnedMutexGuard<()> {
+    async fn lock(&self, key: CacheKey) -> Turn<'_> {
         let entry = self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().clone();
-        entry.lock_owned().await
+        Turn { table: self, key, _guard: entry.lock_owned().await }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
@@ -504,6 +527,28 @@ mod tests {
         assert_eq!(sample_seed(&config(None), 7, 0, true), Some(7));
         assert_eq!(sample_seed(&config(Some(100)), 7, 0, false), Some(100));
         assert_eq!(sample_seed(&config(Some(100)), 7, 3, false), Some(103));
+    }
+
+    #[tokio::test]
+    async fn the_in_flight_table_holds_only_keys_in_use() {
+        let table = InFlight::default();
+        let (a, b) = (CacheKey::new("t", &"a").unwrap(), CacheKey::new("t", &"b").unwrap());
+        let first = table.lock(a).await;
+        let other = table.lock(b).await;
+        assert_eq!(table.len(), 2);
+        drop(other);
+        assert_eq!(table.len(), 1, "a finished key leaves the table");
+        // A second request for `a` waits for the first, and the key stays until both are done.
+        let waiter = async {
+            let _second = table.lock(a).await;
+        };
+        let release = async {
+            tokio::task::yield_now().await;
+            assert_eq!(table.len(), 1);
+            drop(first);
+        };
+        tokio::join!(waiter, release);
+        assert_eq!(table.len(), 0, "nothing left once every request is done");
     }
 
     #[test]
