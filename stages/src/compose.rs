@@ -11,7 +11,8 @@
 //! nothing, or that copies the follow-up unchanged (two questions joined, not one that depends
 //! on the other), is rejected as `not_dependent` with the reply's words.
 //!
-//! A chain of depth `d` fuses `d` questions with `d - 1` calls; all chains advance one step per
+//! A chain of depth `d` fuses `d` questions with `d - 1` calls; the questions are taken a chunk
+//! of whole tables at a time ([`crate::grouped`]), the chains of a chunk advance one step per
 //! round, and every call goes through the row cache. The output row is a full `Question` row
 //! ([`crate::families::QUESTION`]: the seed's path, format, table and category, the depth as its
 //! difficulty) that keeps the chain (source questions and categories, in order: the agent gives

@@ -1,7 +1,8 @@
 //! `judge`: the self-consistency filter (RECIPE section 6), which the paper's ablation found
 //! mattered most.
 //!
-//! Trajectories are grouped by question (their first parent). A question whose rows carry a
+//! Trajectories are grouped by question (their first parent), and judged a chunk of whole
+//! questions at a time ([`crate::grouped`]), so memory holds a chunk, not the input. A question whose rows carry a
 //! gold answer (from `programmatic`) is checked against it by the graders' value rule
 //! ([`crate::graders`]): the answer's final number within `tolerance`, or its whole text equal
 //! after normalisation. Any other question first needs `min_answers` (default 2) answers, since
