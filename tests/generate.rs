@@ -120,6 +120,15 @@ fn rows_lost_to_a_failing_endpoint_are_retried_by_a_plain_rerun() {
     );
     let sent = server.seen.total.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(sent, 2);
+    // Each row's tries and final status are counted; the ledger has the last error.
+    let counters = util::manifest(&dir.join("out/g")).counters;
+    assert_eq!((counters["rows_llm_failed"], counters["row_tries_1"]), (2, 2), "{counters:?}");
+    assert!(!counters.contains_key("rows_ok"), "{counters:?}");
+    let ledger = util::rows(&dir.join("out/_rejections"));
+    assert!(
+        ledger.iter().all(|r| r["reason"] == "llm_failed" && r["detail"].as_str().unwrap().contains("HTTP 500")),
+        "{ledger:?}"
+    );
     // The endpoint failed: the stage is not done, and says why; running again retries.
     let status = util::kiln_ok(dir, &["status", "p.toml"]);
     assert!(status.contains("q: fresh"), "{status}");

@@ -206,8 +206,10 @@ impl Store {
     }
 
     /// Writes `stage`'s dataset atomically and returns its manifest, completed with the content
-    /// hash, row count, schema and file list.
-    pub fn write(
+    /// hash, row count, schema and file list (what the executor does through [`Store::parts`]
+    /// and [`Store::finish`]).
+    #[cfg(test)]
+    fn write(
         &self,
         schema: &SchemaRef,
         batches: &[RecordBatch],
@@ -423,11 +425,6 @@ impl PartWriter {
             }
         }
         Ok(())
-    }
-
-    /// Rows pushed so far.
-    pub fn rows(&self) -> usize {
-        self.rows + self.open.as_ref().map_or(0, |(_, _, rows)| *rows)
     }
 
     fn start_part(&self) -> Result<(String, ArrowWriter<std::io::BufWriter<File>>, usize)> {

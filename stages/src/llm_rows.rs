@@ -318,7 +318,11 @@ async fn complete_one<T>(
         let (completion, hit): (Completion, bool) = match completed {
             Ok(c) => c,
             Err(Error::Stage { source, .. }) => {
-                tries += client.config().max_retries + 1;
+                // Every attempt failed, or the server refused the request at once.
+                tries += match source.downcast_ref::<kiln_llm::LlmError>() {
+                    Some(kiln_llm::LlmError::Exhausted { attempts, .. }) => *attempts,
+                    _ => 1,
+                };
                 return Ok((Err(reject("llm_failed", source.to_string())), hits, tries));
             }
             Err(e) => return Err(e),

@@ -89,17 +89,6 @@ struct Sampling {
     scripted: bool,
 }
 
-impl Sampling {
-    /// The questions of every input, in input order.
-    fn tasks(&self, inputs: &[Input]) -> Result<Vec<Task>> {
-        let mut tasks = Vec::new();
-        for input in inputs {
-            tasks.extend(QUESTION.read::<Row<Question>>(input)?.into_iter().map(Task::from_question));
-        }
-        Ok(tasks)
-    }
-}
-
 /// The questions of `input` as tasks, read one record batch at a time.
 fn tasks_of(input: &Input) -> Result<impl Iterator<Item = Result<Task>> + Send + use<>> {
     let name = input.name.clone();
@@ -150,7 +139,9 @@ impl Stage for Sampling {
     }
 
     async fn estimate(&self, cx: &StageCx, inputs: &[Input]) -> Result<Option<Estimate>> {
-        self.agent.estimate(cx, &self.tasks(inputs)?, self.n)
+        let tasks: Vec<Task> =
+            inputs.iter().map(tasks_of).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect::<Result<_>>()?;
+        self.agent.estimate(cx, &tasks, self.n)
     }
 
     async fn run(&self, cx: &StageCx, inputs: &[Input]) -> Result<Output> {
