@@ -421,7 +421,7 @@ async fn run(
 
 /// Every stage kind: those of `kiln-stages`, and `train_sft` (in `kiln-train`, with burn).
 fn registry() -> kiln_pipeline::registry::Registry {
-    kiln_stages::registry().with(kiln_train::stage::kind())
+    kiln_stages::registry().with(kiln_train::stage::kind()).with(kiln_train::rl::stage::kind())
 }
 
 /// Reads a training TOML (paths relative to it; every problem reported as `kiln check` does)

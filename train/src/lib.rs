@@ -27,5 +27,13 @@ pub fn default_device() -> burn::prelude::Device {
     }
     burn::prelude::Device::flex()
 }
+pub mod rl;
 pub mod sft;
 pub mod stage;
+
+/// The paths [`kiln_stages::with_agent_keys!`] names for its defaults (`crate::agent::keys`),
+/// so that the RL settings declare the agent's keys as every agent stage does.
+#[doc(hidden)]
+pub mod agent {
+    pub use kiln_stages::agent::keys;
+}

@@ -70,6 +70,31 @@ pub enum TeacherSpec {
     /// The offline scripted solver of `programmatic` questions: it inspects the data, runs
     /// pandas code equivalent to the solving query and answers from the real output.
     Scripted,
+    /// A model in this process (an RL policy in training), given when the agent starts
+    /// ([`AgentSetup::start_with_policy`]). It reads the inference prompt (no procedure) and
+    /// nothing it writes is cached: the policy changes between calls.
+    Policy,
+}
+
+/// A model that writes assistant turns in this process, such as the policy RL trains.
+#[async_trait::async_trait]
+pub trait Policy: Send + Sync {
+    /// The name kept in each trajectory's `teacher`.
+    fn name(&self) -> String;
+    /// The next assistant turn after `messages`, sampled with `seed`, generation stopped at the
+    /// protocol's [`STOP`] strings. `Err` says why no turn came (the trajectory is rejected).
+    async fn turn(&self, messages: &[Message], seed: u64) -> std::result::Result<PolicyTurn, String>;
+}
+
+/// One turn a [`Policy`] wrote.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyTurn {
+    /// The turn's text (the stop string may be missing: it is put back).
+    pub text: String,
+    /// Tokens the policy read.
+    pub prompt_tokens: u64,
+    /// Tokens it wrote.
+    pub completion_tokens: u64,
 }
 
 /// How the agent runs.
@@ -108,7 +133,7 @@ impl AgentSettings {
     pub fn build(&self, cx: &CheckCx, keys: Keys<'_>, problems: &mut Vec<Problem>) -> Option<AgentSetup> {
         let at = |key: &str| format!("{}{key}", keys.prefix);
         let teacher = match &self.teacher {
-            TeacherSpec::Scripted => Ok(None),
+            TeacherSpec::Scripted | TeacherSpec::Policy => Ok(None),
             TeacherSpec::Model(name) => match Model::resolve(cx, name) {
                 Ok(mut model) => {
                     model.config.stop = STOP.iter().map(|s| s.to_string()).collect();
@@ -175,7 +200,7 @@ impl AgentSetup {
         &self.settings
     }
 
-    /// The teacher model; `None` for the scripted teacher.
+    /// The teacher model; `None` for the scripted teacher and a policy.
     pub fn teacher(&self) -> Option<&Model> {
         self.teacher.as_ref()
     }
@@ -190,10 +215,23 @@ impl AgentSetup {
     /// Starts the agent for a run of stage `cx`: the teacher's client, and the sandbox (the
     /// managed Python environment created first if needed).
     pub async fn start<'a>(&'a self, cx: &'a StageCx) -> Result<Agent<'a>> {
-        let teacher = match &self.teacher {
-            Some(model) => Teacher::Model { client: model.client(cx)?, model },
-            None => Teacher::Scripted,
+        let teacher = match (&self.teacher, &self.settings.teacher) {
+            (Some(model), _) => Teacher::Model { client: model.client(cx)?, model },
+            (None, TeacherSpec::Policy) => {
+                return Err(Error::Internal("an agent of a policy starts with `start_with_policy`".into()));
+            }
+            (None, _) => Teacher::Scripted,
         };
+        self.started(cx, teacher).await
+    }
+
+    /// Starts the agent for a run of stage `cx` with `policy` writing the turns (settings
+    /// built with [`TeacherSpec::Policy`]).
+    pub async fn start_with_policy<'a>(&'a self, cx: &'a StageCx, policy: Arc<dyn Policy>) -> Result<Agent<'a>> {
+        self.started(cx, Teacher::Policy(policy)).await
+    }
+
+    async fn started<'a>(&'a self, cx: &'a StageCx, teacher: Teacher<'a>) -> Result<Agent<'a>> {
         Ok(Agent {
             cx,
             setup: self,
@@ -263,6 +301,7 @@ impl AgentSetup {
 enum Teacher<'a> {
     Model { model: &'a Model, client: Arc<Client> },
     Scripted,
+    Policy(Arc<dyn Policy>),
 }
 
 impl Teacher<'_> {
@@ -270,6 +309,7 @@ impl Teacher<'_> {
         match self {
             Teacher::Model { model, .. } => model.name.clone(),
             Teacher::Scripted => "scripted".into(),
+            Teacher::Policy(policy) => policy.name(),
         }
     }
 }
@@ -326,7 +366,9 @@ impl Agent<'_> {
     ) -> Result<()> {
         let parallel = self.setup.settings.parallel.unwrap_or(match &self.teacher {
             Teacher::Model { model, .. } => model.config.max_concurrency.max(1),
-            Teacher::Scripted => 2 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            Teacher::Scripted | Teacher::Policy(_) => {
+                2 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+            }
         });
         let bar = progress::bar(&self.cx.name, total);
         let mut jobs = tasks.flat_map(|task| match task {
@@ -368,7 +410,7 @@ impl Agent<'_> {
     pub fn cost(&self, prompt: u64, completion: u64) -> Option<f64> {
         match &self.teacher {
             Teacher::Model { model, .. } => Some(model.config.cost(prompt, completion)),
-            Teacher::Scripted => None,
+            Teacher::Scripted | Teacher::Policy(_) => None,
         }
     }
 
@@ -389,6 +431,9 @@ impl Agent<'_> {
             Ok(m) => m,
             Err(e) => return Ok(Err(reject("template_failed", e.to_string()))),
         };
+        // A policy is asked as it will be at inference, and its work is never cached.
+        let policy = matches!(self.teacher, Teacher::Policy(_));
+        let opening = if policy { kept.clone() } else { opening };
         let teacher_system = Some(opening[0].content.clone()).filter(|s| *s != kept[0].content);
         let script = match &self.teacher {
             Teacher::Scripted => {
@@ -409,11 +454,12 @@ impl Agent<'_> {
                     }
                 }
             }
-            Teacher::Model { .. } => None,
+            Teacher::Model { .. } | Teacher::Policy(_) => None,
         };
         let teacher_id = match &self.teacher {
             Teacher::Model { model, .. } => model.config.request_body(&[], 1),
             Teacher::Scripted => serde_json::json!({ "scripted": &script }),
+            Teacher::Policy(p) => serde_json::json!({ "policy": p.name() }),
         };
         let settings = &self.setup.settings;
         let key = CacheKey::new(
@@ -428,7 +474,7 @@ impl Agent<'_> {
                 &task.about.table,
             ),
         )?;
-        if let Some(mut hit) = self.cx.cache.get::<Trajectory>(&key)? {
+        if let Some(mut hit) = self.cx.cache.get::<Trajectory>(&key)?.filter(|_| !policy) {
             self.tally.add("trajectories_cached", 1);
             // Trajectories cached before the kept prompt lost its procedure get it out now.
             hit.messages.splice(..2.min(hit.messages.len()), kept);
@@ -447,7 +493,9 @@ impl Agent<'_> {
             Err(why) => Ok(Err(reject("teacher_failed", why))),
             Ok(()) => {
                 self.tally.add(&format!("ended_{}", t.end_reason), 1);
-                self.cx.cache.put(&key, "trajectory", &t)?;
+                if !policy {
+                    self.cx.cache.put(&key, "trajectory", &t)?;
+                }
                 Ok(Ok(t))
             }
         }
@@ -493,6 +541,18 @@ impl Agent<'_> {
                         }
                         Err(Error::Stage { source, .. }) => return Ok(Err(source.to_string())),
                         Err(e) => return Err(e),
+                    }
+                }
+                (Teacher::Policy(policy), _) => {
+                    let view: Vec<Message> = opening.iter().chain(&t.messages[opening.len()..]).cloned().collect();
+                    let seed = turn_seed(self.cx.seed, &task.parent, sample, t.turns);
+                    match policy.turn(&view, seed).await {
+                        Ok(turn) => {
+                            t.prompt_tokens += turn.prompt_tokens;
+                            t.completion_tokens += turn.completion_tokens;
+                            close_turn(&turn.text)
+                        }
+                        Err(why) => return Ok(Err(why)),
                     }
                 }
                 (Teacher::Scripted, None) => return Ok(Err("no script".into())),
@@ -573,6 +633,13 @@ impl Agent<'_> {
         let data = data.into_iter().chain(more).collect();
         WorkerSpec { scratch: scratch.to_path_buf(), data, database, limits: self.setup.settings.sandbox.clone() }
     }
+}
+
+/// The seed of turn `turn` of sample `sample` of the task `parent`: every turn of every
+/// rollout its own, the same on a rerun.
+fn turn_seed(pipeline_seed: u64, parent: &str, sample: u32, turn: u32) -> u64 {
+    let hash = blake3::hash(format!("{pipeline_seed}\0{parent}\0{sample}\0{turn}").as_bytes());
+    u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 fn status_name(cell: &Cell) -> &'static str {

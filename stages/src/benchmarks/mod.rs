@@ -96,12 +96,26 @@ pub struct Item {
     /// The query whose result on the first data file (a SQLite database) is the gold table
     /// (BIRD): run when the evaluation runs.
     pub gold_sql: Option<String>,
+    /// The expert trajectory of a kiln `rl` export item (empty elsewhere): what RL's SFT term
+    /// trains on.
+    pub expert: Vec<kiln_llm::Message>,
 }
 
 impl Item {
     /// An item with its files, gold and group, and nothing else.
     fn new(id: String, question: String, files: Vec<PathBuf>, gold: Gold, group: String) -> Self {
-        Item { id, question, context: None, files, gold, group, table: None, inline_csv: None, gold_sql: None }
+        Item {
+            id,
+            question,
+            context: None,
+            files,
+            gold,
+            group,
+            table: None,
+            inline_csv: None,
+            gold_sql: None,
+            expert: Vec::new(),
+        }
     }
 }
 

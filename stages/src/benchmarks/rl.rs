@@ -19,6 +19,8 @@ struct RlRow {
     table: Option<String>,
     category: Option<String>,
     difficulty: Option<u32>,
+    #[serde(default)]
+    expert_trajectory: Vec<kiln_llm::Message>,
 }
 
 pub(super) fn load(path: &Path, base_dir: &Path) -> Result<Vec<Item>, StageError> {
@@ -59,6 +61,7 @@ pub(super) fn load(path: &Path, base_dir: &Path) -> Result<Vec<Item>, StageError
             };
             let mut item = Item::new(r.row_id, r.question, files, gold, group);
             item.table = r.table;
+            item.expert = r.expert_trajectory;
             Ok(item)
         })
         .collect()

@@ -263,7 +263,7 @@ fn shown(cx: &CheckCx, path: &Path) -> String {
 }
 
 /// The task the agent gets for `item`: its question and data files, never its gold.
-fn task(cx: &CheckCx, benchmark: Benchmark, item: &Item) -> Task {
+pub fn task(cx: &CheckCx, benchmark: Benchmark, item: &Item) -> Task {
     let file = item.files.first().cloned().unwrap_or_default();
     let format = file.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
     let question = match &item.context {
@@ -553,6 +553,7 @@ mod tests {
             table: None,
             inline_csv: None,
             gold_sql: None,
+            expert: Vec::new(),
         };
         let cx = CheckCx { base_dir: PathBuf::from("/b"), ..CheckCx::default() };
         let t = task(&cx, Benchmark::Dabench, &item);

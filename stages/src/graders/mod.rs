@@ -26,10 +26,12 @@
 mod fields;
 mod named;
 mod parts;
+pub mod reward;
 mod table;
 mod value;
 
 pub use named::parse_named;
+pub use reward::Outcome;
 pub use table::execution_match;
 pub use value::{final_number, normalize};
 

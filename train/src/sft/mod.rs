@@ -3,7 +3,7 @@
 //! checkpoints (weights and optimizer state) that a killed run resumes from at the same step,
 //! per-step metrics in CSV and a loss plot.
 
-mod checkpoint;
+pub(crate) mod checkpoint;
 pub mod data;
 mod metrics;
 pub mod optim;
@@ -222,8 +222,9 @@ pub fn train(
     std::fs::create_dir_all(output_dir).map_err(|e| TrainError::io(output_dir, e))?;
     let checkpoint_dir = output_dir.join("checkpoint");
     let mut state = AdamWState::default();
-    let resumed_from = match load_checkpoint(&checkpoint_dir, config, &device)? {
-        Some((params, opt)) => {
+    let run = run_key(config);
+    let resumed_from = match load_checkpoint(&checkpoint_dir, &run, &device)? {
+        Some((params, opt, _)) => {
             decoder = restore(decoder, &params);
             state = opt;
             state.step
@@ -270,7 +271,7 @@ pub fn train(
         progress(&m, total);
         metrics.push(m);
         if (step + 1) % config.save_every.max(1) == 0 || step + 1 == total {
-            save_checkpoint(&checkpoint_dir, config, &decoder, &state)?;
+            save_checkpoint(&checkpoint_dir, &run, &decoder, &state, serde_json::Value::Null)?;
         }
     }
     let model_dir = output_dir.join("model");
@@ -280,7 +281,7 @@ pub fn train(
 }
 
 /// Adds `more` to `acc` parameter by parameter.
-fn accumulate(decoder: &Decoder, acc: GradientsParams, more: GradientsParams) -> GradientsParams {
+pub(crate) fn accumulate(decoder: &Decoder, acc: GradientsParams, more: GradientsParams) -> GradientsParams {
     if acc.is_empty() {
         return more;
     }
@@ -306,7 +307,7 @@ fn accumulate(decoder: &Decoder, acc: GradientsParams, more: GradientsParams) ->
 }
 
 /// A placeholder left in the loaded model while its decoder trains.
-fn empty_decoder(device: &Device) -> Decoder {
+pub(crate) fn empty_decoder(device: &Device) -> Decoder {
     let zeros = |n| Param::from_tensor(Tensor::<1>::zeros([n], device));
     Decoder {
         embed: Param::from_tensor(Tensor::zeros([1, 1], device)),
@@ -317,7 +318,7 @@ fn empty_decoder(device: &Device) -> Decoder {
 }
 
 /// Adapters on every projection: A random (std 1/rank), B zero, so training starts at the base.
-fn add_lora(mut decoder: Decoder, config: &LoraConfig, seed: u64, device: &Device) -> Decoder {
+pub(crate) fn add_lora(mut decoder: Decoder, config: &LoraConfig, seed: u64, device: &Device) -> Decoder {
     let mut rng = fastrand::Rng::with_seed(seed ^ 0x10_4a);
     let scale = (config.alpha / config.rank as f64) as f32;
     let mut adapt = |dense: &mut Dense| {

@@ -85,10 +85,10 @@ pub fn read_run(path: &Path) -> Result<(SftConfig, RunPaths), kiln_pipeline::Err
 
 /// Range checks that name the key, the bad value and a sensible one.
 #[derive(Default)]
-struct Checks(Vec<Problem>);
+pub(crate) struct Checks(pub(crate) Vec<Problem>);
 
 impl Checks {
-    fn int(&mut self, key: &str, value: u64, range: RangeInclusive<u64>, example: &str) {
+    pub(crate) fn int(&mut self, key: &str, value: u64, range: RangeInclusive<u64>, example: &str) {
         if !range.contains(&value) {
             let (lo, hi) = (range.start(), range.end());
             self.0.push(
@@ -98,7 +98,7 @@ impl Checks {
         }
     }
 
-    fn real(&mut self, key: &str, value: f64, ok: bool, want: &str, example: &str) {
+    pub(crate) fn real(&mut self, key: &str, value: f64, ok: bool, want: &str, example: &str) {
         if !ok || !value.is_finite() {
             self.0.push(Problem::new(key, format!("`{key}` must be {want}, got {value}")).help(example.to_string()));
         }
