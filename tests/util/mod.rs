@@ -168,3 +168,24 @@ impl Drop for LocalModel {
         let _ = self.child.wait();
     }
 }
+
+/// A 2-layer, 64-wide model with SmolLM2's tokenizer, chat template and vocabulary and random
+/// weights, saved as a Hugging Face directory at `dir`.
+pub fn tiny_model(dir: &Path) {
+    use kiln_train::weights::{build_decoder, random_weights};
+    use kiln_train::{LoadedModel, ModelConfig};
+    let python = kiln_sandbox::PythonEnv::ensure().unwrap().python;
+    let device = kiln_train::default_device();
+    let smollm2 = LoadedModel::load(&kiln_train::fetch::ensure_smollm2(&python).unwrap(), &device).unwrap();
+    let config = ModelConfig {
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        ..smollm2.config.clone()
+    };
+    let decoder = build_decoder(&config, random_weights(&config, 1), dir, &device).unwrap();
+    let tiny = LoadedModel { config, decoder, codec: smollm2.codec, path: dir.to_path_buf() };
+    tiny.save_hf(&tiny.decoder, dir, kiln_train::weights::SaveDtype::F32).unwrap();
+}

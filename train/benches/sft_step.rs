@@ -12,9 +12,8 @@ use std::time::Instant;
 use burn::optim::GradientsParams;
 use burn::tensor::{DeviceConfig, FloatDType};
 use kiln_train::ModelConfig;
-use kiln_train::sft::data::Example;
+use kiln_train::learned::{Sequence, pack, token_logprobs};
 use kiln_train::sft::optim::{AdamWSettings, AdamWState, global_norm, step};
-use kiln_train::sft::{masked_loss, micro_batch};
 use kiln_train::weights::{build_decoder, random_weights};
 
 fn shape(name: &str) -> ModelConfig {
@@ -84,22 +83,23 @@ fn main() {
     let mut decoder =
         build_decoder(&config, random_weights(&config, 0), std::path::Path::new("random"), &device).unwrap();
     let mut rng = fastrand::Rng::with_seed(1);
-    // Every token learned (the masked loss still runs), as in PyTorch's plain LM loss.
-    let examples: Vec<Example> = (0..batch)
-        .map(|_| Example {
+    // Every token learned (the learned-token path still runs), as in PyTorch's plain LM loss.
+    let examples: Vec<Sequence> = (0..batch)
+        .map(|_| Sequence {
             ids: (0..seq + 1).map(|_| rng.u32(..config.vocab_size as u32)).collect(),
             learn: vec![true; seq + 1],
+            weight: 1.0,
         })
         .collect();
-    let rows: Vec<&Example> = examples.iter().collect();
+    let rows: Vec<&Sequence> = examples.iter().collect();
+    let packed = pack(&rows);
     let settings = AdamWSettings { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
     let mut state = AdamWState::default();
     let mut times = Vec::new();
     for _ in 0..steps {
         let start = Instant::now();
-        let (inputs, targets, weights, _) = micro_batch(&rows, &device);
-        let logits = decoder.forward(&config, &inputs, None);
-        let loss = masked_loss(logits, targets, weights, (batch * seq) as f64);
+        let logp = token_logprobs(&decoder, &config, &packed, &device);
+        let loss = logp.sum().neg().div_scalar((batch * seq) as f64);
         let loss_value = loss.clone().into_scalar::<f32>();
         let mut grads = GradientsParams::from_grads(loss.backward(), &decoder);
         let norm = global_norm(&decoder, &grads);

@@ -16,6 +16,7 @@ pub mod loader;
 pub mod tokenizer;
 pub use loader::LoadedModel;
 pub mod generate;
+pub mod learned;
 pub mod serve;
 
 /// The device models run on: the first CUDA GPU when kiln is built with the `cuda` feature

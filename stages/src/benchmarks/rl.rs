@@ -1,10 +1,10 @@
-//! kiln's own `rl` export.
+//! kiln's own `rl` export: its Parquet file, or the same columns as JSON lines (`.jsonl`).
 
 use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{Item, data_file};
+use super::{Item, data_file, json_lines};
 use crate::StageError;
 use crate::graders::Gold;
 
@@ -24,21 +24,16 @@ struct RlRow {
 }
 
 pub(super) fn load(path: &Path, base_dir: &Path) -> Result<Vec<Item>, StageError> {
-    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
-        .map_err(|e| StageError::invalid(path, format!("not an `rl` export: {e}")))?;
-    let batches = reader
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StageError::invalid(path, format!("not an `rl` export: {e}")))?;
-    let rows = kiln_pipeline::rows::to_json_rows(&batches).map_err(|e| StageError::invalid(path, e))?;
+    let rows: Vec<(String, serde_json::Value)> = if path.extension().is_some_and(|e| e == "jsonl") {
+        json_lines::<serde_json::Value>(path)?.into_iter().map(|(line, v)| (format!("line {line}"), v)).collect()
+    } else {
+        parquet_rows(path)?.into_iter().enumerate().map(|(i, v)| (format!("row {}", i + 1), v)).collect()
+    };
     let export_dir = path.parent().unwrap_or(Path::new(""));
     rows.into_iter()
-        .enumerate()
-        .map(|(i, row)| {
-            let r: RlRow = serde_json::from_value(serde_json::Value::Object(row))
-                .map_err(|e| StageError::invalid(path, format!("row {}: not an `rl` export row: {e}", i + 1)))?;
+        .map(|(at, row)| {
+            let r: RlRow = serde_json::from_value(row)
+                .map_err(|e| StageError::invalid(path, format!("{at}: not an `rl` export row: {e}")))?;
             let gold = match (&r.gold_result_csv, &r.gold_answer) {
                 (Some(csv), _) => {
                     let csv_path = export_dir.join(csv);
@@ -65,4 +60,18 @@ pub(super) fn load(path: &Path, base_dir: &Path) -> Result<Vec<Item>, StageError
             Ok(item)
         })
         .collect()
+}
+
+/// The rows of an `rl` export's Parquet file.
+fn parquet_rows(path: &Path) -> Result<Vec<serde_json::Value>, StageError> {
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| StageError::invalid(path, format!("not an `rl` export: {e}")))?;
+    let batches = reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StageError::invalid(path, format!("not an `rl` export: {e}")))?;
+    let rows = kiln_pipeline::rows::to_json_rows(&batches).map_err(|e| StageError::invalid(path, e))?;
+    Ok(rows.into_iter().map(serde_json::Value::Object).collect())
 }

@@ -1,77 +1,13 @@
 //! The pieces of the RL objective (RECIPE section 8, DAPO): group advantages, dynamic
 //! sampling's test, the clipped policy-gradient term with the dual clip, the cosine of the
-//! SFT weight `g`, and the log-probabilities they are computed from, taken only at the tokens
-//! that are learned (the vocabulary projection never runs over the context).
+//! SFT weight `g`, and the rollout policy's log-probabilities and entropy.
 
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 
 use crate::config::ModelConfig;
-use crate::model::{Batch, Decoder};
-
-/// One sequence trained on: its token ids, which tokens are learned (the policy's own turns;
-/// never the prompt or an interpreter turn), and the advantage of every learned token.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Sequence {
-    pub ids: Vec<u32>,
-    pub learn: Vec<bool>,
-    pub advantage: f32,
-}
-
-impl Sequence {
-    /// Tokens whose prediction is learned (the first token is never predicted).
-    pub fn learned(&self) -> usize {
-        self.learn.iter().skip(1).filter(|&&l| l).count()
-    }
-}
-
-/// Sequences packed for one forward pass: inputs right-padded to the longest, the flat
-/// positions (row * width + t) whose next token is learned, those targets, and their advantages.
-pub struct Packed {
-    pub batch: Batch,
-    pub rows: Vec<i64>,
-    pub targets: Vec<i64>,
-    pub advantages: Vec<f32>,
-}
-
-/// Packs `seqs` (each at least two tokens long).
-pub fn pack(seqs: &[&Sequence]) -> Packed {
-    let width = seqs.iter().map(|s| s.ids.len().saturating_sub(1)).max().unwrap_or(0);
-    let (mut inputs, mut rows, mut targets, mut advantages) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (r, s) in seqs.iter().enumerate() {
-        let n = s.ids.len().saturating_sub(1);
-        let mut row = s.ids[..n].to_vec();
-        row.resize(width, 0);
-        inputs.push(row);
-        for t in 0..n {
-            if s.learn[t + 1] {
-                rows.push((r * width + t) as i64);
-                targets.push(s.ids[t + 1] as i64);
-                advantages.push(s.advantage);
-            }
-        }
-    }
-    Packed { batch: Batch::dense(inputs), rows, targets, advantages }
-}
-
-/// Log-probabilities of the packed targets under `decoder`, `[learned tokens]`: hidden states
-/// of the learned positions only go through the output head.
-pub fn token_logprobs(decoder: &Decoder, config: &ModelConfig, packed: &Packed, device: &Device) -> Tensor<1> {
-    let hidden = decoder.hidden(config, &packed.batch, None, device);
-    let [b, t, d] = hidden.dims();
-    let n = packed.rows.len();
-    let rows = Tensor::<1, Int>::from_data(TensorData::new(packed.rows.clone(), [n]), device);
-    let picked = hidden.reshape([b * t, d]).select(0, rows);
-    logprobs_of(decoder, picked, &packed.targets, device)
-}
-
-/// Log-probabilities of `targets` after the hidden states `picked` (`[n, dim]`).
-fn logprobs_of(decoder: &Decoder, picked: Tensor<2>, targets: &[i64], device: &Device) -> Tensor<1> {
-    let n = targets.len();
-    let logits = decoder.logits(picked.unsqueeze_dim::<3>(0)).squeeze_dim::<2>(0);
-    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets.to_vec(), [n]), device);
-    log_softmax(logits, 1).gather(1, targets.unsqueeze_dim::<2>(1)).squeeze_dim::<1>(1)
-}
+use crate::learned::{Packed, host};
+use crate::model::Decoder;
 
 /// Mean entropy (nats) of the next-token distribution at the packed positions, and the
 /// log-probabilities of the targets, both off the graph: what the rollout policy did.
@@ -87,11 +23,6 @@ pub fn rollout_stats(decoder: &Decoder, config: &ModelConfig, packed: &Packed, d
     let targets = Tensor::<1, Int>::from_data(TensorData::new(packed.targets.clone(), [n]), device);
     let picked = all.gather(1, targets.unsqueeze_dim::<2>(1)).squeeze_dim::<1>(1);
     (host(picked), entropy / n.max(1) as f64)
-}
-
-/// A 1-D tensor's values on the host.
-pub fn host(t: Tensor<1>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values")
 }
 
 /// DAPO's clip: the ratio is kept within `[1 - low, 1 + high]`, and for negative advantages
@@ -150,6 +81,7 @@ pub fn sft_weight(step: u64, total: u64, start: f64, end: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::learned::{Sequence, logprobs_of, pack, token_logprobs};
     use crate::weights::{build_decoder, random_weights};
 
     const CLIP: Clip = Clip { low: 0.2, high: 0.28, dual: 10.0 };
@@ -202,14 +134,14 @@ mod tests {
         let decoder = build_decoder(&config, random_weights(&config, 3), std::path::Path::new("t"), &device).unwrap();
         // Prompt (0..3), a policy turn (3..6), an interpreter turn (6..9), a policy turn (9..12).
         let learn: Vec<bool> = (0..12).map(|i| (3..6).contains(&i) || (9..12).contains(&i)).collect();
-        let seq = Sequence { ids: (0..12).map(|i| (i * 7 % 40) as u32).collect(), learn, advantage: 1.0 };
+        let seq = Sequence { ids: (0..12).map(|i| (i * 7 % 40) as u32).collect(), learn, weight: 1.0 };
         let packed = pack(&[&seq]);
         assert_eq!(packed.rows, [2, 3, 4, 8, 9, 10], "positions that predict learned tokens");
         let hidden = decoder.hidden(&config, &packed.batch, None, &device).detach().require_grad();
         let rows = Tensor::<1, Int>::from_data(TensorData::new(packed.rows.clone(), [6]), &device);
         let logp = logprobs_of(&decoder, hidden.clone().reshape([11, 16]).select(0, rows), &packed.targets, &device);
         let old = logp.clone().detach();
-        let loss = pg_loss(logp, old, tensor(&packed.advantages, &device), CLIP).sum();
+        let loss = pg_loss(logp, old, tensor(&packed.weights, &device), CLIP).sum();
         let grads = loss.backward();
         let grad = hidden.grad(&grads).unwrap().reshape([11, 16]);
         let norms = host(grad.powi_scalar(2).sum_dim(1).squeeze_dim::<1>(1));
@@ -221,10 +153,10 @@ mod tests {
             }
         }
         // A sequence of zero advantage (a dropped group's) contributes exactly nothing.
-        let flat = Sequence { advantage: 0.0, ..seq };
+        let flat = Sequence { weight: 0.0, ..seq };
         let packed = pack(&[&flat]);
         let logp = token_logprobs(&decoder, &config, &packed, &device);
-        let loss = pg_loss(logp.clone(), logp.clone().detach(), tensor(&packed.advantages, &device), CLIP).sum();
+        let loss = pg_loss(logp.clone(), logp.clone().detach(), tensor(&packed.weights, &device), CLIP).sum();
         let grads = GradientsCheck::all_zero(&decoder, loss);
         assert!(grads, "zero advantages give a zero gradient everywhere");
     }

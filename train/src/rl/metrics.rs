@@ -122,6 +122,38 @@ impl MetricsLog {
     }
 }
 
+/// `rollouts.jsonl`: every trajectory sampled, with its step, item, reward, outcome, answer and
+/// turns (what the policy wrote and the interpreter answered), for reading what RL did.
+pub(super) struct RolloutLog {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl RolloutLog {
+    /// The log with the records of steps after `step` dropped (a resumed run writes them again).
+    pub(super) fn open(path: &Path, step: u64) -> Result<Self> {
+        let kept: String = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(path, kept).map_err(|e| TrainError::io(path, e))?;
+        let file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| TrainError::io(path, e))?;
+        Ok(RolloutLog { file, path: path.to_path_buf() })
+    }
+
+    pub(super) fn write(&mut self, records: &[serde_json::Value]) -> Result<()> {
+        let text: String = records.iter().map(|r| format!("{r}\n")).collect();
+        self.file.write_all(text.as_bytes()).and_then(|_| self.file.flush()).map_err(|e| TrainError::io(&self.path, e))
+    }
+}
+
 /// Reward, accuracy and g over the steps, as an SVG.
 pub(super) fn plot(metrics: &[RlMetrics], path: &Path) -> Result<()> {
     use plotters::prelude::*;

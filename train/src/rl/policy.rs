@@ -139,7 +139,7 @@ fn answer(model: &LoadedModel, sampling: &RolloutSampling, turns: Vec<Pending>, 
         Ok(generated) => {
             for ((reply, completion), request) in replies.into_iter().zip(generated.completions).zip(&requests) {
                 let _ = reply.send(Ok(PolicyTurn {
-                    text: completion.text,
+                    text: with_stop(model, &completion),
                     prompt_tokens: request.prompt.len() as u64,
                     completion_tokens: completion.tokens.len() as u64,
                 }));
@@ -162,4 +162,16 @@ fn prompt(model: &LoadedModel, messages: &[Message], max_context: usize) -> Resu
         return Err(format!("the conversation is {} tokens, max_len is {max_context}", ids.len()));
     }
     Ok(ids)
+}
+
+/// The turn as the policy wrote it, through the stop string that ended it: the agent restores
+/// a stop string a server dropped with its own spacing, and the trainer must see the policy's
+/// exact text.
+fn with_stop(model: &LoadedModel, completion: &crate::generate::Completion) -> String {
+    let full = model.codec.decode(&completion.tokens, true).unwrap_or_else(|_| completion.text.clone());
+    let end = STOP.iter().filter_map(|s| full.find(s).map(|at| at + s.len())).min();
+    match end {
+        Some(end) => full[..end].to_string(),
+        None => completion.text.clone(),
+    }
 }

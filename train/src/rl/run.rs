@@ -13,13 +13,11 @@ use kiln_stages::agent::{AgentSetup, Task, Trajectory};
 use kiln_stages::benchmarks::Item;
 use kiln_stages::graders::Outcome;
 
-use super::loss::{
-    Packed, Sequence, clipped_tokens, group_advantages, host, informative, pack, pg_loss, rollout_stats, sft_weight,
-    token_logprobs,
-};
-use super::metrics::{MetricsLog, RlMetrics, plot, read_metrics};
+use super::loss::{clipped_tokens, group_advantages, informative, pg_loss, rollout_stats, sft_weight};
+use super::metrics::{MetricsLog, RlMetrics, RolloutLog, plot, read_metrics};
 use super::policy::{LocalPolicy, RolloutSampling};
 use super::{RlConfig, RlPaths};
+use crate::learned::{Packed, Sequence, host, pack, token_logprobs};
 use crate::loader::LoadedModel;
 use crate::model::Decoder;
 use crate::sft::checkpoint::{load_checkpoint, save_checkpoint};
@@ -83,6 +81,8 @@ struct Sampled {
     dropped: u64,
     rounds: u64,
     sandbox_s: f64,
+    /// One record per trajectory for `rollouts.jsonl`.
+    log: Vec<serde_json::Value>,
 }
 
 /// Runs (or resumes) RL on `items` (whose agent tasks are `tasks`, in the same order) with
@@ -145,6 +145,7 @@ pub async fn train_rl(
     let metrics_path = output_dir.join("metrics.csv");
     let mut metrics = read_metrics(&metrics_path, resumed_from);
     let mut log = MetricsLog::open(&metrics_path, &metrics).map_err(fail)?;
+    let mut rollouts = RolloutLog::open(&output_dir.join("rollouts.jsonl"), resumed_from).map_err(fail)?;
 
     for step in resumed_from..total {
         let started = Instant::now();
@@ -195,6 +196,7 @@ pub async fn train_rl(
             training_s: trained.elapsed().as_secs_f64(),
         };
         log.write(&m).map_err(fail)?;
+        rollouts.write(&sampled.log).map_err(fail)?;
         progress(&m, total);
         metrics.push(m);
         if (step + 1) % config.save_every.max(1) == 0 || step + 1 == total {
@@ -270,7 +272,16 @@ async fn sample(
                 (r.reward, r.outcome.correct(), tokens)
             }));
             let rewards: Vec<f64> = members.iter().map(|r| r.reward).collect();
-            if informative(&rewards) {
+            let kept = informative(&rewards);
+            s.log.extend(members.iter().enumerate().map(|(sample, r)| {
+                serde_json::json!({
+                    "step": step + 1, "round": round, "item": items[item].id, "sample": sample,
+                    "reward": r.reward, "outcome": format!("{:?}", r.outcome), "group_kept": kept,
+                    "answer": r.trajectory.as_ref().and_then(|t| t.final_answer.clone()),
+                    "turns": r.trajectory.as_ref().map(|t| t.messages.get(2..).unwrap_or_default().to_vec()),
+                })
+            }));
+            if kept {
                 s.groups.push((item, members));
             } else {
                 s.dropped += 1;
@@ -329,7 +340,7 @@ fn sequence(
     let mut e = encode(&base.codec, turns).map_err(crate::TrainError::Other)?;
     e.ids.truncate(config.max_len);
     e.learn.truncate(config.max_len);
-    let seq = Sequence { ids: e.ids, learn: e.learn, advantage };
+    let seq = Sequence { weight: advantage, ..e };
     Ok((seq.learned() > 0).then_some(seq))
 }
 
@@ -404,9 +415,9 @@ fn train_step(
             let n = p.rows.len();
             let logp = token_logprobs(&decoder, model, p, device);
             let ratios: Vec<f32> = host(logp.clone().detach()).iter().zip(old).map(|(l, o)| (l - o).exp()).collect();
-            clipped += clipped_tokens(&ratios, &p.advantages, config.clip());
+            clipped += clipped_tokens(&ratios, &p.weights, config.clip());
             let old = Tensor::<1>::from_data(TensorData::new(old.clone(), [n]), device);
-            let adv = Tensor::<1>::from_data(TensorData::new(p.advantages.clone(), [n]), device);
+            let adv = Tensor::<1>::from_data(TensorData::new(p.weights.clone(), [n]), device);
             let loss = pg_loss(logp, old, adv, config.clip()).sum().mul_scalar(scale_of(pg_tokens));
             u.pg_loss += loss.clone().into_scalar::<f32>() as f64 * pg_tokens as f64 / pg_tokens_all.max(1) as f64;
             let step_grads = GradientsParams::from_grads(loss.mul_scalar(1.0 - g).backward(), &decoder);
@@ -425,4 +436,46 @@ fn train_step(
     }
     u.clip_fraction = clipped as f64 / pg_tokens_all.max(1) as f64;
     (decoder, u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::random_weights;
+
+    fn tiny() -> (crate::ModelConfig, Decoder, Device) {
+        let config: crate::ModelConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": true
+        }))
+        .unwrap();
+        let device = crate::default_device().autodiff();
+        let decoder = build_decoder(&config, random_weights(&config, 5), std::path::Path::new("t"), &device).unwrap();
+        (config, decoder, device)
+    }
+
+    fn config(toml: &str) -> RlConfig {
+        toml::from_str(&format!("model = \"m\"\n{toml}")).unwrap()
+    }
+
+    fn logp(decoder: &Decoder, config: &crate::ModelConfig, seq: &Sequence, device: &Device) -> f32 {
+        host(token_logprobs(decoder, config, &pack(&[seq]), device)).iter().sum()
+    }
+
+    #[test]
+    fn an_update_follows_the_sign_of_the_advantage() {
+        let (model, decoder, device) = tiny();
+        let learn: Vec<bool> = (0..8).map(|i| i >= 4).collect();
+        let good = Sequence { ids: vec![1, 2, 3, 4, 5, 6, 7, 8], learn: learn.clone(), weight: 1.0 };
+        let bad = Sequence { ids: vec![1, 2, 3, 4, 9, 10, 11, 12], learn, weight: -1.0 };
+        let (good0, bad0) = (logp(&decoder, &model, &good, &device), logp(&decoder, &model, &bad, &device));
+        let settings = AdamWSettings { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let mut state = AdamWState::default();
+        let c = config("g_start = 0.0\ng_end = 0.0");
+        let pg = [good.clone(), bad.clone()];
+        let (decoder, u) = train_step(&c, &model, &device, decoder, &pg, &[], 0.0, 1e-2, &mut state, &settings);
+        assert!(u.pg_loss.abs() < 1e-6, "at ratio 1 the loss is -mean(A) = 0: {}", u.pg_loss);
+        assert!(logp(&decoder, &model, &good, &device) > good0, "a positive advantage is reinforced");
+        assert!(logp(&decoder, &model, &bad, &device) < bad0, "a negative advantage is discouraged");
+    }
 }

@@ -9,13 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, TrainError};
 use crate::tokenizer::TextCodec;
 
-/// One tokenised conversation.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Example {
-    pub ids: Vec<u32>,
-    /// `true` where the token is an assistant token the model must learn to produce.
-    pub learn: Vec<bool>,
-}
+pub use crate::learned::Sequence;
 
 /// One conversation of a sharegpt export (and of a trajectory row: its `messages`).
 #[derive(Debug, Serialize, Deserialize)]
@@ -32,7 +26,7 @@ struct Turn {
 /// Reads a sharegpt JSON export (`[{"messages": [{"role", "content"}...]}...]`) and encodes
 /// every conversation, truncated to `max_len` tokens. Conversations with no assistant token left
 /// after truncation are skipped (their count is returned).
-pub fn load_sharegpt(path: &Path, codec: &TextCodec, max_len: usize) -> Result<(Vec<Example>, usize)> {
+pub fn load_sharegpt(path: &Path, codec: &TextCodec, max_len: usize) -> Result<(Vec<Sequence>, usize)> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
     let records: Vec<Record> = serde_json::from_str(&text)
         .map_err(|e| TrainError::invalid(path, format!("not a sharegpt export (line {}): {e}", e.line())))?;
@@ -56,7 +50,7 @@ pub fn load_sharegpt(path: &Path, codec: &TextCodec, max_len: usize) -> Result<(
 
 /// Renders `turns` and marks the characters each assistant turn adds (its content and the
 /// template's end-of-turn marker) as learned; tokens inside those spans are learned.
-pub fn encode(codec: &TextCodec, turns: &[(&str, &str)]) -> std::result::Result<Example, String> {
+pub fn encode(codec: &TextCodec, turns: &[(&str, &str)]) -> std::result::Result<Sequence, String> {
     let full = codec.chat.render_turns(turns, false).map_err(|e| format!("chat template: {e:#}"))?;
     let mut spans = Vec::new();
     for (i, (role, _)) in turns.iter().enumerate() {
@@ -76,13 +70,13 @@ pub fn encode(codec: &TextCodec, turns: &[(&str, &str)]) -> std::result::Result<
         .iter()
         .map(|&(start, end)| end > start && spans.iter().any(|s| start >= s.start && end <= s.end))
         .collect();
-    Ok(Example { ids: encoding.get_ids().to_vec(), learn })
+    Ok(Sequence { ids: encoding.get_ids().to_vec(), learn, weight: 1.0 })
 }
 
 /// Groups examples into batches of similar length (less padding): examples are shuffled with
 /// `seed`, cut into windows of `batch * 16`, sorted by length inside each window, batched, and
 /// the batches shuffled again. Returns indices into `examples`.
-pub fn length_buckets(examples: &[Example], batch: usize, seed: u64) -> Vec<Vec<usize>> {
+pub fn length_buckets(examples: &[Sequence], batch: usize, seed: u64) -> Vec<Vec<usize>> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut order: Vec<usize> = (0..examples.len()).collect();
     rng.shuffle(&mut order);

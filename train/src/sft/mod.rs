@@ -16,15 +16,15 @@ use std::time::Instant;
 use burn::module::Param;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
+use crate::learned::{Sequence, pack, token_logprobs};
 use crate::loader::LoadedModel;
-use crate::model::{Batch, Decoder, Dense, Lora};
+use crate::model::{Decoder, Dense, Lora};
 use crate::weights::SaveDtype;
 use checkpoint::{load_checkpoint, save_checkpoint};
-use data::{Example, length_buckets, load_sharegpt};
+use data::{length_buckets, load_sharegpt};
 use metrics::{open_metrics, plot_loss, read_metrics};
 use optim::{AdamWSettings, AdamWState, cosine_lr, global_norm, restore};
 
@@ -143,37 +143,6 @@ pub struct SftReport {
     pub model_dir: PathBuf,
 }
 
-/// Mean negative log-likelihood of `targets` under `logits`, counting only positions where
-/// `weights` is non-zero, divided by `denominator` (tokens learned in the whole optimizer step,
-/// so accumulated micro-batches add up to the mean over the step).
-pub fn masked_loss(logits: Tensor<3>, targets: Tensor<2, Int>, weights: Tensor<2>, denominator: f64) -> Tensor<1> {
-    let picked = log_softmax(logits, 2).gather(2, targets.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2);
-    (picked * weights).sum().neg().div_scalar(denominator)
-}
-
-/// Input ids, target ids and target weights of a padded micro-batch (targets shifted by one).
-pub fn micro_batch(examples: &[&Example], device: &Device) -> (Batch, Tensor<2, Int>, Tensor<2>, usize) {
-    let width = examples.iter().map(|e| e.ids.len() - 1).max().unwrap_or(0);
-    let mut inputs = Vec::new();
-    let (mut targets, mut weights) = (Vec::new(), Vec::new());
-    let mut tokens = 0;
-    for e in examples {
-        let n = e.ids.len() - 1;
-        tokens += n;
-        let mut row = e.ids[..n].to_vec();
-        row.resize(width, 0);
-        inputs.push(row);
-        targets.extend(e.ids[1..].iter().map(|&t| t as i64).chain(std::iter::repeat_n(0, width - n)));
-        weights.extend(
-            e.learn[1..].iter().map(|&l| if l { 1.0f32 } else { 0.0 }).chain(std::iter::repeat_n(0.0, width - n)),
-        );
-    }
-    let b = examples.len();
-    let targets = Tensor::from_data(TensorData::new(targets, [b, width]), device);
-    let weights = Tensor::from_data(TensorData::new(weights, [b, width]), device);
-    (Batch::dense(inputs), targets, weights, tokens)
-}
-
 /// Where a run reads and writes: the resolved `data`, `output_dir` and base model.
 #[derive(Clone, Debug)]
 pub struct RunPaths {
@@ -243,11 +212,10 @@ pub fn train(
         let mut grads = GradientsParams::new();
         let (mut loss_sum, mut tokens) = (0.0, 0);
         for batch in window {
-            let rows: Vec<&Example> = batch.iter().map(|&i| &examples[i]).collect();
-            let (inputs, targets, weights, n) = micro_batch(&rows, &device);
-            tokens += n;
-            let logits = decoder.forward(&base.config, &inputs, None);
-            let loss = masked_loss(logits, targets, weights, learned.max(1) as f64);
+            let rows: Vec<&Sequence> = batch.iter().map(|&i| &examples[i]).collect();
+            tokens += rows.iter().map(|r| r.ids.len() - 1).sum::<usize>();
+            let logp = token_logprobs(&decoder, &base.config, &pack(&rows), &device);
+            let loss = logp.sum().neg().div_scalar(learned.max(1) as f64);
             loss_sum += loss.clone().into_scalar::<f32>() as f64;
             let step_grads = GradientsParams::from_grads(loss.backward(), &decoder);
             grads = accumulate(&decoder, grads, step_grads);

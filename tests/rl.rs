@@ -1,0 +1,156 @@
+//! `train_rl` on a toy verifiable task: small arithmetic questions about a table ("a = 1 and
+//! b = 2: what is a + b?"), answered in one turn. The four questions share one answer, so a
+//! tiny policy (2 layers, SmolLM2's tokenizer, random weights) has one thing to learn from the
+//! reward within a CI-sized run. It is first taught the format by SFT on answers drawn at random
+//! from 1-4 (a quarter right); RL with the real rewards then raises its mean reward well above
+//! where it started, and the same run with the rewards shuffled across trajectories does not.
+//! A run killed after a checkpoint and rerun gives the same metrics as one never killed.
+
+mod util;
+
+use std::path::Path;
+
+use util::tiny_model;
+
+/// The system prompt, as the template renders it.
+const SYSTEM: &str = "Reply with <think>a short thought</think> and then <answer>the value</answer>.";
+
+/// Question `q`: the table's `a` and `b` always add up to 3.
+fn question(q: u32) -> String {
+    format!("In t.csv, a = {q} and b = {}. What is a + b?", 3 - q)
+}
+
+fn user(q: u32) -> String {
+    format!("{}\n\nData: `data/t.csv` (CSV).", question(q))
+}
+
+fn turn(answer: u32) -> String {
+    format!("<think>read a</think>\n<answer>{answer}</answer>")
+}
+
+fn messages(q: u32, answer: u32) -> serde_json::Value {
+    serde_json::json!([
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": user(q)},
+        {"role": "assistant", "content": turn(answer)},
+    ])
+}
+
+/// The toy project: data, template, the warm-started policy (`warm/model`) and the prompts.
+fn toy(dir: &Path) {
+    std::fs::write(dir.join("t.csv"), "a,b\n1,2\n").unwrap();
+    std::fs::create_dir_all(dir.join("templates")).unwrap();
+    std::fs::write(dir.join("templates/toy.j2"), SYSTEM).unwrap();
+    tiny_model(&dir.join("tiny"));
+    // Every question answered with every digit: the format is learned, the answer is not.
+    let warm: Vec<_> =
+        (0..4).flat_map(|q| (1..=4).map(move |a| serde_json::json!({"messages": messages(q, a)}))).collect();
+    std::fs::write(dir.join("warm.json"), serde_json::to_string(&warm).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("warm.toml"),
+        "model = \"tiny\"\ndata = \"warm.json\"\noutput_dir = \"warm\"\nmax_len = 256\nbatch_size = 16\nepochs = 200\nmax_steps = 60\nlr = 1e-2\nwarmup_ratio = 0.05\nsave_every = 60\n",
+    )
+    .unwrap();
+    util::kiln_ok(dir, &["train", "warm.toml"]);
+    let prompts: Vec<String> = (0..4)
+        .map(|q| {
+            serde_json::json!({
+                "row_id": format!("q{q}"), "question": question(q),
+                "gold_answer": "3", "data_files": ["t.csv"], "expert_trajectory": messages(q, 3),
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(dir.join("rl.jsonl"), prompts.join("\n")).unwrap();
+}
+
+fn pipeline(dir: &Path, name: &str, shuffled: bool, steps: u32) {
+    let toml = format!(
+        r#"[pipeline]
+name = "{name}"
+templates = "templates"
+
+[stages.rl]
+kind = "train_rl"
+data = "rl.jsonl"
+model = "warm/model"
+template = "toy.j2"
+max_turns = 1
+parallel = 16
+group_size = 4
+prompts_per_step = 4
+micro_batch = 16
+max_steps = {steps}
+lr = 1e-3
+g_start = 0.0
+g_end = 0.0
+temperature = 1.0
+max_new_tokens = 24
+max_len = 256
+save_every = 5
+shuffle_rewards = {shuffled}
+"#
+    );
+    std::fs::write(dir.join(format!("{name}.toml")), toml).unwrap();
+}
+
+fn metrics(dir: &Path, name: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    util::rows(&dir.join(format!("outputs/{name}/rl")))
+}
+
+fn rewards(rows: &[serde_json::Map<String, serde_json::Value>]) -> Vec<f64> {
+    rows.iter().map(|r| r["reward_mean"].as_f64().unwrap()).collect()
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
+#[test]
+fn rl_raises_the_reward_shuffled_rewards_do_not_and_a_killed_run_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    toy(dir);
+
+    // The real run, killed once its step-10 checkpoint is written, then rerun to the end.
+    pipeline(dir, "real", false, 40);
+    let checkpoint = || {
+        let runs = std::fs::read_dir(dir.join("outputs/real/rl.train")).into_iter().flatten().flatten();
+        runs.map(|r| r.path().join("checkpoint/state.json"))
+            .any(|s| std::fs::read_to_string(s).is_ok_and(|s| s.contains("\"step\":10")))
+    };
+    assert!(util::run_and_kill_when(dir, &["run", "real.toml"], checkpoint), "killed before it finished");
+    util::kiln_ok(dir, &["run", "real.toml"]);
+    let real = metrics(dir, "real");
+    assert_eq!(real.len(), 40);
+    let manifest = util::manifest(&dir.join("outputs/real/rl"));
+    assert_eq!(manifest.counters["resumed_from_step"], 10);
+
+    // Steps 11 and 12 ran after the resume: they match a run never killed (the schedule is
+    // flat, so a 12-step run takes the same first steps).
+    pipeline(dir, "reference", false, 12);
+    util::kiln_ok(dir, &["run", "reference.toml"]);
+    let reference = metrics(dir, "reference");
+    for (a, b) in reference.iter().zip(&real) {
+        for key in ["reward_mean", "accuracy", "entropy", "pg_loss", "grad_norm", "clip_fraction"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+                "step {}: {key} {x} never killed, {y} resumed",
+                a["step"]
+            );
+        }
+    }
+
+    let real = rewards(&real);
+    let (start, end) = (mean(&real[..5]), mean(&real[real.len() - 5..]));
+    assert!(end > start + 0.25, "the reward rises: {start:.2} -> {end:.2}: {real:?}");
+
+    pipeline(dir, "control", true, 40);
+    util::kiln_ok(dir, &["run", "control.toml"]);
+    let control = rewards(&metrics(dir, "control"));
+    eprintln!("rewards per step, real: {real:.2?}\nshuffled: {control:.2?}");
+    let (c_start, c_end) = (mean(&control[..5]), mean(&control[control.len() - 5..]));
+    assert!(c_end < c_start + 0.15, "shuffled rewards teach nothing: {c_start:.2} -> {c_end:.2}: {control:?}");
+    assert!(c_end < end - 0.2, "the real rewards beat the shuffled ones: {c_end:.2} vs {end:.2}");
+}
