@@ -103,10 +103,14 @@ enum Command {
         smollm2: bool,
     },
     /// Fine-tune a model on a sharegpt export (settings in a TOML file: model, data, output_dir,
-    /// lr, epochs, lora...). A killed run resumes from its last checkpoint.
+    /// lr, epochs, lora...), or with `--rl` run RL on an `rl` export (a `train_rl` stage's
+    /// settings). A killed run resumes from its last checkpoint.
     Train {
         /// The training settings; relative paths in it are relative to this file.
         config: PathBuf,
+        /// RL (DAPO mixed with SFT) instead of SFT.
+        #[arg(long)]
+        rl: bool,
     },
     /// Serve a local model over the OpenAI chat-completions API (`/v1/chat/completions`,
     /// `/v1/models`), so kiln's LLM stages can use it.
@@ -254,7 +258,21 @@ isolation: {mode}",
                 writeln!(out, "smollm2: {}", path.display())?;
             }
         }
-        Command::Train { config } => {
+        Command::Train { config, rl: true } => {
+            let text = kiln_train::rl::pipeline_for(&config)?;
+            let plan = std::sync::Arc::new(Plan::from_text(&config, &text, &registry()).await?);
+            let options = RunOptions { only: None, from: None, force: false, verify: false };
+            let code = run(&mut out, &config, plan.clone(), options).await?;
+            let dir = Store::new(&plan.output_dir).stage_dir("rl");
+            let metrics = store::read_dataset(&dir).ok().map(|b| kiln_pipeline::rows::to_json_rows(&b)).transpose()?;
+            let rewards: Vec<f64> =
+                metrics.iter().flatten().filter_map(|r| r.get("reward_mean").and_then(|v| v.as_f64())).collect();
+            if let (Some(first), Some(last)) = (rewards.first(), rewards.last()) {
+                writeln!(out, "mean reward: {first:.3} (step 1) -> {last:.3} (step {})", rewards.len())?;
+            }
+            return Ok(code);
+        }
+        Command::Train { config, rl: false } => {
             let report = tokio::task::spawn_blocking(move || train(&config)).await??;
             writeln!(
                 out,

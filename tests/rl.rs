@@ -153,4 +153,31 @@ fn rl_raises_the_reward_shuffled_rewards_do_not_and_a_killed_run_resumes() {
     let (c_start, c_end) = (mean(&control[..5]), mean(&control[control.len() - 5..]));
     assert!(c_end < c_start + 0.15, "shuffled rewards teach nothing: {c_start:.2} -> {c_end:.2}: {control:?}");
     assert!(c_end < end - 0.2, "the real rewards beat the shuffled ones: {c_end:.2} vs {end:.2}");
+
+    // `kiln train --rl` runs the same stage from a settings file.
+    let settings = std::fs::read_to_string(dir.join("real.toml")).unwrap();
+    let settings = settings.split("kind = \"train_rl\"\n").nth(1).unwrap().replace("max_steps = 40", "max_steps = 2");
+    std::fs::write(dir.join("rl_file.toml"), settings).unwrap();
+    let summary = util::kiln_ok(dir, &["train", "--rl", "rl_file.toml"]);
+    assert!(summary.contains("mean reward:") && summary.contains("(step 2)"), "{summary}");
+    assert!(dir.join("outputs/rl/model/model.safetensors").is_file() && dir.join("outputs/rl/rl.svg").is_file());
+    let rollouts = std::fs::read_to_string(dir.join("outputs/rl/rollouts.jsonl")).unwrap();
+    let first = rollouts.lines().filter(|l| l.contains("\"step\":1,")).count();
+    assert!(first >= 16 && first % 16 == 0, "every trajectory of a round is logged: {first}");
+}
+
+#[test]
+fn kiln_train_rl_names_every_bad_setting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("bad.toml"),
+        "model = \"smollm2\"\ndata = \"nope.parquet\"\ngroup_size = 1\nclip_dual = 1.1\n",
+    )
+    .unwrap();
+    let out = util::kiln_err(dir, &["train", "--rl", "bad.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:2:8: error: `data` = \"nope.parquet\": no such file"), "{err}");
+    assert!(err.contains("bad.toml:3:14: error: `group_size` must be between 2 and 1024, got 1"), "{err}");
+    assert!(err.contains("bad.toml:4:13: error: `clip_dual` must be greater than 1 + clip_high, got 1.1"), "{err}");
 }

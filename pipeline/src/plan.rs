@@ -66,7 +66,13 @@ impl Plan {
                 return Err(Error::Config(Diagnostics(vec![diag])));
             }
         };
-        let (spec, mut diags) = spec::parse(path, &text, registry);
+        Self::from_text(path, &text, registry).await
+    }
+
+    /// Plans the pipeline `text`, read as if it were the file at `path` (relative paths are
+    /// relative to its folder): for pipelines kiln writes itself, such as `kiln train --rl`'s.
+    pub async fn from_text(path: &Path, text: &str, registry: &Registry) -> Result<Plan> {
+        let (spec, mut diags) = spec::parse(path, text, registry);
         let Some(spec) = spec else { return Err(Error::Config(Diagnostics(diags).normalize())) };
         let resolve = |dir: &Option<PathBuf>| dir.as_ref().map(|d| spec.base_dir.join(d));
         let output_dir = match &spec.settings.output_dir {

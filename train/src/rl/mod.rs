@@ -257,3 +257,40 @@ pub struct RlPaths {
     /// Checkpoints, metrics and the final model.
     pub output_dir: PathBuf,
 }
+
+/// The one-stage pipeline `kiln train --rl FILE` runs: FILE holds a `train_rl` stage's
+/// settings (with `data`, the `rl` export, relative to FILE); the stage is named `rl` and writes
+/// to `output_dir` (default `outputs/rl`); a `templates` folder beside FILE holds its own
+/// prompt templates. Problems of FILE are reported at its lines, as `kiln check` does.
+pub fn pipeline_for(path: &Path) -> Result<String, kiln_pipeline::Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| kiln_pipeline::Error::io(path, e))?;
+    let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    kiln_pipeline::spec::parse_settings(path, &text, |config: &RlConfig| {
+        let mut problems = config.problems(&base);
+        match &config.data {
+            None => problems.push(
+                Problem::new("", "missing key `data`")
+                    .help("add `data = \"...\"`: an `rl` export (an `export` stage with format = \"rl\")"),
+            ),
+            Some(data) if !base.join(data).is_file() => problems.push(
+                Problem::new("data", format!("`data` = {:?}: no such file", data.display()))
+                    .help("give the `rl` export's Parquet file, relative to this file"),
+            ),
+            Some(_) => {}
+        }
+        problems
+    })
+    .map_err(kiln_pipeline::Error::Config)?;
+    let mut stage: toml::Table = text.parse().map_err(|e| kiln_pipeline::Error::Internal(format!("{e}")))?;
+    stage.insert("kind".into(), "train_rl".into());
+    stage.entry("output_dir").or_insert_with(|| "outputs/rl".into());
+    let name = path.file_stem().map_or_else(|| "rl".into(), |s| s.to_string_lossy().into_owned());
+    let mut settings: toml::Table = [("name".to_string(), name.into())].into_iter().collect();
+    if base.join("templates").is_dir() {
+        settings.insert("templates".into(), "templates".into());
+    }
+    let mut pipeline = toml::Table::new();
+    pipeline.insert("pipeline".into(), settings.into());
+    pipeline.insert("stages".into(), toml::Value::Table([("rl".to_string(), stage.into())].into_iter().collect()));
+    toml::to_string(&pipeline).map_err(|e| kiln_pipeline::Error::Internal(e.to_string()))
+}
