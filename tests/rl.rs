@@ -178,48 +178,59 @@ fn kiln_train_rl_names_every_bad_setting() {
     let out = util::kiln_err(dir, &["train", "--rl", "bad.toml"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:2:8: error: `data` = \"nope.parquet\": no such file"), "{err}");
+    assert!(
+        err.contains("give an `rl` export (an `export` stage with format = \"rl\"), relative to this file"),
+        "{err}"
+    );
     assert!(err.contains("bad.toml:3:14: error: `group_size` must be between 2 and 1024, got 1"), "{err}");
     assert!(err.contains("bad.toml:4:13: error: `clip_dual` must be greater than 1 + clip_high, got 1.1"), "{err}");
 }
 
 #[test]
-fn rollouts_run_the_policys_code_in_the_sandbox() {
+fn rollouts_run_the_policys_code_in_the_sandbox_and_earn_their_own_gold() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    std::fs::write(dir.join("t.csv"), "a,b\n1,2\n").unwrap();
     std::fs::create_dir_all(dir.join("templates")).unwrap();
     std::fs::write(dir.join("templates/toy.j2"), SYSTEM).unwrap();
     tiny_model(&dir.join("tiny"));
-    // Expert trajectories that read the table in code, then answer from the output.
-    let code = "<think>read it</think>\n<code>\n```python\nimport pandas as pd\nprint(pd.read_csv('data/t.csv').sum(axis=1)[0])\n```\n</code>";
+    // Question q is about its own table t<q>.csv, whose a + b is q + 1: each has its own gold.
+    let user = |q: u32| format!("What is a + b in t{q}.csv?\n\nData: `data/t{q}.csv` (CSV).");
+    let code = |q: u32| {
+        format!(
+            "<think>read it</think>\n<code>\n```python\nimport pandas as pd\nprint(pd.read_csv('data/t{q}.csv').sum(axis=1)[0])\n```\n</code>"
+        )
+    };
     let expert = |q: u32| {
         serde_json::json!([
             {"role": "system", "content": SYSTEM},
             {"role": "user", "content": user(q)},
-            {"role": "assistant", "content": code},
-            {"role": "user", "content": "<interpreter>\n3\n</interpreter>"},
-            {"role": "assistant", "content": turn(3)},
+            {"role": "assistant", "content": code(q)},
+            {"role": "user", "content": format!("<interpreter>\n{}\n</interpreter>", q + 1)},
+            {"role": "assistant", "content": turn(q + 1)},
         ])
     };
+    for q in 0..4 {
+        std::fs::write(dir.join(format!("t{q}.csv")), format!("a,b\n{q},1\n")).unwrap();
+    }
     let warm: Vec<_> = (0..4).map(|q| serde_json::json!({"messages": expert(q)})).collect();
     std::fs::write(dir.join("warm.json"), serde_json::to_string(&warm).unwrap()).unwrap();
     std::fs::write(
         dir.join("warm.toml"),
-        "model = \"tiny\"\ndata = \"warm.json\"\noutput_dir = \"warm\"\nmax_len = 512\nbatch_size = 4\nepochs = 200\nmax_steps = 60\nlr = 1e-2\nwarmup_ratio = 0.05\nsave_every = 60\n",
+        "model = \"tiny\"\ndata = \"warm.json\"\noutput_dir = \"warm\"\nmax_len = 512\nbatch_size = 4\nepochs = 400\nmax_steps = 120\nlr = 1e-2\nwarmup_ratio = 0.05\nsave_every = 60\n",
     )
     .unwrap();
     util::kiln_ok(dir, &["train", "warm.toml"]);
     let prompts: Vec<String> = (0..4)
         .map(|q| {
-            let row = serde_json::json!({"row_id": format!("q{q}"), "question": question(q), "gold_answer": "3",
-                "data_files": ["t.csv"], "expert_trajectory": expert(q)});
+            let row = serde_json::json!({"row_id": format!("q{q}"), "question": format!("What is a + b in t{q}.csv?"),
+                "gold_answer": (q + 1).to_string(), "data_files": [format!("t{q}.csv")], "expert_trajectory": expert(q)});
             row.to_string()
         })
         .collect();
     std::fs::write(dir.join("rl.jsonl"), prompts.join("\n")).unwrap();
     std::fs::write(
         dir.join("rl.toml"),
-        "data = \"rl.jsonl\"\nmodel = \"warm/model\"\ntemplate = \"toy.j2\"\nmax_turns = 3\ngroup_size = 2\nprompts_per_step = 4\nmax_steps = 2\nsampling_rounds = 1\nmax_new_tokens = 64\nmax_len = 512\nlr = 1e-3\ntemperature = 0.7\n",
+        "data = \"rl.jsonl\"\nmodel = \"warm/model\"\ntemplate = \"toy.j2\"\nmax_turns = 3\ngroup_size = 2\nprompts_per_step = 4\nmax_steps = 2\nsampling_rounds = 1\nmax_new_tokens = 64\nmax_len = 512\nlr = 1e-3\ntemperature = 0.5\nlora = { rank = 4 }\n",
     )
     .unwrap();
     util::kiln_ok(dir, &["train", "--rl", "rl.toml"]);
@@ -229,15 +240,23 @@ fn rollouts_run_the_policys_code_in_the_sandbox() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(rollouts.len(), 16, "2 steps of 4 prompts x 2 trajectories");
-    // The sandbox ran the policy's code on the real file and answered in an interpreter turn.
-    let ran = rollouts
-        .iter()
-        .filter(|r| {
-            r["turns"].as_array().is_some_and(|t| t.iter().any(|m| m["content"] == "<interpreter>\n3\n</interpreter>"))
+    // The sandbox ran the policy's code on the real files and answered in interpreter turns.
+    let output = |r: &serde_json::Value| {
+        r["turns"].as_array().into_iter().flatten().any(|m| {
+            let text = m["content"].as_str().unwrap_or("");
+            text.starts_with("<interpreter>\n") && text[14..15].chars().all(|c| c.is_ascii_digit())
         })
-        .count();
-    assert!(ran >= 8, "most rollouts ran the code: {ran} of 16\n{rollouts:#?}");
+    };
+    let ran = rollouts.iter().filter(|r| output(r)).count();
+    assert!(ran >= 8, "most rollouts ran code: {ran} of 16\n{rollouts:#?}");
+    // Every reward is earned against the rollout's own item's gold.
+    for r in &rollouts {
+        let gold = r["item"].as_str().unwrap()[1..].parse::<u32>().unwrap() + 1;
+        let right = r["answer"].as_str().is_some_and(|a| a.trim() == gold.to_string());
+        assert_eq!(r["reward"].as_f64().unwrap() == 1.0, right, "{r:#}");
+    }
     let metrics = util::rows(&dir.join("outputs/rl/rl"));
     assert!(metrics.iter().all(|m| m["sandbox_s"].as_f64().unwrap() > 0.0), "{metrics:?}");
     assert!(metrics.iter().all(|m| m["g"].as_f64().unwrap() > 0.0 && m["sft_loss"].as_f64().unwrap() > 0.0));
+    assert!(dir.join("outputs/rl/model/model.safetensors").is_file(), "LoRA merged into a full model");
 }

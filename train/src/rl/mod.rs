@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fetch::is_named_model;
 use crate::sft::LoraConfig;
-use crate::sft::settings::Checks;
+use crate::sft::settings::{Checks, data_problem};
 pub use loss::{Clip, group_advantages, informative, sft_weight};
 pub use metrics::RlMetrics;
 pub use run::{RlReport, train_rl};
@@ -267,17 +267,11 @@ pub fn pipeline_for(path: &Path) -> Result<String, kiln_pipeline::Error> {
     let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     kiln_pipeline::spec::parse_settings(path, &text, |config: &RlConfig| {
         let mut problems = config.problems(&base);
-        match &config.data {
-            None => problems.push(
-                Problem::new("", "missing key `data`")
-                    .help("add `data = \"...\"`: an `rl` export (an `export` stage with format = \"rl\")"),
-            ),
-            Some(data) if !base.join(data).is_file() => problems.push(
-                Problem::new("data", format!("`data` = {:?}: no such file", data.display()))
-                    .help("give the `rl` export's Parquet file, relative to this file"),
-            ),
-            Some(_) => {}
-        }
+        problems.extend(data_problem(
+            &base,
+            config.data.as_deref(),
+            "an `rl` export (an `export` stage with format = \"rl\")",
+        ));
         problems
     })
     .map_err(kiln_pipeline::Error::Config)?;

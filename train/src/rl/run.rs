@@ -295,17 +295,29 @@ async fn sample(
 /// void turn, out of turns) are left out.
 fn policy_sequences(config: &RlConfig, base: &LoadedModel, sampled: &Sampled) -> crate::Result<Vec<Sequence>> {
     let mut out = Vec::new();
-    for (_, group) in &sampled.groups {
-        let advantages = group_advantages(&group.iter().map(|r| r.reward).collect::<Vec<_>>());
-        for (r, advantage) in group.iter().zip(advantages) {
-            let Some(t) = r.trajectory.as_ref().filter(|_| !r.outcome.masked()) else { continue };
-            let turns: Vec<(&str, &str)> = t.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
-            if let Some(seq) = sequence(config, base, &turns, advantage as f32)? {
-                out.push(seq);
-            }
+    for (t, advantage) in policy_gradient_rollouts(&sampled.groups) {
+        let turns: Vec<(&str, &str)> = t.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+        if let Some(seq) = sequence(config, base, &turns, advantage as f32)? {
+            out.push(seq);
         }
     }
     Ok(out)
+}
+
+/// The trajectories of the kept groups that carry policy gradient, with their advantages: the
+/// advantage is centred on the whole group's rewards (masked trajectories included, so their
+/// failure still counts in the baseline), but masked trajectories themselves are left out.
+fn policy_gradient_rollouts(groups: &[(usize, Vec<Rollout>)]) -> Vec<(&Trajectory, f64)> {
+    let mut out = Vec::new();
+    for (_, group) in groups {
+        let advantages = group_advantages(&group.iter().map(|r| r.reward).collect::<Vec<_>>());
+        for (r, advantage) in group.iter().zip(advantages) {
+            if let Some(t) = r.trajectory.as_ref().filter(|_| !r.outcome.masked()) {
+                out.push((t, advantage));
+            }
+        }
+    }
+    out
 }
 
 /// The expert trajectories of the step's prompts (each prompt once).
@@ -460,6 +472,40 @@ mod tests {
 
     fn logp(decoder: &Decoder, config: &crate::ModelConfig, seq: &Sequence, device: &Device) -> f32 {
         host(token_logprobs(decoder, config, &pack(&[seq]), device)).iter().sum()
+    }
+
+    fn rollout(outcome: Outcome, id: &str) -> Rollout {
+        let about = kiln_stages::agent::About {
+            question: "q".into(),
+            category: None,
+            path: "t.csv".into(),
+            format: "csv".into(),
+            table: "t".into(),
+            gold_answer: None,
+            difficulty: None,
+        };
+        let t = Trajectory::opening(id.into(), "p".into(), about, 0, "policy".into(), Vec::new());
+        Rollout { reward: outcome.reward(), outcome, trajectory: Some(t) }
+    }
+
+    #[test]
+    fn masked_trajectories_carry_no_policy_gradient_but_count_in_the_baseline() {
+        let right = || Outcome::Right { answer_chars: 1 };
+        let groups = vec![(
+            0,
+            vec![
+                rollout(right(), "a"),
+                rollout(Outcome::Wrong, "b"),
+                rollout(Outcome::BadFormat, "c"),
+                rollout(Outcome::NoAnswer, "d"),
+            ],
+        )];
+        let kept = policy_gradient_rollouts(&groups);
+        assert_eq!(kept.iter().map(|(t, _)| t.row_id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        // Rewards 1, 0, -0.1, 0: mean 0.225, so the wrong answer's advantage is negative.
+        let expected = group_advantages(&[1.0, 0.0, -0.1, 0.0]);
+        assert_eq!((kept[0].1, kept[1].1), (expected[0], expected[1]));
+        assert!(kept[1].1 < 0.0);
     }
 
     #[test]

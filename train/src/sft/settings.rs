@@ -61,17 +61,11 @@ pub fn read_run(path: &Path) -> Result<(SftConfig, RunPaths), kiln_pipeline::Err
     let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let config = kiln_pipeline::spec::parse_settings(path, &text, |config: &SftConfig| {
         let mut problems = config.problems(&base);
-        match &config.data {
-            None => problems.push(
-                Problem::new("", "missing key `data`")
-                    .help("add `data = \"...\"`: a sharegpt export (an `export` stage with format = \"sharegpt\")"),
-            ),
-            Some(data) if !base.join(data).is_file() => problems.push(
-                Problem::new("data", format!("`data` = {:?}: no such file", data.display()))
-                    .help("give a sharegpt export file, relative to this file"),
-            ),
-            Some(_) => {}
-        }
+        problems.extend(data_problem(
+            &base,
+            config.data.as_deref(),
+            "a sharegpt export (an `export` stage with format = \"sharegpt\")",
+        ));
         problems
     })
     .map_err(kiln_pipeline::Error::Config)?;
@@ -81,6 +75,19 @@ pub fn read_run(path: &Path) -> Result<(SftConfig, RunPaths), kiln_pipeline::Err
         output_dir: base.join(config.output_dir.clone().unwrap_or_else(|| PathBuf::from("outputs/sft"))),
     };
     Ok((config, paths))
+}
+
+/// The problem of a training file's `data` key (relative to `base`): missing, or no such file;
+/// `what` says what it should be.
+pub(crate) fn data_problem(base: &Path, data: Option<&Path>, what: &str) -> Option<Problem> {
+    match data {
+        None => Some(Problem::new("", "missing key `data`").help(format!("add `data = \"...\"`: {what}"))),
+        Some(data) if !base.join(data).is_file() => Some(
+            Problem::new("data", format!("`data` = {:?}: no such file", data.display()))
+                .help(format!("give {what}, relative to this file")),
+        ),
+        Some(_) => None,
+    }
 }
 
 /// Range checks that name the key, the bad value and a sensible one.
