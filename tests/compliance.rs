@@ -145,10 +145,10 @@ path = "hard.jsonl"
     .iter()
     .map(|s| s.to_string())
     .collect();
-    // `train_sft` is tested in tests/train.rs and `evaluate` in tests/evaluate.rs: their rows
-    // hold wall-clock times (training throughput, seconds per run), and a model checkpoint does
-    // not fit this byte-for-byte comparison.
-    let elsewhere = ["every stage also takes", "train_sft", "evaluate"];
+    // `train_sft` is tested in tests/train.rs, `train_rl` in tests/rl.rs and `evaluate` in
+    // tests/evaluate.rs: their rows hold wall-clock times (training throughput, seconds per
+    // run), and a model checkpoint does not fit this byte-for-byte comparison.
+    let elsewhere = ["every stage also takes", "train_sft", "train_rl", "evaluate"];
     assert_eq!(
         kinds.into_iter().filter(|k| !elsewhere.contains(&k.as_str())).collect::<BTreeSet<_>>(),
         used,

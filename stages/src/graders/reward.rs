@@ -99,7 +99,7 @@ mod tests {
         let gold = Gold::Value { value: "42".into(), tolerance: 0.03 };
         let right = Outcome::of(&rollout(Some("42"), &["code", "answer"]), &gold);
         assert_eq!((right.reward(), right.masked()), (1.0, false));
-        let wrong = Outcome::of(&rollout(Some("41"), &["answer"]), &gold);
+        let wrong = Outcome::of(&rollout(Some("40"), &["answer"]), &gold);
         assert_eq!((wrong, Outcome::Wrong.reward()), (Outcome::Wrong, 0.0));
         let void = Outcome::of(&rollout(Some("42"), &["invalid", "answer"]), &gold);
         assert_eq!((void.reward(), void.masked()), (-0.1, true), "a void turn anywhere is a bad format");
