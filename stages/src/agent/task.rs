@@ -9,7 +9,7 @@ use super::Trajectory;
 use crate::families::{Question, Row};
 
 /// What a trajectory says about its question (the columns it carries from its input).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct About {
     /// The question, as asked.
     pub question: String,

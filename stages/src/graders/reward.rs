@@ -76,15 +76,7 @@ mod tests {
     use crate::agent::{About, Step};
 
     fn rollout(answer: Option<&str>, actions: &[&str]) -> Trajectory {
-        let about = About {
-            question: "q".into(),
-            category: None,
-            path: "t.csv".into(),
-            format: "csv".into(),
-            table: "t".into(),
-            gold_answer: None,
-            difficulty: None,
-        };
+        let about = About { question: "q".into(), path: "t.csv".into(), ..About::default() };
         let mut t = Trajectory::opening("r".into(), "p".into(), about, 0, "policy".into(), Vec::new());
         t.final_answer = answer.map(str::to_string);
         t.steps = actions

@@ -475,16 +475,7 @@ mod tests {
     }
 
     fn rollout(outcome: Outcome, id: &str) -> Rollout {
-        let about = kiln_stages::agent::About {
-            question: "q".into(),
-            category: None,
-            path: "t.csv".into(),
-            format: "csv".into(),
-            table: "t".into(),
-            gold_answer: None,
-            difficulty: None,
-        };
-        let t = Trajectory::opening(id.into(), "p".into(), about, 0, "policy".into(), Vec::new());
+        let t = Trajectory::opening(id.into(), "p".into(), Default::default(), 0, "policy".into(), Vec::new());
         Rollout { reward: outcome.reward(), outcome, trajectory: Some(t) }
     }
 
