@@ -36,6 +36,16 @@ fn messages(q: u32, answer: u32) -> serde_json::Value {
     ])
 }
 
+/// SFT of the tiny model on `warm.json` into `warm/model` (`epochs` sets the schedule's length,
+/// `steps` where it stops).
+fn warm_start(dir: &Path, max_len: u32, batch: u32, epochs: u32, steps: u32) {
+    let settings = format!(
+        "model = \"tiny\"\ndata = \"warm.json\"\noutput_dir = \"warm\"\nmax_len = {max_len}\nbatch_size = {batch}\nepochs = {epochs}\nmax_steps = {steps}\nlr = 1e-2\nwarmup_ratio = 0.05\nsave_every = {steps}\n"
+    );
+    std::fs::write(dir.join("warm.toml"), settings).unwrap();
+    util::kiln_ok(dir, &["train", "warm.toml"]);
+}
+
 /// The toy project: data, template, the warm-started policy (`warm/model`) and the prompts.
 fn toy(dir: &Path) {
     std::fs::write(dir.join("t.csv"), "a,b\n1,2\n").unwrap();
@@ -46,12 +56,7 @@ fn toy(dir: &Path) {
     let warm: Vec<_> =
         (0..4).flat_map(|q| (1..=4).map(move |a| serde_json::json!({"messages": messages(q, a)}))).collect();
     std::fs::write(dir.join("warm.json"), serde_json::to_string(&warm).unwrap()).unwrap();
-    std::fs::write(
-        dir.join("warm.toml"),
-        "model = \"tiny\"\ndata = \"warm.json\"\noutput_dir = \"warm\"\nmax_len = 256\nbatch_size = 16\nepochs = 200\nmax_steps = 60\nlr = 1e-2\nwarmup_ratio = 0.05\nsave_every = 60\n",
-    )
-    .unwrap();
-    util::kiln_ok(dir, &["train", "warm.toml"]);
+    warm_start(dir, 256, 16, 200, 60);
     let prompts: Vec<String> = (0..4)
         .map(|q| {
             serde_json::json!({
@@ -215,12 +220,7 @@ fn rollouts_run_the_policys_code_in_the_sandbox_and_earn_their_own_gold() {
     }
     let warm: Vec<_> = (0..4).map(|q| serde_json::json!({"messages": expert(q)})).collect();
     std::fs::write(dir.join("warm.json"), serde_json::to_string(&warm).unwrap()).unwrap();
-    std::fs::write(
-        dir.join("warm.toml"),
-        "model = \"tiny\"\ndata = \"warm.json\"\noutput_dir = \"warm\"\nmax_len = 512\nbatch_size = 4\nepochs = 400\nmax_steps = 120\nlr = 1e-2\nwarmup_ratio = 0.05\nsave_every = 60\n",
-    )
-    .unwrap();
-    util::kiln_ok(dir, &["train", "warm.toml"]);
+    warm_start(dir, 512, 4, 400, 120);
     let prompts: Vec<String> = (0..4)
         .map(|q| {
             let row = serde_json::json!({"row_id": format!("q{q}"), "question": format!("What is a + b in t{q}.csv?"),

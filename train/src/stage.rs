@@ -66,6 +66,18 @@ impl TrainSft {
     }
 }
 
+/// The files of the model at `model` (a `.gguf` file, or a Hugging Face directory's config,
+/// weights and tokenizer) that a training stage's output depends on.
+pub(crate) fn model_files(cx: &CheckCx, model: &std::path::Path) -> Vec<FileDep> {
+    let model = cx.resolve(model);
+    let files = if model.is_dir() {
+        ["config.json", "model.safetensors", "tokenizer.json"].iter().map(|f| model.join(f)).collect()
+    } else {
+        vec![model]
+    };
+    files.into_iter().filter(|f| f.exists()).map(FileDep::Stat).collect()
+}
+
 impl Plain for TrainSft {
     fn problems(&self, cx: &CheckCx) -> Vec<Problem> {
         let mut problems = Vec::new();
@@ -83,13 +95,7 @@ impl Plain for TrainSft {
 #[async_trait]
 impl Stage for TrainSft {
     fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
-        let model = cx.resolve(&self.0.model);
-        let files = if model.is_dir() {
-            ["config.json", "model.safetensors", "tokenizer.json"].iter().map(|f| model.join(f)).collect()
-        } else {
-            vec![model]
-        };
-        files.into_iter().filter(|f| f.exists()).map(FileDep::Stat).collect()
+        model_files(cx, &self.0.model)
     }
 
     async fn output_schema(&self, _cx: &CheckCx, inputs: &[InputSchema]) -> Result<SchemaRef, Vec<Problem>> {

@@ -92,14 +92,9 @@ impl Stage for TrainRl {
     }
 
     fn files(&self, cx: &CheckCx) -> Vec<FileDep> {
-        let model = cx.resolve(&self.config.model);
-        let mut files: Vec<PathBuf> = if model.is_dir() {
-            ["config.json", "model.safetensors", "tokenizer.json"].iter().map(|f| model.join(f)).collect()
-        } else {
-            vec![model]
-        };
-        files.extend(self.config.data.iter().map(|d| cx.resolve(d)));
-        let mut deps: Vec<FileDep> = files.into_iter().filter(|f| f.exists()).map(FileDep::Stat).collect();
+        let mut deps = crate::stage::model_files(cx, &self.config.model);
+        let data = self.config.data.iter().map(|d| cx.resolve(d)).filter(|d| d.exists());
+        deps.extend(data.map(FileDep::Stat));
         deps.extend(self.agent.files());
         deps
     }
