@@ -26,29 +26,44 @@ struct Run {
     stderr: String,
 }
 
+/// Set (to the `kiln` binary) when this program runs as the launcher of one `kiln` run.
+const LAUNCHER: &str = "KILN_BENCH_LAUNCHER";
+
 /// Runs `kiln args` in `dir` with `log` as `KILN_LOG`, measuring its own peak memory.
-// The child is reaped by `wait4`, which also gives its own resource usage.
-#[allow(clippy::zombie_processes)]
+///
+/// A child's `ru_maxrss` includes the resident size of the process that spawned it at the moment
+/// of `exec` (Linux records the replaced image's high-water mark), and this bench holds the fault
+/// server's books and the bare client's answers. So `kiln` is started by a fresh copy of this
+/// program (a few MiB, see [`launch`]), whose `wait4` then gives `kiln`'s own peak.
 fn kiln(dir: &Path, args: &[&str], log: &str) -> Run {
-    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let launcher = Command::new(std::env::current_exe().unwrap())
         .args(args)
         .current_dir(dir)
+        .env(LAUNCHER, env!("CARGO_BIN_EXE_kiln"))
         .env("KILN_LOG", log)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
+        .output()
         .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let stderr = std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.unwrap(), &mut text).ok();
-        text
-    });
+    let report = String::from_utf8_lossy(&launcher.stdout);
+    let mut fields = report.split_whitespace();
+    let peak_kib: f64 = fields.next().and_then(|v| v.parse().ok()).expect("the launcher reports kiln's peak");
+    let code = fields.next().and_then(|v| v.parse().ok());
+    Run { code, peak_mib: peak_kib / 1024.0, stderr: String::from_utf8_lossy(&launcher.stderr).into_owned() }
+}
+
+/// The launcher: runs `kiln` with this program's arguments (its stderr passed through), reaps it
+/// with `wait4` and prints its peak resident memory (KiB) and exit code on stdout.
+// The child is reaped by `wait4`, which also gives its own resource usage.
+#[allow(clippy::zombie_processes)]
+fn launch(kiln: &std::ffi::OsStr) -> ! {
+    let child = Command::new(kiln).args(std::env::args_os().skip(1)).stdout(Stdio::null()).spawn().unwrap();
     let (mut status, mut usage): (libc::c_int, libc::rusage) = (0, unsafe { std::mem::zeroed() });
     // SAFETY: wait4 reaps our own child and writes into the two values we pass.
-    unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
     let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
-    Run { code, peak_mib: usage.ru_maxrss as f64 / 1024.0, stderr: stderr.join().unwrap() }
+    println!("{} {}", usage.ru_maxrss, code.map_or("signal".to_string(), |c| c.to_string()));
+    std::process::exit(0)
 }
 
 /// A folder with the recipe (aimed at `base_url`) and `n` questions.
@@ -122,6 +137,9 @@ fn limit_svg(series: &[(String, Vec<(f64, f64)>)], max_limit: f64) -> String {
 }
 
 fn main() {
+    if let Some(kiln) = std::env::var_os(LAUNCHER) {
+        launch(&kiln);
+    }
     let full = std::env::args().any(|a| a == "--bench");
     // KILN_BENCH_ROWS=20000 measures one size only.
     let chosen: Option<usize> = std::env::var("KILN_BENCH_ROWS").ok().and_then(|v| v.parse().ok());
@@ -205,25 +223,18 @@ fn main() {
             // Exit 3: rows failed past every retry; the plain rerun the message names finishes them.
             let mut reruns = 0;
             let mut peak = run.peak_mib;
+            let mut retried = retried_rows(&dir);
             let trace = limit_trace(&run.stderr);
             while run.code == Some(3) && reruns < 3 {
                 run = kiln(&dir, &["run", "throughput.toml"], "warn");
                 peak = peak.max(run.peak_mib);
+                retried += retried_rows(&dir);
                 reruns += 1;
             }
             let took = start.elapsed();
             assert_eq!(run.code, Some(0), "{}", run.stderr);
             let exported = std::fs::read_to_string(dir.join("out/answers.jsonl")).unwrap_or_default().lines().count();
             let twice = server.seen.answered.lock().unwrap().values().filter(|&&k| k > 1).count();
-            let manifest: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.join("out/answers/manifest.json")).unwrap()).unwrap();
-            let retried: u64 = manifest["counters"]
-                .as_object()
-                .unwrap()
-                .iter()
-                .filter(|(k, _)| k.starts_with("row_tries_") && *k != "row_tries_1")
-                .map(|(_, v)| v.as_u64().unwrap())
-                .sum();
             say(
                 &mut lines,
                 format!(
@@ -247,6 +258,19 @@ fn main() {
         println!("  {line}");
     }
     println!("  the limit over time of the {}-row runs: {}", sizes[0], svg.display());
+}
+
+/// The rows the last run of `dir` sent more than once (its manifest's try counters).
+fn retried_rows(dir: &Path) -> u64 {
+    let Ok(bytes) = std::fs::read(dir.join("out/answers/manifest.json")) else { return 0 };
+    let manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    manifest["counters"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("row_tries_") && *k != "row_tries_1")
+        .map(|(_, v)| v.as_u64().unwrap())
+        .sum()
 }
 
 /// Records a result line, and shows it at once on stderr (a long bench shows its progress).

@@ -15,6 +15,7 @@ use arrow::datatypes::{Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::dataframe::DataFrame;
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionContext};
+use futures::StreamExt;
 use kiln_pipeline::rows::{PARENT_IDS, ROW_ID, lineage_fields, with_content_lineage};
 use kiln_pipeline::stage::{CheckCx, FileDep, Input, InputSchema, Output, Plain, Problem, Stage, StageCx};
 use kiln_pipeline::{Error, Result};
@@ -114,8 +115,15 @@ impl Stage for Load {
     async fn run(&self, cx: &StageCx, _inputs: &[Input]) -> Result<Output> {
         let df = self.frame(&cx.pipeline).await.map_err(|p| Error::stage(&cx.name, p))?;
         let schema = output_schema(df.schema().as_arrow()).map_err(|p| Error::stage(&cx.name, p))?;
-        let batches = df.collect().await.map_err(|e| Error::stage(&cx.name, e.strip_backtrace()))?;
-        let batches = batches.iter().map(|b| with_content_lineage(&schema, b)).collect::<Result<Vec<_>>>()?;
-        Ok(Output { batches, ..Default::default() })
+        // The files' rows in order, a record batch at a time: the partitions (files, or byte
+        // ranges of a large file) are read one after another, each batch handed to the dataset
+        // as it is read, so memory does not grow with the files.
+        let read_error = |e: datafusion::error::DataFusionError| Error::stage(&cx.name, e.strip_backtrace());
+        for mut partition in df.execute_stream_partitioned().await.map_err(read_error)? {
+            while let Some(batch) = partition.next().await {
+                cx.emit(with_content_lineage(&schema, &batch.map_err(read_error)?)?)?;
+            }
+        }
+        Ok(Output::default())
     }
 }
