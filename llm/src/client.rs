@@ -1,6 +1,6 @@
 //! The chat-completions client: one per declared model, shared by every stage that uses it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -119,6 +119,24 @@ pub struct Client {
     requests: Option<Budget>,
     tokens: Option<Budget>,
     stats: Stats,
+    /// Requests waiting out a backoff before their next attempt.
+    backing_off: AtomicUsize,
+}
+
+/// Counts a request as backing off while it lives (dropped when the wait ends or is cancelled).
+struct BackingOff<'a>(&'a AtomicUsize);
+
+impl<'a> BackingOff<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        BackingOff(count)
+    }
+}
+
+impl Drop for BackingOff<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Outcome of one attempt.
@@ -150,6 +168,7 @@ impl Client {
             http,
             key,
             stats: Stats::default(),
+            backing_off: AtomicUsize::new(0),
         })
     }
 
@@ -166,6 +185,12 @@ impl Client {
     /// The current concurrency limit.
     pub fn concurrency(&self) -> usize {
         self.limit.limit()
+    }
+
+    /// How many requests are waiting out a backoff before their next attempt (they hold no
+    /// slot): a caller feeding the client keeps this many more requests going.
+    pub fn backing_off(&self) -> usize {
+        self.backing_off.load(Ordering::Relaxed)
     }
 
     /// The full request body for `messages` with `n` choices (see
@@ -207,6 +232,7 @@ impl Client {
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
                         let delay = after.unwrap_or_else(|| self.backoff(attempt));
                         tracing::debug!(model = %self.name, attempt, delay_ms = delay.as_millis() as u64, why = %last, "Retrying request.");
+                        let _waiting = BackingOff::new(&self.backing_off);
                         tokio::time::sleep(delay).await;
                     }
                 }

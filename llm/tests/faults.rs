@@ -65,7 +65,13 @@ async fn retry_after_is_honoured_and_a_missing_key_is_reported() {
     let client = Client::new("m", cfg).unwrap();
     let body = client.request_body(&[Message::new("user", "x")], 1);
     let start = Instant::now();
-    let err = client.complete(&body).await.unwrap_err();
+    // While it waits out the Retry-After, the request counts as backing off (it holds no slot).
+    let (result, during) = tokio::join!(client.complete(&body), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        client.backing_off()
+    });
+    let err = result.unwrap_err();
+    assert_eq!((during, client.backing_off()), (1, 0), "one request backing off during the wait, none after");
     assert!(err.to_string().contains("gave up after 2 attempts, last: HTTP 429"), "{err}");
     assert_eq!(server.seen.faults.lock().unwrap()["429"], 2);
     assert!(start.elapsed() >= Duration::from_secs(1), "waited as Retry-After said");

@@ -70,10 +70,8 @@ fn default_n() -> u32 {
     1
 }
 
-/// The input rows as one batch, the requests, and per request its input row index, parent id
-/// and sample number.
-/// Rows of output handed on at once.
-const OUTPUT_BATCH: usize = 4096;
+/// Rows of output handed on at once (each copied twice on its way to disk: keep it small).
+const OUTPUT_BATCH: usize = 1024;
 
 /// Where a request came from: its input batch and row, the row's id, the sample number.
 type Source = (RecordBatch, usize, String, u32);
@@ -320,9 +318,9 @@ impl Stage for Generating {
             total,
             self.params.max_parse_retries,
             parse,
-            |request, source, reply| {
+            |row_id, source, reply| {
                 if let Some(reply) = reply {
-                    ready.push((request.row_id, source, reply));
+                    ready.push((row_id, source, reply));
                 }
                 if ready.len() >= OUTPUT_BATCH {
                     cx.emit(self.output_batch(&schema, std::mem::take(&mut ready))?)?;

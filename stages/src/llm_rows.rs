@@ -175,7 +175,7 @@ where
 
 /// Completes `requests` (read as the client frees up, so they may be produced lazily from a
 /// large input), each with what it came from (`S`), in parallel within the client's limits,
-/// and hands each row's request, source and reply (`None` when rejected) to `on_row` in
+/// and hands each row's id, source and reply (`None` when rejected) to `on_row` in
 /// request order. Requests complete in any order:
 /// a slow one holds only its own slot (see [`REORDER_WINDOW`]). Consecutive samples of one
 /// conversation are asked in one request with `n` choices when the model `supports_n`.
@@ -189,7 +189,7 @@ pub async fn complete_each<S, T, P>(
     total: u64,
     max_parse_retries: u32,
     parse: P,
-    mut on_row: impl FnMut(RowRequest, S, Option<RowReply<T>>) -> Result<()>,
+    mut on_row: impl FnMut(String, S, Option<RowReply<T>>) -> Result<()>,
 ) -> Result<(Vec<Rejection>, BTreeMap<String, u64>)>
 where
     S: Send,
@@ -197,18 +197,23 @@ where
     P: Fn(&str) -> Result<T, String> + Sync,
 {
     let before = client.stats().snapshot();
-    // Rows waiting to retry hold no request slot: let enough rows proceed that they do not
-    // starve the client of work (the client's limiter bounds what is in flight).
-    let parallel = client.config().max_concurrency * 8;
+    // Rows going: enough to fill the client's slots with some queued behind them, plus the rows
+    // waiting out a backoff (they hold no slot, and must not starve the client of work). Each
+    // row going holds its request and reply state (~10 KB), so no more than that: memory stays
+    // flat whatever the input's size.
+    let max = client.config().max_concurrency;
+    let parallel = || (max + max / 2 + client.backing_off()).min(max * 8);
     let bar = progress::bar(&cx.name, total);
     let mut requests = requests.peekable();
     let mut running = FuturesUnordered::new();
-    let mut done: BTreeMap<usize, (RowRequest, S, RowOutcome<T>)> = BTreeMap::new();
+    // Rows finished ahead of an earlier one, with their id (not their request: its prompt is
+    // no longer needed, and may be long).
+    let mut done: BTreeMap<usize, (String, S, RowOutcome<T>)> = BTreeMap::new();
     let (mut started, mut handed) = (0usize, 0usize);
     let mut counters: BTreeMap<String, u64> = BTreeMap::new();
     let mut rejections = Vec::new();
     loop {
-        while running.len() < parallel && started - handed < REORDER_WINDOW {
+        while running.len() < parallel() && started - handed < REORDER_WINDOW {
             let unit = match next_unit(&mut requests, client.config().supports_n) {
                 Some(unit) => unit?,
                 None => break,
@@ -237,9 +242,9 @@ where
         }
         for (at, request, source, outcome) in outcomes {
             bar.inc(1);
-            done.insert(at, (request, source, outcome));
+            done.insert(at, (request.row_id, source, outcome));
         }
-        while let Some((request, source, outcome)) = done.remove(&handed) {
+        while let Some((row_id, source, outcome)) = done.remove(&handed) {
             handed += 1;
             let (reply, hits, tries) = outcome?;
             *counters.entry("llm_cache_hits".into()).or_default() += hits;
@@ -251,7 +256,7 @@ where
                     *counters.entry("rows_ok".into()).or_default() += 1;
                     *counters.entry("prompt_tokens".into()).or_default() += r.prompt_tokens;
                     *counters.entry("completion_tokens".into()).or_default() += r.completion_tokens;
-                    on_row(request, source, Some(r))?;
+                    on_row(row_id, source, Some(r))?;
                 }
                 Err(rejection) => {
                     *counters.entry(format!("rows_{}", rejection.reason)).or_default() += 1;
@@ -260,7 +265,7 @@ where
                         *counters.entry(kiln_pipeline::executor::RETRYABLE.into()).or_default() += 1;
                     }
                     rejections.push(rejection);
-                    on_row(request, source, None)?;
+                    on_row(row_id, source, None)?;
                 }
             }
         }

@@ -279,14 +279,14 @@ impl Stage for Synthesizing {
         let (mut rows, mut kept, mut requested) = (Vec::new(), 0u64, 0u64);
         let retries = self.params.max_parse_retries;
         let (rejections, counters) =
-            complete_each(cx, client.as_ref(), requests, total, retries, parse, |request, (table, category), reply| {
+            complete_each(cx, client.as_ref(), requests, total, retries, parse, |row_id, (table, category), reply| {
                 requested += 1;
                 let Some(reply) = reply else { return Ok(()) };
                 let [question, description, answer_type]: [String; 3] =
                     reply.value.try_into().map_err(|_| Error::Internal("three tags".into()))?;
                 kept += 1;
                 rows.push(Query {
-                    row_id: request.row_id,
+                    row_id,
                     parent_ids: vec![table.row_id.clone()],
                     path: table.path,
                     format: table.format,
