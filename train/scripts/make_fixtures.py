@@ -5,6 +5,10 @@ Run once by hand (not in CI) with torch, transformers 4.46 and gguf installed:
 
     python train/scripts/make_fixtures.py SmolLM2-135M-Instruct.Q4_1.gguf
 
+or, for quants.json alone (needs only gguf 0.19 and numpy):
+
+    python train/scripts/make_fixtures.py --quants
+
 It writes, under train/fixtures/ (all small):
   tiny-qwen2/, tiny-llama/   random-weight models built by transformers (safetensors, config.json,
                              tokenizer-free) and their reference logits and greedy tokens;
@@ -18,18 +22,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 from gguf import GGMLQuantizationType as Q, quants
 
 OUT = Path(__file__).resolve().parent.parent / "fixtures"
-torch.manual_seed(0)
 rng = np.random.default_rng(0)
 
 SEQUENCES = [[1, 5, 9, 33, 2, 60, 17, 4], [3, 3, 3, 40, 41, 42, 0, 63]]
 
 
 def tiny(name, config):
+    import torch
+    from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         for p in model.parameters():  # larger than the default init so logits differ visibly
@@ -47,26 +50,38 @@ def tiny(name, config):
 
 
 def tiny_models():
+    import torch
+    from transformers import LlamaConfig, Qwen2Config
+    torch.manual_seed(0)
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6)
     tiny("tiny-qwen2", Qwen2Config(**common, rope_theta=1_000_000.0, tie_word_embeddings=False))
     tiny("tiny-llama", LlamaConfig(**common, rope_theta=10_000.0, tie_word_embeddings=True))
 
 
+# Per type, where its f16 scale fields are in a block (random bytes there could decode to inf/NaN).
+SCALE_OFFSETS = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q4_K: [0, 2],
+                 Q.Q5_K: [0, 2], Q.Q6_K: [-2], Q.Q3_K: [-2], Q.Q2_K: [-4, -2]}
+
+
 def quant_fixture():
+    """Two blocks of every type kiln reads and gguf-py's dequantisation of them: blocks gguf-py
+    quantises from normal values where it can (F16, BF16, Q8_0, Q5_0, Q5_1), random bytes with
+    sane scales for the rest (any bytes are a valid block)."""
     out = {}
-    for qtype in [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K]:
+    # Types added later go at the end: the blocks of the earlier ones stay as they were.
+    for qtype in [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K,
+                  Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q5_K]:
         block, size = quants.GGML_QUANT_SIZES[qtype]
         nblocks = 2
         raw = rng.integers(0, 256, size=(nblocks * size,), dtype=np.uint8)
-        if qtype in (Q.F16, Q.BF16):
+        if qtype in (Q.F16, Q.BF16, Q.Q5_0, Q.Q5_1):
             vals = rng.normal(size=nblocks * block).astype(np.float32)
             raw = quants.quantize(vals, qtype).view(np.uint8).reshape(-1)
         else:
-            # Overwrite the f16 scale fields with sane values so no block decodes to inf/NaN.
             r = raw.reshape(nblocks, size)
-            offsets = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q4_K: [0, 2], Q.Q6_K: [size - 2]}[qtype]
-            for o in offsets:
+            for o in SCALE_OFFSETS[qtype]:
+                o = o % size
                 scale = rng.uniform(0.01, 0.1, size=nblocks).astype(np.float16)
                 r[:, o:o + 2] = scale.view(np.uint8).reshape(nblocks, 2)
             raw = r.reshape(-1)
@@ -113,6 +128,8 @@ def chat_templates():
 
 
 def smollm2(gguf_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf_path = Path(gguf_path)
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # SmolLM2's GGUF has no output.weight: the head is tied to the embeddings, which transformers
@@ -144,6 +161,9 @@ def smollm2(gguf_path):
 
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)
+    if sys.argv[1:] == ["--quants"]:
+        quant_fixture()
+        sys.exit()
     tiny_models()
     quant_fixture()
     chat_templates()

@@ -1,5 +1,7 @@
 //! GGUF files: metadata, tensor directory, and dequantisation of F32, F16, BF16, Q8_0, Q4_0,
-//! Q4_1, Q4_K and Q6_K tensors to f32 (bit-exact with ggml's reference dequantisers).
+//! Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K tensors to f32 (bit-exact with ggml's
+//! reference dequantisers): every type llama.cpp's common quantisations (Q4_K_M, Q5_K_M, Q8_0...)
+//! mix.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -210,7 +212,16 @@ impl Gguf {
     pub fn tensor(&self, info: &TensorInfo) -> Result<HostTensor> {
         let count: usize = info.dims.iter().product();
         let (block, bytes_per_block) = block_size(info.kind).ok_or_else(|| {
-            TrainError::invalid(&self.path, format!("tensor `{}` has unsupported ggml type {}", info.name, info.kind))
+            TrainError::invalid(
+                &self.path,
+                format!(
+                    "tensor `{}` has type {}, which kiln cannot read (it reads F32, F16, BF16, Q4_0, Q4_1, \
+                     Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K); convert the model with llama.cpp's \
+                     `llama-quantize` to one of these (Q4_K_M, Q5_K_M, Q8_0...)",
+                    info.name,
+                    type_name(info.kind)
+                ),
+            )
         })?;
         let len = count / block * bytes_per_block;
         let start = self.data_start + info.offset;
@@ -309,10 +320,65 @@ pub mod kinds {
     pub const F16: u32 = 1;
     pub const Q4_0: u32 = 2;
     pub const Q4_1: u32 = 3;
+    pub const Q5_0: u32 = 6;
+    pub const Q5_1: u32 = 7;
     pub const Q8_0: u32 = 8;
+    pub const Q2_K: u32 = 10;
+    pub const Q3_K: u32 = 11;
     pub const Q4_K: u32 = 12;
+    pub const Q5_K: u32 = 13;
     pub const Q6_K: u32 = 14;
     pub const BF16: u32 = 30;
+}
+
+/// ggml's name of type `kind` (ggml.h's `ggml_type`), for messages.
+pub fn type_name(kind: u32) -> String {
+    const NAMES: [&str; 40] = [
+        "F32",
+        "F16",
+        "Q4_0",
+        "Q4_1",
+        "Q4_2",
+        "Q4_3",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q8_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "Q8_K",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ3_XXS",
+        "IQ1_S",
+        "IQ4_NL",
+        "IQ3_S",
+        "IQ2_S",
+        "IQ4_XS",
+        "I8",
+        "I16",
+        "I32",
+        "I64",
+        "F64",
+        "IQ1_M",
+        "BF16",
+        "Q4_0_4_4",
+        "Q4_0_4_8",
+        "Q4_0_8_8",
+        "TQ1_0",
+        "TQ2_0",
+        "IQ4_NL_4_4",
+        "IQ4_NL_4_8",
+        "IQ4_NL_8_8",
+        "MXFP4",
+    ];
+    match NAMES.get(kind as usize) {
+        Some(name) => format!("{name} (ggml type {kind})"),
+        None => format!("ggml type {kind}"),
+    }
 }
 
 /// Elements per block and bytes per block of a supported type.
@@ -323,7 +389,12 @@ pub fn block_size(kind: u32) -> Option<(usize, usize)> {
         kinds::Q8_0 => (32, 34),
         kinds::Q4_0 => (32, 18),
         kinds::Q4_1 => (32, 20),
+        kinds::Q5_0 => (32, 22),
+        kinds::Q5_1 => (32, 24),
+        kinds::Q2_K => (256, 84),
+        kinds::Q3_K => (256, 110),
         kinds::Q4_K => (256, 144),
+        kinds::Q5_K => (256, 176),
         kinds::Q6_K => (256, 210),
         _ => return None,
     })
@@ -358,7 +429,18 @@ pub fn dequantize(kind: u32, raw: &[u8], count: usize) -> Option<Vec<f32>> {
                 out.extend(qs.iter().map(|&q| d * (q & 0xF) as f32 + m));
                 out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
             }
+            kinds::Q5_0 => {
+                let (d, (low, high)) = (f16(b), five_bit(&b[2..]));
+                out.extend(low.into_iter().chain(high).map(|q| d * (q as i32 - 16) as f32));
+            }
+            kinds::Q5_1 => {
+                let (d, m, (low, high)) = (f16(b), f16(&b[2..]), five_bit(&b[4..]));
+                out.extend(low.into_iter().chain(high).map(|q| d * q as f32 + m));
+            }
+            kinds::Q2_K => dequantize_q2_k(b, &mut out),
+            kinds::Q3_K => dequantize_q3_k(b, &mut out),
             kinds::Q4_K => dequantize_q4_k(b, &mut out),
+            kinds::Q5_K => dequantize_q5_k(b, &mut out),
             kinds::Q6_K => dequantize_q6_k(b, &mut out),
             _ => return None,
         }
@@ -389,6 +471,77 @@ fn dequantize_q4_k(b: &[u8], out: &mut Vec<f32>) {
     }
 }
 
+/// The 32 five-bit values of a Q5_0/Q5_1 block from its 32 fifth bits (4 bytes) and 16 bytes
+/// of nibbles: the first 16 values from the low nibbles, the last 16 from the high ones.
+fn five_bit(b: &[u8]) -> ([u8; 16], [u8; 16]) {
+    let qh = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let fifth = |j: usize| ((qh >> j) & 1) as u8 * 16;
+    let qs = &b[4..20];
+    (std::array::from_fn(|j| (qs[j] & 0xF) | fifth(j)), std::array::from_fn(|j| (qs[j] >> 4) | fifth(j + 16)))
+}
+
+/// Q2_K: 16 scale/min nibble pairs, 2-bit values, then d and dmin.
+fn dequantize_q2_k(b: &[u8], out: &mut Vec<f32>) {
+    let (scales, qs) = (&b[0..16], &b[16..80]);
+    let (d, dmin) = (f16(&b[80..]), f16(&b[82..]));
+    let mut is = 0;
+    for q in qs.chunks_exact(32) {
+        for shift in [0, 2, 4, 6] {
+            for part in [&q[..16], &q[16..]] {
+                let sc = scales[is];
+                is += 1;
+                let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
+                out.extend(part.iter().map(|&x| dl * ((x >> shift) & 3) as f32 - ml));
+            }
+        }
+    }
+}
+
+/// Q3_K: the high bits as a mask, 2-bit low values, 16 signed 6-bit scales packed in 12 bytes,
+/// then d.
+fn dequantize_q3_k(b: &[u8], out: &mut Vec<f32>) {
+    let (hmask, qs, packed) = (&b[0..32], &b[32..96], &b[96..108]);
+    let d = f16(&b[108..]);
+    // ggml's unpacking: scale j has its low 4 bits in nibble j of bytes 0..8 and its high 2
+    // bits in bytes 8..12.
+    let scale = |j: usize| -> f32 {
+        let low = (packed[j % 8] >> (4 * (j / 8))) & 0xF;
+        let high = (packed[8 + j % 4] >> (2 * (j / 4))) & 3;
+        ((low | (high << 4)) as i32 - 32) as f32
+    };
+    let (mut is, mut m) = (0, 1u8);
+    for q in qs.chunks_exact(32) {
+        for shift in [0, 2, 4, 6] {
+            for (half, part) in [&q[..16], &q[16..]].into_iter().enumerate() {
+                let dl = d * scale(is);
+                is += 1;
+                let hm = &hmask[16 * half..];
+                out.extend(part.iter().zip(hm).map(|(&x, &h)| {
+                    let low = ((x >> shift) & 3) as i32;
+                    dl * (low - if h & m != 0 { 0 } else { 4 }) as f32
+                }));
+            }
+            m <<= 1;
+        }
+    }
+}
+
+/// Q5_K: Q4_K's scales and mins with a fifth bit per value.
+fn dequantize_q5_k(b: &[u8], out: &mut Vec<f32>) {
+    let (d, dmin) = (f16(b), f16(&b[2..]));
+    let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+    for (chunk, ql) in qs.chunks_exact(32).enumerate() {
+        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
+        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
+        let (d1, min1) = (d * sc1 as f32, dmin * m1 as f32);
+        let (d2, min2) = (d * sc2 as f32, dmin * m2 as f32);
+        let (u1, u2) = (1u8 << (2 * chunk), 2u8 << (2 * chunk));
+        let high = |h: u8, u: u8| if h & u != 0 { 16 } else { 0 };
+        out.extend(ql.iter().zip(qh).map(|(&x, &h)| d1 * ((x & 0xF) + high(h, u1)) as f32 - min1));
+        out.extend(ql.iter().zip(qh).map(|(&x, &h)| d2 * ((x >> 4) + high(h, u2)) as f32 - min2));
+    }
+}
+
 fn dequantize_q6_k(b: &[u8], out: &mut Vec<f32>) {
     let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
     let d = f16(&b[208..]);
@@ -407,5 +560,56 @@ fn dequantize_q6_k(b: &[u8], out: &mut Vec<f32>) {
             y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
         }
         out.extend_from_slice(&y);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF v3 file with no metadata and the given tensors (name, ggml dims, type, data).
+    fn gguf_file(tensors: &[(&str, &[u64], u32, Vec<u8>)]) -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend((tensors.len() as u64).to_le_bytes());
+        out.extend(0u64.to_le_bytes());
+        let mut offset = 0u64;
+        for (name, dims, kind, data) in tensors {
+            out.extend((name.len() as u64).to_le_bytes());
+            out.extend(name.as_bytes());
+            out.extend((dims.len() as u32).to_le_bytes());
+            dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
+            out.extend(kind.to_le_bytes());
+            out.extend(offset.to_le_bytes());
+            offset += (data.len() as u64).div_ceil(32) * 32;
+        }
+        out.resize(out.len().div_ceil(32) * 32, 0);
+        for (_, _, _, data) in tensors {
+            let start = out.len();
+            out.extend(data);
+            out.resize(start + data.len().div_ceil(32) * 32, 0);
+        }
+        out
+    }
+
+    #[test]
+    fn tensors_of_mixed_types_load_and_an_unknown_type_is_named() {
+        // One Q5_0 block (d = 1.0, every fifth bit set, nibbles 0..15) and an IQ2_XXS tensor.
+        let mut q5 = half::f16::from_f32(1.0).to_le_bytes().to_vec();
+        q5.extend([0xFF; 4]);
+        q5.extend((0..16u8).map(|j| j | (j << 4)));
+        let iq2 = vec![0u8; 66];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mixed.gguf");
+        std::fs::write(&path, gguf_file(&[("a.weight", &[32], kinds::Q5_0, q5), ("b.weight", &[256], 16, iq2)]))
+            .unwrap();
+        let file = Gguf::open(&path).unwrap();
+        let a = file.tensor(&file.tensors[0]).unwrap();
+        let expected: Vec<f32> = (0..32).map(|i| (i % 16) as f32).collect();
+        assert_eq!(a.data, expected, "16 + nibble - 16");
+        let err = file.tensor(&file.tensors[1]).unwrap_err().to_string();
+        assert!(err.contains("`b.weight`") && err.contains("IQ2_XXS (ggml type 16)"), "{err}");
+        assert!(err.contains("mixed.gguf") && err.contains("llama-quantize"), "{err}");
+        assert_eq!(type_name(99), "ggml type 99");
     }
 }

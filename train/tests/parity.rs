@@ -83,7 +83,21 @@ fn tiny_llama_matches_transformers() {
 #[test]
 fn gguf_dequantisation_matches_ggml() {
     let reference = json(&fixtures().join("quants.json"));
-    let kinds = [("F16", 1), ("BF16", 30), ("Q8_0", 8), ("Q4_0", 2), ("Q4_1", 3), ("Q4_K", 12), ("Q6_K", 14)];
+    use kiln_train::gguf::kinds::*;
+    let kinds = [
+        ("F16", F16),
+        ("BF16", BF16),
+        ("Q8_0", Q8_0),
+        ("Q4_0", Q4_0),
+        ("Q4_1", Q4_1),
+        ("Q5_0", Q5_0),
+        ("Q5_1", Q5_1),
+        ("Q2_K", Q2_K),
+        ("Q3_K", Q3_K),
+        ("Q4_K", Q4_K),
+        ("Q5_K", Q5_K),
+        ("Q6_K", Q6_K),
+    ];
     for (name, kind) in kinds {
         let case = &reference[name];
         let hex = case["bytes"].as_str().unwrap();
@@ -91,7 +105,8 @@ fn gguf_dequantisation_matches_ggml() {
             (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
         let expected = floats(&case["values"]);
         let ours = kiln_train::gguf::dequantize(kind, &bytes, expected.len()).unwrap();
-        assert_eq!(ours, expected, "{name} differs from gguf-py's dequantisation");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&ours), bits(&expected), "{name} differs from gguf-py's dequantisation");
     }
 }
 
