@@ -123,6 +123,9 @@ pub struct Client {
     backing_off: AtomicUsize,
 }
 
+/// The share of recent requests failing above which retries back off exponentially.
+const OUTAGE: f64 = 0.75;
+
 /// Counts a request as backing off while it lives (dropped when the wait ends or is cancelled).
 struct BackingOff<'a>(&'a AtomicUsize);
 
@@ -242,11 +245,13 @@ impl Client {
     }
 
     /// The wait before retry `attempt + 1`, with jitter in [0.5, 1.5), capped at 30 s: it grows
-    /// exponentially while most recent requests fail (an outage: give the server room), and
-    /// linearly while failures are scattered (noise: a row retried soon most likely succeeds,
-    /// and a long wait would only stretch the run's tail).
+    /// exponentially while nearly all recent requests fail (an outage: give the server room),
+    /// and linearly otherwise (noise, even heavy: while a quarter of requests or more succeed, a
+    /// row retried soon most likely succeeds, and a long wait would only stretch the run's tail;
+    /// the limiter answers throttles by lowering concurrency).
     fn backoff(&self, attempt: u32) -> Duration {
-        let growth = if self.limit.failed_share() >= 0.5 { 2f64.powi(attempt as i32) } else { f64::from(attempt + 1) };
+        let outage = self.limit.failed_share() >= OUTAGE;
+        let growth = if outage { 2f64.powi(attempt as i32) } else { f64::from(attempt + 1) };
         Duration::from_secs_f64((self.config.backoff_s * growth).min(30.0) * (0.5 + fastrand::f64()))
     }
 

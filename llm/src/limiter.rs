@@ -8,8 +8,12 @@
 //!   the limit near 1 under a steady trickle of throttles).
 //! - The decrease is gentle (x0.9) when few recent requests were throttled (providers throttle
 //!   a share of requests at any load) and halves the limit when 30% or more were (the
-//!   server is overloaded). "Recent" is a moving average over about the last 32 outcomes, kept
-//!   across decreases, so the first throttle after a decrease is not mistaken for all of them.
+//!   server is overloaded). "Recent" is a moving average over about a full window of outcomes
+//!   (the maximum limit, at least 32), kept across decreases, so the first throttle after a
+//!   decrease is not mistaken for all of them, and throttles answered at once are not mistaken
+//!   for most of a window whose other requests are still being answered (with 256 requests out
+//!   and a quarter throttled, the 64 instant 429s made a 32-outcome average read "most
+//!   throttled", and the global pause below held every request for a second, every second).
 //! - Server errors and timeouts count among the recent outcomes (the throttled share is the
 //!   share of throttles among all answers, so a 5xx does not make throttles look severe), but
 //!   neither grow nor lower the limit.
@@ -27,8 +31,8 @@ use tokio::time::Instant;
 
 /// The share of recent requests throttled above which a decrease halves the limit.
 const SEVERE: f64 = 0.3;
-/// The weight of one outcome in the moving share of throttled requests.
-const WEIGHT: f64 = 1.0 / 32.0;
+/// The fewest outcomes the moving shares average over.
+const MEMORY: usize = 32;
 /// The gentle decrease factor.
 const GENTLE: f64 = 0.9;
 
@@ -50,6 +54,8 @@ struct State {
     /// Throttles of requests that started at or before this number do not decrease the limit
     /// again (they were in flight at the last decrease).
     recovering_until: Option<u64>,
+    /// The weight of one outcome in the moving shares: 1 / max(MEMORY, max).
+    weight: f64,
     /// The moving share of recent requests that were throttled.
     throttled_share: f64,
     /// The moving share of recent requests that failed (throttled or errored).
@@ -107,6 +113,7 @@ impl AdaptiveLimit {
             in_flight: 0,
             next: 0,
             recovering_until: None,
+            weight: 1.0 / max.max(MEMORY) as f64,
             throttled_share: 0.0,
             failed_share: 0.0,
             paused_until: None,
@@ -141,8 +148,8 @@ impl AdaptiveLimit {
     /// A request was answered normally.
     pub fn success(&self) {
         let mut s = self.state.lock().expect("limiter lock");
-        s.throttled_share *= 1.0 - WEIGHT;
-        s.failed_share *= 1.0 - WEIGHT;
+        s.throttled_share *= 1.0 - s.weight;
+        s.failed_share *= 1.0 - s.weight;
         let grown = (s.limit + 1.0).min(s.max as f64);
         let more = grown.floor() > s.limit.floor();
         s.limit = grown;
@@ -160,8 +167,8 @@ impl AdaptiveLimit {
     /// sign of load and neither grows nor lowers the limit.
     pub fn errored(&self) {
         let mut s = self.state.lock().expect("limiter lock");
-        s.throttled_share *= 1.0 - WEIGHT;
-        s.failed_share = s.failed_share * (1.0 - WEIGHT) + WEIGHT;
+        s.throttled_share *= 1.0 - s.weight;
+        s.failed_share = s.failed_share * (1.0 - s.weight) + s.weight;
     }
 
     /// The moving share of recent requests that failed, throttled or not: the client's backoff
@@ -173,8 +180,8 @@ impl AdaptiveLimit {
     /// Request `seq` was throttled (429, 503), with the server's Retry-After if it sent one.
     pub fn throttled(&self, seq: u64, retry_after: Option<Duration>) {
         let mut s = self.state.lock().expect("limiter lock");
-        s.throttled_share = s.throttled_share * (1.0 - WEIGHT) + WEIGHT;
-        s.failed_share = s.failed_share * (1.0 - WEIGHT) + WEIGHT;
+        s.throttled_share = s.throttled_share * (1.0 - s.weight) + s.weight;
+        s.failed_share = s.failed_share * (1.0 - s.weight) + s.weight;
         let rate = s.throttled_share;
         if let Some(after) = retry_after.filter(|_| rate > 0.5) {
             let until = Instant::now() + after;
@@ -198,6 +205,23 @@ impl AdaptiveLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn throttles_answered_first_are_not_mistaken_for_most_of_the_window() {
+        // 256 requests out, a quarter throttled with Retry-After: the 429s come back at once,
+        // before the other requests of the window are answered.
+        let l = AdaptiveLimit::new(256);
+        let mut window = Vec::new();
+        for _ in 0..256 {
+            window.push(l.acquire().await);
+        }
+        for slot in window.drain(..64) {
+            l.throttled(slot.seq(), Some(Duration::from_secs(1)));
+        }
+        let next = tokio::time::timeout(Duration::from_millis(100), l.acquire()).await;
+        assert!(next.is_ok(), "no global pause: most of the window was not throttled");
+        assert_eq!(l.limit(), 230, "one gentle decrease for the window");
+    }
 
     #[tokio::test]
     async fn a_burst_of_throttles_lowers_the_limit_once_per_window() {
