@@ -76,6 +76,32 @@ impl Generated {
     }
 }
 
+/// Text of one row as it is generated: what was added since the row's last delta, and, on its
+/// last delta, why it ended. A row's deltas put together are its completion's text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delta {
+    /// The request's index.
+    pub row: usize,
+    pub text: String,
+    pub finish: Option<Finish>,
+}
+
+/// How much of `text` can be sent while generation goes on: neither a trailing replacement
+/// character (a multi-byte character whose other bytes are still to come) nor a tail that may be
+/// the start of a stop string (it would be cut from the completion).
+fn streamable(text: &str, stops: &[String]) -> usize {
+    let end = text.trim_end_matches('\u{FFFD}').len();
+    let kept = &text[..end];
+    let held = stops
+        .iter()
+        .flat_map(|s| s.char_indices().skip(1).map(|(k, _)| &s[..k]))
+        .filter(|prefix| kept.ends_with(prefix))
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    end - held
+}
+
 /// One prompt to continue, with its own sampling settings.
 #[derive(Clone, Debug)]
 pub struct Request {
@@ -98,6 +124,15 @@ pub fn generate(model: &LoadedModel, prompts: &[Vec<u32>], sampling: &Sampling) 
 
 /// Continues every request in one left-padded batch; rows leave the batch as they finish.
 pub fn generate_batch(model: &LoadedModel, requests: &[Request]) -> Result<Generated> {
+    generate_streaming(model, requests, &mut |_| {})
+}
+
+/// [`generate_batch`], handing each row's new text to `on_delta` as it is generated.
+pub fn generate_streaming(
+    model: &LoadedModel,
+    requests: &[Request],
+    on_delta: &mut dyn FnMut(Delta),
+) -> Result<Generated> {
     let start = Instant::now();
     let prompts: Vec<&Vec<u32>> = requests.iter().map(|r| &r.prompt).collect();
     let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
@@ -111,6 +146,8 @@ pub fn generate_batch(model: &LoadedModel, requests: &[Request]) -> Result<Gener
     let mut rngs: Vec<fastrand::Rng> = requests.iter().map(|r| fastrand::Rng::with_seed(r.sampling.seed)).collect();
     let mut outputs: Vec<Option<Completion>> = vec![None; prompts.len()];
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    // Bytes of each row's text handed to `on_delta` so far.
+    let mut sent = vec![0usize; prompts.len()];
     // Rows still generating: index into the original prompts, in cache order.
     let mut live: Vec<usize> = (0..prompts.len()).collect();
     let mut logits = last_logits(model.decoder.forward(&model.config, &batch, Some(&mut cache)));
@@ -137,9 +174,16 @@ pub fn generate_batch(model: &LoadedModel, requests: &[Request]) -> Result<Gener
             match finish {
                 Some(finish) => {
                     let text = cut.map_or(text.clone(), |c| text[..c].to_string());
+                    let rest = text.get(sent[row]..).unwrap_or_default().to_string();
+                    on_delta(Delta { row, text: rest, finish: Some(finish) });
                     outputs[row] = Some(Completion { tokens: tokens[row].clone(), text, finish });
                 }
                 None => {
+                    let ready = streamable(&text, &sampling.stop);
+                    if ready > sent[row] {
+                        on_delta(Delta { row, text: text[sent[row]..ready].to_string(), finish: None });
+                        sent[row] = ready;
+                    }
                     still.push(slot);
                     next.push(id);
                 }
@@ -223,4 +267,19 @@ fn argmax(values: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_text_holds_back_a_possible_stop_string_and_a_partial_character() {
+        let stops = vec!["</answer>".to_string(), "\n\n".to_string()];
+        assert_eq!(streamable("The mean is 4", &stops), 13);
+        assert_eq!(streamable("<answer>4</ans", &stops), 9, "`</ans` may become the stop string");
+        assert_eq!(streamable("line\n", &stops), 4, "a newline may be the start of `\\n\\n`");
+        assert_eq!(streamable("caf\u{FFFD}", &[]), 3, "the rest of `é` is still to come");
+        assert_eq!(streamable("", &stops), 0);
+    }
 }

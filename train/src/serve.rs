@@ -1,14 +1,17 @@
 //! `kiln serve`: an OpenAI-compatible HTTP server over a local model, so every LLM stage of kiln
 //! can run against it. `/v1/chat/completions` (n, stop, temperature, top_p, top_k, seed,
-//! max_tokens, usage) and `/v1/models`. Concurrent requests are batched together on one
-//! generation thread.
+//! max_tokens, usage; `stream: true` sends server-sent events as OpenAI does, with
+//! `stream_options.include_usage`) and `/v1/models`. Concurrent requests are batched together on
+//! one generation thread.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::mpsc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -17,7 +20,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::chat::value_from_json;
-use crate::generate::{Completion, Request, Sampling, generate_batch};
+use crate::generate::{Completion, Delta, Request, Sampling, generate_streaming};
 use crate::loader::LoadedModel;
 
 /// Server settings.
@@ -38,6 +41,8 @@ struct Job {
     n: usize,
     sampling: Sampling,
     reply: oneshot::Sender<Reply>,
+    /// For a streamed request: each choice's new text as it is generated (choice index, delta).
+    deltas: Option<tokio::sync::mpsc::UnboundedSender<(usize, Delta)>>,
 }
 
 struct Shared {
@@ -89,13 +94,22 @@ fn generation_loop(model: &LoadedModel, rx: mpsc::Receiver<Job>, max_batch: usiz
             }
         }
         let mut requests = Vec::new();
-        for job in &jobs {
+        // Per row of the batch: its job and choice.
+        let mut owners = Vec::new();
+        for (j, job) in jobs.iter().enumerate() {
             for i in 0..job.n {
                 let sampling = Sampling { seed: job.sampling.seed.wrapping_add(i as u64), ..job.sampling.clone() };
                 requests.push(Request { prompt: job.prompt.clone(), sampling });
+                owners.push((j, i));
             }
         }
-        match generate_batch(model, &requests) {
+        let mut stream = |delta: Delta| {
+            let (j, choice) = owners[delta.row];
+            if let Some(deltas) = &jobs[j].deltas {
+                let _ = deltas.send((choice, delta));
+            }
+        };
+        match generate_streaming(model, &requests, &mut stream) {
             Ok(out) => {
                 tracing::info!(
                     rows = requests.len(),
@@ -144,6 +158,17 @@ struct ChatRequest {
     max_tokens: Option<usize>,
     #[serde(default)]
     stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+/// `stream_options`: `include_usage` adds a last chunk with the token counts.
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
 }
 
 fn one() -> usize {
@@ -205,9 +230,24 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, body: String) -> Re
             sampling.max_tokens
         ));
     }
-    let job = Job { prompt, n: request.n, sampling, reply: reply_tx };
+    let (deltas, deltas_rx) = match request.stream {
+        true => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
+    let job = Job { prompt, n: request.n, sampling, reply: reply_tx, deltas };
     if shared.jobs.lock().expect("job queue").send(job).is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "generation thread stopped").into_response();
+    }
+    let id = format!("chatcmpl-{:016x}", fastrand::u64(..));
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    if let Some(deltas) = deltas_rx {
+        let usage = request.stream_options.is_some_and(|o| o.include_usage).then_some(prompt_tokens);
+        let chunk =
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": shared.model.name()});
+        return stream_reply(chunk, request.n, deltas, reply_rx, usage);
     }
     let completions = match reply_rx.await {
         Ok(Ok(done)) => done,
@@ -222,9 +262,8 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, body: String) -> Re
             json!({"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish.as_str()})
         })
         .collect();
-    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     Json(json!({
-        "id": format!("chatcmpl-{:016x}", fastrand::u64(..)),
+        "id": id,
         "object": "chat.completion",
         "created": created,
         "model": shared.model.name(),
@@ -236,4 +275,62 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, body: String) -> Re
         },
     }))
     .into_response()
+}
+
+/// A streamed reply: server-sent events, each a `chat.completion.chunk` (`chunk` holds the id,
+/// created time and model): first every choice's role, then each choice's text as it comes,
+/// its finish reason in its last chunk, the usage when `usage` holds the prompt's tokens, and
+/// `[DONE]`. An error after the stream started is sent as an `error` event.
+fn stream_reply(
+    chunk: serde_json::Value,
+    n: usize,
+    mut deltas: tokio::sync::mpsc::UnboundedReceiver<(usize, Delta)>,
+    reply: oneshot::Receiver<Reply>,
+    usage: Option<usize>,
+) -> Response {
+    let (events, out) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let with = move |chunk: &serde_json::Value, choices: serde_json::Value| {
+        let mut c = chunk.clone();
+        c["choices"] = choices;
+        Event::default().data(c.to_string())
+    };
+    tokio::spawn(async move {
+        let roles: Vec<_> = (0..n)
+            .map(|i| json!({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}))
+            .collect();
+        let _ = events.send(with(&chunk, json!(roles)));
+        // The generation thread drops the sender when the job is done.
+        while let Some((i, delta)) = deltas.recv().await {
+            let finish = delta.finish.map(|f| f.as_str());
+            let body = if delta.text.is_empty() { json!({}) } else { json!({"content": delta.text}) };
+            let _ = events.send(with(&chunk, json!([{"index": i, "delta": body, "finish_reason": finish}])));
+        }
+        match reply.await {
+            Ok(Ok(completions)) => {
+                if let Some(prompt_tokens) = usage {
+                    let completion_tokens: usize = completions.iter().map(|c| c.tokens.len()).sum();
+                    let mut last = chunk.clone();
+                    last["choices"] = json!([]);
+                    last["usage"] = json!({
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": prompt_tokens + completion_tokens,
+                    });
+                    let _ = events.send(Event::default().data(last.to_string()));
+                }
+                let _ = events.send(Event::default().data("[DONE]"));
+            }
+            Ok(Err(e)) => {
+                let _ = events.send(Event::default().data(json!({"error": {"message": e}}).to_string()));
+            }
+            Err(_) => {
+                let _ =
+                    events.send(Event::default().data(json!({"error": {"message": "generation failed"}}).to_string()));
+            }
+        }
+    });
+    let stream = futures::stream::unfold(out, |mut out| async move {
+        out.recv().await.map(|event| (Ok::<_, Infallible>(event), out))
+    });
+    Sse::new(stream).into_response()
 }

@@ -133,3 +133,65 @@ fn bad_requests_get_an_openai_style_error() {
     assert_eq!(status, 400);
     assert!(reply["error"]["message"].as_str().unwrap().contains("context"), "{reply}");
 }
+
+/// The `data:` payloads of a server-sent-events reply (HTTP/1.1 chunked), as sent.
+fn stream(body: Value) -> Vec<String> {
+    let mut stream = TcpStream::connect(server()).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(300))).unwrap();
+    let body = body.to_string();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).unwrap();
+    let reply = String::from_utf8(reply).unwrap();
+    let (head, mut rest) = reply.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200") && head.to_lowercase().contains("text/event-stream"), "{head}");
+    // Undo the chunked transfer encoding: size line, data, CRLF.
+    let mut events = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        events.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+    events.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+}
+
+#[test]
+fn streamed_completions_send_the_same_text_as_events() {
+    let messages = json!([{"role": "user", "content": "Count from 1 to 10, separated by commas."}]);
+    let plain = chat(json!({"messages": messages, "temperature": 0, "max_tokens": 24, "n": 2, "stop": ["7"]}));
+    let data = stream(json!({"messages": messages, "temperature": 0, "max_tokens": 24, "n": 2, "stop": ["7"],
+        "stream": true, "stream_options": {"include_usage": true}}));
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    let (mut texts, mut finishes, mut pieces) = (vec![String::new(); 2], vec![Value::Null; 2], 0);
+    for chunk in &chunks {
+        for choice in chunk["choices"].as_array().unwrap() {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            if let Some(text) = choice["delta"]["content"].as_str().filter(|t| !t.is_empty()) {
+                texts[i].push_str(text);
+                pieces += 1;
+            }
+            if !choice["finish_reason"].is_null() {
+                finishes[i] = choice["finish_reason"].clone();
+            }
+        }
+    }
+    assert_eq!(chunks[0]["choices"][1]["delta"]["role"], "assistant", "every choice's role comes first");
+    for i in 0..2 {
+        assert_eq!(texts[i], plain["choices"][i]["message"]["content"].as_str().unwrap(), "choice {i}");
+        assert_eq!(finishes[i], plain["choices"][i]["finish_reason"], "choice {i}");
+    }
+    assert!(pieces > 4, "the text came in pieces as it was generated, not at once: {pieces}");
+    assert!(!texts[0].contains('7'), "the stop string is never sent: {}", texts[0]);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage, &plain["usage"], "the last chunk carries the usage");
+}
