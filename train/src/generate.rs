@@ -65,6 +65,8 @@ pub struct Completion {
 pub struct Generated {
     pub completions: Vec<Completion>,
     pub prompt_tokens: usize,
+    /// Prompt tokens run through the model: each distinct prompt once.
+    pub prefilled_tokens: usize,
     pub completion_tokens: usize,
     pub seconds: f64,
 }
@@ -135,13 +137,26 @@ pub fn generate_streaming(
 ) -> Result<Generated> {
     let start = Instant::now();
     let prompts: Vec<&Vec<u32>> = requests.iter().map(|r| &r.prompt).collect();
+    // Each distinct prompt is read once (the n samples of a request share one prefill); its keys
+    // and values are then copied to every row that continues it.
+    let mut distinct: Vec<&Vec<u32>> = Vec::new();
+    let copy_of: Vec<usize> = prompts
+        .iter()
+        .map(|p| {
+            distinct.iter().position(|d| d == p).unwrap_or_else(|| {
+                distinct.push(p);
+                distinct.len() - 1
+            })
+        })
+        .collect();
     let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    let pad: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+    let distinct_pad: Vec<usize> = distinct.iter().map(|p| width - p.len()).collect();
     let batch = Batch {
-        tokens: prompts.iter().map(|p| [vec![0; width - p.len()], p.to_vec()].concat()).collect(),
-        positions: pad.iter().map(|&n| (0..width).map(|i: usize| i.saturating_sub(n)).collect()).collect(),
-        pad: pad.clone(),
+        tokens: distinct.iter().map(|p| [vec![0; width - p.len()], p.to_vec()].concat()).collect(),
+        positions: distinct_pad.iter().map(|&n| (0..width).map(|i: usize| i.saturating_sub(n)).collect()).collect(),
+        pad: distinct_pad.clone(),
     };
+    let pad: Vec<usize> = copy_of.iter().map(|&d| distinct_pad[d]).collect();
     let mut cache = KvCache::new(model.config.num_hidden_layers);
     let mut rngs: Vec<fastrand::Rng> = requests.iter().map(|r| fastrand::Rng::with_seed(r.sampling.seed)).collect();
     let mut outputs: Vec<Option<Completion>> = vec![None; prompts.len()];
@@ -150,7 +165,11 @@ pub fn generate_streaming(
     let mut sent = vec![0usize; prompts.len()];
     // Rows still generating: index into the original prompts, in cache order.
     let mut live: Vec<usize> = (0..prompts.len()).collect();
-    let mut logits = last_logits(model.decoder.forward(&model.config, &batch, Some(&mut cache)));
+    let prefilled = last_logits(model.decoder.forward(&model.config, &batch, Some(&mut cache)));
+    if distinct.len() < prompts.len() {
+        cache.retain_rows(&copy_of);
+    }
+    let mut logits: Vec<Vec<f32>> = copy_of.iter().map(|&d| prefilled[d].clone()).collect();
     let mut live_pad = pad;
     while !live.is_empty() {
         let mut next = Vec::with_capacity(live.len());
@@ -211,6 +230,7 @@ pub fn generate_streaming(
         .collect();
     Ok(Generated {
         prompt_tokens: prompts.iter().map(|p| p.len()).sum(),
+        prefilled_tokens: distinct.iter().map(|p| p.len()).sum(),
         completion_tokens: completions.iter().map(|c| c.tokens.len()).sum(),
         completions,
         seconds: start.elapsed().as_secs_f64(),

@@ -133,7 +133,8 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Keeps only the given batch rows (finished sequences leave the batch).
+    /// Keeps the given batch rows, in that order (finished sequences leave the batch; a row
+    /// named several times is copied, as the samples of one prompt are after its prefill).
     pub fn retain_rows(&mut self, rows: &[usize]) {
         for (k, v) in self.layers.iter_mut().flatten() {
             let device = k.device();

@@ -181,6 +181,25 @@ fn smollm2_greedy_generation_matches_transformers_batched() {
 }
 
 #[test]
+fn repeated_prompts_are_read_once_and_continue_alike() {
+    let model = smollm2();
+    let reference = smollm2_reference();
+    let distinct: Vec<Vec<u32>> =
+        reference["generations"].as_array().unwrap().iter().map(|c| ids(&c["prompt_ids"])).collect();
+    let sampling = Sampling { max_tokens: 12, ..Sampling::default() };
+    let alone = generate(model, &distinct, &sampling).unwrap();
+    // The samples of one request share a prompt: one prefill each, copied to its rows.
+    let order = [0, 1, 0, 2, 1, 0];
+    let repeated: Vec<Vec<u32>> = order.iter().map(|&i| distinct[i].clone()).collect();
+    let out = generate(model, &repeated, &sampling).unwrap();
+    assert_eq!(out.prefilled_tokens, distinct.iter().map(Vec::len).sum::<usize>(), "each prompt read once");
+    assert_eq!(out.prompt_tokens, repeated.iter().map(Vec::len).sum::<usize>(), "usage counts every row");
+    for (row, &i) in order.iter().enumerate() {
+        assert_eq!(out.completions[row].tokens, alone.completions[i].tokens, "row {row} continues prompt {i}");
+    }
+}
+
+#[test]
 fn sampling_is_seeded_and_respects_stop_strings() {
     let model = smollm2();
     let text = model.codec.chat.render_turns(&[("user", "Tell me a story about a cat.")], true).unwrap();
