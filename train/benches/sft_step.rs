@@ -4,15 +4,18 @@
 //! shapes.
 //!
 //! `cargo bench -p kiln-train --bench sft_step -- --shape qwen2.5-0.5b --batch 8 --seq 1024
-//!  --steps 10 --dtype bf16 --peak-tflops 989`. Without `--bench` (as in `cargo test`), one step
-//! of a tiny shape runs as a smoke test.
+//!  --steps 10 --dtype bf16 --peak-tflops 989 [--checkpoint] [--loss-chunk 1024]`. `--dtype bf16`
+//! is mixed precision (f32 master weights, bf16 products, as PyTorch's autocast);
+//! `bf16-pure` computes and stores everything in bf16. Without `--bench` (as in `cargo test`),
+//! one step of a tiny shape runs as a smoke test.
 
 use std::time::Instant;
 
-use burn::optim::GradientsParams;
 use burn::tensor::{DeviceConfig, FloatDType};
 use kiln_train::ModelConfig;
-use kiln_train::learned::{Sequence, pack, token_logprobs};
+use kiln_train::backprop::{Memory, backward};
+use kiln_train::learned::{Sequence, pack};
+use kiln_train::model::Precision;
 use kiln_train::sft::optim::{AdamWSettings, AdamWState, global_norm, step};
 use kiln_train::weights::{build_decoder, random_weights};
 
@@ -75,13 +78,20 @@ fn main() {
     let dtype = arg(&args, "--dtype", "f32");
     let peak: f64 = arg(&args, "--peak-tflops", "0").parse().unwrap();
 
+    let memory = Memory {
+        checkpoint_layers: args.iter().any(|a| a == "--checkpoint"),
+        loss_chunk: arg(&args, "--loss-chunk", "1024").parse().unwrap(),
+    };
+
     let mut device = kiln_train::default_device();
-    if dtype == "bf16" {
+    if dtype == "bf16-pure" {
         device.configure(DeviceConfig::default().float_dtype(FloatDType::BF16)).expect("bf16 on this device");
     }
     let device = device.autodiff();
-    let mut decoder =
-        build_decoder(&config, random_weights(&config, 0), std::path::Path::new("random"), &device).unwrap();
+    let precision = if dtype == "bf16" { Precision::Bf16 } else { Precision::F32 };
+    let mut decoder = build_decoder(&config, random_weights(&config, 0), std::path::Path::new("random"), &device)
+        .unwrap()
+        .with_precision(precision);
     let mut rng = fastrand::Rng::with_seed(1);
     // Every token learned (the learned-token path still runs), as in PyTorch's plain LM loss.
     let examples: Vec<Sequence> = (0..batch)
@@ -98,10 +108,8 @@ fn main() {
     let mut times = Vec::new();
     for _ in 0..steps {
         let start = Instant::now();
-        let logp = token_logprobs(&decoder, &config, &packed, &device);
-        let loss = logp.sum().neg().div_scalar((batch * seq) as f64);
-        let loss_value = loss.clone().into_scalar::<f32>();
-        let mut grads = GradientsParams::from_grads(loss.backward(), &decoder);
+        let nll = |logp: burn::prelude::Tensor<1>, _| logp.sum().neg().div_scalar((batch * seq) as f64);
+        let (loss_value, mut grads) = backward(&decoder, &config, &packed, &device, memory, nll);
         let norm = global_norm(&decoder, &grads);
         decoder = step(decoder, &mut grads, &mut state, &settings, 1e-4, (1.0 / norm.max(1.0)).min(1.0));
         assert!(loss_value.is_finite(), "loss {loss_value}");
@@ -118,8 +126,19 @@ fn main() {
         "{}",
         serde_json::json!({
             "impl": "kiln-burn", "device": format!("{device:?}"), "dtype": dtype, "batch": batch, "seq": seq,
+            "checkpoint": memory.checkpoint_layers, "loss_chunk": memory.loss_chunk, "peak_rss_mib": peak_rss_mib(),
             "params": params, "steps": steps, "first_step_s": times[0], "step_s": per_step,
             "tokens_per_s": tokens_per_s, "mfu": if mfu.is_nan() { serde_json::Value::Null } else { mfu.into() },
         })
     );
+}
+
+/// This process's peak resident memory (host memory; a GPU's is sampled by gpu_bench.sh).
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+    kib.map_or(f64::NAN, |k| k / 1024.0)
 }

@@ -1,6 +1,7 @@
 //! kiln's decoder LLM in burn: the Llama/Qwen2 model, weights from safetensors and GGUF, the
 //! tokenizer and chat template, generation, an OpenAI-compatible server and the SFT trainer.
 
+pub mod backprop;
 pub mod config;
 pub mod error;
 pub mod model;

@@ -1,10 +1,13 @@
 //! The Llama/Qwen2 decoder in burn: RMSNorm, rotary embeddings in Hugging Face's "rotate half"
 //! layout, grouped-query attention with an optional key/value cache, SwiGLU MLP, optional q/k/v
-//! bias, tied or untied output head, and optional LoRA adapters on every projection.
+//! bias, tied or untied output head, and optional LoRA adapters on every projection. The
+//! projections run in f32 or, as PyTorch's autocast does, in bf16 over f32 weights.
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use burn::tensor::activation::{silu, softmax};
+use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 
@@ -12,12 +15,35 @@ use crate::config::ModelConfig;
 /// padding) give uniform weights instead of NaN.
 const MASKED: f32 = -1e9;
 
+/// The arithmetic of the projections (and the output head).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Mixed precision as PyTorch users know it: the matrix products take bf16 copies of their
+    /// f32 inputs and weights and return f32; weights (the master copy), optimizer moments,
+    /// norms, attention's softmax and the loss stay f32.
+    Bf16,
+}
+
+/// `a · b` in `precision` (f32 result either way).
+fn matmul(a: Tensor<2>, b: Tensor<2>, precision: Precision) -> Tensor<2> {
+    match precision {
+        Precision::F32 => a.matmul(b),
+        Precision::Bf16 => a.cast(FloatDType::BF16).matmul(b.cast(FloatDType::BF16)).cast(FloatDType::F32),
+    }
+}
+
 /// A linear projection stored as `[in, out]`, with optional bias and optional LoRA adapter.
 #[derive(Module, Debug)]
 pub struct Dense {
     pub weight: Param<Tensor<2>>,
     pub bias: Option<Param<Tensor<1>>>,
     pub lora: Option<Lora>,
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 /// A low-rank update `x · A · B · scale` added to a frozen projection.
@@ -33,12 +59,13 @@ impl Dense {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = x.dims();
         let x2 = x.reshape([b * t, d]);
-        let mut y = x2.clone().matmul(self.weight.val());
+        let p = self.precision;
+        let mut y = matmul(x2.clone(), self.weight.val(), p);
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze::<2>();
         }
         if let Some(lora) = &self.lora {
-            y = y + x2.matmul(lora.a.val()).matmul(lora.b.val()).mul_scalar(lora.scale);
+            y = y + matmul(matmul(x2, lora.a.val(), p), lora.b.val(), p).mul_scalar(lora.scale);
         }
         let out = y.dims()[1];
         y.reshape([b, t, out])
@@ -226,6 +253,22 @@ pub struct Block {
     pub mlp: Mlp,
 }
 
+impl Block {
+    /// The block's output for `x`, extending the layer's cache `slot` when given.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        mask: Option<Tensor<4>>,
+        slot: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+    ) -> Tensor<3> {
+        let h = self.attn_norm.forward(x.clone());
+        let x = x + self.attn.forward(h, rope, mask, slot);
+        let h = self.mlp_norm.forward(x.clone());
+        x + self.mlp.forward(h)
+    }
+}
+
 /// The decoder: embeddings, blocks, final norm, output head.
 #[derive(Module, Debug)]
 pub struct Decoder {
@@ -234,6 +277,9 @@ pub struct Decoder {
     pub norm: RmsNorm,
     /// `None` when the head is tied to the embeddings.
     pub head: Option<Dense>,
+    /// The tied head's arithmetic (an untied head's is its own).
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 /// Which positions of a batch are real tokens (for left-padded generation batches).
@@ -257,6 +303,27 @@ impl Batch {
 }
 
 impl Decoder {
+    /// The decoder with every projection and the head computing in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        let blocks = self.blocks.iter_mut();
+        let denses = blocks.flat_map(|b| {
+            [
+                &mut b.attn.q,
+                &mut b.attn.k,
+                &mut b.attn.v,
+                &mut b.attn.o,
+                &mut b.mlp.gate,
+                &mut b.mlp.up,
+                &mut b.mlp.down,
+            ]
+        });
+        for dense in denses.chain(self.head.as_mut()) {
+            dense.precision = precision;
+        }
+        self
+    }
+
     /// Logits `[batch, time, vocab]` for `batch`, extending `cache` when given.
     pub fn forward(&self, config: &ModelConfig, batch: &Batch, cache: Option<&mut KvCache>) -> Tensor<3> {
         let device = self.embed.val().device();
@@ -272,22 +339,35 @@ impl Decoder {
         mut cache: Option<&mut KvCache>,
         device: &Device,
     ) -> Tensor<3> {
+        let mut x = self.embed_tokens(batch, device);
+        let (rope, mask) = self.context(config, batch, cache.as_ref().map_or(0, |c| c.len()), device);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(x, &rope, mask.clone(), slot);
+        }
+        self.norm.forward(x)
+    }
+
+    /// The embeddings of `batch`'s tokens, `[batch, time, dim]`.
+    pub fn embed_tokens(&self, batch: &Batch, device: &Device) -> Tensor<3> {
         let (b, t) = (batch.tokens.len(), batch.tokens.first().map_or(0, Vec::len));
         let ids: Vec<i64> = batch.tokens.iter().flatten().map(|&id| id as i64).collect();
         let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [b * t]), device);
-        let dim = config.hidden_size;
-        let mut x = self.embed.val().select(0, ids).reshape([b, t, dim]);
-        let rope = Rope::new(config, &batch.positions, device);
-        let past = cache.as_ref().map_or(0, |c| c.len());
-        let mask = attention_mask(&batch.pad, past, t, device);
-        for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            let h = block.attn_norm.forward(x.clone());
-            x = x + block.attn.forward(h, &rope, mask.clone(), slot);
-            let h = block.mlp_norm.forward(x.clone());
-            x = x + block.mlp.forward(h);
-        }
-        self.norm.forward(x)
+        let dim = self.embed.val().dims()[1];
+        self.embed.val().select(0, ids).reshape([b, t, dim])
+    }
+
+    /// What every block of a forward call over `batch` shares: the rotary tables and the
+    /// attention mask (after `past` cached positions).
+    pub fn context(
+        &self,
+        config: &ModelConfig,
+        batch: &Batch,
+        past: usize,
+        device: &Device,
+    ) -> (Rope, Option<Tensor<4>>) {
+        let t = batch.tokens.first().map_or(0, Vec::len);
+        (Rope::new(config, &batch.positions, device), attention_mask(&batch.pad, past, t, device))
     }
 
     /// Projects hidden states to vocabulary logits.
@@ -298,7 +378,8 @@ impl Decoder {
                 let [b, t, d] = hidden.dims();
                 // embed · hidden^T, then transpose the small result: transposing the
                 // [vocab, dim] embedding instead would copy it on every call.
-                let logits = self.embed.val().matmul(hidden.reshape([b * t, d]).transpose()).transpose();
+                let logits =
+                    matmul(self.embed.val(), hidden.reshape([b * t, d]).transpose(), self.precision).transpose();
                 let v = logits.dims()[1];
                 logits.reshape([b, t, v])
             }

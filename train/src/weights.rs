@@ -10,7 +10,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::config::ModelConfig;
 use crate::error::{Result, TrainError};
-use crate::model::{Attention, Block, Decoder, Dense, Mlp, RmsNorm};
+use crate::model::{Attention, Block, Decoder, Dense, Mlp, Precision, RmsNorm};
 
 /// A tensor on the host, row-major, in f32.
 #[derive(Clone, Debug, PartialEq)]
@@ -72,7 +72,7 @@ impl Source<'_> {
             true => Some(self.take(&format!("{prefix}.bias"), &[out])?.to_param(device)),
             false => None,
         };
-        Ok(Dense { weight, bias, lora: None })
+        Ok(Dense { weight, bias, lora: None, precision: Precision::F32 })
     }
 
     fn norm(&mut self, name: &str, dim: usize, eps: f64, device: &Device) -> Result<RmsNorm> {
@@ -120,7 +120,7 @@ pub fn build_decoder(config: &ModelConfig, weights: WeightMap, path: &Path, devi
     if let Some(extra) = src.weights.keys().min() {
         return Err(TrainError::invalid(path, format!("unexpected tensor `{extra}`: not a Llama/Qwen2 checkpoint")));
     }
-    Ok(Decoder { embed, blocks, norm, head })
+    Ok(Decoder { embed, blocks, norm, head, precision: Precision::F32 })
 }
 
 /// The decoder's weights by HF name and layout, LoRA adapters merged into their projections.

@@ -26,8 +26,8 @@ fn server() -> SocketAddr {
     })
 }
 
-/// Sends one request and returns the status code and JSON body.
-fn call(method: &str, path: &str, body: &str) -> (u16, Value) {
+/// Sends one request and returns the whole reply as sent (head and body).
+fn send(method: &str, path: &str, body: &str) -> String {
     let mut stream = TcpStream::connect(server()).unwrap();
     stream.set_read_timeout(Some(std::time::Duration::from_secs(300))).unwrap();
     write!(
@@ -38,6 +38,12 @@ fn call(method: &str, path: &str, body: &str) -> (u16, Value) {
     .unwrap();
     let mut reply = String::new();
     stream.read_to_string(&mut reply).unwrap();
+    reply
+}
+
+/// Sends one request and returns the status code and JSON body.
+fn call(method: &str, path: &str, body: &str) -> (u16, Value) {
+    let reply = send(method, path, body);
     let (head, body) = reply.split_once("\r\n\r\n").unwrap();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, serde_json::from_str(body).unwrap_or(Value::String(body.to_string())))
@@ -136,18 +142,7 @@ fn bad_requests_get_an_openai_style_error() {
 
 /// The `data:` payloads of a server-sent-events reply (HTTP/1.1 chunked), as sent.
 fn stream(body: Value) -> Vec<String> {
-    let mut stream = TcpStream::connect(server()).unwrap();
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(300))).unwrap();
-    let body = body.to_string();
-    write!(
-        stream,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply).unwrap();
-    let reply = String::from_utf8(reply).unwrap();
+    let reply = send("POST", "/v1/chat/completions", &body.to_string());
     let (head, mut rest) = reply.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200") && head.to_lowercase().contains("text/event-stream"), "{head}");
     // Undo the chunked transfer encoding: size line, data, CRLF.

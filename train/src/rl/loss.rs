@@ -10,19 +10,33 @@ use crate::learned::{Packed, host};
 use crate::model::Decoder;
 
 /// Mean entropy (nats) of the next-token distribution at the packed positions, and the
-/// log-probabilities of the targets, both off the graph: what the rollout policy did.
-pub fn rollout_stats(decoder: &Decoder, config: &ModelConfig, packed: &Packed, device: &Device) -> (Vec<f32>, f64) {
-    let hidden = decoder.hidden(config, &packed.batch, None, device).detach();
+/// log-probabilities of the targets: what the rollout policy did. `decoder` runs off the
+/// autodiff graph (a [`burn::module::Module::valid`] copy, on its plain device), and the
+/// head over `chunk` tokens at a time.
+pub fn rollout_stats(
+    decoder: &Decoder,
+    config: &ModelConfig,
+    packed: &Packed,
+    device: &Device,
+    chunk: usize,
+) -> (Vec<f32>, f64) {
+    let hidden = decoder.hidden(config, &packed.batch, None, device);
     let [b, t, d] = hidden.dims();
+    let hidden = hidden.reshape([b * t, d]);
     let n = packed.rows.len();
-    let rows = Tensor::<1, Int>::from_data(TensorData::new(packed.rows.clone(), [n]), device);
-    let picked = hidden.reshape([b * t, d]).select(0, rows);
-    let logits = decoder.logits(picked.unsqueeze_dim::<3>(0)).squeeze_dim::<2>(0).detach();
-    let all = log_softmax(logits, 1);
-    let entropy = (all.clone().exp() * all.clone()).sum().neg().into_scalar::<f32>() as f64;
-    let targets = Tensor::<1, Int>::from_data(TensorData::new(packed.targets.clone(), [n]), device);
-    let picked = all.gather(1, targets.unsqueeze_dim::<2>(1)).squeeze_dim::<1>(1);
-    (host(picked), entropy / n.max(1) as f64)
+    let (mut logp, mut entropy) = (Vec::with_capacity(n), 0.0);
+    for start in (0..n).step_by(chunk.max(1)) {
+        let end = (start + chunk.max(1)).min(n);
+        let rows =
+            Tensor::<1, Int>::from_data(TensorData::new(packed.rows[start..end].to_vec(), [end - start]), device);
+        let logits = decoder.logits(hidden.clone().select(0, rows).unsqueeze_dim::<3>(0)).squeeze_dim::<2>(0);
+        let all = log_softmax(logits, 1);
+        entropy -= (all.clone().exp() * all.clone()).sum().into_scalar::<f32>() as f64;
+        let targets = TensorData::new(packed.targets[start..end].to_vec(), [end - start]);
+        let targets = Tensor::<1, Int>::from_data(targets, device);
+        logp.extend(host(all.gather(1, targets.unsqueeze_dim::<2>(1)).squeeze_dim::<1>(1)));
+    }
+    (logp, entropy / n.max(1) as f64)
 }
 
 /// DAPO's clip: the ratio is kept within `[1 - low, 1 + high]`, and for negative advantages

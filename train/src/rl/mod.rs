@@ -32,7 +32,9 @@ use std::path::{Path, PathBuf};
 use kiln_pipeline::stage::Problem;
 use serde::{Deserialize, Serialize};
 
+use crate::backprop::Memory;
 use crate::fetch::is_named_model;
+use crate::model::Precision;
 use crate::sft::LoraConfig;
 use crate::sft::settings::{Checks, data_problem};
 pub use loss::{Clip, group_advantages, informative, sft_weight};
@@ -131,6 +133,18 @@ kiln_stages::with_agent_keys! {
         /// is learning from something other than the reward. Default: false.
         #[serde(default)]
         pub shuffle_rewards: bool,
+        /// The matrix products' arithmetic: `"f32"`, or `"bf16"` mixed precision (f32 master
+        /// weights, optimizer moments, norms, softmax and loss). Default: `"f32"`.
+        #[serde(default, skip_serializing_if = "crate::backprop::is_default")]
+        pub precision: Precision,
+        /// Recompute each decoder layer in the backward pass instead of keeping its
+        /// activations (one more forward pass per update; long trajectories fit). Default: false.
+        #[serde(default, skip_serializing_if = "crate::backprop::is_default")]
+        pub gradient_checkpointing: bool,
+        /// Learned tokens whose logits are computed at once (bounds the output head's memory).
+        /// Default: 1024.
+        #[serde(default = "crate::backprop::default_loss_chunk", skip_serializing_if = "crate::backprop::is_default_loss_chunk")]
+        pub loss_chunk: usize,
     }
 }
 
@@ -212,6 +226,7 @@ impl RlConfig {
         checks.int("max_new_tokens", self.max_new_tokens as u64, 1..=1 << 20, "tokens per turn, e.g. 1024");
         checks.int("max_len", self.max_len as u64, 16..=1 << 22, "tokens per trajectory, e.g. 8192");
         checks.int("sampling_rounds", self.sampling_rounds as u64, 1..=100, "refill rounds per step, e.g. 3");
+        checks.int("loss_chunk", self.loss_chunk as u64, 1..=1 << 20, "learned tokens per head pass, e.g. 1024");
         if let Some(lr) = self.lr {
             checks.real("lr", lr, lr > 0.0 && lr < 1.0, "between 0 and 1", "e.g. 1e-6 (full) or 1e-5 (LoRA)");
         }
@@ -236,11 +251,18 @@ impl RlConfig {
         checks.0
     }
 
-    /// The settings a checkpoint must match to be resumed.
+    /// The settings a checkpoint must match to be resumed (not how memory is spent).
     pub fn run_key(&self) -> String {
         let mut c = self.clone();
         c.save_every = 0;
+        c.gradient_checkpointing = false;
+        c.loss_chunk = crate::backprop::default_loss_chunk();
         serde_json::to_string(&c).expect("settings serialise")
+    }
+
+    /// How an update spends memory.
+    pub fn memory(&self) -> Memory {
+        Memory { checkpoint_layers: self.gradient_checkpointing, loss_chunk: self.loss_chunk }
     }
 
     /// The DAPO clip.

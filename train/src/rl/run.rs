@@ -17,13 +17,14 @@ use super::loss::{clipped_tokens, group_advantages, informative, pg_loss, rollou
 use super::metrics::{MetricsLog, RlMetrics, RolloutLog, plot, read_metrics};
 use super::policy::{LocalPolicy, RolloutSampling};
 use super::{RlConfig, RlPaths};
-use crate::learned::{Packed, Sequence, host, pack, token_logprobs};
+use crate::backprop::{accumulate, backward};
+use crate::learned::{Packed, Sequence, host, pack};
 use crate::loader::LoadedModel;
 use crate::model::Decoder;
 use crate::sft::checkpoint::{load_checkpoint, save_checkpoint};
 use crate::sft::data::encode;
 use crate::sft::optim::{AdamWSettings, AdamWState, global_norm, restore};
-use crate::sft::{accumulate, add_lora, empty_decoder};
+use crate::sft::{add_lora, empty_decoder};
 use crate::weights::{SaveDtype, build_decoder, export_weights};
 
 /// What a finished run reports.
@@ -109,7 +110,8 @@ pub async fn train_rl(
         ))
     })
     .map_err(fail)?;
-    let mut decoder = std::mem::replace(&mut base.decoder, empty_decoder(&train_device));
+    let mut decoder =
+        std::mem::replace(&mut base.decoder, empty_decoder(&train_device)).with_precision(config.precision);
     if let Some(l) = &config.lora {
         decoder = add_lora(decoder.no_grad(), l, config.seed, &train_device);
     }
@@ -399,12 +401,13 @@ fn train_step(
     let sft_parts: Vec<Vec<Packed>> = split(sft, config.mini_batches).into_iter().map(packs).collect();
     // The rollout policy's log-probabilities and entropy, before any update.
     let (mut entropy_sum, mut pg_tokens_all) = (0.0, 0usize);
+    let (frozen, plain) = (decoder.valid(), device.clone().inner());
     let old: Vec<Vec<Vec<f32>>> = pg_parts
         .iter()
         .map(|part| {
             part.iter()
                 .map(|p| {
-                    let (logp, entropy) = rollout_stats(&decoder, model, p, device);
+                    let (logp, entropy) = rollout_stats(&frozen, model, p, &plain, config.loss_chunk);
                     entropy_sum += entropy * p.rows.len() as f64;
                     pg_tokens_all += p.rows.len();
                     logp
@@ -412,6 +415,7 @@ fn train_step(
                 .collect()
         })
         .collect();
+    drop(frozen);
     let sft_tokens_all: usize = sft_parts.iter().flatten().map(|p| p.rows.len()).sum();
     let mut u = Update { entropy: entropy_sum / pg_tokens_all.max(1) as f64, ..Update::default() };
     let mut clipped = 0;
@@ -423,22 +427,29 @@ fn train_step(
             continue;
         }
         let mut grads = GradientsParams::new();
+        let memory = config.memory();
         for (p, old) in pg_part.iter().zip(old_part) {
-            let n = p.rows.len();
-            let logp = token_logprobs(&decoder, model, p, device);
-            let ratios: Vec<f32> = host(logp.clone().detach()).iter().zip(old).map(|(l, o)| (l - o).exp()).collect();
-            clipped += clipped_tokens(&ratios, &p.weights, config.clip());
-            let old = Tensor::<1>::from_data(TensorData::new(old.clone(), [n]), device);
-            let adv = Tensor::<1>::from_data(TensorData::new(p.weights.clone(), [n]), device);
-            let loss = pg_loss(logp, old, adv, config.clip()).sum().mul_scalar(scale_of(pg_tokens));
-            u.pg_loss += loss.clone().into_scalar::<f32>() as f64 * pg_tokens as f64 / pg_tokens_all.max(1) as f64;
-            let step_grads = GradientsParams::from_grads(loss.mul_scalar(1.0 - g).backward(), &decoder);
+            let scale = scale_of(pg_tokens) * (1.0 - g);
+            let pg = |logp: Tensor<1>, range: std::ops::Range<usize>| {
+                let (old, adv) = (&old[range.clone()], &p.weights[range]);
+                let ratios: Vec<f32> =
+                    host(logp.clone().detach()).iter().zip(old).map(|(l, o)| (l - o).exp()).collect();
+                clipped += clipped_tokens(&ratios, adv, config.clip());
+                let n = old.len();
+                let old = Tensor::<1>::from_data(TensorData::new(old.to_vec(), [n]), device);
+                let adv = Tensor::<1>::from_data(TensorData::new(adv.to_vec(), [n]), device);
+                pg_loss(logp, old, adv, config.clip()).sum().mul_scalar(scale)
+            };
+            let (loss, step_grads) = backward(&decoder, model, p, device, memory, pg);
+            // The DAPO term before its weight (g < 1 wherever there are policy tokens).
+            u.pg_loss += loss / (1.0 - g) * pg_tokens as f64 / pg_tokens_all.max(1) as f64;
             grads = accumulate(&decoder, grads, step_grads);
         }
         for p in sft_part {
-            let nll = token_logprobs(&decoder, model, p, device).sum().neg().mul_scalar(scale_of(sft_tokens));
-            u.sft_loss += nll.clone().into_scalar::<f32>() as f64 * sft_tokens as f64 / sft_tokens_all.max(1) as f64;
-            let step_grads = GradientsParams::from_grads(nll.mul_scalar(g).backward(), &decoder);
+            let nll = |logp: Tensor<1>, _| logp.sum().neg().mul_scalar(scale_of(sft_tokens) * g);
+            let (loss, step_grads) = backward(&decoder, model, p, device, memory, nll);
+            // The SFT term before its weight (g > 0 wherever there are expert tokens).
+            u.sft_loss += loss / g * sft_tokens as f64 / sft_tokens_all.max(1) as f64;
             grads = accumulate(&decoder, grads, step_grads);
         }
         let norm = global_norm(&decoder, &grads);
@@ -471,7 +482,7 @@ mod tests {
     }
 
     fn logp(decoder: &Decoder, config: &crate::ModelConfig, seq: &Sequence, device: &Device) -> f32 {
-        host(token_logprobs(decoder, config, &pack(&[seq]), device)).iter().sum()
+        host(crate::learned::token_logprobs(decoder, config, &pack(&[seq]), device)).iter().sum()
     }
 
     fn rollout(outcome: Outcome, id: &str) -> Rollout {

@@ -18,10 +18,11 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::backprop::{Memory, accumulate, backward};
 use crate::error::{Result, TrainError};
-use crate::learned::{Sequence, pack, token_logprobs};
+use crate::learned::{Sequence, pack};
 use crate::loader::LoadedModel;
-use crate::model::{Decoder, Dense, Lora};
+use crate::model::{Decoder, Dense, Lora, Precision};
 use crate::weights::SaveDtype;
 use checkpoint::{load_checkpoint, save_checkpoint};
 use data::{length_buckets, load_sharegpt};
@@ -77,6 +78,21 @@ pub struct SftConfig {
     /// Save a checkpoint every this many steps. Default: 50.
     #[serde(default = "defaults::save_every")]
     pub save_every: u64,
+    /// The matrix products' arithmetic: `"f32"`, or `"bf16"` mixed precision (f32 master
+    /// weights, optimizer moments, norms, softmax and loss). Default: `"f32"`.
+    #[serde(default, skip_serializing_if = "crate::backprop::is_default")]
+    pub precision: Precision,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations
+    /// (one more forward pass per step; long sequences fit). Default: false.
+    #[serde(default, skip_serializing_if = "crate::backprop::is_default")]
+    pub gradient_checkpointing: bool,
+    /// Learned tokens whose logits are computed at once (bounds the output head's memory).
+    /// Default: 1024.
+    #[serde(
+        default = "crate::backprop::default_loss_chunk",
+        skip_serializing_if = "crate::backprop::is_default_loss_chunk"
+    )]
+    pub loss_chunk: usize,
 }
 
 /// LoRA settings: adapters on every attention and MLP projection.
@@ -183,7 +199,8 @@ pub fn train(
     let peak = config.lr.unwrap_or(if lora.is_some() { 2e-4 } else { 1e-5 });
     let settings = AdamWSettings { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: config.weight_decay };
 
-    let mut decoder = std::mem::replace(&mut base.decoder, empty_decoder(&device));
+    let memory = Memory { checkpoint_layers: config.gradient_checkpointing, loss_chunk: config.loss_chunk };
+    let mut decoder = std::mem::replace(&mut base.decoder, empty_decoder(&device)).with_precision(config.precision);
     if let Some(l) = &lora {
         decoder = add_lora(decoder.no_grad(), l, config.seed, &device);
     }
@@ -214,10 +231,9 @@ pub fn train(
         for batch in window {
             let rows: Vec<&Sequence> = batch.iter().map(|&i| &examples[i]).collect();
             tokens += rows.iter().map(|r| r.ids.len() - 1).sum::<usize>();
-            let logp = token_logprobs(&decoder, &base.config, &pack(&rows), &device);
-            let loss = logp.sum().neg().div_scalar(learned.max(1) as f64);
-            loss_sum += loss.clone().into_scalar::<f32>() as f64;
-            let step_grads = GradientsParams::from_grads(loss.backward(), &decoder);
+            let nll = |logp: Tensor<1>, _| logp.sum().neg().div_scalar(learned.max(1) as f64);
+            let (loss, step_grads) = backward(&decoder, &base.config, &pack(&rows), &device, memory, nll);
+            loss_sum += loss;
             grads = accumulate(&decoder, grads, step_grads);
         }
         let norm = global_norm(&decoder, &grads);
@@ -248,32 +264,6 @@ pub fn train(
     Ok(SftReport { steps: total, resumed_from, metrics, examples: examples.len(), skipped, model_dir })
 }
 
-/// Adds `more` to `acc` parameter by parameter.
-pub(crate) fn accumulate(decoder: &Decoder, acc: GradientsParams, more: GradientsParams) -> GradientsParams {
-    if acc.is_empty() {
-        return more;
-    }
-    let mut acc = acc;
-    let mut more = more;
-    struct Add<'a> {
-        acc: &'a mut GradientsParams,
-        more: &'a mut GradientsParams,
-    }
-    impl burn::module::ModuleVisitor for Add<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.more.remove::<D>(param.id) {
-                let sum = match self.acc.remove::<D>(param.id) {
-                    Some(a) => a + g,
-                    None => g,
-                };
-                self.acc.register(param.id, sum);
-            }
-        }
-    }
-    decoder.visit(&mut Add { acc: &mut acc, more: &mut more });
-    acc
-}
-
 /// A placeholder left in the loaded model while its decoder trains.
 pub(crate) fn empty_decoder(device: &Device) -> Decoder {
     let zeros = |n| Param::from_tensor(Tensor::<1>::zeros([n], device));
@@ -282,6 +272,7 @@ pub(crate) fn empty_decoder(device: &Device) -> Decoder {
         blocks: Vec::new(),
         norm: crate::model::RmsNorm { weight: zeros(1), eps: 1e-6 },
         head: None,
+        precision: crate::model::Precision::F32,
     }
 }
 
@@ -310,9 +301,12 @@ pub(crate) fn add_lora(mut decoder: Decoder, config: &LoraConfig, seed: u64, dev
     decoder
 }
 
-/// The settings a checkpoint must match to be resumed (everything that shapes the run).
+/// The settings a checkpoint must match to be resumed (everything that shapes the run; not
+/// how memory is spent, so a run that ran out of memory resumes with checkpointing on).
 pub fn run_key(config: &SftConfig) -> String {
     let mut c = config.clone();
     c.save_every = 0;
+    c.gradient_checkpointing = false;
+    c.loss_chunk = crate::backprop::default_loss_chunk();
     serde_json::to_string(&c).expect("config serialises")
 }

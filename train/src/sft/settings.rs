@@ -30,6 +30,7 @@ impl SftConfig {
             checks.int("max_steps", steps, 1..=u32::MAX as u64, "leave it out to run the whole schedule");
         }
         checks.int("save_every", self.save_every, 1..=u32::MAX as u64, "steps between checkpoints, e.g. 50");
+        checks.int("loss_chunk", self.loss_chunk as u64, 1..=1 << 20, "learned tokens per head pass, e.g. 1024");
         if let Some(lr) = self.lr {
             checks.real("lr", lr, lr > 0.0 && lr < 1.0, "between 0 and 1", "e.g. 1e-5 (full) or 2e-4 (LoRA)");
         }
