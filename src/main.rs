@@ -450,7 +450,11 @@ fn train(path: &Path) -> anyhow::Result<kiln_train::sft::SftReport> {
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}").expect("valid template"),
     );
-    let report = kiln_train::sft::train(&config, &paths, &kiln_train::default_device(), |m, total| {
+    let device = kiln_train::default_device();
+    if let Some(note) = kiln_train::kernels::first_step_note(&device) {
+        bar.set_message(note);
+    }
+    let report = kiln_train::sft::train(&config, &paths, &device, |m, total| {
         bar.set_length(total);
         bar.set_position(m.step);
         bar.set_message(format!(

@@ -4,7 +4,7 @@
 //! shapes.
 //!
 //! `cargo bench -p kiln-train --bench sft_step -- --shape qwen2.5-0.5b --batch 8 --seq 1024
-//!  --steps 10 --dtype bf16 --peak-tflops 989 [--checkpoint] [--loss-chunk 1024]`. `--dtype bf16`
+//!  --steps 10 --dtype bf16 --peak-tflops 989 [--checkpoint] [--loss-chunk 1024] [--layers N]`. `--dtype bf16`
 //! is mixed precision (f32 master weights, bf16 products, as PyTorch's autocast);
 //! `bf16-pure` computes and stores everything in bf16. Without `--bench` (as in `cargo test`),
 //! one step of a tiny shape runs as a smoke test.
@@ -71,7 +71,11 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let full = args.iter().any(|a| a == "--bench");
-    let config = shape(&arg(&args, "--shape", if full { "qwen2.5-0.5b" } else { "tiny" }));
+    let mut config = shape(&arg(&args, "--shape", if full { "qwen2.5-0.5b" } else { "tiny" }));
+    // `--layers 1`: the shape's widths with fewer layers (to reproduce a problem small).
+    if let Ok(layers) = arg(&args, "--layers", "").parse() {
+        config.num_hidden_layers = layers;
+    }
     let batch: usize = arg(&args, "--batch", if full { "8" } else { "2" }).parse().unwrap();
     let seq: usize = arg(&args, "--seq", if full { "1024" } else { "64" }).parse().unwrap();
     let steps: usize = arg(&args, "--steps", if full { "10" } else { "2" }).parse().unwrap();

@@ -17,6 +17,7 @@ pub mod loader;
 pub mod tokenizer;
 pub use loader::LoadedModel;
 pub mod generate;
+pub mod kernels;
 pub mod learned;
 pub mod serve;
 
@@ -25,6 +26,7 @@ pub mod serve;
 pub fn default_device() -> burn::prelude::Device {
     #[cfg(feature = "cuda")]
     if std::env::var("KILN_DEVICE").as_deref() != Ok("cpu") {
+        kernels::keep_compiled_kernels();
         return burn::prelude::Device::cuda(0);
     }
     burn::prelude::Device::flex()

@@ -134,7 +134,11 @@ impl Stage for TrainSft {
         let name = cx.name.clone();
         let report = tokio::task::spawn_blocking(move || {
             let paths = RunPaths { model: crate::fetch::resolve_model(&model)?, data, output_dir };
-            train(&config, &paths, &crate::default_device(), |m, total| {
+            let device = crate::default_device();
+            if let Some(note) = crate::kernels::first_step_note(&device) {
+                tracing::info!(stage = %name, "{note}");
+            }
+            train(&config, &paths, &device, |m, total| {
                 tracing::info!(stage = %name, step = m.step, total, loss = m.loss, tokens_per_s = m.tokens_per_s, "step");
             })
         })

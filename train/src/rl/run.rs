@@ -102,6 +102,9 @@ pub async fn train_rl(
         return Err(Error::stage(&cx.name, "the `rl` export has no prompts"));
     }
     let device = crate::default_device();
+    if let Some(note) = crate::kernels::first_step_note(&device) {
+        tracing::info!(stage = %cx.name, "{note}");
+    }
     let train_device = device.clone().autodiff();
     let (mut base, generator) = tokio::task::block_in_place(|| {
         Ok::<_, crate::TrainError>((
