@@ -136,56 +136,141 @@ pub fn generate_streaming(
     on_delta: &mut dyn FnMut(Delta),
 ) -> Result<Generated> {
     let start = Instant::now();
-    let prompts: Vec<&Vec<u32>> = requests.iter().map(|r| &r.prompt).collect();
-    // Each distinct prompt is read once (the n samples of a request share one prefill); its keys
-    // and values are then copied to every row that continues it.
-    let mut distinct: Vec<&Vec<u32>> = Vec::new();
-    let copy_of: Vec<usize> = prompts
-        .iter()
-        .map(|p| {
-            distinct.iter().position(|d| d == p).unwrap_or_else(|| {
-                distinct.push(p);
-                distinct.len() - 1
-            })
-        })
-        .collect();
-    let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    let distinct_pad: Vec<usize> = distinct.iter().map(|p| width - p.len()).collect();
-    let batch = Batch {
-        tokens: distinct.iter().map(|p| [vec![0; width - p.len()], p.to_vec()].concat()).collect(),
-        positions: distinct_pad.iter().map(|&n| (0..width).map(|i: usize| i.saturating_sub(n)).collect()).collect(),
-        pad: distinct_pad.clone(),
-    };
-    let pad: Vec<usize> = copy_of.iter().map(|&d| distinct_pad[d]).collect();
-    let mut cache = KvCache::new(model.config.num_hidden_layers);
-    let mut rngs: Vec<fastrand::Rng> = requests.iter().map(|r| fastrand::Rng::with_seed(r.sampling.seed)).collect();
-    let mut outputs: Vec<Option<Completion>> = vec![None; prompts.len()];
-    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
-    // Bytes of each row's text handed to `on_delta` so far.
-    let mut sent = vec![0usize; prompts.len()];
-    // Rows still generating: index into the original prompts, in cache order.
-    let mut live: Vec<usize> = (0..prompts.len()).collect();
-    let prefilled = last_logits(model.decoder.forward(&model.config, &batch, Some(&mut cache)));
-    if distinct.len() < prompts.len() {
-        cache.retain_rows(&copy_of);
+    let mut running = Running::new(model);
+    running.join(requests.iter().cloned().enumerate().collect());
+    let mut outputs: Vec<Option<Completion>> = vec![None; requests.len()];
+    while !running.is_empty() {
+        for (row, completion) in running.step(on_delta)? {
+            outputs[row] = Some(completion);
+        }
     }
-    let mut logits: Vec<Vec<f32>> = copy_of.iter().map(|&d| prefilled[d].clone()).collect();
-    let mut live_pad = pad;
-    while !live.is_empty() {
-        let mut next = Vec::with_capacity(live.len());
-        let mut still = Vec::new();
-        for (slot, &row) in live.iter().enumerate() {
-            let sampling = &requests[row].sampling;
-            let id = pick(&logits[slot], sampling, &mut rngs[row]);
-            let stop_token = model.codec.stop_ids.contains(&id);
-            if !stop_token {
-                tokens[row].push(id);
+    let completions: Vec<Completion> = outputs
+        .into_iter()
+        .map(|c| c.unwrap_or(Completion { tokens: Vec::new(), text: String::new(), finish: Finish::Length }))
+        .collect();
+    Ok(Generated {
+        prompt_tokens: running.prompt_tokens,
+        prefilled_tokens: running.prefilled_tokens,
+        completion_tokens: completions.iter().map(|c| c.tokens.len()).sum(),
+        completions,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// A batch in progress, for continuous batching: rows join between decode steps (their prompts
+/// prefilled, and the shorter of the two caches left-padded with masked positions so that both
+/// line up) and leave as they finish; padding that no row needs any more is dropped.
+pub struct Running<'m> {
+    model: &'m LoadedModel,
+    cache: KvCache,
+    /// Live rows, in cache order.
+    rows: Vec<Row>,
+    /// Each live row's next-token logits.
+    logits: Vec<Vec<f32>>,
+    /// Prompt tokens of every row that joined.
+    pub prompt_tokens: usize,
+    /// Prompt tokens run through the model: each distinct prompt of a join once.
+    pub prefilled_tokens: usize,
+}
+
+/// One sequence being generated.
+struct Row {
+    /// The caller's name for it (what its deltas and completion are reported under).
+    key: usize,
+    sampling: Sampling,
+    rng: fastrand::Rng,
+    tokens: Vec<u32>,
+    /// Bytes of its text handed out as deltas.
+    sent: usize,
+    /// Leading cache positions that are padding.
+    pad: usize,
+}
+
+impl<'m> Running<'m> {
+    /// An empty batch over `model`.
+    pub fn new(model: &'m LoadedModel) -> Self {
+        let cache = KvCache::new(model.config.num_hidden_layers);
+        Running { model, cache, rows: Vec::new(), logits: Vec::new(), prompt_tokens: 0, prefilled_tokens: 0 }
+    }
+
+    /// Rows generating.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether no row is generating.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Prefills `requests` (each distinct prompt once: the n samples of a request share one
+    /// prefill) and adds them to the batch under their keys; they get their first token at the
+    /// next [`Running::step`].
+    pub fn join(&mut self, requests: Vec<(usize, Request)>) {
+        if requests.is_empty() {
+            return;
+        }
+        let mut distinct: Vec<&Vec<u32>> = Vec::new();
+        let copy_of: Vec<usize> = requests
+            .iter()
+            .map(|(_, r)| {
+                distinct.iter().position(|d| *d == &r.prompt).unwrap_or_else(|| {
+                    distinct.push(&r.prompt);
+                    distinct.len() - 1
+                })
+            })
+            .collect();
+        let width = distinct.iter().map(|p| p.len()).max().unwrap_or(0);
+        let distinct_pad: Vec<usize> = distinct.iter().map(|p| width - p.len()).collect();
+        let batch = Batch {
+            tokens: distinct.iter().map(|p| [vec![0; width - p.len()], p.to_vec()].concat()).collect(),
+            positions: distinct_pad.iter().map(|&n| (0..width).map(|i: usize| i.saturating_sub(n)).collect()).collect(),
+            pad: distinct_pad.clone(),
+        };
+        self.prompt_tokens += requests.iter().map(|(_, r)| r.prompt.len()).sum::<usize>();
+        self.prefilled_tokens += distinct.iter().map(|p| p.len()).sum::<usize>();
+        let mut fresh = KvCache::new(self.model.config.num_hidden_layers);
+        let prefilled = last_logits(self.model.decoder.forward(&self.model.config, &batch, Some(&mut fresh)));
+        if distinct.len() < requests.len() {
+            fresh.retain_rows(&copy_of);
+        }
+        let mut pads: Vec<usize> = copy_of.iter().map(|&d| distinct_pad[d]).collect();
+        if self.rows.is_empty() {
+            self.cache = fresh;
+        } else {
+            let past = self.cache.len();
+            if width > past {
+                self.cache.pad_left(width - past);
+                self.rows.iter_mut().for_each(|r| r.pad += width - past);
+            } else if past > width {
+                fresh.pad_left(past - width);
+                pads.iter_mut().for_each(|p| *p += past - width);
             }
-            let text = model.codec.decode(&tokens[row], true)?;
-            let cut = sampling.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+            self.cache.append(fresh);
+        }
+        self.logits.extend(copy_of.iter().map(|&d| prefilled[d].clone()));
+        for ((key, request), pad) in requests.into_iter().zip(pads) {
+            let rng = fastrand::Rng::with_seed(request.sampling.seed);
+            self.rows.push(Row { key, sampling: request.sampling, rng, tokens: Vec::new(), sent: 0, pad });
+        }
+    }
+
+    /// Picks one token for every row, hands out the new text, and runs the rows that go on
+    /// through the model; returns the rows that finished, with their completions.
+    pub fn step(&mut self, on_delta: &mut dyn FnMut(Delta)) -> Result<Vec<(usize, Completion)>> {
+        let codec = &self.model.codec;
+        let (mut next, mut keep, mut done) = (Vec::new(), Vec::new(), Vec::new());
+        for (slot, row) in self.rows.iter_mut().enumerate() {
+            let id = pick(&self.logits[slot], &row.sampling, &mut row.rng);
+            let stop_token = codec.stop_ids.contains(&id);
+            if !stop_token {
+                row.tokens.push(id);
+            }
+            let text = codec.decode(&row.tokens, true)?;
+            let cut = row.sampling.stop.iter().filter_map(|s| text.find(s.as_str())).min();
             let finish = if stop_token || cut.is_some() {
                 Some(Finish::Stop)
-            } else if tokens[row].len() >= sampling.max_tokens.max(1) {
+            } else if row.tokens.len() >= row.sampling.max_tokens.max(1) {
                 Some(Finish::Length)
             } else {
                 None
@@ -193,48 +278,47 @@ pub fn generate_streaming(
             match finish {
                 Some(finish) => {
                     let text = cut.map_or(text.clone(), |c| text[..c].to_string());
-                    let rest = text.get(sent[row]..).unwrap_or_default().to_string();
-                    on_delta(Delta { row, text: rest, finish: Some(finish) });
-                    outputs[row] = Some(Completion { tokens: tokens[row].clone(), text, finish });
+                    let rest = text.get(row.sent..).unwrap_or_default().to_string();
+                    on_delta(Delta { row: row.key, text: rest, finish: Some(finish) });
+                    done.push((row.key, Completion { tokens: std::mem::take(&mut row.tokens), text, finish }));
                 }
                 None => {
-                    let ready = streamable(&text, &sampling.stop);
-                    if ready > sent[row] {
-                        on_delta(Delta { row, text: text[sent[row]..ready].to_string(), finish: None });
-                        sent[row] = ready;
+                    let ready = streamable(&text, &row.sampling.stop);
+                    if ready > row.sent {
+                        on_delta(Delta { row: row.key, text: text[row.sent..ready].to_string(), finish: None });
+                        row.sent = ready;
                     }
-                    still.push(slot);
+                    keep.push(slot);
                     next.push(id);
                 }
             }
         }
-        if still.len() != live.len() {
-            cache.retain_rows(&still);
-            live = still.iter().map(|&s| live[s]).collect();
-            live_pad = still.iter().map(|&s| live_pad[s]).collect();
+        if keep.is_empty() {
+            self.rows.clear();
+            self.logits.clear();
+            self.cache = KvCache::new(self.model.config.num_hidden_layers);
+            return Ok(done);
         }
-        if live.is_empty() {
-            break;
+        if keep.len() != self.rows.len() {
+            self.cache.retain_rows(&keep);
+            let mut rows: Vec<Option<Row>> = std::mem::take(&mut self.rows).into_iter().map(Some).collect();
+            self.rows = keep.iter().map(|&s| rows[s].take().expect("each row kept once")).collect();
+            // Padding that every remaining row has is no longer needed.
+            let common = self.rows.iter().map(|r| r.pad).min().unwrap_or(0);
+            if common > 0 {
+                self.cache.trim_left(common);
+                self.rows.iter_mut().for_each(|r| r.pad -= common);
+            }
         }
-        let past = cache.len();
+        let past = self.cache.len();
         let step = Batch {
             tokens: next.iter().map(|&id| vec![id]).collect(),
-            positions: live_pad.iter().map(|&p| vec![past - p]).collect(),
-            pad: live_pad.clone(),
+            positions: self.rows.iter().map(|r| vec![past - r.pad]).collect(),
+            pad: self.rows.iter().map(|r| r.pad).collect(),
         };
-        logits = last_logits(model.decoder.forward(&model.config, &step, Some(&mut cache)));
+        self.logits = last_logits(self.model.decoder.forward(&self.model.config, &step, Some(&mut self.cache)));
+        Ok(done)
     }
-    let completions: Vec<Completion> = outputs
-        .into_iter()
-        .map(|c| c.unwrap_or(Completion { tokens: Vec::new(), text: String::new(), finish: Finish::Length }))
-        .collect();
-    Ok(Generated {
-        prompt_tokens: prompts.iter().map(|p| p.len()).sum(),
-        prefilled_tokens: distinct.iter().map(|p| p.len()).sum(),
-        completion_tokens: completions.iter().map(|c| c.tokens.len()).sum(),
-        completions,
-        seconds: start.elapsed().as_secs_f64(),
-    })
 }
 
 /// The last position's logits of each row, on the host.

@@ -160,6 +160,36 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Adds `n` zero positions before every row's keys and values (masked through the rows'
+    /// padding), so that rows which are further along line up with this cache's.
+    pub fn pad_left(&mut self, n: usize) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let [b, h, _, d] = k.dims();
+            let zeros = Tensor::<4>::zeros([b, h, n, d], &k.device());
+            *k = Tensor::cat(vec![zeros.clone(), k.clone()], 2);
+            *v = Tensor::cat(vec![zeros, v.clone()], 2);
+        }
+    }
+
+    /// Drops the first `n` positions of every row (padding that no row needs any more).
+    pub fn trim_left(&mut self, n: usize) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let len = k.dims()[2];
+            *k = k.clone().narrow(2, n, len - n);
+            *v = v.clone().narrow(2, n, len - n);
+        }
+    }
+
+    /// Appends the rows of `other`, a cache of the same length, after this cache's.
+    pub fn append(&mut self, other: KvCache) {
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            *mine = match (mine.take(), theirs) {
+                (Some((k, v)), Some((k2, v2))) => Some((Tensor::cat(vec![k, k2], 0), Tensor::cat(vec![v, v2], 0))),
+                (mine, theirs) => mine.or(theirs),
+            };
+        }
+    }
+
     /// Keeps the given batch rows, in that order (finished sequences leave the batch; a row
     /// named several times is copied, as the samples of one prompt are after its prefill).
     pub fn retain_rows(&mut self, rows: &[usize]) {

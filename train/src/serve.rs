@@ -1,9 +1,11 @@
 //! `kiln serve`: an OpenAI-compatible HTTP server over a local model, so every LLM stage of kiln
 //! can run against it. `/v1/chat/completions` (n, stop, temperature, top_p, top_k, seed,
 //! max_tokens, usage; `stream: true` sends server-sent events as OpenAI does, with
-//! `stream_options.include_usage`) and `/v1/models`. Concurrent requests are batched together on
-//! one generation thread.
+//! `stream_options.include_usage`) and `/v1/models`. Requests are batched continuously on one
+//! generation thread: a request that arrives while others generate joins their batch at the
+//! next token, and each is answered as soon as it is done.
 
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::chat::value_from_json;
-use crate::generate::{Completion, Delta, Request, Sampling, generate_streaming};
+use crate::generate::{Completion, Delta, Request, Running, Sampling};
 use crate::loader::LoadedModel;
 
 /// Server settings.
@@ -79,53 +81,71 @@ pub async fn serve(
     axum::serve(listener, app).await
 }
 
-/// Takes every waiting job (up to `max_batch` rows) and runs them as one batch.
+/// Continuous batching: between two decode steps, waiting jobs join the running batch while it
+/// has room for all their choices (up to `max_batch` rows; a job larger than that runs alone),
+/// and each job is answered as soon as its last choice finishes.
 fn generation_loop(model: &LoadedModel, rx: mpsc::Receiver<Job>, max_batch: usize) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        let mut rows = jobs[0].n;
-        while rows < max_batch {
-            match rx.try_recv() {
-                Ok(job) => {
-                    rows += job.n;
-                    jobs.push(job);
-                }
-                Err(_) => break,
+    let mut running = Running::new(model);
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    // Jobs in the batch, by id: the job, its choices finished so far, and how many are left.
+    let mut active: HashMap<usize, (Job, Vec<Option<Completion>>, usize)> = HashMap::new();
+    // Each row's job and choice, by row key.
+    let mut owners: HashMap<usize, (usize, usize)> = HashMap::new();
+    let (mut next_job, mut next_row) = (0usize, 0usize);
+    loop {
+        if running.is_empty() && waiting.is_empty() {
+            match rx.recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(_) => return,
             }
         }
-        let mut requests = Vec::new();
-        // Per row of the batch: its job and choice.
-        let mut owners = Vec::new();
-        for (j, job) in jobs.iter().enumerate() {
+        waiting.extend(rx.try_iter());
+        let mut joining = Vec::new();
+        while let Some(job) = waiting.front() {
+            let rows = running.len() + joining.len();
+            if rows > 0 && rows + job.n > max_batch {
+                break;
+            }
+            let job = waiting.pop_front().expect("a waiting job");
             for i in 0..job.n {
                 let sampling = Sampling { seed: job.sampling.seed.wrapping_add(i as u64), ..job.sampling.clone() };
-                requests.push(Request { prompt: job.prompt.clone(), sampling });
-                owners.push((j, i));
+                joining.push((next_row, Request { prompt: job.prompt.clone(), sampling }));
+                owners.insert(next_row, (next_job, i));
+                next_row += 1;
             }
+            let n = job.n;
+            active.insert(next_job, (job, vec![None; n], n));
+            next_job += 1;
         }
+        running.join(joining);
         let mut stream = |delta: Delta| {
-            let (j, choice) = owners[delta.row];
-            if let Some(deltas) = &jobs[j].deltas {
+            let (j, choice) = owners[&delta.row];
+            if let Some(deltas) = &active[&j].0.deltas {
                 let _ = deltas.send((choice, delta));
             }
         };
-        match generate_streaming(model, &requests, &mut stream) {
-            Ok(out) => {
-                tracing::info!(
-                    rows = requests.len(),
-                    tokens = out.completion_tokens,
-                    tokens_per_s = out.tokens_per_second(),
-                    "batch done"
-                );
-                let mut completions = out.completions.into_iter();
-                for job in jobs {
-                    let _ = job.reply.send(Ok(completions.by_ref().take(job.n).collect()));
+        match running.step(&mut stream) {
+            Ok(finished) => {
+                for (row, completion) in finished {
+                    let (j, choice) = owners.remove(&row).expect("a row has an owner");
+                    let (_, slots, left) = active.get_mut(&j).expect("its job is active");
+                    slots[choice] = Some(completion);
+                    *left -= 1;
+                    if *left == 0 {
+                        let (job, slots, _) = active.remove(&j).expect("its job is active");
+                        let completions: Vec<Completion> = slots.into_iter().flatten().collect();
+                        let tokens: usize = completions.iter().map(|c| c.tokens.len()).sum();
+                        tracing::info!(choices = job.n, tokens, rows = running.len(), "request done");
+                        let _ = job.reply.send(Ok(completions));
+                    }
                 }
             }
             Err(e) => {
-                for job in jobs {
+                for (_, (job, _, _)) in active.drain() {
                     let _ = job.reply.send(Err(e.to_string()));
                 }
+                owners.clear();
+                running = Running::new(model);
             }
         }
     }

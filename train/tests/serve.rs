@@ -190,3 +190,30 @@ fn streamed_completions_send_the_same_text_as_events() {
     let usage = &chunks.last().unwrap()["usage"];
     assert_eq!(usage, &plain["usage"], "the last chunk carries the usage");
 }
+
+#[test]
+fn a_request_joins_the_running_batch_and_is_answered_before_it_ends() {
+    let user = |text: &str| json!([{"role": "user", "content": text}]);
+    let long =
+        json!({"messages": user("Count from 1 to 200, one number per line."), "max_tokens": 120, "temperature": 0});
+    let short = json!({"messages": user("Say hello."), "max_tokens": 6, "temperature": 0});
+    let text = |reply: &Value| reply["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let alone = text(&chat(short.clone()));
+
+    let start = std::time::Instant::now();
+    let long = std::thread::spawn(move || {
+        let reply = chat(long);
+        (reply, start.elapsed())
+    });
+    // Well into the long request's 120 tokens.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let joined = chat(short);
+    let short_done = start.elapsed();
+    let (long_reply, long_done) = long.join().unwrap();
+    assert_eq!(long_reply["choices"][0]["finish_reason"], "length", "the long request generated all its tokens");
+    assert!(
+        short_done < long_done,
+        "the short request joined the running batch and was answered at once: {short_done:?} vs {long_done:?}"
+    );
+    assert_eq!(text(&joined), alone, "joining a batch changes no token");
+}
