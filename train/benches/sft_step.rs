@@ -19,51 +19,6 @@ use kiln_train::model::Precision;
 use kiln_train::sft::optim::{AdamWSettings, AdamWState, global_norm, step};
 use kiln_train::weights::{build_decoder, random_weights};
 
-fn shape(name: &str) -> ModelConfig {
-    let base = ModelConfig {
-        architectures: vec!["Qwen2ForCausalLM".into()],
-        model_type: "qwen2".into(),
-        vocab_size: 151_936,
-        hidden_size: 896,
-        intermediate_size: 4864,
-        num_hidden_layers: 24,
-        num_attention_heads: 14,
-        num_key_value_heads: Some(2),
-        rms_norm_eps: 1e-6,
-        rope_theta: 1_000_000.0,
-        max_position_embeddings: 32_768,
-        tie_word_embeddings: true,
-        attention_bias: Some(true),
-        bos_token_id: None,
-        eos_token_id: None,
-        hidden_act: "silu".into(),
-        rope_scaling: None,
-    };
-    match name {
-        "qwen2.5-0.5b" => base,
-        "tiny" => ModelConfig {
-            vocab_size: 512,
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: Some(2),
-            ..base
-        },
-        // For CPU comparisons: the 0.5B shape's proportions at a tenth of the width.
-        "small" => ModelConfig {
-            vocab_size: 8192,
-            hidden_size: 256,
-            intermediate_size: 1024,
-            num_hidden_layers: 4,
-            num_attention_heads: 4,
-            num_key_value_heads: Some(2),
-            ..base
-        },
-        other => panic!("unknown shape {other} (qwen2.5-0.5b, small, tiny)"),
-    }
-}
-
 fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.into())
 }
@@ -71,7 +26,7 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let full = args.iter().any(|a| a == "--bench");
-    let mut config = shape(&arg(&args, "--shape", if full { "qwen2.5-0.5b" } else { "tiny" }));
+    let mut config = ModelConfig::bench_shape(&arg(&args, "--shape", if full { "qwen2.5-0.5b" } else { "tiny" }));
     // `--layers 1`: the shape's widths with fewer layers (to reproduce a problem small).
     if let Ok(layers) = arg(&args, "--layers", "").parse() {
         config.num_hidden_layers = layers;

@@ -8,7 +8,9 @@
 #      card's peak memory (nvidia-smi, sampled every 200 ms), and the kiln/PyTorch ratios;
 #   3. kiln bf16 again: its first step with the kernels compiled by step 2 read from the cache;
 #   4. kiln bf16 with gradient checkpointing at sequence 4096;
-#   5. one RL step (benches/rl_step.rs: SmolLM2, G = 4 x 4 prompts, rollouts through the agent
+#   5. generation, batch 1 and 32, 128 prompt + 128 new tokens, greedy, bf16: kiln's decoder
+#      (benches/generate_tokens.rs) against transformers' generate;
+#   6. one RL step (benches/rl_step.rs: SmolLM2, G = 4 x 4 prompts, rollouts through the agent
 #      loop and sandbox), its seconds split between generation, sandbox and training.
 # Copy the lines into train/BENCHMARKS.md with the date and card.
 #   train/scripts/gpu_bench.sh [peak bf16 TFLOP/s of the card, default 989 (H100 SXM dense)]
@@ -20,8 +22,9 @@ export KILN_KERNEL_CACHE=${KILN_KERNEL_CACHE:-$PWD/target/kiln-kernels}
 OUT=/tmp/kiln_gpu_bench.jsonl
 : > "$OUT"
 SHAPE=(--shape qwen2.5-0.5b --peak-tflops "$PEAK")
-cargo build --release --features cuda -p kiln-train --bench sft_step 2>&1 | tail -1
+cargo build --release --features cuda -p kiln-train --bench sft_step --bench generate_tokens 2>&1 | tail -1
 BENCH=$(ls -t target/release/deps/sft_step-* | grep -v '\.d$' | head -1)
+GEN=$(ls -t target/release/deps/generate_tokens-* | grep -v '\.d$' | head -1)
 
 # Runs a bench command with a time limit; prints its JSON line with the card's peak memory
 # added, or an error line naming the run.
@@ -55,6 +58,10 @@ done
 measure "kiln-bf16-cached" 300 "$BENCH" --bench "${SHAPE[@]}" --batch 4 --seq 1024 --steps 3 --dtype bf16
 measure "kiln-bf16-4096-checkpointed" 300 "$BENCH" --bench "${SHAPE[@]}" --batch 1 --seq 4096 --steps 3 --dtype bf16 --checkpoint
 measure "torch-bf16-4096" 300 python3 train/scripts/bench_sft_torch.py "${SHAPE[@]}" --batch 1 --seq 4096 --steps 3 --dtype bf16
+for batch in 1 32; do
+    measure "kiln-generate-b$batch" 300 "$GEN" --bench --shape qwen2.5-0.5b --batch $batch --prompt 128 --new 128 --dtype bf16-pure
+    measure "torch-generate-b$batch" 300 python3 train/scripts/bench_generate_torch.py --shape qwen2.5-0.5b --batch $batch --prompt 128 --new 128 --dtype bf16
+done
 
 python3 - "$OUT" <<'PY'
 import json, sys
@@ -73,6 +80,13 @@ def ratio(k, t):
 ratio("kiln-f32", "torch-f32")
 ratio("kiln-bf16", "torch-bf16")
 ratio("kiln-bf16-4096-checkpointed", "torch-bf16-4096")
+for batch in (1, 32):
+    k, t = rows.get(f"kiln-generate-b{batch}", {}), rows.get(f"torch-generate-b{batch}", {})
+    if k.get("decode_tokens_per_s") and t.get("decode_tokens_per_s"):
+        print(f"generation, batch {batch}: kiln {k['decode_tokens_per_s']:.0f} tok/s, transformers {t['decode_tokens_per_s']:.0f} tok/s: "
+              f"{k['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}x; first token {k['first_token_s']:.3f} s vs {t['first_token_s']:.3f} s")
+    else:
+        print(f"generation, batch {batch}: incomplete: {k} {t}")
 cached = rows.get("kiln-bf16-cached", {})
 print(f"first step with cached kernels: {cached.get('first_step_s', 'n/a')} s")
 for name in ("repro-bf16", "repro-bf16-pure"):

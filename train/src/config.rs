@@ -145,6 +145,49 @@ impl ModelConfig {
         }
     }
 
+    /// The shapes the benchmarks compare kiln and PyTorch on: `qwen2.5-0.5b`; `small`, its
+    /// proportions at a tenth of the width (for CPUs); `tiny` (smoke tests). The same names and
+    /// numbers are in `train/scripts/bench_sft_torch.py`.
+    ///
+    /// # Panics
+    /// On another name.
+    pub fn bench_shape(name: &str) -> ModelConfig {
+        let base = ModelConfig {
+            architectures: vec!["Qwen2ForCausalLM".into()],
+            model_type: "qwen2".into(),
+            vocab_size: 151_936,
+            hidden_size: 896,
+            intermediate_size: 4864,
+            num_hidden_layers: 24,
+            num_attention_heads: 14,
+            num_key_value_heads: Some(2),
+            rms_norm_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            max_position_embeddings: 32_768,
+            tie_word_embeddings: true,
+            attention_bias: Some(true),
+            bos_token_id: None,
+            eos_token_id: None,
+            hidden_act: "silu".into(),
+            rope_scaling: None,
+        };
+        let narrow = |vocab, width, ffn, layers, heads| ModelConfig {
+            vocab_size: vocab,
+            hidden_size: width,
+            intermediate_size: ffn,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: Some(2),
+            ..base.clone()
+        };
+        match name {
+            "qwen2.5-0.5b" => base,
+            "small" => narrow(8192, 256, 1024, 4, 4),
+            "tiny" => narrow(512, 64, 128, 2, 4),
+            other => panic!("unknown shape {other} (qwen2.5-0.5b, small, tiny)"),
+        }
+    }
+
     /// Parameter count (embedding counted once when tied).
     pub fn parameter_count(&self) -> usize {
         let (d, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
