@@ -33,17 +33,22 @@ fn pins_hash(requirements: &[&str]) -> String {
     blake3::hash(requirements.join("\n").as_bytes()).to_hex()[..12].to_string()
 }
 
+/// kiln's folder in the user's cache: `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+pub fn kiln_cache_dir() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    cache.join("kiln")
+}
+
 impl PythonEnv {
     /// Where the environment lives unless told otherwise.
     pub fn default_dir() -> PathBuf {
         if let Some(dir) = std::env::var_os("KILN_PYTHON_ENV") {
             return PathBuf::from(dir);
         }
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(std::env::temp_dir);
-        cache.join("kiln").join(format!("python-{}", pins_hash(REQUIREMENTS)))
+        kiln_cache_dir().join(format!("python-{}", pins_hash(REQUIREMENTS)))
     }
 
     /// The environment in the default place, created first if needed.

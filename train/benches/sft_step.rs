@@ -40,6 +40,7 @@ fn main() {
     let memory = Memory {
         checkpoint_layers: args.iter().any(|a| a == "--checkpoint"),
         loss_chunk: arg(&args, "--loss-chunk", "1024").parse().unwrap(),
+        ..Memory::default()
     };
 
     let mut device = kiln_train::default_device();

@@ -7,7 +7,10 @@
 //! - with `checkpoint_layers`, the blocks first run off the autodiff graph, keeping only each
 //!   block's input; the backward pass then recomputes one block at a time on the graph and
 //!   backpropagates the gradient of its output through it (one more forward pass per step, in
-//!   exchange for one layer's activations instead of all of them).
+//!   exchange for one layer's activations instead of all of them). Within a block, attention
+//!   is recomputed `attention_block` query positions at a time, each block's backward done
+//!   before the next, so the score matrix of even one layer is never whole (burn 0.22's
+//!   autodiff has no fused attention backward to do this for us).
 //!
 //! Both give the gradients of the plain backward pass, up to float rounding: each segment's
 //! backward is driven by the surrogate `sum(output * upstream_gradient)`, whose gradient with
@@ -21,7 +24,7 @@ use burn::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::learned::{Packed, logprobs_of};
-use crate::model::Decoder;
+use crate::model::{Block, Decoder, Rope, attend};
 
 /// How a training pass trades compute for memory (the `gradient_checkpointing` and
 /// `loss_chunk` settings of SFT and RL).
@@ -31,6 +34,9 @@ pub struct Memory {
     pub checkpoint_layers: bool,
     /// Learned tokens whose logits are computed at once.
     pub loss_chunk: usize,
+    /// With `checkpoint_layers`: query positions whose attention scores are recomputed at
+    /// once (the `[heads, queries, keys]` score matrix is never whole). Default: 1024.
+    pub attention_block: usize,
 }
 
 /// The default `loss_chunk`: 1024 tokens (600 MB of f32 logits at Qwen's 150k vocabulary).
@@ -51,7 +57,7 @@ pub fn is_default<T: Default + PartialEq>(value: &T) -> bool {
 
 impl Default for Memory {
     fn default() -> Self {
-        Memory { checkpoint_layers: false, loss_chunk: default_loss_chunk() }
+        Memory { checkpoint_layers: false, loss_chunk: default_loss_chunk(), attention_block: 1024 }
     }
 }
 
@@ -99,7 +105,7 @@ pub fn backward(
     let below = body.input.as_ref().map(|leaf| leaf.grad(&g).expect("the body's input is on the graph"));
     grads = accumulate(decoder, grads, GradientsParams::from_grads(g, decoder));
     if let Some(upstream) = below {
-        grads = body.recompute(decoder, config, packed, device, upstream, grads);
+        grads = body.recompute(decoder, config, packed, device, memory.attention_block, upstream, grads);
     }
     (value, grads)
 }
@@ -112,11 +118,18 @@ struct Body {
     input: Option<Tensor<3>>,
     /// With checkpointing: each block's input, off the graph.
     saved: Vec<Tensor<3>>,
+    /// With checkpointing: the decoder off the graph, with its rotary tables and mask.
+    frozen: Option<(Decoder, Rope, Option<Tensor<4>>)>,
 }
 
 impl Body {
     fn on_graph(decoder: &Decoder, config: &ModelConfig, packed: &Packed, device: &Device) -> Self {
-        Body { hidden: decoder.hidden(config, &packed.batch, None, device), input: None, saved: Vec::new() }
+        Body {
+            hidden: decoder.hidden(config, &packed.batch, None, device),
+            input: None,
+            saved: Vec::new(),
+            frozen: None,
+        }
     }
 
     fn off_graph(decoder: &Decoder, config: &ModelConfig, packed: &Packed, device: &Device) -> Self {
@@ -130,27 +143,28 @@ impl Body {
             x = block.forward(x, &rope, mask.clone(), None);
         }
         let input = Tensor::from_inner(x).require_grad();
-        Body { hidden: decoder.norm.forward(input.clone()), input: Some(input), saved }
+        let hidden = decoder.norm.forward(input.clone());
+        Body { hidden, input: Some(input), saved, frozen: Some((frozen, rope, mask)) }
     }
 
     /// Backpropagates `upstream` (the gradient of the last block's output) through the blocks,
     /// last first, recomputing each on the graph, and then into the embeddings.
+    #[allow(clippy::too_many_arguments)]
     fn recompute(
         self,
         decoder: &Decoder,
         config: &ModelConfig,
         packed: &Packed,
         device: &Device,
+        queries: usize,
         mut upstream: Tensor<3>,
         mut grads: GradientsParams,
     ) -> GradientsParams {
+        let (frozen, plain_rope, plain_mask) = self.frozen.expect("a checkpointed body");
         let (rope, mask) = decoder.context(config, &packed.batch, 0, device);
-        for (block, input) in decoder.blocks.iter().zip(self.saved).rev() {
-            let leaf = Tensor::from_inner(input).require_grad();
-            let out = block.forward(leaf.clone(), &rope, mask.clone(), None);
-            let g = (out * Tensor::from_inner(upstream)).sum().backward();
-            upstream = leaf.grad(&g).expect("the block's input is on the graph");
-            grads = accumulate(decoder, grads, GradientsParams::from_grads(g, decoder));
+        let layer = Recompute { decoder, rope, mask, plain_rope, plain_mask, queries: queries.max(1) };
+        for ((block, off), input) in decoder.blocks.iter().zip(&frozen.blocks).zip(self.saved).rev() {
+            upstream = layer.backward(block, off, input, upstream, &mut grads);
         }
         let embedded = decoder.embed_tokens(&packed.batch, device);
         if embedded.is_tracked() {
@@ -158,6 +172,69 @@ impl Body {
             grads = accumulate(decoder, grads, GradientsParams::from_grads(g, decoder));
         }
         grads
+    }
+}
+
+/// What recomputing any block needs: the rotary tables and mask on the autodiff device and off
+/// it, and the attention block size.
+struct Recompute<'a> {
+    decoder: &'a Decoder,
+    rope: Rope,
+    mask: Option<Tensor<4>>,
+    plain_rope: Rope,
+    plain_mask: Option<Tensor<4>>,
+    queries: usize,
+}
+
+impl Recompute<'_> {
+    /// Backpropagates `upstream` (the gradient of `block`'s output) through `block` at its
+    /// `input` (`off` is the block off the graph); adds the block's parameter gradients to
+    /// `grads` and returns the gradient of the input. Three segments: attention's heads off the
+    /// graph; the output projection, residual and MLP on it, from leaves at the input and the
+    /// heads; then attention from the input, a block of queries at a time.
+    fn backward(
+        &self,
+        block: &Block,
+        off: &Block,
+        input: Tensor<3>,
+        upstream: Tensor<3>,
+        grads: &mut GradientsParams,
+    ) -> Tensor<3> {
+        let t = input.dims()[1];
+        let spans: Vec<Range<usize>> = (0..t).step_by(self.queries).map(|s| s..(s + self.queries).min(t)).collect();
+        let rows = |m: &Option<Tensor<4>>, r: &Range<usize>| m.clone().map(|m| m.narrow(2, r.start, r.len()));
+
+        let (q, k, v) = off.attn.project(off.attn_norm.forward(input.clone()), &self.plain_rope, None);
+        let heads = spans
+            .iter()
+            .map(|r| attend(q.clone().narrow(2, r.start, r.len()), k.clone(), v.clone(), rows(&self.plain_mask, r)));
+        let heads = Tensor::cat(heads.collect(), 2);
+
+        let x = Tensor::from_inner(input.clone()).require_grad();
+        let h = Tensor::from_inner(heads).require_grad();
+        let g = (block.finish(x.clone(), h.clone()) * Tensor::from_inner(upstream)).sum().backward();
+        let (g_heads, g_residual) = (h.grad(&g).expect("heads on the graph"), x.grad(&g).expect("input on the graph"));
+        *grads = accumulate(self.decoder, std::mem::take(grads), GradientsParams::from_grads(g, self.decoder));
+
+        let x = Tensor::from_inner(input).require_grad();
+        let (q, k, v) = block.attn.project(block.attn_norm.forward(x.clone()), &self.rope, None);
+        let (k_leaf, v_leaf) = (k.clone().detach().require_grad(), v.clone().detach().require_grad());
+        let (mut g_q, mut g_k, mut g_v) = (Vec::new(), None, None);
+        for r in &spans {
+            let q_leaf = q.clone().detach().narrow(2, r.start, r.len()).require_grad();
+            let out = attend(q_leaf.clone(), k_leaf.clone(), v_leaf.clone(), rows(&self.mask, r));
+            let g = (out * Tensor::from_inner(g_heads.clone().narrow(2, r.start, r.len()))).sum().backward();
+            g_q.push(q_leaf.grad(&g).expect("queries on the graph"));
+            let add = |sum: Option<Tensor<4>>, more: Tensor<4>| Some(sum.map_or(more.clone(), |s| s + more));
+            g_k = add(g_k, k_leaf.grad(&g).expect("keys on the graph"));
+            g_v = add(g_v, v_leaf.grad(&g).expect("values on the graph"));
+        }
+        let on = |g: Option<Tensor<4>>| Tensor::from_inner(g.expect("at least one query block"));
+        let g_q = Tensor::from_inner(Tensor::cat(g_q, 2));
+        let g = (q * g_q + k * on(g_k) + v * on(g_v)).sum().backward();
+        let g_input = g_residual + x.grad(&g).expect("input on the graph");
+        *grads = accumulate(self.decoder, std::mem::take(grads), GradientsParams::from_grads(g, self.decoder));
+        g_input
     }
 }
 
@@ -264,8 +341,10 @@ mod tests {
         let packed = batch();
         let (loss, want) = plain(&decoder, &config, &packed, &device);
         assert!(want.iter().flatten().any(|g| g.abs() > 1e-3), "the gradients are not trivially zero");
-        for (checkpoint_layers, loss_chunk) in [(false, 3), (true, 1024), (true, 4), (false, 1024)] {
-            let memory = Memory { checkpoint_layers, loss_chunk };
+        // Attention blocks of 4 query positions split both conversations (13 and 9 tokens).
+        let cases = [(false, 3, 1024), (true, 1024, 1024), (true, 4, 4), (false, 1024, 1024), (true, 1024, 1)];
+        for (checkpoint_layers, loss_chunk, attention_block) in cases {
+            let memory = Memory { checkpoint_layers, loss_chunk, attention_block };
             let (value, got) = segmented(&decoder, &config, &packed, &device, memory);
             assert!((value - loss).abs() < 1e-5, "{memory:?}: loss {value} vs {loss}");
             let diff = max_diff(&want, &got);
@@ -282,7 +361,7 @@ mod tests {
         let decoder = decoder.map(&mut Nudge);
         let packed = batch();
         let (_, want) = plain(&decoder, &config, &packed, &device);
-        let memory = Memory { checkpoint_layers: true, loss_chunk: 5 };
+        let memory = Memory { checkpoint_layers: true, loss_chunk: 5, attention_block: 3 };
         let (_, got) = segmented(&decoder, &config, &packed, &device, memory);
         assert_eq!(want.len(), 2 * 7 * 2, "A and B of 7 projections in 2 layers, nothing else");
         assert!(max_diff(&want, &got) < 1e-4);

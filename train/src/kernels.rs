@@ -12,11 +12,7 @@ pub fn kernel_cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("KILN_KERNEL_CACHE") {
         return PathBuf::from(dir);
     }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    cache.join("kiln").join("kernels")
+    kiln_sandbox::python_env::kiln_cache_dir().join("kernels")
 }
 
 /// What to say while the first step runs on `device`: on a GPU it compiles the kernels (once

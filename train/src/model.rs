@@ -138,10 +138,14 @@ impl Rope {
     }
 }
 
-/// Keys and values seen so far, per layer: `[batch, kv_heads, past, head_dim]`.
+/// One layer's cached keys and values, `[batch, kv_heads, past, head_dim]` each (none yet at
+/// the start).
+pub type LayerCache = Option<(Tensor<4>, Tensor<4>)>;
+
+/// Keys and values seen so far, per layer.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    layers: Vec<LayerCache>,
 }
 
 impl KvCache {
@@ -217,13 +221,14 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(
+    /// Rotated queries `[batch, heads, time, head_dim]`, and keys and values (after the cached
+    /// ones, when a cache is given) repeated to line up with the query heads.
+    pub fn project(
         &self,
         x: Tensor<3>,
         rope: &Rope,
-        mask: Option<Tensor<4>>,
-        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
-    ) -> Tensor<3> {
+        cache: Option<&mut LayerCache>,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [b, t, _] = x.dims();
         let split = |y: Tensor<3>, heads: usize| {
             let width = y.dims()[2] / heads;
@@ -240,15 +245,24 @@ impl Attention {
             *slot = Some((k.clone(), v.clone()));
         }
         let group = self.heads / self.kv_heads;
-        let (k, v) = (repeat_kv(k, group), repeat_kv(v, group));
-        let head_dim = q.dims()[3];
-        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (head_dim as f32).sqrt());
-        if let Some(mask) = mask {
-            scores = scores + mask;
-        }
-        let out = softmax(scores, 3).matmul(v);
-        self.o.forward(out.swap_dims(1, 2).reshape([b, t, self.heads * head_dim]))
+        (q, repeat_kv(k, group), repeat_kv(v, group))
     }
+
+    /// The heads' outputs `[batch, heads, time, head_dim]` merged and projected: `[batch, time, dim]`.
+    pub fn output(&self, heads: Tensor<4>) -> Tensor<3> {
+        let [b, h, t, d] = heads.dims();
+        self.o.forward(heads.swap_dims(1, 2).reshape([b, t, h * d]))
+    }
+}
+
+/// `softmax(q k^T / sqrt(head_dim) + mask) v`, per head.
+pub fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Option<Tensor<4>>) -> Tensor<4> {
+    let head_dim = q.dims()[3];
+    let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (head_dim as f32).sqrt());
+    if let Some(mask) = mask {
+        scores = scores + mask;
+    }
+    softmax(scores, 3).matmul(v)
 }
 
 /// Repeats each key/value head `group` times so grouped heads line up with query heads.
@@ -269,7 +283,8 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    /// Applies the feed-forward to `[batch, time, dim]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.down.forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
     }
 }
@@ -290,10 +305,16 @@ impl Block {
         x: Tensor<3>,
         rope: &Rope,
         mask: Option<Tensor<4>>,
-        slot: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+        slot: Option<&mut LayerCache>,
     ) -> Tensor<3> {
-        let h = self.attn_norm.forward(x.clone());
-        let x = x + self.attn.forward(h, rope, mask, slot);
+        let (q, k, v) = self.attn.project(self.attn_norm.forward(x.clone()), rope, slot);
+        self.finish(x, attend(q, k, v, mask))
+    }
+
+    /// The rest of [`Block::forward`] once attention's heads gave `heads`: the output
+    /// projection, the residual, and the MLP.
+    pub fn finish(&self, x: Tensor<3>, heads: Tensor<4>) -> Tensor<3> {
+        let x = x + self.attn.output(heads);
         let h = self.mlp_norm.forward(x.clone());
         x + self.mlp.forward(h)
     }

@@ -60,19 +60,26 @@ fn checkpointed_layers_and_a_chunked_loss_hold_less_memory() {
         drop(grads);
         (PEAK.load(Ordering::Relaxed) - before, loss)
     };
-    let (plain, loss) = pass(Memory { checkpoint_layers: false, loss_chunk: 1 << 20 });
-    let (chunked, chunked_loss) = pass(Memory { checkpoint_layers: false, loss_chunk: 128 });
-    let (both, both_loss) = pass(Memory { checkpoint_layers: true, loss_chunk: 128 });
+    let whole = Memory { checkpoint_layers: false, loss_chunk: 1 << 20, attention_block: 1 << 20 };
+    let (plain, loss) = pass(whole);
+    let (chunked, chunked_loss) = pass(Memory { loss_chunk: 128, ..whole });
+    let (both, both_loss) = pass(Memory { checkpoint_layers: true, loss_chunk: 128, ..whole });
+    let (all, all_loss) = pass(Memory { checkpoint_layers: true, loss_chunk: 128, attention_block: 128 });
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
     println!(
-        "peak MiB: plain {:.1}, chunked loss {:.1}, chunked + checkpointed {:.1}",
+        "peak MiB: plain {:.1}, chunked loss {:.1}, + checkpointed layers {:.1}, + attention in blocks {:.1}",
         mib(plain),
         mib(chunked),
-        mib(both)
+        mib(both),
+        mib(all)
     );
-    assert!((chunked_loss - loss).abs() < 1e-4 && (both_loss - loss).abs() < 1e-4, "{loss} {chunked_loss} {both_loss}");
+    for other in [chunked_loss, both_loss, all_loss] {
+        assert!((other - loss).abs() < 1e-4, "{loss} vs {other}");
+    }
     // The [1024, 4096] f32 logits (16 MiB, and their softmax and gradient) are never whole.
     assert!(chunked + (24 << 20) < plain, "the chunked loss saves at least 24 MiB: {} vs {}", mib(chunked), mib(plain));
     // One layer's activations instead of six.
     assert!((both as f64) < 0.5 * chunked as f64, "checkpointing halves the rest: {} vs {}", mib(both), mib(chunked));
+    // One layer's [2, 4, 512, 512] attention scores (and softmax, gradients) a quarter at a time.
+    assert!(all + (4 << 20) < both, "attention in query blocks saves at least 4 MiB: {} vs {}", mib(all), mib(both));
 }

@@ -262,7 +262,7 @@ impl RlConfig {
 
     /// How an update spends memory.
     pub fn memory(&self) -> Memory {
-        Memory { checkpoint_layers: self.gradient_checkpointing, loss_chunk: self.loss_chunk }
+        Memory { checkpoint_layers: self.gradient_checkpointing, loss_chunk: self.loss_chunk, ..Memory::default() }
     }
 
     /// The DAPO clip.

@@ -199,7 +199,8 @@ pub fn train(
     let peak = config.lr.unwrap_or(if lora.is_some() { 2e-4 } else { 1e-5 });
     let settings = AdamWSettings { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: config.weight_decay };
 
-    let memory = Memory { checkpoint_layers: config.gradient_checkpointing, loss_chunk: config.loss_chunk };
+    let memory =
+        Memory { checkpoint_layers: config.gradient_checkpointing, loss_chunk: config.loss_chunk, ..Memory::default() };
     let mut decoder = std::mem::replace(&mut base.decoder, empty_decoder(&device)).with_precision(config.precision);
     if let Some(l) = &lora {
         decoder = add_lora(decoder.no_grad(), l, config.seed, &device);
