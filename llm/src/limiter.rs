@@ -206,15 +206,21 @@ impl AdaptiveLimit {
 mod tests {
     use super::*;
 
+    /// `n` slots of `l`, all held.
+    async fn take(l: &AdaptiveLimit, n: usize) -> Vec<Slot<'_>> {
+        let mut slots = Vec::with_capacity(n);
+        for _ in 0..n {
+            slots.push(l.acquire().await);
+        }
+        slots
+    }
+
     #[tokio::test]
     async fn throttles_answered_first_are_not_mistaken_for_most_of_the_window() {
         // 256 requests out, a quarter throttled with Retry-After: the 429s come back at once,
         // before the other requests of the window are answered.
         let l = AdaptiveLimit::new(256);
-        let mut window = Vec::new();
-        for _ in 0..256 {
-            window.push(l.acquire().await);
-        }
+        let mut window = take(&l, 256).await;
         for slot in window.drain(..64) {
             l.throttled(slot.seq(), Some(Duration::from_secs(1)));
         }
@@ -226,10 +232,7 @@ mod tests {
     #[tokio::test]
     async fn a_burst_of_throttles_lowers_the_limit_once_per_window() {
         let l = AdaptiveLimit::new(32);
-        let mut window = Vec::new();
-        for _ in 0..32 {
-            window.push(l.acquire().await);
-        }
+        let window = take(&l, 32).await;
         for slot in window {
             l.throttled(slot.seq(), None);
         }
