@@ -6,6 +6,8 @@
 //! measured in the same run: the same requests sent by the bare client (no engine, no cache, no
 //! datasets). The concurrency limit over time of the 20,000-row runs is drawn as an SVG.
 //! `cargo bench --bench throughput`; `cargo test --benches` runs a small smoke version.
+//! `KILN_BENCH_ROWS=20000 KILN_BENCH_FAULTS=0.2` measure one size and one fault rate;
+//! `KILN_BENCH_WRAP` runs each `kiln` under a profiler (see [`launch`]).
 
 #[path = "../llm/tests/support/fault_server.rs"]
 mod fault_server;
@@ -57,7 +59,17 @@ fn kiln(dir: &Path, args: &[&str], log: &str) -> Run {
 // The child is reaped by `wait4`, which also gives its own resource usage.
 #[allow(clippy::zombie_processes)]
 fn launch(kiln: &std::ffi::OsStr) -> ! {
-    let child = Command::new(kiln).args(std::env::args_os().skip(1)).stdout(Stdio::null()).spawn().unwrap();
+    // KILN_BENCH_WRAP="heaptrack -o /tmp/kiln" runs each `kiln` under a profiler (or any command
+    // that execs its arguments): where the memory goes, not how much (the wrapper counts too).
+    let mut command = match std::env::var("KILN_BENCH_WRAP") {
+        Ok(wrapper) => {
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(format!("{wrapper} \"$@\"")).arg("sh").arg(kiln);
+            c
+        }
+        Err(_) => Command::new(kiln),
+    };
+    let child = command.args(std::env::args_os().skip(1)).stdout(Stdio::null()).spawn().unwrap();
     let (mut status, mut usage): (libc::c_int, libc::rusage) = (0, unsafe { std::mem::zeroed() });
     // SAFETY: wait4 reaps our own child and writes into the two values we pass.
     unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };

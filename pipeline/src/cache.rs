@@ -61,6 +61,11 @@ impl RowCache {
         Ok(RowCache { path: dir.join(FILE_NAME), conn: Mutex::new(None) })
     }
 
+    /// The folder the cache is in (the run's output folder).
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
     /// Opens (or creates) the database.
     fn connect(path: &Path) -> Result<Connection> {
         let err = |source| cache_error(path, source);

@@ -73,8 +73,9 @@ fn default_n() -> u32 {
 /// Rows of output handed on at once (each copied twice on its way to disk: keep it small).
 const OUTPUT_BATCH: usize = 1024;
 
-/// Where a request came from: its input batch and row, the row's id, the sample number.
-type Source = (RecordBatch, usize, String, u32);
+/// Where a request came from: its input batch (shared by the batch's rows), its row there, the
+/// sample number. Rows wait in the reorder buffer by the thousand: keep this small.
+type Source = (Arc<RecordBatch>, usize, u32);
 
 /// Turns a reply into the values of the new columns, or says why it cannot.
 type Parser = Box<dyn Fn(&str) -> Result<Vec<String>, String> + Send + Sync>;
@@ -188,6 +189,7 @@ impl Generating {
     /// One request per (row, sample) of `batch`, each with where it came from.
     fn requests(&self, cx: &StageCx, batch: &RecordBatch) -> Result<Vec<(RowRequest, Source)>> {
         let mut out = Vec::new();
+        let shared = Arc::new(batch.clone());
         for (i, row) in to_json_rows(std::slice::from_ref(batch))?.into_iter().enumerate() {
             let parent = row.get(ROW_ID).and_then(|v| v.as_str()).unwrap_or_default().to_string();
             let prompt = self.templates.render(&self.prompt, &row).map_err(|e| Error::stage(&cx.name, e))?;
@@ -197,10 +199,7 @@ impl Generating {
             for sample in 0..self.params.n {
                 let body = serde_json::to_string(&messages).unwrap_or_default();
                 let id = row_id(&[&parent], format!("generate\0{}\0{sample}\0{body}", self.model.name).as_bytes());
-                out.push((
-                    RowRequest { row_id: id, messages: messages.clone(), sample },
-                    (batch.clone(), i, parent.clone(), sample),
-                ));
+                out.push((RowRequest { row_id: id, messages: messages.clone(), sample }, (shared.clone(), i, sample)));
             }
         }
         Ok(out)
@@ -214,11 +213,13 @@ impl Generating {
     ) -> Result<RecordBatch> {
         let fail = |e: arrow::error::ArrowError| Error::Internal(format!("generate output: {e}"));
         let input_schema = rows[0].1.0.schema();
-        let slices: Vec<RecordBatch> = rows.iter().map(|(_, (batch, i, _, _), _)| batch.slice(*i, 1)).collect();
+        let slices: Vec<RecordBatch> = rows.iter().map(|(_, (batch, i, _), _)| batch.slice(*i, 1)).collect();
         let kept = concat_batches(&input_schema, &slices).map_err(fail)?;
         let n = rows.len();
         let ids: Vec<&str> = rows.iter().map(|(id, _, _)| id.as_str()).collect();
-        let parents: Vec<Vec<String>> = rows.iter().map(|(_, (_, _, parent, _), _)| vec![parent.clone()]).collect();
+        let input_ids = kept.column_by_name(ROW_ID).and_then(|c| c.as_any().downcast_ref::<StringArray>());
+        let parents: Vec<Vec<String>> =
+            (0..n).map(|k| vec![input_ids.map_or(String::new(), |ids| ids.value(k).to_string())]).collect();
         let mut columns: Vec<ArrayRef> = Vec::new();
         for (field, column) in input_schema.fields().iter().zip(kept.columns()) {
             columns.push(match field.name().as_str() {
@@ -227,7 +228,7 @@ impl Generating {
                 _ => column.clone(),
             });
         }
-        columns.push(Arc::new(UInt32Array::from_iter_values(rows.iter().map(|(_, source, _)| source.3))));
+        columns.push(Arc::new(UInt32Array::from_iter_values(rows.iter().map(|(_, source, _)| source.2))));
         for k in 0..self.params.new_columns().len() {
             columns.push(Arc::new(StringArray::from_iter_values(rows.iter().map(|(_, _, r)| r.value[k].as_str()))));
         }

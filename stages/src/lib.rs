@@ -23,6 +23,7 @@ pub mod paths;
 pub mod profile;
 pub mod programmatic;
 pub mod registry;
+pub mod reorder;
 pub mod sql;
 pub mod synthesize;
 pub mod taxonomy;

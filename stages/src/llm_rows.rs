@@ -14,6 +14,8 @@ use kiln_pipeline::cache::CacheKey;
 use kiln_pipeline::stage::{CheckCx, Estimate, Problem, Rejection, StageCx};
 use kiln_pipeline::{Error, Result, progress};
 
+use crate::reorder::Reorder;
+
 /// A `[models.<name>]` table a stage calls, resolved when the stage is built.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -126,7 +128,7 @@ pub struct RowRequest {
 }
 
 /// A parsed reply and what it cost.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RowReply<T> {
     /// The parsed value.
     pub value: T,
@@ -144,9 +146,10 @@ pub type Completed<T> = (Vec<Option<RowReply<T>>>, Vec<Rejection>, BTreeMap<Stri
 type RowOutcome<T> = Result<(Result<RowReply<T>, Rejection>, u64, u32)>;
 
 /// How many rows may start ahead of the oldest unfinished one: a slow or hung request holds
-/// only its own slot while up to this many later rows finish (their outcomes wait, in memory,
-/// to be handed on in order); past it, new rows wait for the slow one.
-pub const REORDER_WINDOW: usize = 16_384;
+/// only its own slot while up to this many later rows finish (their outcomes wait in a
+/// [`Reorder`] buffer, mostly on disk, to be handed on in order); past it, new rows wait for
+/// the slow one.
+pub const REORDER_WINDOW: usize = 32_768;
 
 /// Completes every request, in parallel within the client's limits; the replies in request
 /// order. See [`complete_each`], which this collects.
@@ -158,7 +161,7 @@ pub async fn complete_rows<T, P>(
     parse: P,
 ) -> Result<Completed<T>>
 where
-    T: Send,
+    T: Send + serde::Serialize + serde::de::DeserializeOwned,
     P: Fn(&str) -> Result<T, String> + Sync,
 {
     let total = requests.len() as u64;
@@ -193,7 +196,7 @@ pub async fn complete_each<S, T, P>(
 ) -> Result<(Vec<Rejection>, BTreeMap<String, u64>)>
 where
     S: Send,
-    T: Send,
+    T: Send + serde::Serialize + serde::de::DeserializeOwned,
     P: Fn(&str) -> Result<T, String> + Sync,
 {
     let before = client.stats().snapshot();
@@ -207,13 +210,14 @@ where
     let mut requests = requests.peekable();
     let mut running = FuturesUnordered::new();
     // Rows finished ahead of an earlier one, with their id (not their request: its prompt is
-    // no longer needed, and may be long).
-    let mut done: BTreeMap<usize, (String, S, RowOutcome<T>)> = BTreeMap::new();
+    // no longer needed, and may be long); past a thousand, on disk.
+    let mut done: Reorder<S, (String, Result<RowReply<T>, Rejection>, u64, u32)> = Reorder::new(cx.cache.dir());
     let (mut started, mut handed) = (0usize, 0usize);
     let mut counters: BTreeMap<String, u64> = BTreeMap::new();
     let mut rejections = Vec::new();
+    let mut failure = None;
     loop {
-        while running.len() < parallel() && started - handed < REORDER_WINDOW {
+        while failure.is_none() && running.len() < parallel() && started - handed < REORDER_WINDOW {
             let unit = match next_unit(&mut requests, client.config().supports_n) {
                 Some(unit) => unit?,
                 None => break,
@@ -236,17 +240,29 @@ where
             });
         }
         let Some((together, outcomes)) = running.next().await else { break };
-        let together = together?;
+        let together = together.unwrap_or_else(|e| {
+            failure.get_or_insert(e);
+            0
+        });
         if together > 0 {
             *counters.entry("samples_asked_together".into()).or_default() += together;
         }
         for (at, request, source, outcome) in outcomes {
             bar.inc(1);
-            done.insert(at, (request.row_id, source, outcome));
+            match outcome {
+                Ok((reply, hits, tries)) => done.put(at, source, (request.row_id, reply, hits, tries))?,
+                // An error of the stage itself (not of the row: a spent budget, the cache) ends
+                // it once the requests in flight are back and cached: they are paid for.
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
         }
-        while let Some((row_id, source, outcome)) = done.remove(&handed) {
+        if failure.is_some() {
+            continue;
+        }
+        while let Some((source, (row_id, reply, hits, tries))) = done.pop()? {
             handed += 1;
-            let (reply, hits, tries) = outcome?;
             *counters.entry("llm_cache_hits".into()).or_default() += hits;
             if tries > 0 {
                 *counters.entry(format!("row_tries_{tries}")).or_default() += 1;
@@ -271,6 +287,9 @@ where
         }
     }
     bar.finish_and_clear();
+    if let Some(e) = failure {
+        return Err(e);
+    }
     let cost = client.config().cost(
         counters.get("prompt_tokens").copied().unwrap_or(0),
         counters.get("completion_tokens").copied().unwrap_or(0),

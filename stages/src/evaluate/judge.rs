@@ -34,7 +34,7 @@ pub struct Ask<'a> {
 }
 
 /// A judge's verdict.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Verdict {
     /// The answer is right.
     pub correct: bool,
