@@ -5,13 +5,15 @@
 //!
 //! `cargo bench -p kiln-train --bench generate_tokens -- --shape qwen2.5-0.5b --batch 32
 //!  --prompt 128 --new 128 [--dtype bf16-pure]`. Without `--bench`, a tiny shape runs as a smoke
-//! test.
+//! test. `--gguf FILE` runs a real model instead, both ways in the same run: the burn decoder
+//! over dequantised weights, and the packed decode path (`kiln_train::decode`), one JSON line each.
 
 use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::{DeviceConfig, FloatDType};
 use kiln_train::ModelConfig;
+use kiln_train::decode::{Engine, StepRow};
 use kiln_train::model::{Batch, Decoder, KvCache};
 use kiln_train::weights::{build_decoder, random_weights};
 
@@ -28,6 +30,9 @@ fn main() {
     let new: usize = arg(&args, "--new", if full { "128" } else { "4" }).parse().unwrap();
     let dtype = arg(&args, "--dtype", "f32");
 
+    if let Some(path) = args.iter().position(|a| a == "--gguf").and_then(|i| args.get(i + 1)) {
+        return compare_on_gguf(std::path::Path::new(path), batch, prompt, new);
+    }
     let mut device = kiln_train::default_device();
     if dtype == "bf16-pure" {
         device.configure(DeviceConfig::default().float_dtype(FloatDType::BF16)).expect("bf16 on this device");
@@ -51,6 +56,57 @@ fn main() {
             "tokens_per_s": (batch * new) as f64 / (first_token_s + decode_s),
         })
     );
+}
+
+/// The burn decoder and the packed decode path on the model in `path`, the same random prompts.
+fn compare_on_gguf(path: &std::path::Path, batch: usize, prompt: usize, new: usize) {
+    let model = kiln_train::LoadedModel::load(path, &kiln_train::default_device()).unwrap();
+    let engine = Engine::from_gguf(&kiln_train::gguf::Gguf::open(path).unwrap(), &model.config).unwrap();
+    let config = &model.config;
+    let mut rng = fastrand::Rng::with_seed(1);
+    let tokens: Vec<Vec<u32>> =
+        (0..batch).map(|_| (0..prompt).map(|_| rng.u32(..config.vocab_size as u32)).collect()).collect();
+    let report = |name: &str, (first_token_s, decode_s): (f64, f64)| {
+        println!(
+            "{}",
+            serde_json::json!({
+                "impl": name, "model": model.name(), "batch": batch, "prompt": prompt, "new_tokens": new,
+                "threads": rayon::current_num_threads(), "first_token_s": first_token_s,
+                "decode_tokens_per_s": (batch * (new - 1)) as f64 / decode_s.max(1e-9),
+                "tokens_per_s": (batch * new) as f64 / (first_token_s + decode_s),
+            })
+        );
+    };
+    report("kiln-burn", run(&model.decoder, config, &tokens, new));
+    report("kiln-packed", run_packed(&engine, &tokens, new));
+}
+
+/// [`run`] on the packed decode path.
+fn run_packed(engine: &Engine, tokens: &[Vec<u32>], new: usize) -> (f64, f64) {
+    let vocab = engine.config.vocab_size;
+    let start = Instant::now();
+    let mut seqs: Vec<_> = tokens.iter().map(|t| engine.sequence(t.len() + new)).collect();
+    let mut scratch = engine.scratch(tokens.iter().map(Vec::len).sum());
+    let rows: Vec<StepRow> = tokens
+        .iter()
+        .enumerate()
+        .flat_map(|(s, t)| {
+            t.iter().enumerate().map(move |(i, &token)| StepRow { seq: s, token, logits: i + 1 == t.len() })
+        })
+        .collect();
+    engine.step(&rows, &mut seqs, &mut scratch).unwrap();
+    let first_token_s = start.elapsed().as_secs_f64();
+    let decode = Instant::now();
+    let argmax = |l: &[f32]| l.iter().enumerate().fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0;
+    let mut next: Vec<u32> =
+        (0..tokens.len()).map(|s| argmax(&scratch.logits[s * vocab..(s + 1) * vocab]) as u32).collect();
+    for _ in 1..new {
+        let rows: Vec<StepRow> =
+            next.iter().enumerate().map(|(s, &token)| StepRow { seq: s, token, logits: true }).collect();
+        engine.step(&rows, &mut seqs, &mut scratch).unwrap();
+        next = (0..tokens.len()).map(|s| argmax(&scratch.logits[s * vocab..(s + 1) * vocab]) as u32).collect();
+    }
+    (first_token_s, decode.elapsed().as_secs_f64())
 }
 
 /// Prefills `tokens` and decodes greedily until each row has `new` tokens: the seconds to the

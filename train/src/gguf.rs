@@ -211,6 +211,18 @@ impl Gguf {
     /// One tensor, dequantised, in row-major shape.
     pub fn tensor(&self, info: &TensorInfo) -> Result<HostTensor> {
         let count: usize = info.dims.iter().product();
+        let data = dequantize(info.kind, self.raw(info)?, count).expect("type checked by raw");
+        Ok(HostTensor { shape: info.dims.iter().rev().copied().collect(), data })
+    }
+
+    /// The file this was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// One tensor's bytes as stored; an error names a type kiln cannot read.
+    pub fn raw(&self, info: &TensorInfo) -> Result<&[u8]> {
+        let count: usize = info.dims.iter().product();
         let (block, bytes_per_block) = block_size(info.kind).ok_or_else(|| {
             TrainError::invalid(
                 &self.path,
@@ -225,11 +237,9 @@ impl Gguf {
         })?;
         let len = count / block * bytes_per_block;
         let start = self.data_start + info.offset;
-        let raw = self.map.get(start..start + len).ok_or_else(|| {
+        self.map.get(start..start + len).ok_or_else(|| {
             TrainError::invalid(&self.path, format!("tensor `{}` lies past the end of the file", info.name))
-        })?;
-        let data = dequantize(info.kind, raw, count).expect("type checked above");
-        Ok(HostTensor { shape: info.dims.iter().rev().copied().collect(), data })
+        })
     }
 }
 
@@ -404,46 +414,90 @@ fn f16(b: &[u8]) -> f32 {
     half::f16::from_le_bytes([b[0], b[1]]).to_f32()
 }
 
-/// Dequantises `count` values of ggml type `kind` from `raw`; `None` for unsupported types.
-pub fn dequantize(kind: u32, raw: &[u8], count: usize) -> Option<Vec<f32>> {
-    let (block, size) = block_size(kind)?;
-    let mut out = Vec::with_capacity(count);
+/// Sixteen consecutive values of a quantised tensor as ggml's dequantisers compute them:
+/// `d * q - min`, in f32, for each of the 16 small integers `q` (every block type ggml has splits
+/// into such runs, with one scale and one minimum each; types without a minimum have 0, which
+/// leaves every value's bits as `d * q` gave them).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Run {
+    pub d: f32,
+    pub min: f32,
+    pub q: [i8; 16],
+}
+
+impl Run {
+    /// The 16 values.
+    pub fn values(&self) -> impl Iterator<Item = f32> + '_ {
+        self.q.iter().map(|&q| self.d * q as f32 - self.min)
+    }
+}
+
+/// Whether `kind` is a block-quantised type ([`unpack`] reads it).
+pub fn is_quantised(kind: u32) -> bool {
+    block_size(kind).is_some_and(|(block, _)| block > 1)
+}
+
+/// Hands the runs of 16 values of the first `count` values (whole blocks) of quantised type
+/// `kind` in `raw` to `emit`, in order; `None` for types that are not block-quantised.
+pub fn unpack(kind: u32, raw: &[u8], count: usize, emit: &mut impl FnMut(Run)) -> Option<()> {
+    let (block, size) = block_size(kind).filter(|(block, _)| *block > 1)?;
     for b in raw.chunks_exact(size).take(count.div_ceil(block)) {
         match kind {
-            kinds::F32 => out.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            kinds::F16 => out.push(f16(b)),
-            kinds::BF16 => out.push(half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            kinds::Q8_0 => {
-                let d = f16(b);
-                out.extend(b[2..34].iter().map(|&q| d * (q as i8) as f32));
-            }
+            kinds::Q8_0 => halves(emit, f16(b), 0.0, std::array::from_fn(|j| b[2 + j] as i8)),
             kinds::Q4_0 => {
-                let d = f16(b);
                 let qs = &b[2..18];
-                out.extend(qs.iter().map(|&q| d * ((q & 0xF) as i32 - 8) as f32));
-                out.extend(qs.iter().map(|&q| d * ((q >> 4) as i32 - 8) as f32));
+                halves(emit, f16(b), 0.0, std::array::from_fn(|j| (qs[j % 16] >> (4 * (j / 16)) & 0xF) as i8 - 8));
             }
             kinds::Q4_1 => {
-                let (d, m) = (f16(b), f16(&b[2..]));
                 let qs = &b[4..20];
-                out.extend(qs.iter().map(|&q| d * (q & 0xF) as f32 + m));
-                out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
+                halves(
+                    emit,
+                    f16(b),
+                    -f16(&b[2..]),
+                    std::array::from_fn(|j| (qs[j % 16] >> (4 * (j / 16)) & 0xF) as i8),
+                );
             }
             kinds::Q5_0 => {
-                let (d, (low, high)) = (f16(b), five_bit(&b[2..]));
-                out.extend(low.into_iter().chain(high).map(|q| d * (q as i32 - 16) as f32));
+                let (low, high) = five_bit(&b[2..]);
+                let q: [u8; 32] = std::array::from_fn(|j| if j < 16 { low[j] } else { high[j - 16] });
+                halves(emit, f16(b), 0.0, q.map(|q| q as i8 - 16));
             }
             kinds::Q5_1 => {
-                let (d, m, (low, high)) = (f16(b), f16(&b[2..]), five_bit(&b[4..]));
-                out.extend(low.into_iter().chain(high).map(|q| d * q as f32 + m));
+                let (low, high) = five_bit(&b[4..]);
+                let q: [u8; 32] = std::array::from_fn(|j| if j < 16 { low[j] } else { high[j - 16] });
+                halves(emit, f16(b), -f16(&b[2..]), q.map(|q| q as i8));
             }
-            kinds::Q2_K => dequantize_q2_k(b, &mut out),
-            kinds::Q3_K => dequantize_q3_k(b, &mut out),
-            kinds::Q4_K => dequantize_q4_k(b, &mut out),
-            kinds::Q5_K => dequantize_q5_k(b, &mut out),
-            kinds::Q6_K => dequantize_q6_k(b, &mut out),
+            kinds::Q2_K => unpack_q2_k(b, emit),
+            kinds::Q3_K => unpack_q3_k(b, emit),
+            kinds::Q4_K => unpack_q4_k(b, emit),
+            kinds::Q5_K => unpack_q5_k(b, emit),
+            kinds::Q6_K => unpack_q6_k(b, emit),
             _ => return None,
         }
+    }
+    Some(())
+}
+
+/// The two runs of a 32-value block with one scale (and one minimum).
+fn halves(emit: &mut impl FnMut(Run), d: f32, min: f32, q: [i8; 32]) {
+    emit(Run { d, min, q: q[..16].try_into().expect("16 values") });
+    emit(Run { d, min, q: q[16..].try_into().expect("16 values") });
+}
+
+/// Dequantises `count` values of ggml type `kind` from `raw`; `None` for unsupported types.
+pub fn dequantize(kind: u32, raw: &[u8], count: usize) -> Option<Vec<f32>> {
+    let mut out = Vec::with_capacity(count);
+    if is_quantised(kind) {
+        unpack(kind, raw, count, &mut |run| out.extend(run.values()))?;
+        return Some(out);
+    }
+    let (_, size) = block_size(kind)?;
+    for b in raw.chunks_exact(size).take(count) {
+        out.push(match kind {
+            kinds::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            kinds::F16 => f16(b),
+            _ => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        });
     }
     Some(out)
 }
@@ -457,17 +511,17 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-fn dequantize_q4_k(b: &[u8], out: &mut Vec<f32>) {
+/// Q4_K: eight 32-value runs with 6-bit scales and mins, the low nibbles of 32 bytes then their
+/// high nibbles.
+fn unpack_q4_k(b: &[u8], emit: &mut impl FnMut(Run)) {
     let (d, dmin) = (f16(b), f16(&b[2..]));
     let scales = &b[4..16];
     let qs = &b[16..144];
     for (chunk, q) in qs.chunks_exact(32).enumerate() {
         let (sc1, m1) = scale_min_k4(2 * chunk, scales);
         let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-        let (d1, min1) = (d * sc1 as f32, dmin * m1 as f32);
-        let (d2, min2) = (d * sc2 as f32, dmin * m2 as f32);
-        out.extend(q.iter().map(|&x| d1 * (x & 0xF) as f32 - min1));
-        out.extend(q.iter().map(|&x| d2 * (x >> 4) as f32 - min2));
+        halves(emit, d * sc1 as f32, dmin * m1 as f32, std::array::from_fn(|j| (q[j] & 0xF) as i8));
+        halves(emit, d * sc2 as f32, dmin * m2 as f32, std::array::from_fn(|j| (q[j] >> 4) as i8));
     }
 }
 
@@ -481,7 +535,7 @@ fn five_bit(b: &[u8]) -> ([u8; 16], [u8; 16]) {
 }
 
 /// Q2_K: 16 scale/min nibble pairs, 2-bit values, then d and dmin.
-fn dequantize_q2_k(b: &[u8], out: &mut Vec<f32>) {
+fn unpack_q2_k(b: &[u8], emit: &mut impl FnMut(Run)) {
     let (scales, qs) = (&b[0..16], &b[16..80]);
     let (d, dmin) = (f16(&b[80..]), f16(&b[82..]));
     let mut is = 0;
@@ -490,8 +544,8 @@ fn dequantize_q2_k(b: &[u8], out: &mut Vec<f32>) {
             for part in [&q[..16], &q[16..]] {
                 let sc = scales[is];
                 is += 1;
-                let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
-                out.extend(part.iter().map(|&x| dl * ((x >> shift) & 3) as f32 - ml));
+                let q = std::array::from_fn(|j| ((part[j] >> shift) & 3) as i8);
+                emit(Run { d: d * (sc & 0xF) as f32, min: dmin * (sc >> 4) as f32, q });
             }
         }
     }
@@ -499,7 +553,7 @@ fn dequantize_q2_k(b: &[u8], out: &mut Vec<f32>) {
 
 /// Q3_K: the high bits as a mask, 2-bit low values, 16 signed 6-bit scales packed in 12 bytes,
 /// then d.
-fn dequantize_q3_k(b: &[u8], out: &mut Vec<f32>) {
+fn unpack_q3_k(b: &[u8], emit: &mut impl FnMut(Run)) {
     let (hmask, qs, packed) = (&b[0..32], &b[32..96], &b[96..108]);
     let d = f16(&b[108..]);
     // ggml's unpacking: scale j has its low 4 bits in nibble j of bytes 0..8 and its high 2
@@ -516,10 +570,8 @@ fn dequantize_q3_k(b: &[u8], out: &mut Vec<f32>) {
                 let dl = d * scale(is);
                 is += 1;
                 let hm = &hmask[16 * half..];
-                out.extend(part.iter().zip(hm).map(|(&x, &h)| {
-                    let low = ((x >> shift) & 3) as i32;
-                    dl * (low - if h & m != 0 { 0 } else { 4 }) as f32
-                }));
+                let q = std::array::from_fn(|j| ((part[j] >> shift) & 3) as i8 - if hm[j] & m != 0 { 0 } else { 4 });
+                emit(Run { d: dl, min: 0.0, q });
             }
             m <<= 1;
         }
@@ -527,39 +579,47 @@ fn dequantize_q3_k(b: &[u8], out: &mut Vec<f32>) {
 }
 
 /// Q5_K: Q4_K's scales and mins with a fifth bit per value.
-fn dequantize_q5_k(b: &[u8], out: &mut Vec<f32>) {
+fn unpack_q5_k(b: &[u8], emit: &mut impl FnMut(Run)) {
     let (d, dmin) = (f16(b), f16(&b[2..]));
     let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
     for (chunk, ql) in qs.chunks_exact(32).enumerate() {
         let (sc1, m1) = scale_min_k4(2 * chunk, scales);
         let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-        let (d1, min1) = (d * sc1 as f32, dmin * m1 as f32);
-        let (d2, min2) = (d * sc2 as f32, dmin * m2 as f32);
         let (u1, u2) = (1u8 << (2 * chunk), 2u8 << (2 * chunk));
         let high = |h: u8, u: u8| if h & u != 0 { 16 } else { 0 };
-        out.extend(ql.iter().zip(qh).map(|(&x, &h)| d1 * ((x & 0xF) + high(h, u1)) as f32 - min1));
-        out.extend(ql.iter().zip(qh).map(|(&x, &h)| d2 * ((x >> 4) + high(h, u2)) as f32 - min2));
+        halves(
+            emit,
+            d * sc1 as f32,
+            dmin * m1 as f32,
+            std::array::from_fn(|j| ((ql[j] & 0xF) + high(qh[j], u1)) as i8),
+        );
+        halves(emit, d * sc2 as f32, dmin * m2 as f32, std::array::from_fn(|j| ((ql[j] >> 4) + high(qh[j], u2)) as i8));
     }
 }
 
-fn dequantize_q6_k(b: &[u8], out: &mut Vec<f32>) {
+/// Q6_K: low nibbles, high 2-bit pairs, 16 signed 8-bit scales (one per 16 values), then d.
+fn unpack_q6_k(b: &[u8], emit: &mut impl FnMut(Run)) {
     let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
     let d = f16(&b[208..]);
     for half in 0..2 {
         let (ql, qh, sc) = (&ql[half * 64..], &qh[half * 32..], &sc[half * 8..]);
-        let mut y = [0f32; 128];
-        for l in 0..32 {
-            let is = l / 16;
-            let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-            let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-            y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-            y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-            y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-            y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+        // Values l, l + 32, l + 64, l + 96 of this half for l in 0..32, as ggml lays them out.
+        let value = |l: usize, part: usize| -> i8 {
+            let (lo, shift) = match part {
+                0 => (ql[l] & 0xF, 0),
+                1 => (ql[l + 32] & 0xF, 2),
+                2 => (ql[l] >> 4, 4),
+                _ => (ql[l + 32] >> 4, 6),
+            };
+            (lo | (((qh[l] >> shift) & 3) << 4)) as i8 - 32
+        };
+        for part in 0..4 {
+            for run in 0..2 {
+                let is = run + 2 * part;
+                let q = std::array::from_fn(|j| value(16 * run + j, part));
+                emit(Run { d: d * (sc[is] as i8) as f32, min: 0.0, q });
+            }
         }
-        out.extend_from_slice(&y);
     }
 }
 

@@ -11,6 +11,7 @@ pub use config::ModelConfig;
 pub use error::{Result, TrainError};
 pub use model::{Batch, Decoder, KvCache};
 pub mod chat;
+pub mod decode;
 pub mod fetch;
 pub mod gguf;
 pub mod loader;

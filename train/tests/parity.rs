@@ -257,3 +257,47 @@ fn weights_round_trip_through_hf_safetensors_single_and_sharded() {
         }
     }
 }
+
+#[test]
+fn smollm2_packed_decoding_gives_transformers_greedy_tokens() {
+    use kiln_train::decode::{Engine, StepRow};
+    let model = smollm2();
+    let engine = Engine::from_gguf(&kiln_train::gguf::Gguf::open(&model.path).unwrap(), &model.config).unwrap();
+    let reference = smollm2_reference();
+    let cases = reference["generations"].as_array().unwrap();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+    let max_tokens = 24;
+    let mut seqs: Vec<_> = prompts.iter().map(|p| engine.sequence(p.len() + max_tokens)).collect();
+    let mut scratch = engine.scratch(4);
+    let vocab = model.config.vocab_size;
+    // Every prompt prefilled in one step (the last position of each gives logits), then all
+    // sequences decoded together.
+    let rows: Vec<StepRow> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(s, p)| {
+            p.iter().enumerate().map(move |(i, &token)| StepRow { seq: s, token, logits: i + 1 == p.len() })
+        })
+        .collect();
+    engine.step(&rows, &mut seqs, &mut scratch).unwrap();
+    let argmax =
+        |l: &[f32]| l.iter().enumerate().fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0 as u32;
+    let mut tokens: Vec<Vec<u32>> =
+        (0..prompts.len()).map(|s| vec![argmax(&scratch.logits[s * vocab..(s + 1) * vocab])]).collect();
+    for _ in 1..max_tokens {
+        let rows: Vec<StepRow> = tokens
+            .iter()
+            .enumerate()
+            .map(|(s, t)| StepRow { seq: s, token: *t.last().unwrap(), logits: true })
+            .collect();
+        engine.step(&rows, &mut seqs, &mut scratch).unwrap();
+        for (s, t) in tokens.iter_mut().enumerate() {
+            t.push(argmax(&scratch.logits[s * vocab..(s + 1) * vocab]));
+        }
+    }
+    for (case, mut ours) in cases.iter().zip(tokens) {
+        let expected = ids(&case["greedy"]);
+        ours.truncate(expected.len());
+        assert_eq!(ours, expected, "greedy tokens for {}", case["messages"]);
+    }
+}

@@ -1,0 +1,347 @@
+//! Generation on the CPU built for one token at a time: the weights of a GGUF model kept packed
+//! ([`packed::PackedMatrix`]: a block type's own integers, expanded a row at a time in cache),
+//! every sequence's keys and values in a buffer allocated once for its whole length, and one
+//! step's activations in buffers allocated once per batch size. A step runs any rows (a new
+//! token of each sequence decoding, or a prompt's tokens being prefilled), so prefill takes
+//! the same products with many rows at once.
+//!
+//! The arithmetic is the burn decoder's ([`crate::model`]): RMSNorm, rotary embeddings in the
+//! rotate-half layout, grouped-query attention, SwiGLU, with the same f32 values of the weights.
+
+pub mod packed;
+
+use packed::PackedMatrix;
+
+use crate::config::ModelConfig;
+use crate::error::{Result, TrainError};
+use crate::gguf::{Gguf, is_quantised};
+
+/// One transformer block's weights.
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    q: PackedMatrix,
+    k: PackedMatrix,
+    v: PackedMatrix,
+    o: PackedMatrix,
+    bias: Option<[Vec<f32>; 3]>,
+    mlp_norm: Vec<f32>,
+    gate: PackedMatrix,
+    up: PackedMatrix,
+    down: PackedMatrix,
+}
+
+/// A model ready to decode.
+#[derive(Debug)]
+pub struct Engine {
+    pub config: ModelConfig,
+    embed: PackedMatrix,
+    /// `None` when the head is tied to the embeddings.
+    head: Option<PackedMatrix>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    /// Rotary frequencies, `head_dim / 2` of them.
+    inv_freq: Vec<f32>,
+}
+
+/// One sequence's keys and values, room for `capacity` positions in every layer.
+#[derive(Debug)]
+pub struct Sequence {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    /// Positions filled.
+    pub len: usize,
+    pub capacity: usize,
+}
+
+/// One step's activations for up to `rows` rows.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    rows: usize,
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    heads: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    scores: Vec<f32>,
+    positions: Vec<usize>,
+    /// Next-token logits of the rows asked for, `vocab` each.
+    pub logits: Vec<f32>,
+}
+
+/// One row of a step: sequence `seq` gets token `token` at its next position.
+#[derive(Clone, Copy, Debug)]
+pub struct StepRow {
+    pub seq: usize,
+    pub token: u32,
+    /// Whether the next-token logits of this row are wanted.
+    pub logits: bool,
+}
+
+impl Engine {
+    /// The model in `gguf`, its weights packed.
+    pub fn from_gguf(gguf: &Gguf, config: &ModelConfig) -> Result<Engine> {
+        let invalid = |m: String| TrainError::invalid(gguf.path(), m);
+        let info = |name: &str| {
+            gguf.tensors
+                .iter()
+                .find(|t| t.name == name)
+                .ok_or_else(|| invalid(format!("the model has no tensor `{name}`")))
+        };
+        let vector = |name: &str| -> Result<Vec<f32>> { Ok(gguf.tensor(info(name)?)?.data) };
+        let matrix = |name: &str, permute_heads: Option<usize>| -> Result<PackedMatrix> {
+            let t = info(name)?;
+            let (cols, rows) = (t.dims[0], t.dims.iter().skip(1).product::<usize>());
+            let mut m = if is_quantised(t.kind) {
+                PackedMatrix::from_gguf(t.kind, gguf.raw(t)?, rows, cols)
+                    .ok_or_else(|| invalid(format!("tensor `{name}` has rows of {cols}, not whole blocks")))?
+            } else {
+                PackedMatrix::from_f32(&gguf.tensor(t)?.data, rows, cols)
+            };
+            if let Some(heads) = permute_heads {
+                m.unpermute_heads(heads);
+            }
+            Ok(m)
+        };
+        // llama.cpp stores Llama's q/k rows permuted for its interleaved rotary layout.
+        let llama = config.model_type == "llama";
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let n = |part: &str| format!("blk.{i}.{part}");
+            let bias = if gguf.tensors.iter().any(|t| t.name == n("attn_q.bias")) {
+                let mut q = vector(&n("attn_q.bias"))?;
+                let mut k = vector(&n("attn_k.bias"))?;
+                if llama {
+                    unpermute_vector(&mut q, config.num_attention_heads);
+                    unpermute_vector(&mut k, config.kv_heads());
+                }
+                Some([q, k, vector(&n("attn_v.bias"))?])
+            } else {
+                None
+            };
+            layers.push(Layer {
+                attn_norm: vector(&n("attn_norm.weight"))?,
+                q: matrix(&n("attn_q.weight"), llama.then_some(config.num_attention_heads))?,
+                k: matrix(&n("attn_k.weight"), llama.then_some(config.kv_heads()))?,
+                v: matrix(&n("attn_v.weight"), None)?,
+                o: matrix(&n("attn_output.weight"), None)?,
+                bias,
+                mlp_norm: vector(&n("ffn_norm.weight"))?,
+                gate: matrix(&n("ffn_gate.weight"), None)?,
+                up: matrix(&n("ffn_up.weight"), None)?,
+                down: matrix(&n("ffn_down.weight"), None)?,
+            });
+        }
+        let head = match gguf.tensors.iter().any(|t| t.name == "output.weight") {
+            true => Some(matrix("output.weight", None)?),
+            false => None,
+        };
+        let dim = config.head_dim();
+        let inv_freq =
+            (0..dim / 2).map(|i| (1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64)) as f32).collect();
+        Ok(Engine {
+            config: config.clone(),
+            embed: matrix("token_embd.weight", None)?,
+            head,
+            layers,
+            norm: vector("output_norm.weight")?,
+            inv_freq,
+        })
+    }
+
+    /// An empty sequence with room for `capacity` positions.
+    pub fn sequence(&self, capacity: usize) -> Sequence {
+        let size = self.layers.len() * capacity * self.kv_dim();
+        Sequence { keys: vec![0.0; size], values: vec![0.0; size], len: 0, capacity }
+    }
+
+    fn kv_dim(&self) -> usize {
+        self.config.kv_heads() * self.config.head_dim()
+    }
+
+    /// Buffers for steps of up to `rows` rows.
+    pub fn scratch(&self, rows: usize) -> Scratch {
+        let c = &self.config;
+        let (d, q, kv, ff) = (c.hidden_size, c.num_attention_heads * c.head_dim(), self.kv_dim(), c.intermediate_size);
+        Scratch {
+            rows,
+            x: vec![0.0; rows * d],
+            h: vec![0.0; rows * d],
+            q: vec![0.0; rows * q],
+            k: vec![0.0; rows * kv],
+            v: vec![0.0; rows * kv],
+            heads: vec![0.0; rows * q],
+            o: vec![0.0; rows * d],
+            gate: vec![0.0; rows * ff],
+            up: vec![0.0; rows * ff],
+            scores: Vec::with_capacity(4096),
+            positions: Vec::with_capacity(rows),
+            logits: vec![0.0; rows * self.embed.rows],
+        }
+    }
+
+    /// Runs `rows` through the model: each row's token goes at its sequence's next position
+    /// (rows of one sequence in order), its keys and values into the sequence. Afterwards
+    /// `scratch.logits` holds the next-token logits of the rows that asked, in order.
+    pub fn step(&self, rows: &[StepRow], seqs: &mut [Sequence], scratch: &mut Scratch) -> Result<()> {
+        let n = rows.len();
+        if n > scratch.rows {
+            *scratch = self.scratch(n);
+        }
+        let c = &self.config;
+        let (d, head_dim, heads, kv_heads) = (c.hidden_size, c.head_dim(), c.num_attention_heads, c.kv_heads());
+        let (qd, kvd, ff) = (heads * head_dim, self.kv_dim(), c.intermediate_size);
+        let s = scratch;
+        // Each row's position: its sequence's length plus the rows of that sequence before it.
+        s.positions.clear();
+        for (i, row) in rows.iter().enumerate() {
+            let before = rows[..i].iter().filter(|r| r.seq == row.seq).count();
+            let seq = &seqs[row.seq];
+            let at = seq.len + before;
+            if at >= seq.capacity {
+                return Err(TrainError::Other(format!("a sequence outgrew its {} positions", seq.capacity)));
+            }
+            s.positions.push(at);
+        }
+        let positions = std::mem::take(&mut s.positions);
+        for (i, row) in rows.iter().enumerate() {
+            self.embed.row_into(row.token as usize, &mut s.x[i * d..(i + 1) * d]);
+        }
+        let eps = c.rms_norm_eps as f32;
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(&s.x[..n * d], &layer.attn_norm, eps, &mut s.h[..n * d]);
+            layer.q.product(&s.h[..n * d], n, &mut s.q[..n * qd]);
+            layer.k.product(&s.h[..n * d], n, &mut s.k[..n * kvd]);
+            layer.v.product(&s.h[..n * d], n, &mut s.v[..n * kvd]);
+            if let Some([qb, kb, vb]) = &layer.bias {
+                add_rows(&mut s.q[..n * qd], qb);
+                add_rows(&mut s.k[..n * kvd], kb);
+                add_rows(&mut s.v[..n * kvd], vb);
+            }
+            for (i, &p) in positions.iter().enumerate() {
+                self.rotate(&mut s.q[i * qd..(i + 1) * qd], p);
+                self.rotate(&mut s.k[i * kvd..(i + 1) * kvd], p);
+                let seq = &mut seqs[rows[i].seq];
+                let at = (l * seq.capacity + p) * kvd;
+                seq.keys[at..at + kvd].copy_from_slice(&s.k[i * kvd..(i + 1) * kvd]);
+                seq.values[at..at + kvd].copy_from_slice(&s.v[i * kvd..(i + 1) * kvd]);
+            }
+            let group = heads / kv_heads;
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            for (i, &p) in positions.iter().enumerate() {
+                let seq = &seqs[rows[i].seq];
+                let base = l * seq.capacity * kvd;
+                for h in 0..heads {
+                    let g = h / group;
+                    let q = &s.q[i * qd + h * head_dim..i * qd + (h + 1) * head_dim];
+                    s.scores.clear();
+                    s.scores.extend((0..=p).map(|t| {
+                        let k = &seq.keys[base + t * kvd + g * head_dim..base + t * kvd + (g + 1) * head_dim];
+                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+                    }));
+                    softmax(&mut s.scores);
+                    let out = &mut s.heads[i * qd + h * head_dim..i * qd + (h + 1) * head_dim];
+                    out.fill(0.0);
+                    for (t, &w) in s.scores.iter().enumerate() {
+                        let v = &seq.values[base + t * kvd + g * head_dim..base + t * kvd + (g + 1) * head_dim];
+                        out.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+                    }
+                }
+            }
+            layer.o.product(&s.heads[..n * qd], n, &mut s.o[..n * d]);
+            s.x[..n * d].iter_mut().zip(&s.o[..n * d]).for_each(|(x, o)| *x += o);
+            rms_norm(&s.x[..n * d], &layer.mlp_norm, eps, &mut s.h[..n * d]);
+            layer.gate.product(&s.h[..n * d], n, &mut s.gate[..n * ff]);
+            layer.up.product(&s.h[..n * d], n, &mut s.up[..n * ff]);
+            s.gate[..n * ff].iter_mut().zip(&s.up[..n * ff]).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            layer.down.product(&s.gate[..n * ff], n, &mut s.o[..n * d]);
+            s.x[..n * d].iter_mut().zip(&s.o[..n * d]).for_each(|(x, o)| *x += o);
+        }
+        s.positions = positions;
+        for row in rows {
+            seqs[row.seq].len += 1;
+        }
+        // The final hidden states of the rows that asked for logits, normalised, through the head.
+        let mut wanted = 0;
+        for (i, row) in rows.iter().enumerate() {
+            if row.logits {
+                s.h[wanted * d..(wanted + 1) * d].copy_from_slice(&s.x[i * d..(i + 1) * d]);
+                wanted += 1;
+            }
+        }
+        rms_norm_in_place(&mut s.h[..wanted * d], &self.norm, eps);
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        head.product(&s.h[..wanted * d], wanted, &mut s.logits[..wanted * head.rows]);
+        Ok(())
+    }
+
+    /// Rotates each head of `x` (heads of `head_dim`) to position `p`, rotate-half layout.
+    fn rotate(&self, x: &mut [f32], p: usize) {
+        let half = self.inv_freq.len();
+        for head in x.chunks_exact_mut(2 * half) {
+            for (i, &f) in self.inv_freq.iter().enumerate() {
+                let angle = p as f32 * f;
+                let (sin, cos) = angle.sin_cos();
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos - b * sin;
+                head[i + half] = b * cos + a * sin;
+            }
+        }
+    }
+}
+
+/// `out = x / rms(x) * weight`, row by row.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    for (row, out) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mean = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (mean + eps).sqrt();
+        out.iter_mut().zip(row).zip(weight).for_each(|((o, v), w)| *o = v * inv * w);
+    }
+}
+
+/// [`rms_norm`] in place.
+fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let d = weight.len();
+    for row in x.chunks_exact_mut(d) {
+        let mean = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (mean + eps).sqrt();
+        row.iter_mut().zip(weight).for_each(|(v, w)| *v = *v * inv * w);
+    }
+}
+
+/// Adds `bias` to every row of `x`.
+fn add_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+    }
+}
+
+/// Softmax in place.
+fn softmax(x: &mut [f32]) {
+    let top = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - top).exp();
+        sum += *v;
+    }
+    x.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// Undoes llama.cpp's q/k permutation of a bias (see [`PackedMatrix::unpermute_heads`]).
+fn unpermute_vector(v: &mut [f32], heads: usize) {
+    let head_dim = v.len() / heads;
+    let half = head_dim / 2;
+    let old = v.to_vec();
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                v[h * head_dim + j * half + i] = old[h * head_dim + i * 2 + j];
+            }
+        }
+    }
+}
