@@ -145,6 +145,9 @@ pub type Completed<T> = (Vec<Option<RowReply<T>>>, Vec<Rejection>, BTreeMap<Stri
 /// took.
 type RowOutcome<T> = Result<(Result<RowReply<T>, Rejection>, u64, u32)>;
 
+/// A finished row waiting for its turn: its id, its reply or rejection, cache hits and tries.
+type Finished<T> = (String, Result<RowReply<T>, Rejection>, u64, u32);
+
 /// How many rows may start ahead of the oldest unfinished one: a slow or hung request holds
 /// only its own slot while up to this many later rows finish (their outcomes wait in a
 /// [`Reorder`] buffer, mostly on disk, to be handed on in order); past it, new rows wait for
@@ -211,7 +214,7 @@ where
     let mut running = FuturesUnordered::new();
     // Rows finished ahead of an earlier one, with their id (not their request: its prompt is
     // no longer needed, and may be long); past a thousand, on disk.
-    let mut done: Reorder<S, (String, Result<RowReply<T>, Rejection>, u64, u32)> = Reorder::new(cx.cache.dir());
+    let mut done: Reorder<S, Finished<T>> = Reorder::new(cx.cache.dir());
     let (mut started, mut handed) = (0usize, 0usize);
     let mut counters: BTreeMap<String, u64> = BTreeMap::new();
     let mut rejections = Vec::new();

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 
+use crate::decode::{Engine, Scratch, Sequence, StepRow};
 use crate::error::Result;
 use crate::loader::LoadedModel;
 use crate::model::{Batch, KvCache};
@@ -137,7 +138,7 @@ pub fn generate_streaming(
 ) -> Result<Generated> {
     let start = Instant::now();
     let mut running = Running::new(model);
-    running.join(requests.iter().cloned().enumerate().collect());
+    running.join(requests.iter().cloned().enumerate().collect())?;
     let mut outputs: Vec<Option<Completion>> = vec![None; requests.len()];
     while !running.is_empty() {
         for (row, completion) in running.step(on_delta)? {
@@ -162,7 +163,7 @@ pub fn generate_streaming(
 /// line up) and leave as they finish; padding that no row needs any more is dropped.
 pub struct Running<'m> {
     model: &'m LoadedModel,
-    cache: KvCache,
+    kv: Kv<'m>,
     /// Live rows, in cache order.
     rows: Vec<Row>,
     /// Each live row's next-token logits.
@@ -171,6 +172,15 @@ pub struct Running<'m> {
     pub prompt_tokens: usize,
     /// Prompt tokens run through the model: each distinct prompt of a join once.
     pub prefilled_tokens: usize,
+}
+
+/// What runs a batch's tokens through the model, and holds the keys and values seen.
+enum Kv<'m> {
+    /// The burn decoder ([`LoadedModel::decoder`]: the weights being trained, for RL), one
+    /// left-padded cache for the batch.
+    Burn(KvCache),
+    /// The packed decode path: a sequence per row, allocated once for its whole length.
+    Packed { engine: &'m Engine, seqs: Vec<Sequence>, scratch: Box<Scratch> },
 }
 
 /// One sequence being generated.
@@ -187,10 +197,16 @@ struct Row {
 }
 
 impl<'m> Running<'m> {
-    /// An empty batch over `model`.
+    /// An empty batch over `model`'s burn decoder.
     pub fn new(model: &'m LoadedModel) -> Self {
-        let cache = KvCache::new(model.config.num_hidden_layers);
-        Running { model, cache, rows: Vec::new(), logits: Vec::new(), prompt_tokens: 0, prefilled_tokens: 0 }
+        let kv = Kv::Burn(KvCache::new(model.config.num_hidden_layers));
+        Running { model, kv, rows: Vec::new(), logits: Vec::new(), prompt_tokens: 0, prefilled_tokens: 0 }
+    }
+
+    /// An empty batch over `engine`, the packed decode path of `model` (whose tokenizer it uses).
+    pub fn packed(model: &'m LoadedModel, engine: &'m Engine) -> Self {
+        let kv = Kv::Packed { engine, seqs: Vec::new(), scratch: Box::new(engine.scratch(1)) };
+        Running { model, kv, rows: Vec::new(), logits: Vec::new(), prompt_tokens: 0, prefilled_tokens: 0 }
     }
 
     /// Rows generating.
@@ -206,9 +222,9 @@ impl<'m> Running<'m> {
     /// Prefills `requests` (each distinct prompt once: the n samples of a request share one
     /// prefill) and adds them to the batch under their keys; they get their first token at the
     /// next [`Running::step`].
-    pub fn join(&mut self, requests: Vec<(usize, Request)>) {
+    pub fn join(&mut self, requests: Vec<(usize, Request)>) -> Result<()> {
         if requests.is_empty() {
-            return;
+            return Ok(());
         }
         let mut distinct: Vec<&Vec<u32>> = Vec::new();
         let copy_of: Vec<usize> = requests
@@ -220,39 +236,43 @@ impl<'m> Running<'m> {
                 })
             })
             .collect();
-        let width = distinct.iter().map(|p| p.len()).max().unwrap_or(0);
-        let distinct_pad: Vec<usize> = distinct.iter().map(|p| width - p.len()).collect();
-        let batch = Batch {
-            tokens: distinct.iter().map(|p| [vec![0; width - p.len()], p.to_vec()].concat()).collect(),
-            positions: distinct_pad.iter().map(|&n| (0..width).map(|i: usize| i.saturating_sub(n)).collect()).collect(),
-            pad: distinct_pad.clone(),
-        };
         self.prompt_tokens += requests.iter().map(|(_, r)| r.prompt.len()).sum::<usize>();
         self.prefilled_tokens += distinct.iter().map(|p| p.len()).sum::<usize>();
-        let mut fresh = KvCache::new(self.model.config.num_hidden_layers);
-        let prefilled = last_logits(self.model.decoder.forward(&self.model.config, &batch, Some(&mut fresh)));
-        if distinct.len() < requests.len() {
-            fresh.retain_rows(&copy_of);
-        }
-        let mut pads: Vec<usize> = copy_of.iter().map(|&d| distinct_pad[d]).collect();
-        if self.rows.is_empty() {
-            self.cache = fresh;
-        } else {
-            let past = self.cache.len();
-            if width > past {
-                self.cache.pad_left(width - past);
-                self.rows.iter_mut().for_each(|r| r.pad += width - past);
-            } else if past > width {
-                fresh.pad_left(past - width);
-                pads.iter_mut().for_each(|p| *p += past - width);
+        let (prefilled, pads) = match &mut self.kv {
+            Kv::Burn(cache) => join_burn(self.model, cache, &mut self.rows, &distinct, &copy_of),
+            Kv::Packed { engine, seqs, scratch } => {
+                // Each distinct prompt prefilled once, into a sequence with room for the longest
+                // completion asked of it; copied to the prompt's other rows.
+                let mut fresh: Vec<Sequence> = distinct
+                    .iter()
+                    .enumerate()
+                    .map(|(d, p)| {
+                        let longest = requests.iter().zip(&copy_of).filter(|(_, c)| **c == d);
+                        let room = longest.map(|((_, r), _)| r.sampling.max_tokens.max(1)).max().unwrap_or(1);
+                        engine.sequence(p.len() + room)
+                    })
+                    .collect();
+                let steps: Vec<StepRow> = distinct
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(d, p)| {
+                        p.iter().enumerate().map(move |(i, &token)| StepRow { seq: d, token, logits: i + 1 == p.len() })
+                    })
+                    .collect();
+                engine.step(&steps, &mut fresh, scratch)?;
+                let vocab = engine.vocab();
+                let prefilled =
+                    (0..distinct.len()).map(|d| scratch.logits[d * vocab..(d + 1) * vocab].to_vec()).collect();
+                seqs.extend(copy_of.iter().map(|&d| fresh[d].clone()));
+                (prefilled, vec![0; requests.len()])
             }
-            self.cache.append(fresh);
-        }
+        };
         self.logits.extend(copy_of.iter().map(|&d| prefilled[d].clone()));
         for ((key, request), pad) in requests.into_iter().zip(pads) {
             let rng = fastrand::Rng::with_seed(request.sampling.seed);
             self.rows.push(Row { key, sampling: request.sampling, rng, tokens: Vec::new(), sent: 0, pad });
         }
+        Ok(())
     }
 
     /// Picks one token for every row, hands out the new text, and runs the rows that go on
@@ -296,29 +316,91 @@ impl<'m> Running<'m> {
         if keep.is_empty() {
             self.rows.clear();
             self.logits.clear();
-            self.cache = KvCache::new(self.model.config.num_hidden_layers);
+            match &mut self.kv {
+                Kv::Burn(cache) => *cache = KvCache::new(self.model.config.num_hidden_layers),
+                Kv::Packed { seqs, .. } => seqs.clear(),
+            }
             return Ok(done);
         }
         if keep.len() != self.rows.len() {
-            self.cache.retain_rows(&keep);
             let mut rows: Vec<Option<Row>> = std::mem::take(&mut self.rows).into_iter().map(Some).collect();
             self.rows = keep.iter().map(|&s| rows[s].take().expect("each row kept once")).collect();
-            // Padding that every remaining row has is no longer needed.
-            let common = self.rows.iter().map(|r| r.pad).min().unwrap_or(0);
-            if common > 0 {
-                self.cache.trim_left(common);
-                self.rows.iter_mut().for_each(|r| r.pad -= common);
+            match &mut self.kv {
+                Kv::Burn(cache) => {
+                    cache.retain_rows(&keep);
+                    // Padding that every remaining row has is no longer needed.
+                    let common = self.rows.iter().map(|r| r.pad).min().unwrap_or(0);
+                    if common > 0 {
+                        cache.trim_left(common);
+                        self.rows.iter_mut().for_each(|r| r.pad -= common);
+                    }
+                }
+                Kv::Packed { seqs, .. } => {
+                    let mut old: Vec<Option<Sequence>> = std::mem::take(seqs).into_iter().map(Some).collect();
+                    *seqs = keep.iter().map(|&s| old[s].take().expect("each sequence kept once")).collect();
+                }
             }
         }
-        let past = self.cache.len();
-        let step = Batch {
-            tokens: next.iter().map(|&id| vec![id]).collect(),
-            positions: self.rows.iter().map(|r| vec![past - r.pad]).collect(),
-            pad: self.rows.iter().map(|r| r.pad).collect(),
-        };
-        self.logits = last_logits(self.model.decoder.forward(&self.model.config, &step, Some(&mut self.cache)));
+        match &mut self.kv {
+            Kv::Burn(cache) => {
+                let past = cache.len();
+                let step = Batch {
+                    tokens: next.iter().map(|&id| vec![id]).collect(),
+                    positions: self.rows.iter().map(|r| vec![past - r.pad]).collect(),
+                    pad: self.rows.iter().map(|r| r.pad).collect(),
+                };
+                self.logits = last_logits(self.model.decoder.forward(&self.model.config, &step, Some(cache)));
+            }
+            Kv::Packed { engine, seqs, scratch } => {
+                let steps: Vec<StepRow> =
+                    next.iter().enumerate().map(|(seq, &token)| StepRow { seq, token, logits: true }).collect();
+                engine.step(&steps, seqs, scratch)?;
+                let vocab = engine.vocab();
+                self.logits = (0..steps.len()).map(|i| scratch.logits[i * vocab..(i + 1) * vocab].to_vec()).collect();
+            }
+        }
         Ok(done)
     }
+}
+
+/// Prefills the `distinct` prompts through the burn decoder and adds them to `cache` (row `i`
+/// a copy of prompt `copy_of[i]`), left-padding whichever of the two caches is shorter so that
+/// they line up (the running `rows` learn their new padding). Returns each distinct prompt's
+/// next-token logits and each new row's padding.
+fn join_burn(
+    model: &LoadedModel,
+    cache: &mut KvCache,
+    rows: &mut [Row],
+    distinct: &[&Vec<u32>],
+    copy_of: &[usize],
+) -> (Vec<Vec<f32>>, Vec<usize>) {
+    let width = distinct.iter().map(|p| p.len()).max().unwrap_or(0);
+    let distinct_pad: Vec<usize> = distinct.iter().map(|p| width - p.len()).collect();
+    let batch = Batch {
+        tokens: distinct.iter().map(|p| [vec![0; width - p.len()], p.to_vec()].concat()).collect(),
+        positions: distinct_pad.iter().map(|&n| (0..width).map(|i: usize| i.saturating_sub(n)).collect()).collect(),
+        pad: distinct_pad.clone(),
+    };
+    let mut fresh = KvCache::new(model.config.num_hidden_layers);
+    let prefilled = last_logits(model.decoder.forward(&model.config, &batch, Some(&mut fresh)));
+    if distinct.len() < copy_of.len() {
+        fresh.retain_rows(copy_of);
+    }
+    let mut pads: Vec<usize> = copy_of.iter().map(|&d| distinct_pad[d]).collect();
+    if rows.is_empty() {
+        *cache = fresh;
+    } else {
+        let past = cache.len();
+        if width > past {
+            cache.pad_left(width - past);
+            rows.iter_mut().for_each(|r| r.pad += width - past);
+        } else if past > width {
+            fresh.pad_left(past - width);
+            pads.iter_mut().for_each(|p| *p += past - width);
+        }
+        cache.append(fresh);
+    }
+    (prefilled, pads)
 }
 
 /// The last position's logits of each row, on the host.

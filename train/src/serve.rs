@@ -3,7 +3,9 @@
 //! max_tokens, usage; `stream: true` sends server-sent events as OpenAI does, with
 //! `stream_options.include_usage`) and `/v1/models`. Requests are batched continuously on one
 //! generation thread: a request that arrives while others generate joins their batch at the
-//! next token, and each is answered as soon as it is done.
+//! next token, and each is answered as soon as it is done. A GGUF model decodes on the packed
+//! path ([`crate::decode`]: its weights kept as the file's integers); a model directory on the
+//! burn decoder.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -22,7 +24,9 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::chat::value_from_json;
+use crate::decode::Engine;
 use crate::generate::{Completion, Delta, Request, Running, Sampling};
+use crate::gguf::Gguf;
 use crate::loader::LoadedModel;
 
 /// Server settings.
@@ -67,7 +71,10 @@ pub async fn serve(
         default_max_tokens: options.default_max_tokens,
     });
     let max_batch = options.max_batch.max(1);
-    std::thread::Builder::new().name("kiln-generate".into()).spawn(move || generation_loop(&model, rx, max_batch))?;
+    let engine = packed_engine(&model).map_err(std::io::Error::other)?;
+    std::thread::Builder::new()
+        .name("kiln-generate".into())
+        .spawn(move || generation_loop(&model, engine.as_ref(), rx, max_batch))?;
     let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
@@ -81,11 +88,26 @@ pub async fn serve(
     axum::serve(listener, app).await
 }
 
+/// The packed decode path of a GGUF model; `None` for a model directory.
+fn packed_engine(model: &LoadedModel) -> crate::error::Result<Option<Engine>> {
+    if model.path.extension().is_none_or(|e| e != "gguf") {
+        return Ok(None);
+    }
+    let engine = Engine::from_gguf(&Gguf::open(&model.path)?, &model.config)?;
+    tracing::info!("decoding on the packed path (the GGUF's own integers)");
+    Ok(Some(engine))
+}
+
 /// Continuous batching: between two decode steps, waiting jobs join the running batch while it
 /// has room for all their choices (up to `max_batch` rows; a job larger than that runs alone),
-/// and each job is answered as soon as its last choice finishes.
-fn generation_loop(model: &LoadedModel, rx: mpsc::Receiver<Job>, max_batch: usize) {
-    let mut running = Running::new(model);
+/// and each job is answered as soon as its last choice finishes. Tokens run through `engine`
+/// when there is one, else through the model's burn decoder.
+fn generation_loop(model: &LoadedModel, engine: Option<&Engine>, rx: mpsc::Receiver<Job>, max_batch: usize) {
+    let fresh = || match engine {
+        Some(engine) => Running::packed(model, engine),
+        None => Running::new(model),
+    };
+    let mut running = fresh();
     let mut waiting: VecDeque<Job> = VecDeque::new();
     // Jobs in the batch, by id: the job, its choices finished so far, and how many are left.
     let mut active: HashMap<usize, (Job, Vec<Option<Completion>>, usize)> = HashMap::new();
@@ -117,14 +139,13 @@ fn generation_loop(model: &LoadedModel, rx: mpsc::Receiver<Job>, max_batch: usiz
             active.insert(next_job, (job, vec![None; n], n));
             next_job += 1;
         }
-        running.join(joining);
         let mut stream = |delta: Delta| {
             let (j, choice) = owners[&delta.row];
             if let Some(deltas) = &active[&j].0.deltas {
                 let _ = deltas.send((choice, delta));
             }
         };
-        match running.step(&mut stream) {
+        match running.join(joining).and_then(|()| running.step(&mut stream)) {
             Ok(finished) => {
                 for (row, completion) in finished {
                     let (j, choice) = owners.remove(&row).expect("a row has an owner");
@@ -145,7 +166,7 @@ fn generation_loop(model: &LoadedModel, rx: mpsc::Receiver<Job>, max_batch: usiz
                     let _ = job.reply.send(Err(e.to_string()));
                 }
                 owners.clear();
-                running = Running::new(model);
+                running = fresh();
             }
         }
     }

@@ -301,3 +301,37 @@ fn smollm2_packed_decoding_gives_transformers_greedy_tokens() {
         assert_eq!(ours, expected, "greedy tokens for {}", case["messages"]);
     }
 }
+
+#[test]
+fn kiln_serve_path_continues_prompts_as_the_burn_decoder_does() {
+    use kiln_train::decode::Engine;
+    use kiln_train::generate::{Request, Running};
+    let model = smollm2();
+    let engine = Engine::from_gguf(&kiln_train::gguf::Gguf::open(&model.path).unwrap(), &model.config).unwrap();
+    let reference = smollm2_reference();
+    let distinct: Vec<Vec<u32>> =
+        reference["generations"].as_array().unwrap().iter().map(|c| ids(&c["prompt_ids"])).collect();
+    // Rows of different lengths (so that they finish at different steps), one prompt twice,
+    // and a row joining while the others run.
+    let lengths = [12, 5, 9];
+    let request = |i: usize| Request {
+        prompt: distinct[i % distinct.len()].clone(),
+        sampling: Sampling { max_tokens: lengths[i % 3], ..Sampling::default() },
+    };
+    let rows = [request(0), request(1), request(0), request(2)];
+    let mut running = Running::packed(model, &engine);
+    running.join(rows[..3].iter().cloned().enumerate().collect()).unwrap();
+    let mut done = std::collections::BTreeMap::new();
+    let mut steps = 0;
+    while !running.is_empty() || done.len() < rows.len() {
+        if steps == 2 {
+            running.join(vec![(3, rows[3].clone())]).unwrap();
+        }
+        done.extend(running.step(&mut |_| {}).unwrap());
+        steps += 1;
+    }
+    for (key, completion) in done {
+        let alone = generate(model, std::slice::from_ref(&rows[key].prompt), &rows[key].sampling).unwrap();
+        assert_eq!(completion.tokens, alone.completions[0].tokens, "row {key}");
+    }
+}

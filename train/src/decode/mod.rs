@@ -45,7 +45,7 @@ pub struct Engine {
 }
 
 /// One sequence's keys and values, room for `capacity` positions in every layer.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Sequence {
     keys: Vec<f32>,
     values: Vec<f32>,
@@ -157,6 +157,11 @@ impl Engine {
     pub fn sequence(&self, capacity: usize) -> Sequence {
         let size = self.layers.len() * capacity * self.kv_dim();
         Sequence { keys: vec![0.0; size], values: vec![0.0; size], len: 0, capacity }
+    }
+
+    /// Logits per row: the vocabulary's size.
+    pub fn vocab(&self) -> usize {
+        self.head.as_ref().unwrap_or(&self.embed).rows
     }
 
     fn kv_dim(&self) -> usize {
