@@ -87,14 +87,7 @@ fn run_packed(engine: &Engine, tokens: &[Vec<u32>], new: usize) -> (f64, f64) {
     let start = Instant::now();
     let mut seqs: Vec<_> = tokens.iter().map(|t| engine.sequence(t.len() + new)).collect();
     let mut scratch = engine.scratch(tokens.iter().map(Vec::len).sum());
-    let rows: Vec<StepRow> = tokens
-        .iter()
-        .enumerate()
-        .flat_map(|(s, t)| {
-            t.iter().enumerate().map(move |(i, &token)| StepRow { seq: s, token, logits: i + 1 == t.len() })
-        })
-        .collect();
-    engine.step(&rows, &mut seqs, &mut scratch).unwrap();
+    engine.step(&StepRow::prefill(tokens), &mut seqs, &mut scratch).unwrap();
     let first_token_s = start.elapsed().as_secs_f64();
     let decode = Instant::now();
     let argmax = |l: &[f32]| l.iter().enumerate().fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0;

@@ -252,14 +252,7 @@ impl<'m> Running<'m> {
                         engine.sequence(p.len() + room)
                     })
                     .collect();
-                let steps: Vec<StepRow> = distinct
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(d, p)| {
-                        p.iter().enumerate().map(move |(i, &token)| StepRow { seq: d, token, logits: i + 1 == p.len() })
-                    })
-                    .collect();
-                engine.step(&steps, &mut fresh, scratch)?;
+                engine.step(&StepRow::prefill(&distinct), &mut fresh, scratch)?;
                 let vocab = engine.vocab();
                 let prefilled =
                     (0..distinct.len()).map(|d| scratch.logits[d * vocab..(d + 1) * vocab].to_vec()).collect();

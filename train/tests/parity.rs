@@ -272,14 +272,7 @@ fn smollm2_packed_decoding_gives_transformers_greedy_tokens() {
     let vocab = model.config.vocab_size;
     // Every prompt prefilled in one step (the last position of each gives logits), then all
     // sequences decoded together.
-    let rows: Vec<StepRow> = prompts
-        .iter()
-        .enumerate()
-        .flat_map(|(s, p)| {
-            p.iter().enumerate().map(move |(i, &token)| StepRow { seq: s, token, logits: i + 1 == p.len() })
-        })
-        .collect();
-    engine.step(&rows, &mut seqs, &mut scratch).unwrap();
+    engine.step(&StepRow::prefill(&prompts), &mut seqs, &mut scratch).unwrap();
     let argmax =
         |l: &[f32]| l.iter().enumerate().fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0 as u32;
     let mut tokens: Vec<Vec<u32>> =

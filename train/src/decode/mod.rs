@@ -82,6 +82,18 @@ pub struct StepRow {
     pub logits: bool,
 }
 
+impl StepRow {
+    /// The rows that prefill `prompts`, prompt `k` into sequence `k`, each prompt's last token
+    /// asking for logits (so a step's logits are the prompts' next-token logits, in order).
+    pub fn prefill<P: AsRef<[u32]>>(prompts: &[P]) -> Vec<StepRow> {
+        let rows = prompts.iter().enumerate().flat_map(|(seq, p)| {
+            let p = p.as_ref();
+            p.iter().enumerate().map(move |(i, &token)| StepRow { seq, token, logits: i + 1 == p.len() })
+        });
+        rows.collect()
+    }
+}
+
 impl Engine {
     /// The model in `gguf`, its weights packed.
     pub fn from_gguf(gguf: &Gguf, config: &ModelConfig) -> Result<Engine> {

@@ -112,14 +112,15 @@ impl PackedMatrix {
                     // (b, r) is written by the one task whose block holds r.
                     unsafe { *out.at(b * self.rows + r) = v }
                 };
+                let task = Task { m: self, x, batch, rows };
                 if simd {
                     // SAFETY: `simd()` checked that the CPU has AVX2 and FMA.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        rows_avx2(self, x, batch, rows, &mut w, write)
+                        rows_avx2(task, &mut w, write)
                     }
                 } else {
-                    rows_of::<false>(self, x, batch, rows, &mut w, write)
+                    rows_of::<false>(task, &mut w, write)
                 }
             });
         });
@@ -151,31 +152,26 @@ fn simd() -> bool {
     false
 }
 
+/// One task of a product: weight rows `rows` of `m` with the `batch` rows of `x`.
+struct Task<'a> {
+    m: &'a PackedMatrix,
+    x: &'a [f32],
+    batch: usize,
+    rows: std::ops::Range<usize>,
+}
+
 /// [`rows_of`] compiled for AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2(
-    m: &PackedMatrix,
-    x: &[f32],
-    batch: usize,
-    rows: std::ops::Range<usize>,
-    w: &mut [f32],
-    write: impl Fn(usize, usize, f32),
-) {
-    rows_of::<true>(m, x, batch, rows, w, write)
+unsafe fn rows_avx2(task: Task, w: &mut [f32], write: impl Fn(usize, usize, f32)) {
+    rows_of::<true>(task, w, write)
 }
 
-/// The products of weight rows `rows` with every row of `x`: each weight row expanded into `w`
-/// once, then met by the batch.
+/// A task's products, each handed to `write(b, r, value)`: each weight row expanded into `w`
+/// once, then met by every row of the batch.
 #[inline(always)]
-fn rows_of<const FMA: bool>(
-    m: &PackedMatrix,
-    x: &[f32],
-    batch: usize,
-    rows: std::ops::Range<usize>,
-    w: &mut [f32],
-    write: impl Fn(usize, usize, f32),
-) {
+fn rows_of<const FMA: bool>(task: Task, w: &mut [f32], write: impl Fn(usize, usize, f32)) {
+    let Task { m, x, batch, rows } = task;
     for r in rows {
         expand_row(m, r, w);
         for b in 0..batch {
