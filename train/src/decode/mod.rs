@@ -197,7 +197,7 @@ impl Engine {
             up: vec![0.0; rows * ff],
             scores: Vec::with_capacity(4096),
             positions: Vec::with_capacity(rows),
-            logits: vec![0.0; rows * self.embed.rows],
+            logits: vec![0.0; rows * self.vocab()],
         }
     }
 
@@ -286,11 +286,10 @@ impl Engine {
         let mut wanted = 0;
         for (i, row) in rows.iter().enumerate() {
             if row.logits {
-                s.h[wanted * d..(wanted + 1) * d].copy_from_slice(&s.x[i * d..(i + 1) * d]);
+                rms_norm(&s.x[i * d..(i + 1) * d], &self.norm, eps, &mut s.h[wanted * d..(wanted + 1) * d]);
                 wanted += 1;
             }
         }
-        rms_norm_in_place(&mut s.h[..wanted * d], &self.norm, eps);
         let head = self.head.as_ref().unwrap_or(&self.embed);
         head.product(&s.h[..wanted * d], wanted, &mut s.logits[..wanted * head.rows]);
         Ok(())
@@ -318,16 +317,6 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         let mean = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
         let inv = 1.0 / (mean + eps).sqrt();
         out.iter_mut().zip(row).zip(weight).for_each(|((o, v), w)| *o = v * inv * w);
-    }
-}
-
-/// [`rms_norm`] in place.
-fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
-    let d = weight.len();
-    for row in x.chunks_exact_mut(d) {
-        let mean = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (mean + eps).sqrt();
-        row.iter_mut().zip(weight).for_each(|(v, w)| *v = *v * inv * w);
     }
 }
 
