@@ -85,7 +85,7 @@ fn compare_on_gguf(path: &std::path::Path, batch: usize, prompt: usize, new: usi
 fn run_packed(engine: &Engine, tokens: &[Vec<u32>], new: usize) -> (f64, f64) {
     let vocab = engine.config.vocab_size;
     let start = Instant::now();
-    let mut seqs: Vec<_> = tokens.iter().map(|t| engine.sequence(t.len() + new)).collect();
+    let mut seqs: Vec<_> = tokens.iter().map(|t| engine.sequence(t.len(), t.len() + new)).collect();
     let mut scratch = engine.scratch(tokens.iter().map(Vec::len).sum());
     engine.step(&StepRow::prefill(tokens), &mut seqs, &mut scratch).unwrap();
     let first_token_s = start.elapsed().as_secs_f64();

@@ -179,7 +179,7 @@ enum Kv<'m> {
     /// The burn decoder ([`LoadedModel::decoder`]: the weights being trained, for RL), one
     /// left-padded cache for the batch.
     Burn(KvCache),
-    /// The packed decode path: a sequence per row, allocated once for its whole length.
+    /// The packed decode path: a sequence per row.
     Packed { engine: &'m Engine, seqs: Vec<Sequence>, scratch: Box<Scratch> },
 }
 
@@ -249,7 +249,7 @@ impl<'m> Running<'m> {
                     .map(|(d, p)| {
                         let longest = requests.iter().zip(&copy_of).filter(|(_, c)| **c == d);
                         let room = longest.map(|((_, r), _)| r.sampling.max_tokens.max(1)).max().unwrap_or(1);
-                        engine.sequence(p.len() + room)
+                        engine.sequence(p.len(), p.len() + room)
                     })
                     .collect();
                 engine.step(&StepRow::prefill(&distinct), &mut fresh, scratch)?;

@@ -267,7 +267,7 @@ fn smollm2_packed_decoding_gives_transformers_greedy_tokens() {
     let cases = reference["generations"].as_array().unwrap();
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
     let max_tokens = 24;
-    let mut seqs: Vec<_> = prompts.iter().map(|p| engine.sequence(p.len() + max_tokens)).collect();
+    let mut seqs: Vec<_> = prompts.iter().map(|p| engine.sequence(p.len(), p.len() + max_tokens)).collect();
     let mut scratch = engine.scratch(4);
     let vocab = model.config.vocab_size;
     // Every prompt prefilled in one step (the last position of each gives logits), then all

@@ -1,7 +1,8 @@
 //! Generation on the CPU built for one token at a time: the weights of a GGUF model kept packed
 //! ([`packed::PackedMatrix`]: a block type's own integers, expanded a row at a time in cache),
-//! every sequence's keys and values in a buffer allocated once for its whole length, and one
-//! step's activations in buffers allocated once per batch size. A step runs any rows (a new
+//! every sequence's keys and values in buffers allocated with room for its prompt and the first
+//! [`RESERVED`] tokens (then doubling), and one step's activations in buffers allocated once per
+//! batch size. A step runs any rows (a new
 //! token of each sequence decoding, or a prompt's tokens being prefilled), so prefill takes
 //! the same products with many rows at once.
 //!
@@ -44,15 +45,20 @@ pub struct Engine {
     inv_freq: Vec<f32>,
 }
 
-/// One sequence's keys and values, room for `capacity` positions in every layer.
+/// One sequence's keys and values, per layer, up to `capacity` positions. Room for the prompt
+/// and the first [`RESERVED`] generated positions is allocated at once; past that the buffers
+/// grow by doubling (memory follows what a sequence uses, not the `max_tokens` it may reach).
 #[derive(Clone, Debug)]
 pub struct Sequence {
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
     /// Positions filled.
     pub len: usize,
     pub capacity: usize,
 }
+
+/// Positions allocated at once beyond a sequence's prompt.
+pub const RESERVED: usize = 256;
 
 /// One step's activations for up to `rows` rows.
 #[derive(Debug, Default)]
@@ -165,10 +171,12 @@ impl Engine {
         })
     }
 
-    /// An empty sequence with room for `capacity` positions.
-    pub fn sequence(&self, capacity: usize) -> Sequence {
-        let size = self.layers.len() * capacity * self.kv_dim();
-        Sequence { keys: vec![0.0; size], values: vec![0.0; size], len: 0, capacity }
+    /// An empty sequence of at most `capacity` positions, of which `prompt` plus [`RESERVED`]
+    /// are allocated now.
+    pub fn sequence(&self, prompt: usize, capacity: usize) -> Sequence {
+        let room = (prompt + RESERVED).min(capacity) * self.kv_dim();
+        let layers = || (0..self.layers.len()).map(|_| Vec::with_capacity(room)).collect();
+        Sequence { keys: layers(), values: layers(), len: 0, capacity }
     }
 
     /// Logits per row: the vocabulary's size.
@@ -242,29 +250,30 @@ impl Engine {
             for (i, &p) in positions.iter().enumerate() {
                 self.rotate(&mut s.q[i * qd..(i + 1) * qd], p);
                 self.rotate(&mut s.k[i * kvd..(i + 1) * kvd], p);
+                // Rows of a sequence come in position order: each appends its position.
                 let seq = &mut seqs[rows[i].seq];
-                let at = (l * seq.capacity + p) * kvd;
-                seq.keys[at..at + kvd].copy_from_slice(&s.k[i * kvd..(i + 1) * kvd]);
-                seq.values[at..at + kvd].copy_from_slice(&s.v[i * kvd..(i + 1) * kvd]);
+                debug_assert_eq!(seq.keys[l].len(), p * kvd);
+                seq.keys[l].extend_from_slice(&s.k[i * kvd..(i + 1) * kvd]);
+                seq.values[l].extend_from_slice(&s.v[i * kvd..(i + 1) * kvd]);
             }
             let group = heads / kv_heads;
             let scale = 1.0 / (head_dim as f32).sqrt();
             for (i, &p) in positions.iter().enumerate() {
                 let seq = &seqs[rows[i].seq];
-                let base = l * seq.capacity * kvd;
+                let (keys, values) = (&seq.keys[l], &seq.values[l]);
                 for h in 0..heads {
                     let g = h / group;
                     let q = &s.q[i * qd + h * head_dim..i * qd + (h + 1) * head_dim];
                     s.scores.clear();
                     s.scores.extend((0..=p).map(|t| {
-                        let k = &seq.keys[base + t * kvd + g * head_dim..base + t * kvd + (g + 1) * head_dim];
+                        let k = &keys[t * kvd + g * head_dim..t * kvd + (g + 1) * head_dim];
                         q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
                     }));
                     softmax(&mut s.scores);
                     let out = &mut s.heads[i * qd + h * head_dim..i * qd + (h + 1) * head_dim];
                     out.fill(0.0);
                     for (t, &w) in s.scores.iter().enumerate() {
-                        let v = &seq.values[base + t * kvd + g * head_dim..base + t * kvd + (g + 1) * head_dim];
+                        let v = &values[t * kvd + g * head_dim..t * kvd + (g + 1) * head_dim];
                         out.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
                     }
                 }
