@@ -13,7 +13,8 @@ use std::time::Instant;
 use burn::prelude::*;
 use burn::tensor::{DeviceConfig, FloatDType};
 use kiln_train::ModelConfig;
-use kiln_train::decode::{Engine, StepRow};
+use kiln_train::decode::Engine;
+use kiln_train::generate::{Request, Running, Sampling};
 use kiln_train::model::{Batch, Decoder, KvCache};
 use kiln_train::weights::{build_decoder, random_weights};
 
@@ -66,40 +67,38 @@ fn compare_on_gguf(path: &std::path::Path, batch: usize, prompt: usize, new: usi
     let mut rng = fastrand::Rng::with_seed(1);
     let tokens: Vec<Vec<u32>> =
         (0..batch).map(|_| (0..prompt).map(|_| rng.u32(..config.vocab_size as u32)).collect()).collect();
-    let report = |name: &str, (first_token_s, decode_s): (f64, f64)| {
+    let report = |name: &str, (first_token_s, decode_s, generated): (f64, f64, usize)| {
         println!(
             "{}",
             serde_json::json!({
                 "impl": name, "model": model.name(), "batch": batch, "prompt": prompt, "new_tokens": new,
-                "threads": rayon::current_num_threads(), "first_token_s": first_token_s,
-                "decode_tokens_per_s": (batch * (new - 1)) as f64 / decode_s.max(1e-9),
-                "tokens_per_s": (batch * new) as f64 / (first_token_s + decode_s),
+                "generated": generated, "threads": rayon::current_num_threads(), "first_token_s": first_token_s,
+                "decode_tokens_per_s": generated.saturating_sub(batch) as f64 / decode_s.max(1e-9),
+                "tokens_per_s": generated as f64 / (first_token_s + decode_s),
             })
         );
     };
-    report("kiln-burn", run(&model.decoder, config, &tokens, new));
-    report("kiln-packed", run_packed(&engine, &tokens, new));
+    let (first_token_s, decode_s) = run(&model.decoder, config, &tokens, new);
+    report("kiln-burn", (first_token_s, decode_s, batch * new));
+    report("kiln-packed", run_packed(&model, &engine, &tokens, new));
 }
 
-/// [`run`] on the packed decode path.
-fn run_packed(engine: &Engine, tokens: &[Vec<u32>], new: usize) -> (f64, f64) {
-    let vocab = engine.config.vocab_size;
+/// [`run`] as `kiln serve` runs a GGUF: prompts prefilled through the burn decoder, tokens
+/// decoded on the packed path ([`Running::packed`]); rows that meet a stop token leave early.
+/// The seconds to the first token, of the decode steps after it, and the tokens generated.
+fn run_packed(model: &kiln_train::LoadedModel, engine: &Engine, tokens: &[Vec<u32>], new: usize) -> (f64, f64, usize) {
     let start = Instant::now();
-    let mut seqs: Vec<_> = tokens.iter().map(|t| engine.sequence(t.len(), t.len() + new)).collect();
-    let mut scratch = engine.scratch(tokens.iter().map(Vec::len).sum());
-    engine.step(&StepRow::prefill(tokens), &mut seqs, &mut scratch).unwrap();
+    let mut running = Running::packed(model, engine);
+    let sampling = Sampling { max_tokens: new, ..Sampling::default() };
+    let requests = tokens.iter().map(|t| Request { prompt: t.clone(), sampling: sampling.clone() });
+    running.join(requests.enumerate().collect()).unwrap();
     let first_token_s = start.elapsed().as_secs_f64();
     let decode = Instant::now();
-    let argmax = |l: &[f32]| l.iter().enumerate().fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0;
-    let mut next: Vec<u32> =
-        (0..tokens.len()).map(|s| argmax(&scratch.logits[s * vocab..(s + 1) * vocab]) as u32).collect();
-    for _ in 1..new {
-        let rows: Vec<StepRow> =
-            next.iter().enumerate().map(|(s, &token)| StepRow { seq: s, token, logits: true }).collect();
-        engine.step(&rows, &mut seqs, &mut scratch).unwrap();
-        next = (0..tokens.len()).map(|s| argmax(&scratch.logits[s * vocab..(s + 1) * vocab]) as u32).collect();
+    let mut generated = 0;
+    while !running.is_empty() {
+        generated += running.step(&mut |_| {}).unwrap().iter().map(|(_, c)| c.tokens.len()).sum::<usize>();
     }
-    (first_token_s, decode.elapsed().as_secs_f64())
+    (first_token_s, decode.elapsed().as_secs_f64(), generated)
 }
 
 /// Prefills `tokens` and decodes greedily until each row has `new` tokens: the seconds to the

@@ -240,23 +240,20 @@ impl<'m> Running<'m> {
         self.prefilled_tokens += distinct.iter().map(|p| p.len()).sum::<usize>();
         let (prefilled, pads) = match &mut self.kv {
             Kv::Burn(cache) => join_burn(self.model, cache, &mut self.rows, &distinct, &copy_of),
-            Kv::Packed { engine, seqs, scratch } => {
-                // Each distinct prompt prefilled once, into a sequence with room for the longest
-                // completion asked of it; copied to the prompt's other rows.
-                let mut fresh: Vec<Sequence> = distinct
-                    .iter()
-                    .enumerate()
-                    .map(|(d, p)| {
-                        let longest = requests.iter().zip(&copy_of).filter(|(_, c)| **c == d);
-                        let room = longest.map(|((_, r), _)| r.sampling.max_tokens.max(1)).max().unwrap_or(1);
-                        engine.sequence(p.len(), p.len() + room)
-                    })
-                    .collect();
-                engine.step(&StepRow::prefill(&distinct), &mut fresh, scratch)?;
-                let vocab = engine.vocab();
-                let prefilled =
-                    (0..distinct.len()).map(|d| scratch.logits[d * vocab..(d + 1) * vocab].to_vec()).collect();
-                seqs.extend(copy_of.iter().map(|&d| fresh[d].clone()));
+            Kv::Packed { engine, seqs, .. } => {
+                // Prompts go through the burn decoder (matrix-matrix products, faster than the
+                // packed path for many tokens at once), each distinct one once; its keys and
+                // values then move to a sequence per row, with room for the longest completion
+                // asked of it.
+                let mut cache = KvCache::new(self.model.config.num_hidden_layers);
+                let identity: Vec<usize> = (0..distinct.len()).collect();
+                let (prefilled, pads) = join_burn(self.model, &mut cache, &mut [], &distinct, &identity);
+                let layers = self.model.config.num_hidden_layers;
+                for (i, &d) in copy_of.iter().enumerate() {
+                    let room = requests[i].1.sampling.max_tokens.max(1);
+                    let kv = (0..layers).map(|l| cache.host_rows(l, d, pads[d]).expect("a prefilled layer")).collect();
+                    seqs.push(engine.prefilled(distinct[d].len() + room, kv));
+                }
                 (prefilled, vec![0; requests.len()])
             }
         };

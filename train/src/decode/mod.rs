@@ -179,6 +179,20 @@ impl Engine {
         Sequence { keys: layers(), values: layers(), len: 0, capacity }
     }
 
+    /// A sequence of at most `capacity` positions holding the keys and values of a prompt
+    /// computed elsewhere (the burn decoder's prefill): one `(keys, values)` per layer, each
+    /// position's `kv_heads * head_dim` values in turn.
+    pub fn prefilled(&self, capacity: usize, layers: Vec<(Vec<f32>, Vec<f32>)>) -> Sequence {
+        let len = layers.first().map_or(0, |(k, _)| k.len() / self.kv_dim());
+        let mut seq = self.sequence(len, capacity);
+        for (l, (k, v)) in layers.into_iter().enumerate() {
+            seq.keys[l].extend(k);
+            seq.values[l].extend(v);
+        }
+        seq.len = len;
+        seq
+    }
+
     /// Logits per row: the vocabulary's size.
     pub fn vocab(&self) -> usize {
         self.head.as_ref().unwrap_or(&self.embed).rows
