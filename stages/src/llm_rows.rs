@@ -215,12 +215,12 @@ where
     // Rows finished ahead of an earlier one, with their id (not their request: its prompt is
     // no longer needed, and may be long); past a thousand, on disk.
     let mut done: Reorder<S, Finished<T>> = Reorder::new(cx.cache.dir());
-    let (mut started, mut handed) = (0usize, 0usize);
+    let mut started = 0usize;
     let mut counters: BTreeMap<String, u64> = BTreeMap::new();
     let mut rejections = Vec::new();
     let mut failure = None;
     loop {
-        while failure.is_none() && running.len() < parallel() && started - handed < REORDER_WINDOW {
+        while failure.is_none() && running.len() < parallel() && started - done.next() < REORDER_WINDOW {
             let unit = match next_unit(&mut requests, client.config().supports_n) {
                 Some(unit) => unit?,
                 None => break,
@@ -265,7 +265,6 @@ where
             continue;
         }
         while let Some((source, (row_id, reply, hits, tries))) = done.pop()? {
-            handed += 1;
             *counters.entry("llm_cache_hits".into()).or_default() += hits;
             if tries > 0 {
                 *counters.entry(format!("row_tries_{tries}")).or_default() += 1;

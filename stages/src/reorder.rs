@@ -68,6 +68,11 @@ impl<S, V: Serialize + DeserializeOwned> Reorder<S, V> {
         }
     }
 
+    /// Index of the next value to hand on (how many were handed on so far).
+    pub fn next(&self) -> usize {
+        self.next
+    }
+
     /// Files `value` (with what it came from) as the one with index `at`, which must not have
     /// been handed on or filed already.
     pub fn put(&mut self, at: usize, source: S, value: V) -> Result<()> {

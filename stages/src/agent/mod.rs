@@ -38,7 +38,8 @@ use kiln_sandbox::{Cell, DataFile, Isolation, Limits, PythonEnv, Sandbox, Worker
 use serde::Serialize;
 
 use crate::StageError;
-use crate::llm_rows::{Model, RowRequest, cached_sample, estimate_rows, sample_seed};
+use crate::llm_rows::{Model, REORDER_WINDOW, RowRequest, cached_sample, estimate_rows, sample_seed};
+use crate::reorder::Reorder;
 use crate::taxonomy::Taxonomy;
 use crate::templates::{Templates, check_template};
 use protocol::{Action, STOP, close_turn, corrective, interpreter, parse_action};
@@ -355,8 +356,8 @@ impl Agent<'_> {
 
     /// `n` trajectories of each task of `tasks` (read as trajectories free up, so they may come
     /// lazily from a large input), handed to `on_result` in task then sample order. Trajectories
-    /// finish in any order (a slow one holds only its own slot, up to
-    /// [`crate::llm_rows::REORDER_WINDOW`] ahead). `total` sizes the progress bar.
+    /// finish in any order (a slow one holds only its own slot, up to [`REORDER_WINDOW`] ahead;
+    /// those finished ahead of it wait in a [`Reorder`] buffer). `total` sizes the progress bar.
     pub async fn sample_each(
         &self,
         tasks: impl Iterator<Item = Result<Task>>,
@@ -379,10 +380,12 @@ impl Agent<'_> {
             Err(e) => vec![Err(e)],
         });
         let mut running = FuturesUnordered::new();
-        let mut done = BTreeMap::new();
-        let (mut started, mut handed) = (0usize, 0usize);
+        // Trajectories finished ahead of an earlier one (long conversations): past a thousand,
+        // on disk.
+        let mut done: Reorder<(), Result<Trajectory, Rejection>> = Reorder::new(self.cx.cache.dir());
+        let (mut started, mut failure) = (0usize, None);
         loop {
-            while running.len() < parallel && started - handed < crate::llm_rows::REORDER_WINDOW {
+            while failure.is_none() && running.len() < parallel && started - done.next() < REORDER_WINDOW {
                 let Some(job) = jobs.next() else { break };
                 let (task, sample) = job?;
                 let at = started;
@@ -391,14 +394,22 @@ impl Agent<'_> {
             }
             let Some((at, result)) = running.next().await else { break };
             bar.inc(1);
-            done.insert(at, result);
-            while let Some(result) = done.remove(&handed) {
-                handed += 1;
-                on_result(result?)?;
+            match result {
+                Ok(result) => done.put(at, (), result)?,
+                // An error of the stage itself ends it once the trajectories in flight are back
+                // and cached: their teacher calls and sandbox runs are paid for.
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+            while failure.is_none()
+                && let Some(((), result)) = done.pop()?
+            {
+                on_result(result)?;
             }
         }
         bar.finish_and_clear();
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 
     /// The isolation the sandbox uses.
