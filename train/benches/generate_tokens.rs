@@ -91,7 +91,7 @@ fn run_packed(model: &kiln_train::LoadedModel, engine: &Engine, tokens: &[Vec<u3
     let mut running = Running::packed(model, engine);
     let sampling = Sampling { max_tokens: new, ..Sampling::default() };
     let requests = tokens.iter().map(|t| Request { prompt: t.clone(), sampling: sampling.clone() });
-    running.join(requests.enumerate().collect()).unwrap();
+    running.join(requests.enumerate().collect());
     let first_token_s = start.elapsed().as_secs_f64();
     let decode = Instant::now();
     let mut generated = 0;

@@ -138,7 +138,7 @@ pub fn generate_streaming(
 ) -> Result<Generated> {
     let start = Instant::now();
     let mut running = Running::new(model);
-    running.join(requests.iter().cloned().enumerate().collect())?;
+    running.join(requests.iter().cloned().enumerate().collect());
     let mut outputs: Vec<Option<Completion>> = vec![None; requests.len()];
     while !running.is_empty() {
         for (row, completion) in running.step(on_delta)? {
@@ -222,9 +222,9 @@ impl<'m> Running<'m> {
     /// Prefills `requests` (each distinct prompt once: the n samples of a request share one
     /// prefill) and adds them to the batch under their keys; they get their first token at the
     /// next [`Running::step`].
-    pub fn join(&mut self, requests: Vec<(usize, Request)>) -> Result<()> {
+    pub fn join(&mut self, requests: Vec<(usize, Request)>) {
         if requests.is_empty() {
-            return Ok(());
+            return;
         }
         let mut distinct: Vec<&Vec<u32>> = Vec::new();
         let copy_of: Vec<usize> = requests
@@ -249,11 +249,17 @@ impl<'m> Running<'m> {
                 let identity: Vec<usize> = (0..distinct.len()).collect();
                 let (prefilled, pads) = join_burn(self.model, &mut cache, &mut [], &distinct, &identity);
                 let layers = self.model.config.num_hidden_layers;
-                for (i, &d) in copy_of.iter().enumerate() {
-                    let room = requests[i].1.sampling.max_tokens.max(1);
-                    let kv = (0..layers).map(|l| cache.host_rows(l, d, pads[d]).expect("a prefilled layer")).collect();
-                    seqs.push(engine.prefilled(distinct[d].len() + room, kv));
-                }
+                let fresh: Vec<Sequence> = distinct
+                    .iter()
+                    .enumerate()
+                    .map(|(d, prompt)| {
+                        let copies = requests.iter().zip(&copy_of).filter(|(_, c)| **c == d);
+                        let room = copies.map(|((_, r), _)| r.sampling.max_tokens.max(1)).max().unwrap_or(1);
+                        let kv = (0..layers).map(|l| cache.host_rows(l, d, pads[d]).expect("a prefilled layer"));
+                        engine.prefilled(prompt.len() + room, kv.collect())
+                    })
+                    .collect();
+                seqs.extend(copy_of.iter().map(|&d| fresh[d].clone()));
                 (prefilled, vec![0; requests.len()])
             }
         };
@@ -262,7 +268,6 @@ impl<'m> Running<'m> {
             let rng = fastrand::Rng::with_seed(request.sampling.seed);
             self.rows.push(Row { key, sampling: request.sampling, rng, tokens: Vec::new(), sent: 0, pad });
         }
-        Ok(())
     }
 
     /// Picks one token for every row, hands out the new text, and runs the rows that go on

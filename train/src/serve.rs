@@ -139,13 +139,14 @@ fn generation_loop(model: &LoadedModel, engine: Option<&Engine>, rx: mpsc::Recei
             active.insert(next_job, (job, vec![None; n], n));
             next_job += 1;
         }
+        running.join(joining);
         let mut stream = |delta: Delta| {
             let (j, choice) = owners[&delta.row];
             if let Some(deltas) = &active[&j].0.deltas {
                 let _ = deltas.send((choice, delta));
             }
         };
-        match running.join(joining).and_then(|()| running.step(&mut stream)) {
+        match running.step(&mut stream) {
             Ok(finished) => {
                 for (row, completion) in finished {
                     let (j, choice) = owners.remove(&row).expect("a row has an owner");

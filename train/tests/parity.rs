@@ -313,12 +313,12 @@ fn kiln_serve_path_continues_prompts_as_the_burn_decoder_does() {
     };
     let rows = [request(0), request(1), request(0), request(2)];
     let mut running = Running::packed(model, &engine);
-    running.join(rows[..3].iter().cloned().enumerate().collect()).unwrap();
+    running.join(rows[..3].iter().cloned().enumerate().collect());
     let mut done = std::collections::BTreeMap::new();
     let mut steps = 0;
     while !running.is_empty() || done.len() < rows.len() {
         if steps == 2 {
-            running.join(vec![(3, rows[3].clone())]).unwrap();
+            running.join(vec![(3, rows[3].clone())]);
         }
         done.extend(running.step(&mut |_| {}).unwrap());
         steps += 1;
