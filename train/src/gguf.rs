@@ -197,9 +197,10 @@ impl Gguf {
             };
             let mut tensor = self.tensor(info)?;
             if config.model_type == "llama" {
-                if name.ends_with("q_proj.weight") {
+                // Biases too, as llama.cpp's converter permutes them.
+                if name.ends_with("q_proj.weight") || name.ends_with("q_proj.bias") {
                     tensor = unpermute_rows(tensor, config.num_attention_heads);
-                } else if name.ends_with("k_proj.weight") {
+                } else if name.ends_with("k_proj.weight") || name.ends_with("k_proj.bias") {
                     tensor = unpermute_rows(tensor, config.kv_heads());
                 }
             }
@@ -305,22 +306,30 @@ fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
-/// Undoes llama.cpp's q/k permutation: its row `(head, i, j)` (pairs interleaved) is HF's row
-/// `(head, j, i)` (halves).
-fn unpermute_rows(t: HostTensor, heads: usize) -> HostTensor {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
+/// Where each row of a Llama q/k projection (or bias) with `rows` rows over `heads` heads comes
+/// from in llama.cpp's layout: its row `(head, i, j)` (pairs interleaved) is Hugging Face's row
+/// `(head, j, i)` (halves). `sources[dst]` is the GGUF row that becomes row `dst`.
+pub fn llama_qk_sources(rows: usize, heads: usize) -> Vec<usize> {
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    let mut data = vec![0.0; t.data.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * head_dim + i * 2 + j;
-                let dst = h * head_dim + j * half + i;
-                data[dst * cols..(dst + 1) * cols].copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
+    (0..rows)
+        .map(|dst| {
+            let (h, rest) = (dst / head_dim, dst % head_dim);
+            let (j, i) = (rest / half, rest % half);
+            h * head_dim + i * 2 + j
+        })
+        .collect()
+}
+
+/// The rows `sources` of `values` (rows of `width`), in that order.
+pub fn gather_rows<T: Copy>(values: &[T], sources: &[usize], width: usize) -> Vec<T> {
+    sources.iter().flat_map(|&src| values[src * width..(src + 1) * width].iter().copied()).collect()
+}
+
+/// Undoes llama.cpp's q/k permutation of a weight (`[rows, cols]`) or bias (`[rows]`).
+fn unpermute_rows(t: HostTensor, heads: usize) -> HostTensor {
+    let rows = t.shape[0];
+    let data = gather_rows(&t.data, &llama_qk_sources(rows, heads), t.data.len() / rows);
     HostTensor { shape: t.shape, data }
 }
 

@@ -15,7 +15,7 @@ use packed::PackedMatrix;
 
 use crate::config::ModelConfig;
 use crate::error::{Result, TrainError};
-use crate::gguf::{Gguf, is_quantised};
+use crate::gguf::{Gguf, gather_rows, is_quantised, llama_qk_sources};
 
 /// One transformer block's weights.
 #[derive(Debug)]
@@ -134,8 +134,8 @@ impl Engine {
                 let mut q = vector(&n("attn_q.bias"))?;
                 let mut k = vector(&n("attn_k.bias"))?;
                 if llama {
-                    unpermute_vector(&mut q, config.num_attention_heads);
-                    unpermute_vector(&mut k, config.kv_heads());
+                    q = gather_rows(&q, &llama_qk_sources(q.len(), config.num_attention_heads), 1);
+                    k = gather_rows(&k, &llama_qk_sources(k.len(), config.kv_heads()), 1);
                 }
                 Some([q, k, vector(&n("attn_v.bias"))?])
             } else {
@@ -359,18 +359,4 @@ fn softmax(x: &mut [f32]) {
         sum += *v;
     }
     x.iter_mut().for_each(|v| *v /= sum);
-}
-
-/// Undoes llama.cpp's q/k permutation of a bias (see [`PackedMatrix::unpermute_heads`]).
-fn unpermute_vector(v: &mut [f32], heads: usize) {
-    let head_dim = v.len() / heads;
-    let half = head_dim / 2;
-    let old = v.to_vec();
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                v[h * head_dim + j * half + i] = old[h * head_dim + i * 2 + j];
-            }
-        }
-    }
 }

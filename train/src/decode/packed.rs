@@ -9,7 +9,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::gguf::{Run, is_quantised, unpack};
+use crate::gguf::{Run, gather_rows, is_quantised, llama_qk_sources, unpack};
 
 /// Values per run.
 pub const RUN: usize = 16;
@@ -71,23 +71,12 @@ impl PackedMatrix {
         m
     }
 
-    /// Undoes llama.cpp's q/k permutation for `heads` heads: its row `(head, i, j)` (pairs
-    /// interleaved) is Hugging Face's row `(head, j, i)` (halves).
+    /// Undoes llama.cpp's q/k permutation for `heads` heads ([`crate::gguf::llama_qk_sources`]).
     pub fn unpermute_heads(&mut self, heads: usize) {
-        let (head_dim, runs) = (self.rows / heads, self.cols / RUN);
-        let half = head_dim / 2;
-        let old = self.clone();
-        for h in 0..heads {
-            for i in 0..half {
-                for j in 0..2 {
-                    let (src, dst) = (h * head_dim + i * 2 + j, h * head_dim + j * half + i);
-                    self.q[dst * self.cols..(dst + 1) * self.cols]
-                        .copy_from_slice(&old.q[src * self.cols..(src + 1) * self.cols]);
-                    self.scale[dst * runs..(dst + 1) * runs].copy_from_slice(&old.scale[src * runs..(src + 1) * runs]);
-                    self.min[dst * runs..(dst + 1) * runs].copy_from_slice(&old.min[src * runs..(src + 1) * runs]);
-                }
-            }
-        }
+        let sources = llama_qk_sources(self.rows, heads);
+        self.q = gather_rows(&self.q, &sources, self.cols);
+        self.scale = gather_rows(&self.scale, &sources, self.cols / RUN);
+        self.min = gather_rows(&self.min, &sources, self.cols / RUN);
     }
 
     /// Row `r`'s values, into `out` (`cols` long).
