@@ -93,6 +93,13 @@ impl RmsNorm {
     }
 }
 
+/// The rotary frequencies of `config`'s heads, `head_dim / 2` of them (f64 powers rounded to
+/// f32, as transformers computes them).
+pub fn rope_frequencies(config: &ModelConfig) -> Vec<f32> {
+    let dim = config.head_dim();
+    (0..dim / 2).map(|i| (1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64)) as f32).collect()
+}
+
 /// Rotary position tables for one forward call: `[batch, 1, time, head_dim]` each.
 #[derive(Clone, Debug)]
 pub struct Rope {
@@ -105,8 +112,7 @@ impl Rope {
     pub fn new(config: &ModelConfig, positions: &[Vec<usize>], device: &Device) -> Self {
         let dim = config.head_dim();
         let half = dim / 2;
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| (1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64)) as f32).collect();
+        let inv_freq = rope_frequencies(config);
         let (b, t) = (positions.len(), positions.first().map_or(0, Vec::len));
         let mut cos = Vec::with_capacity(b * t * dim);
         let mut sin = Vec::with_capacity(b * t * dim);

@@ -158,9 +158,7 @@ impl Engine {
             true => Some(matrix("output.weight", None)?),
             false => None,
         };
-        let dim = config.head_dim();
-        let inv_freq =
-            (0..dim / 2).map(|i| (1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64)) as f32).collect();
+        let inv_freq = crate::model::rope_frequencies(config);
         Ok(Engine {
             config: config.clone(),
             embed: matrix("token_embd.weight", None)?,
