@@ -12,6 +12,11 @@ or, for quants.json alone (needs only gguf 0.19 and numpy):
 It writes, under train/fixtures/ (all small):
   tiny-qwen2/, tiny-llama/   random-weight models built by transformers (safetensors, config.json,
                              tokenizer-free) and their reference logits and greedy tokens;
+  tiny-qwen2.gguf, tiny-qwen2-gguf.json
+                             a random Qwen2 written as llama.cpp lays it out, its matrices in F16,
+                             BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K and Q6_K, and transformers'
+                             logits and greedy tokens on the dequantised weights (`--qwen2-gguf`
+                             writes these alone);
   quants.json                random GGUF blocks of every supported type and gguf-py's dequantisation;
   smollm2.json               SmolLM2-135M-Instruct loaded from its GGUF by transformers: token ids of
                              several strings, chat-template renderings and greedy generations;
@@ -159,12 +164,100 @@ def smollm2(gguf_path):
     (OUT / "smollm2.json").write_text(json.dumps(ref, ensure_ascii=False, indent=1))
 
 
+def random_k_blocks(qtype, rows, cols, scale):
+    """Random `qtype` blocks for a [rows, cols] matrix, their f16 super-block scales drawn from
+    `scale` (gguf-py cannot quantise to K types; any bytes are a valid block)."""
+    block, size = quants.GGML_QUANT_SIZES[qtype]
+    n = rows * cols // block
+    raw = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
+    for o in SCALE_OFFSETS[qtype]:
+        o = o % size
+        raw[:, o:o + 2] = rng.uniform(*scale, size=n).astype(np.float16).view(np.uint8).reshape(n, 2)
+    return raw.reshape(rows, -1)
+
+
+def tiny_qwen2_gguf():
+    """A random Qwen2 (GQA, q/k/v biases, untied head) written as a GGUF with a different block
+    type for each matrix, and transformers' logits and greedy tokens on the values the file holds."""
+    import torch
+    from gguf import GGUFWriter
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+    names = {"model.embed_tokens.weight": ("token_embd.weight", Q.F16), "lm_head.weight": ("output.weight", Q.Q8_0),
+             "model.norm.weight": ("output_norm.weight", Q.F32)}
+    per_layer = [
+        {"q_proj.weight": Q.Q8_0, "k_proj.weight": Q.Q5_0, "v_proj.weight": Q.Q5_1, "o_proj.weight": Q.Q4_0,
+         "gate_proj.weight": Q.Q4_1, "up_proj.weight": Q.BF16, "down_proj.weight": Q.Q6_K},
+        {"q_proj.weight": Q.BF16, "k_proj.weight": Q.Q8_0, "v_proj.weight": Q.F16, "o_proj.weight": Q.Q5_1,
+         "gate_proj.weight": Q.Q5_0, "up_proj.weight": Q.Q4_0, "down_proj.weight": Q.Q4_K},
+    ]
+    gguf_names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                  "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                  "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i, types in enumerate(per_layer):
+        for hf, gg in gguf_names.items():
+            for part in ("weight", "bias"):
+                kind = types.get(f"{hf.split('.')[-1]}.{part}", Q.F32)
+                names[f"model.layers.{i}.{hf}.{part}"] = (f"blk.{i}.{gg}.{part}", kind)
+    path = OUT / "tiny-qwen2.gguf"
+    writer = GGUFWriter(path, "qwen2")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    state = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gguf_name, kind = names[name]
+            values = rng.normal(0.0, 0.2, size=p.shape).astype(np.float32)
+            if name.endswith("norm.weight"):
+                values = 1.0 + 0.1 * values
+            if kind in (Q.Q4_K, Q.Q6_K):
+                scale = (2e-4, 5e-4) if kind == Q.Q4_K else (1e-4, 3e-4)
+                raw = random_k_blocks(kind, values.shape[0], values.shape[1], scale)
+            elif kind == Q.F32:
+                raw = values
+            else:
+                raw = quants.quantize(values, kind)
+            if kind == Q.F32:
+                writer.add_tensor(gguf_name, raw)
+            else:
+                writer.add_tensor(gguf_name, raw, raw_dtype=kind)
+            stored = quants.dequantize(raw, kind).astype(np.float32).reshape(p.shape)
+            p.copy_(torch.from_numpy(stored))
+            state[name] = stored
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ids = torch.tensor(SEQUENCES)
+    with torch.no_grad():
+        logits = model(ids).logits
+        greedy = model.generate(ids[:1, :4], max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    ref = {"sequences": SEQUENCES, "logits": logits.tolist(), "greedy_prompt": SEQUENCES[0][:4],
+           "greedy": greedy[0, 4:].tolist()}
+    (OUT / "tiny-qwen2-gguf.json").write_text(json.dumps(ref))
+
+
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)
     if sys.argv[1:] == ["--quants"]:
         quant_fixture()
         sys.exit()
+    if sys.argv[1:] == ["--qwen2-gguf"]:
+        tiny_qwen2_gguf()
+        sys.exit()
     tiny_models()
+    tiny_qwen2_gguf()
     quant_fixture()
     chat_templates()
     if len(sys.argv) > 1:

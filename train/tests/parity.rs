@@ -39,12 +39,15 @@ const LOGIT_TOLERANCE: f32 = 1e-4;
 
 fn check_tiny(name: &str) {
     let dir = fixtures().join(name);
-    let device = Device::flex();
     let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
-    let decoder = build_decoder(&config, read_safetensors(&dir).unwrap(), &dir, &device).unwrap();
-    let reference = json(&dir.join("reference.json"));
+    let decoder = build_decoder(&config, read_safetensors(&dir).unwrap(), &dir, &Device::flex()).unwrap();
+    check_decoder(name, &config, &decoder, &json(&dir.join("reference.json")));
+}
+
+/// The burn decoder's logits and greedy tokens (through the key/value cache) against `reference`.
+fn check_decoder(name: &str, config: &ModelConfig, decoder: &kiln_train::Decoder, reference: &Value) {
     let sequences: Vec<Vec<u32>> = reference["sequences"].as_array().unwrap().iter().map(ids).collect();
-    let logits = decoder.forward(&config, &Batch::dense(sequences), None);
+    let logits = decoder.forward(config, &Batch::dense(sequences), None);
     let ours: Vec<f32> = logits.into_data().try_into_vec::<f32>().unwrap();
     let theirs = floats(&reference["logits"]);
     assert_eq!(ours.len(), theirs.len());
@@ -57,7 +60,7 @@ fn check_tiny(name: &str) {
     let mut step = Batch::dense(vec![tokens.clone()]);
     let mut generated = Vec::new();
     for _ in 0..reference["greedy"].as_array().unwrap().len() {
-        let logits = decoder.forward(&config, &step, Some(&mut cache));
+        let logits = decoder.forward(config, &step, Some(&mut cache));
         let t = logits.dims()[1];
         let next =
             logits.narrow(1, t - 1, 1).argmax(2).into_data().convert::<i64>().try_into_vec::<i64>().unwrap()[0] as u32;
@@ -72,6 +75,45 @@ fn check_tiny(name: &str) {
 fn tiny_qwen2_matches_transformers() {
     // GQA (4 query heads, 2 kv heads), q/k/v bias, untied head, rope_theta 1e6.
     check_tiny("tiny-qwen2");
+}
+
+/// A Qwen2 (biases, GQA, untied head) as llama.cpp lays it out, each matrix of another type (F16,
+/// BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K, Q6_K), against transformers on the values the file
+/// holds: the burn decoder loaded from it, and the packed decode path.
+#[test]
+fn tiny_qwen2_gguf_matches_transformers_on_both_decoders() {
+    use kiln_train::decode::{Engine, StepRow};
+    let path = fixtures().join("tiny-qwen2.gguf");
+    let reference = json(&fixtures().join("tiny-qwen2-gguf.json"));
+    let gguf = kiln_train::gguf::Gguf::open(&path).unwrap();
+    let config = gguf.config().unwrap();
+    assert_eq!((config.model_type.as_str(), config.qkv_bias(), config.kv_heads()), ("qwen2", true, 2));
+    let decoder = build_decoder(&config, gguf.weights(&config).unwrap(), &path, &Device::flex()).unwrap();
+    check_decoder("tiny-qwen2.gguf (burn)", &config, &decoder, &reference);
+
+    let engine = Engine::from_gguf(&gguf, &config).unwrap();
+    let vocab = engine.vocab();
+    let sequences: Vec<Vec<u32>> = reference["sequences"].as_array().unwrap().iter().map(ids).collect();
+    let mut seqs: Vec<_> = sequences.iter().map(|p| engine.sequence(p.len(), p.len())).collect();
+    let mut scratch = engine.scratch(16);
+    let rows: Vec<StepRow> = StepRow::prefill(&sequences).into_iter().map(|r| StepRow { logits: true, ..r }).collect();
+    engine.step(&rows, &mut seqs, &mut scratch).unwrap();
+    let theirs = floats(&reference["logits"]);
+    let worst = scratch.logits[..theirs.len()].iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst < LOGIT_TOLERANCE, "packed: max |logit difference| {worst}");
+
+    let prompt = ids(&reference["greedy_prompt"]);
+    let expected = ids(&reference["greedy"]);
+    let mut seqs = vec![engine.sequence(prompt.len(), prompt.len() + expected.len())];
+    engine.step(&StepRow::prefill(&[&prompt]), &mut seqs, &mut scratch).unwrap();
+    let mut generated = Vec::new();
+    let argmax = |l: &[f32]| l.iter().enumerate().fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0;
+    while generated.len() < expected.len() {
+        let next = argmax(&scratch.logits[..vocab]) as u32;
+        generated.push(next);
+        engine.step(&[StepRow { seq: 0, token: next, logits: true }], &mut seqs, &mut scratch).unwrap();
+    }
+    assert_eq!(generated, expected, "packed: greedy tokens");
 }
 
 #[test]
@@ -204,7 +246,7 @@ fn sampling_is_seeded_and_respects_stop_strings() {
     let model = smollm2();
     let text = model.codec.chat.render_turns(&[("user", "Tell me a story about a cat.")], true).unwrap();
     let prompt = model.codec.encode(&text).unwrap();
-    let sampling = Sampling { max_tokens: 16, temperature: 1.0, top_p: 0.9, top_k: 50, seed: 7, stop: vec![] };
+    let sampling = Sampling { max_tokens: 16, temperature: 1.0, top_p: 0.9, top_k: 50, seed: 7, ..Sampling::default() };
     let prompts = vec![prompt.clone(), prompt.clone()];
     let a = generate(model, &prompts, &sampling).unwrap();
     let b = generate(model, &prompts, &sampling).unwrap();

@@ -1,5 +1,6 @@
 //! Generation on the CPU built for one token at a time: the weights of a GGUF model kept packed
-//! ([`packed::PackedMatrix`]: a block type's own integers, expanded a row at a time in cache),
+//! ([`packed::PackedMatrix`]: a block type's own integers, or 16-bit floats, expanded a row at
+//! a time in cache),
 //! every sequence's keys and values in buffers allocated with room for its prompt and the first
 //! [`RESERVED`] tokens (then doubling), and one step's activations in buffers allocated once per
 //! batch size. A step runs any rows (a new
@@ -15,7 +16,7 @@ use packed::PackedMatrix;
 
 use crate::config::ModelConfig;
 use crate::error::{Result, TrainError};
-use crate::gguf::{Gguf, gather_rows, is_quantised, llama_qk_sources};
+use crate::gguf::{Gguf, gather_rows, llama_qk_sources};
 
 /// One transformer block's weights.
 #[derive(Debug)]
@@ -114,12 +115,8 @@ impl Engine {
         let matrix = |name: &str, permute_heads: Option<usize>| -> Result<PackedMatrix> {
             let t = info(name)?;
             let (cols, rows) = (t.dims[0], t.dims.iter().skip(1).product::<usize>());
-            let mut m = if is_quantised(t.kind) {
-                PackedMatrix::from_gguf(t.kind, gguf.raw(t)?, rows, cols)
-                    .ok_or_else(|| invalid(format!("tensor `{name}` has rows of {cols}, not whole blocks")))?
-            } else {
-                PackedMatrix::from_f32(&gguf.tensor(t)?.data, rows, cols)
-            };
+            let mut m = PackedMatrix::from_gguf(t.kind, gguf.raw(t)?, rows, cols)
+                .ok_or_else(|| invalid(format!("tensor `{name}` has rows of {cols}, not whole blocks")))?;
             if let Some(heads) = permute_heads {
                 m.unpermute_heads(heads);
             }

@@ -1,15 +1,18 @@
-//! Weight matrices packed once for decoding: each row as runs of 16 small integers with one f32
-//! scale and one f32 minimum per run (a GGUF block type's own integers, 1 byte each, with the
-//! scales ggml's dequantiser computes), and the products `W · x` for a few rows `x` at a time
-//! that never re-pack: each weight row is expanded once, in cache, then met by every row of
-//! the batch. The expanded values are bit for bit what [`crate::gguf::dequantize`] gives, so
-//! results agree with the dequantised f32 path up to the order of the sums.
+//! Weight matrices packed once for decoding, and the products `W · x` for a few rows `x` at a
+//! time that never re-pack: each weight row is expanded once, in cache, then met by every row
+//! of the batch. A block-quantised tensor keeps its type's own integers, 1 byte each, as runs of
+//! 16 with the f32 scale and minimum ggml's dequantiser computes; F16 and BF16 tensors keep
+//! their 16-bit values; F32 ones are rounded to bf16. The expanded values of quantised, F16 and
+//! BF16 tensors are bit for bit what [`crate::gguf::dequantize`] gives, so results agree with
+//! the dequantised f32 path up to the order of the sums.
 
 use std::cell::RefCell;
 
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::gguf::{Run, gather_rows, is_quantised, llama_qk_sources, unpack};
+use crate::gguf::{Run, gather_rows, is_quantised, kinds, llama_qk_sources, unpack};
 
 /// Values per run.
 pub const RUN: usize = 16;
@@ -22,9 +25,19 @@ const ROWS_PER_TASK: usize = 32;
 pub struct PackedMatrix {
     pub rows: usize,
     pub cols: usize,
-    q: Vec<i8>,
-    scale: Vec<f32>,
-    min: Vec<f32>,
+    values: Values,
+}
+
+/// How a matrix's values are kept.
+#[derive(Clone, Debug)]
+enum Values {
+    /// A block type's integers with a scale and a minimum per run of [`RUN`]:
+    /// `value = scale * q - min`.
+    Runs { q: Vec<i8>, scale: Vec<f32>, min: Vec<f32> },
+    /// IEEE half precision (F16 tensors).
+    F16(Vec<f16>),
+    /// bfloat16 (BF16 tensors; F32 ones rounded to the nearest).
+    Bf16(Vec<bf16>),
 }
 
 thread_local! {
@@ -33,50 +46,46 @@ thread_local! {
 }
 
 impl PackedMatrix {
-    /// The matrix of a GGUF tensor of quantised type `kind` with `rows` rows of `cols` values
-    /// (`cols` a multiple of the type's block); `None` for a type that is not block-quantised.
+    /// The matrix of a GGUF tensor of type `kind` (block-quantised, F16, BF16 or F32) with
+    /// `rows` rows of `cols` values; `None` when `raw` does not hold such a matrix (rows that are
+    /// not whole blocks, another type).
     pub fn from_gguf(kind: u32, raw: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        if !is_quantised(kind) || !cols.is_multiple_of(RUN) {
-            return None;
-        }
-        let runs = rows * cols / RUN;
-        let mut m = PackedMatrix {
-            rows,
-            cols,
-            q: Vec::with_capacity(rows * cols),
-            scale: Vec::with_capacity(runs),
-            min: Vec::with_capacity(runs),
+        let count = rows * cols;
+        let halves = || raw.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        let values = match kind {
+            kinds::F16 if raw.len() == 2 * count => Values::F16(halves().map(f16::from_bits).collect()),
+            kinds::BF16 if raw.len() == 2 * count => Values::Bf16(halves().map(bf16::from_bits).collect()),
+            kinds::F32 if raw.len() == 4 * count => Values::Bf16(
+                raw.chunks_exact(4).map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect(),
+            ),
+            _ if is_quantised(kind) && cols.is_multiple_of(RUN) => {
+                let (mut q, mut scale, mut min) =
+                    (Vec::with_capacity(count), Vec::with_capacity(count / RUN), Vec::with_capacity(count / RUN));
+                unpack(kind, raw, count, &mut |run: Run| {
+                    q.extend_from_slice(&run.q);
+                    scale.push(run.d);
+                    min.push(run.min);
+                })?;
+                (q.len() == count).then_some(Values::Runs { q, scale, min })?
+            }
+            _ => return None,
         };
-        unpack(kind, raw, rows * cols, &mut |run: Run| {
-            m.q.extend_from_slice(&run.q);
-            m.scale.push(run.d);
-            m.min.push(run.min);
-        })?;
-        (m.q.len() == rows * cols).then_some(m)
-    }
-
-    /// `values` (`rows` rows of `cols`, row-major) in 8 bits per value, a symmetric scale per
-    /// run (for weights stored unquantised: F32, F16, BF16).
-    pub fn from_f32(values: &[f32], rows: usize, cols: usize) -> Self {
-        assert!(cols.is_multiple_of(RUN) && values.len() == rows * cols, "a [{rows}, {cols}] matrix in runs of {RUN}");
-        let mut m =
-            PackedMatrix { rows, cols, q: Vec::with_capacity(values.len()), scale: Vec::new(), min: Vec::new() };
-        for run in values.chunks_exact(RUN) {
-            let top = run.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = if top > 0.0 { top / 127.0 } else { 1.0 };
-            m.q.extend(run.iter().map(|v| (v / d).round().clamp(-127.0, 127.0) as i8));
-            m.scale.push(d);
-            m.min.push(0.0);
-        }
-        m
+        Some(PackedMatrix { rows, cols, values })
     }
 
     /// Undoes llama.cpp's q/k permutation for `heads` heads ([`crate::gguf::llama_qk_sources`]).
     pub fn unpermute_heads(&mut self, heads: usize) {
         let sources = llama_qk_sources(self.rows, heads);
-        self.q = gather_rows(&self.q, &sources, self.cols);
-        self.scale = gather_rows(&self.scale, &sources, self.cols / RUN);
-        self.min = gather_rows(&self.min, &sources, self.cols / RUN);
+        let cols = self.cols;
+        match &mut self.values {
+            Values::Runs { q, scale, min } => {
+                *q = gather_rows(q, &sources, cols);
+                *scale = gather_rows(scale, &sources, cols / RUN);
+                *min = gather_rows(min, &sources, cols / RUN);
+            }
+            Values::F16(v) => *v = gather_rows(v, &sources, cols),
+            Values::Bf16(v) => *v = gather_rows(v, &sources, cols),
+        }
     }
 
     /// Row `r`'s values, into `out` (`cols` long).
@@ -157,47 +166,119 @@ unsafe fn rows_avx2(task: Task, w: &mut [f32], write: impl Fn(usize, usize, f32)
 }
 
 /// A task's products, each handed to `write(b, r, value)`: each weight row expanded into `w`
-/// once, then met by every row of the batch.
+/// once, then met by the rows of the batch four at a time (one load of the weights for four
+/// products), the rest one at a time.
 #[inline(always)]
-fn rows_of<const FMA: bool>(task: Task, w: &mut [f32], write: impl Fn(usize, usize, f32)) {
+fn rows_of<const SIMD: bool>(task: Task, w: &mut [f32], write: impl Fn(usize, usize, f32)) {
     let Task { m, x, batch, rows } = task;
+    let row = |b: usize| &x[b * m.cols..(b + 1) * m.cols];
     for r in rows {
         expand_row(m, r, w);
-        for b in 0..batch {
-            write(b, r, dot::<FMA>(w, &x[b * m.cols..(b + 1) * m.cols]));
+        let fours = batch / 4 * 4;
+        for b in (0..fours).step_by(4) {
+            let sums = dots::<SIMD, 4, 2>(w, [row(b), row(b + 1), row(b + 2), row(b + 3)]);
+            for (i, v) in sums.into_iter().enumerate() {
+                write(b + i, r, v);
+            }
+        }
+        for b in fours..batch {
+            write(b, r, dots::<SIMD, 1, 4>(w, [row(b)])[0]);
         }
     }
 }
 
-/// Row `r` of `m` expanded into `out`, a run of 16 at a time (inlined into the products, so
-/// that it is compiled for the CPU features they run with).
+/// Row `r` of `m` expanded into `out` (inlined into the products, so that it is compiled for
+/// the CPU features they run with).
 #[inline(always)]
 fn expand_row(m: &PackedMatrix, r: usize, out: &mut [f32]) {
-    let runs = m.cols / RUN;
-    let q = &m.q[r * m.cols..(r + 1) * m.cols];
-    let (scale, min) = (&m.scale[r * runs..(r + 1) * runs], &m.min[r * runs..(r + 1) * runs]);
-    for (((qs, out), &d), &min) in q.chunks_exact(RUN).zip(out.chunks_exact_mut(RUN)).zip(scale).zip(min) {
-        let qs: &[i8; RUN] = qs.try_into().expect("a run");
-        let out: &mut [f32; RUN] = out.try_into().expect("a run");
-        for j in 0..RUN {
-            out[j] = d * qs[j] as f32 - min;
+    let row = r * m.cols..(r + 1) * m.cols;
+    match &m.values {
+        Values::Runs { q, scale, min } => {
+            let runs = r * m.cols / RUN..(r + 1) * m.cols / RUN;
+            let (scale, min) = (&scale[runs.clone()], &min[runs]);
+            for (((qs, out), &d), &min) in q[row].chunks_exact(RUN).zip(out.chunks_exact_mut(RUN)).zip(scale).zip(min) {
+                let qs: &[i8; RUN] = qs.try_into().expect("a run");
+                let out: &mut [f32; RUN] = out.try_into().expect("a run");
+                for j in 0..RUN {
+                    out[j] = d * qs[j] as f32 - min;
+                }
+            }
         }
+        Values::F16(v) => v[row].convert_to_f32_slice(out),
+        Values::Bf16(v) => v[row].convert_to_f32_slice(out),
     }
 }
 
-/// `a · b` in f32 with eight partial sums (vectorised by the compiler; fused multiply-adds
-/// where the CPU has them).
+/// `w · x[b]` for each of the `B` rows of `x`, in f32: each product sums in `U` independent
+/// sets of eight lanes (so that multiply-adds overlap instead of waiting on each other), and
+/// each load of `w` serves all `B` rows. `SIMD`: with AVX2 and FMA (the caller checked).
 #[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a8.zip(b8) {
-        for j in 0..8 {
-            lanes[j] = if FMA { x[j].mul_add(y[j], lanes[j]) } else { lanes[j] + x[j] * y[j] };
+fn dots<const SIMD: bool, const B: usize, const U: usize>(w: &[f32], x: [&[f32]; B]) -> [f32; B] {
+    let n = w.len();
+    let x = x.map(|x| &x[..n]);
+    let whole = n / (8 * U) * (8 * U);
+    let lanes: [[f32; 8]; B] = if SIMD {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `SIMD` is only set where the CPU has AVX2 and FMA; every load is within
+        // `whole <= n` values of `w` and of each `x[b]`.
+        unsafe {
+            lanes_avx2::<B, U>(w, x, whole)
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("SIMD products exist on x86_64 only")
+    } else {
+        let mut acc = [[[0f32; 8]; U]; B];
+        for base in (0..whole).step_by(8 * U) {
+            for u in 0..U {
+                let at = base + 8 * u;
+                for (acc, x) in acc.iter_mut().zip(&x) {
+                    for j in 0..8 {
+                        acc[u][j] += w[at + j] * x[at + j];
+                    }
+                }
+            }
+        }
+        acc.map(|a| std::array::from_fn(|j| a.iter().map(|l| l[j]).sum()))
+    };
+    std::array::from_fn(|b| {
+        let tail: f32 = w[whole..].iter().zip(&x[b][whole..]).map(|(w, x)| w * x).sum();
+        lanes[b].iter().sum::<f32>() + tail
+    })
+}
+
+/// The eight lane sums of [`dots`] over the first `whole` values, with AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA, `whole` is a multiple of `8 * U`, and `w` and every `x[b]` hold at
+/// least `whole` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn lanes_avx2<const B: usize, const U: usize>(w: &[f32], x: [&[f32]; B], whole: usize) -> [[f32; 8]; B] {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's guarantees.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); U]; B];
+        let mut i = 0;
+        while i < whole {
+            // `u` picks both the eight values and the set of sums they go to.
+            #[allow(clippy::needless_range_loop)]
+            for u in 0..U {
+                let wv = _mm256_loadu_ps(w.as_ptr().add(i + 8 * u));
+                for (acc, x) in acc.iter_mut().zip(&x) {
+                    acc[u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.as_ptr().add(i + 8 * u)), acc[u]);
+                }
+            }
+            i += 8 * U;
+        }
+        acc.map(|a| {
+            let mut sum = a[0];
+            for v in &a[1..] {
+                sum = _mm256_add_ps(sum, *v);
+            }
+            std::mem::transmute::<__m256, [f32; 8]>(sum)
+        })
     }
-    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
@@ -240,7 +321,7 @@ mod tests {
             kinds::Q5_K,
             kinds::Q6_K,
         ];
-        let (rows, cols, batch) = (70, 512, 3);
+        let (rows, cols, batch) = (70, 512, 6);
         for kind in kinds {
             let raw = random_tensor(kind, rows, cols, &mut rng);
             let m = PackedMatrix::from_gguf(kind, &raw, rows, cols).unwrap();
@@ -267,18 +348,45 @@ mod tests {
     }
 
     #[test]
-    fn unquantised_weights_pack_to_eight_bits() {
+    fn float_weights_keep_sixteen_bits() {
         let mut rng = fastrand::Rng::with_seed(4);
-        let (rows, cols) = (5, 64);
+        let (rows, cols) = (5, 24);
         let values: Vec<f32> = (0..rows * cols).map(|_| rng.f32() * 2.0 - 1.0).collect();
-        let m = PackedMatrix::from_f32(&values, rows, cols);
+        let f16_raw: Vec<u8> = values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
+        let bf16_raw: Vec<u8> = values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+        let f32_raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut row = vec![0f32; cols];
+        for (kind, raw) in [(kinds::F16, &f16_raw), (kinds::BF16, &bf16_raw)] {
+            // Exactly the stored values (rows need not be whole runs).
+            let m = PackedMatrix::from_gguf(kind, raw, rows, cols).unwrap();
+            let dense = dequantize(kind, raw, rows * cols).unwrap();
+            for r in 0..rows {
+                m.row_into(r, &mut row);
+                assert_eq!(row, dense[r * cols..(r + 1) * cols], "type {kind} row {r}");
+            }
+        }
+        // Products over rows that are not whole sets of lanes, four batch rows at once and one.
+        let m = PackedMatrix::from_gguf(kinds::F16, &f16_raw, rows, cols).unwrap();
+        let dense = dequantize(kinds::F16, &f16_raw, rows * cols).unwrap();
+        let batch = 5;
+        let x: Vec<f32> = (0..batch * cols).map(|_| rng.f32() - 0.5).collect();
+        let mut out = vec![0f32; batch * rows];
+        m.product(&x, batch, &mut out);
+        for b in 0..batch {
+            for r in 0..rows {
+                let want: f32 = (0..cols).map(|c| dense[r * cols + c] * x[b * cols + c]).sum();
+                assert!((out[b * rows + r] - want).abs() < 1e-5, "({b}, {r}): {} vs {want}", out[b * rows + r]);
+            }
+        }
+        // F32 rounded to bf16: within half a unit of bf16's 8-bit significand.
+        let m = PackedMatrix::from_gguf(kinds::F32, &f32_raw, rows, cols).unwrap();
         for r in 0..rows {
             m.row_into(r, &mut row);
             for (c, v) in row.iter().enumerate() {
-                assert!((v - values[r * cols + c]).abs() <= 1.0 / 254.0 + 1e-6);
+                let want = values[r * cols + c];
+                assert!((v - want).abs() <= want.abs() / 256.0, "{v} vs {want}");
             }
         }
-        assert!(PackedMatrix::from_gguf(kinds::F32, &[], 1, 16).is_none());
+        assert!(PackedMatrix::from_gguf(kinds::F32, &f32_raw[4..], rows, cols).is_none(), "a short tensor");
     }
 }
