@@ -24,11 +24,22 @@ pub struct Sampling {
     pub seed: u64,
     /// Text that ends a completion (not included in it).
     pub stop: Vec<String>,
+    /// Goes on past the model's end-of-turn tokens (they become part of the completion) until
+    /// `max_tokens` or a stop string: for benchmarks that need completions of a known length.
+    pub ignore_eos: bool,
 }
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { max_tokens: 256, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, stop: Vec::new() }
+        Sampling {
+            max_tokens: 256,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
     }
 }
 
@@ -277,7 +288,7 @@ impl<'m> Running<'m> {
         let (mut next, mut keep, mut done) = (Vec::new(), Vec::new(), Vec::new());
         for (slot, row) in self.rows.iter_mut().enumerate() {
             let id = pick(&self.logits[slot], &row.sampling, &mut row.rng);
-            let stop_token = codec.stop_ids.contains(&id);
+            let stop_token = !row.sampling.ignore_eos && codec.stop_ids.contains(&id);
             if !stop_token {
                 row.tokens.push(id);
             }

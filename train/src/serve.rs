@@ -1,6 +1,6 @@
 //! `kiln serve`: an OpenAI-compatible HTTP server over a local model, so every LLM stage of kiln
 //! can run against it. `/v1/chat/completions` (n, stop, temperature, top_p, top_k, seed,
-//! max_tokens, usage; `stream: true` sends server-sent events as OpenAI does, with
+//! max_tokens, usage, vLLM's `ignore_eos`; `stream: true` sends server-sent events as OpenAI does, with
 //! `stream_options.include_usage`) and `/v1/models`. Requests are batched continuously on one
 //! generation thread: a request that arrives while others generate joins their batch at the
 //! next token, and each is answered as soon as it is done. A GGUF model decodes on the packed
@@ -202,6 +202,9 @@ struct ChatRequest {
     stop: Option<Stop>,
     #[serde(default)]
     stream: bool,
+    /// vLLM's and llama.cpp's extension: generate past end-of-turn tokens.
+    #[serde(default)]
+    ignore_eos: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
 }
@@ -255,6 +258,7 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, body: String) -> Re
             Some(Stop::One(s)) => vec![s],
             Some(Stop::Many(v)) => v,
         },
+        ignore_eos: request.ignore_eos,
     };
     let codec = &shared.model.codec;
     let prompt = match codec.chat.render(&messages, tools.as_ref(), true) {

@@ -217,3 +217,23 @@ fn a_request_joins_the_running_batch_and_is_answered_before_it_ends() {
     );
     assert_eq!(text(&joined), alone, "joining a batch changes no token");
 }
+
+#[test]
+fn ignore_eos_generates_max_tokens_past_the_end_of_turn() {
+    let messages = json!([{"role": "user", "content": "Reply with the single word yes."}]);
+    let body = json!({"model": "x", "messages": messages, "temperature": 0.0, "max_tokens": 48});
+    let plain = chat(body.clone());
+    assert_eq!(plain["choices"][0]["finish_reason"], "stop", "{plain}");
+    let short = plain["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(short < 48, "the model ends its turn early: {plain}");
+    let mut long = body;
+    long["ignore_eos"] = json!(true);
+    let long = chat(long);
+    assert_eq!(long["choices"][0]["finish_reason"], "length", "{long}");
+    assert_eq!(long["usage"]["completion_tokens"], 48);
+    let (a, b) = (
+        plain["choices"][0]["message"]["content"].as_str().unwrap(),
+        long["choices"][0]["message"]["content"].as_str().unwrap(),
+    );
+    assert!(b.starts_with(a), "the same greedy start, then more: {a:?} / {b:?}");
+}

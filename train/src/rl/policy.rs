@@ -124,6 +124,7 @@ fn answer(model: &LoadedModel, sampling: &RolloutSampling, turns: Vec<Pending>, 
                     top_k: 0,
                     seed,
                     stop: STOP.iter().map(|s| s.to_string()).collect(),
+                    ignore_eos: false,
                 };
                 requests.push(Request { prompt, sampling });
                 replies.push(reply);
