@@ -188,7 +188,8 @@ async fn level(client: &reqwest::Client, server: &Server, concurrent: usize, tok
 
 /// Measures `server` at each concurrency (one short warm-up request first).
 async fn measure(server: &mut Server, levels: &[usize], tokens: usize) -> (Vec<Level>, f64) {
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    // A fresh connection per request: llama-server closes idle kept-alive ones under the pool.
+    let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build().unwrap();
     ready(&client, server).await;
     let server = &*server;
     request(&client, server, "Warm up.", 4).await;

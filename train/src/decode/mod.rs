@@ -13,6 +13,7 @@
 pub mod packed;
 
 use packed::PackedMatrix;
+use rayon::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::error::{Result, TrainError};
@@ -74,8 +75,9 @@ pub struct Scratch {
     o: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    scores: Vec<f32>,
     positions: Vec<usize>,
+    /// Each row's rotary `(cos, sin)` per frequency, computed once per step.
+    rotary: Vec<(f32, f32)>,
     /// Next-token logits of the rows asked for, `vocab` each.
     pub logits: Vec<f32>,
 }
@@ -212,8 +214,8 @@ impl Engine {
             o: vec![0.0; rows * d],
             gate: vec![0.0; rows * ff],
             up: vec![0.0; rows * ff],
-            scores: Vec::with_capacity(4096),
             positions: Vec::with_capacity(rows),
+            rotary: Vec::with_capacity(rows * c.head_dim() / 2),
             logits: vec![0.0; rows * self.vocab()],
         }
     }
@@ -242,10 +244,18 @@ impl Engine {
             s.positions.push(at);
         }
         let positions = std::mem::take(&mut s.positions);
+        s.rotary.clear();
+        for &p in &positions {
+            s.rotary.extend(self.inv_freq.iter().map(|&f| {
+                let (sin, cos) = (p as f32 * f).sin_cos();
+                (cos, sin)
+            }));
+        }
         for (i, row) in rows.iter().enumerate() {
             self.embed.row_into(row.token as usize, &mut s.x[i * d..(i + 1) * d]);
         }
         let eps = c.rms_norm_eps as f32;
+        let half = self.inv_freq.len();
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x[..n * d], &layer.attn_norm, eps, &mut s.h[..n * d]);
             layer.q.product(&s.h[..n * d], n, &mut s.q[..n * qd]);
@@ -257,36 +267,23 @@ impl Engine {
                 add_rows(&mut s.v[..n * kvd], vb);
             }
             for (i, &p) in positions.iter().enumerate() {
-                self.rotate(&mut s.q[i * qd..(i + 1) * qd], p);
-                self.rotate(&mut s.k[i * kvd..(i + 1) * kvd], p);
+                let rotary = &s.rotary[i * half..(i + 1) * half];
+                rotate(&mut s.q[i * qd..(i + 1) * qd], rotary);
+                rotate(&mut s.k[i * kvd..(i + 1) * kvd], rotary);
                 // Rows of a sequence come in position order: each appends its position.
                 let seq = &mut seqs[rows[i].seq];
                 debug_assert_eq!(seq.keys[l].len(), p * kvd);
                 seq.keys[l].extend_from_slice(&s.k[i * kvd..(i + 1) * kvd]);
                 seq.values[l].extend_from_slice(&s.v[i * kvd..(i + 1) * kvd]);
             }
-            let group = heads / kv_heads;
-            let scale = 1.0 / (head_dim as f32).sqrt();
-            for (i, &p) in positions.iter().enumerate() {
+            // Attention, one task of the thread pool per row and head.
+            let (group, q, seqs) = (heads / kv_heads, &s.q, &*seqs);
+            s.heads[..n * qd].par_chunks_mut(head_dim).enumerate().for_each(|(task, out)| {
+                let (i, h) = (task / heads, task % heads);
                 let seq = &seqs[rows[i].seq];
-                let (keys, values) = (&seq.keys[l], &seq.values[l]);
-                for h in 0..heads {
-                    let g = h / group;
-                    let q = &s.q[i * qd + h * head_dim..i * qd + (h + 1) * head_dim];
-                    s.scores.clear();
-                    s.scores.extend((0..=p).map(|t| {
-                        let k = &keys[t * kvd + g * head_dim..t * kvd + (g + 1) * head_dim];
-                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
-                    }));
-                    softmax(&mut s.scores);
-                    let out = &mut s.heads[i * qd + h * head_dim..i * qd + (h + 1) * head_dim];
-                    out.fill(0.0);
-                    for (t, &w) in s.scores.iter().enumerate() {
-                        let v = &values[t * kvd + g * head_dim..t * kvd + (g + 1) * head_dim];
-                        out.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
-                    }
-                }
-            }
+                let head = Head { offset: h / group * head_dim, stride: kvd, len: positions[i] + 1 };
+                attend(&q[i * qd + h * head_dim..][..head_dim], &seq.keys[l], &seq.values[l], head, out);
+            });
             layer.o.product(&s.heads[..n * qd], n, &mut s.o[..n * d]);
             s.x[..n * d].iter_mut().zip(&s.o[..n * d]).for_each(|(x, o)| *x += o);
             rms_norm(&s.x[..n * d], &layer.mlp_norm, eps, &mut s.h[..n * d]);
@@ -312,20 +309,49 @@ impl Engine {
         head.product(&s.h[..wanted * d], wanted, &mut s.logits[..wanted * head.rows]);
         Ok(())
     }
+}
 
-    /// Rotates each head of `x` (heads of `head_dim`) to position `p`, rotate-half layout.
-    fn rotate(&self, x: &mut [f32], p: usize) {
-        let half = self.inv_freq.len();
-        for head in x.chunks_exact_mut(2 * half) {
-            for (i, &f) in self.inv_freq.iter().enumerate() {
-                let angle = p as f32 * f;
-                let (sin, cos) = angle.sin_cos();
-                let (a, b) = (head[i], head[i + half]);
-                head[i] = a * cos - b * sin;
-                head[i + half] = b * cos + a * sin;
-            }
+/// Rotates each head of `x` by the `(cos, sin)` of each frequency, rotate-half layout.
+fn rotate(x: &mut [f32], rotary: &[(f32, f32)]) {
+    let half = rotary.len();
+    for head in x.chunks_exact_mut(2 * half) {
+        for (i, &(cos, sin)) in rotary.iter().enumerate() {
+            let (a, b) = (head[i], head[i + half]);
+            head[i] = a * cos - b * sin;
+            head[i + half] = b * cos + a * sin;
         }
     }
+}
+
+/// Where one key/value head's vectors lie in a sequence's cache: `len` positions of `stride`
+/// values each, this head's `head_dim` values at `offset`.
+#[derive(Clone, Copy)]
+struct Head {
+    offset: usize,
+    stride: usize,
+    len: usize,
+}
+
+thread_local! {
+    /// One head's attention weights, per thread.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `out` = softmax(q · k / sqrt(head_dim)) · v over the positions of `head`.
+fn attend(q: &[f32], keys: &[f32], values: &[f32], head: Head, out: &mut [f32]) {
+    let dim = q.len();
+    let scale = 1.0 / (dim as f32).sqrt();
+    let at = |t: usize| t * head.stride + head.offset..t * head.stride + head.offset + dim;
+    SCORES.with(|scores| {
+        let mut scores = scores.borrow_mut();
+        scores.clear();
+        scores.extend((0..head.len).map(|t| packed::dot(q, &keys[at(t)]) * scale));
+        softmax(&mut scores);
+        out.fill(0.0);
+        for (t, &w) in scores.iter().enumerate() {
+            out.iter_mut().zip(&values[at(t)]).for_each(|(o, v)| *o += w * v);
+        }
+    })
 }
 
 /// `out = x / rms(x) * weight`, row by row.

@@ -209,6 +209,22 @@ fn expand_row(m: &PackedMatrix, r: usize, out: &mut [f32]) {
     }
 }
 
+/// `a · b` in f32, vectorised where the CPU has AVX2 and FMA.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    /// [`dots`] compiled for AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        dots::<true, 1, 2>(a, [b])[0]
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: `simd()` checked that the CPU has AVX2 and FMA.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dots::<false, 1, 2>(a, [b])[0]
+}
+
 /// `w · x[b]` for each of the `B` rows of `x`, in f32: each product sums in `U` independent
 /// sets of eight lanes (so that multiply-adds overlap instead of waiting on each other), and
 /// each load of `w` serves all `B` rows. `SIMD`: with AVX2 and FMA (the caller checked).
