@@ -355,7 +355,7 @@ impl<'m> Running<'m> {
                     positions: self.rows.iter().map(|r| vec![past - r.pad]).collect(),
                     pad: self.rows.iter().map(|r| r.pad).collect(),
                 };
-                self.logits = last_logits(self.model.decoder.forward(&self.model.config, &step, Some(cache)));
+                self.logits = last_logits(self.model.decoder.forward_last(&self.model.config, &step, Some(cache)));
             }
             Kv::Packed { engine, seqs, scratch } => {
                 let steps: Vec<StepRow> =
@@ -388,7 +388,7 @@ fn join_burn(
         pad: distinct_pad.clone(),
     };
     let mut fresh = KvCache::new(model.config.num_hidden_layers);
-    let prefilled = last_logits(model.decoder.forward(&model.config, &batch, Some(&mut fresh)));
+    let prefilled = last_logits(model.decoder.forward_last(&model.config, &batch, Some(&mut fresh)));
     if distinct.len() < copy_of.len() {
         fresh.retain_rows(copy_of);
     }
@@ -409,10 +409,10 @@ fn join_burn(
     (prefilled, pads)
 }
 
-/// The last position's logits of each row, on the host.
+/// The logits of each row (`[rows, 1, vocab]`), on the host.
 fn last_logits(logits: Tensor<3>) -> Vec<Vec<f32>> {
-    let [b, t, v] = logits.dims();
-    let data = logits.narrow(1, t - 1, 1).into_data().convert::<f32>();
+    let [b, _, v] = logits.dims();
+    let data = logits.into_data().convert::<f32>();
     let flat: Vec<f32> = data.try_into_vec::<f32>().expect("f32 logits");
     (0..b).map(|i| flat[i * v..(i + 1) * v].to_vec()).collect()
 }

@@ -400,6 +400,15 @@ impl Decoder {
         self.logits(hidden)
     }
 
+    /// Logits `[batch, 1, vocab]` of the last position only (a prompt's prefill: the head, as
+    /// large as the rest of a small model, runs once per row instead of once per position).
+    pub fn forward_last(&self, config: &ModelConfig, batch: &Batch, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let device = self.embed.val().device();
+        let hidden = self.hidden(config, batch, cache, &device);
+        let t = hidden.dims()[1];
+        self.logits(hidden.narrow(1, t - 1, 1))
+    }
+
     /// Final hidden states `[batch, time, dim]` (before the output head).
     pub fn hidden(
         &self,

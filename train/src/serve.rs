@@ -94,7 +94,8 @@ fn packed_engine(model: &LoadedModel) -> crate::error::Result<Option<Engine>> {
         return Ok(None);
     }
     let engine = Engine::from_gguf(&Gguf::open(&model.path)?, &model.config)?;
-    tracing::info!("decoding on the packed path (the GGUF's own integers)");
+    let mib = engine.bytes() as f64 / (1024.0 * 1024.0);
+    tracing::info!("decoding on the packed path (the GGUF's own integers, {mib:.0} MiB of matrices)");
     Ok(Some(engine))
 }
 

@@ -190,6 +190,12 @@ impl Engine {
         seq
     }
 
+    /// Bytes the packed matrices take in memory.
+    pub fn bytes(&self) -> usize {
+        let layers = self.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
+        layers.chain([&self.embed]).chain(&self.head).map(PackedMatrix::bytes).sum()
+    }
+
     /// Logits per row: the vocabulary's size.
     pub fn vocab(&self) -> usize {
         self.head.as_ref().unwrap_or(&self.embed).rows

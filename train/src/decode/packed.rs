@@ -17,6 +17,9 @@ use crate::gguf::{Run, gather_rows, is_quantised, kinds, llama_qk_sources, unpac
 /// Values per run.
 pub const RUN: usize = 16;
 
+/// Rows ahead of the one being expanded whose integers are asked of memory in advance.
+const AHEAD: usize = 4;
+
 /// Output rows one task of a product takes.
 const ROWS_PER_TASK: usize = 32;
 
@@ -31,13 +34,136 @@ pub struct PackedMatrix {
 /// How a matrix's values are kept.
 #[derive(Clone, Debug)]
 enum Values {
-    /// A block type's integers with a scale and a minimum per run of [`RUN`]:
-    /// `value = scale * q - min`.
-    Runs { q: Vec<i8>, scale: Vec<f32>, min: Vec<f32> },
+    /// A block type's integers with a scale and a minimum per run: `value = scale * q - min`.
+    Runs(Runs),
     /// IEEE half precision (F16 tensors).
     F16(Vec<f16>),
     /// bfloat16 (BF16 tensors; F32 ones rounded to the nearest).
     Bf16(Vec<bf16>),
+}
+
+/// A block-quantised matrix's integers, scales and minimums, as small as they go exactly.
+#[derive(Clone, Debug)]
+struct Runs {
+    /// Values per scale (and minimum): [`RUN`], or 32 where each block's two runs share them.
+    run: usize,
+    /// Each integer as `q + offset` in one byte, or in four bits (`nibbles`) where every
+    /// integer of the matrix fits in 16 values: the byte `j` of a run then holds value `j` in
+    /// its low half and value `j + run / 2` in its high half.
+    q: Vec<u8>,
+    nibbles: bool,
+    offset: i16,
+    scale: Vec<f32>,
+    /// Empty where every minimum is 0 (types without one).
+    min: Vec<f32>,
+}
+
+impl Runs {
+    /// `rows` rows of `cols` values from runs of [`RUN`] integers with a scale and minimum each.
+    fn new(q: &[i8], scale: Vec<f32>, min: Vec<f32>, cols: usize) -> Runs {
+        let shared = |v: &[f32]| v.chunks_exact(2).all(|p| p[0].to_bits() == p[1].to_bits());
+        let run = if cols.is_multiple_of(2 * RUN) && shared(&scale) && shared(&min) { 2 * RUN } else { RUN };
+        let every_other = |v: Vec<f32>| if run == RUN { v } else { v.into_iter().step_by(2).collect() };
+        let min = if min.iter().all(|m| m.to_bits() == 0) { Vec::new() } else { every_other(min) };
+        let (lo, hi) = q.iter().fold((i8::MAX, i8::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let nibbles = (hi as i16 - lo as i16) < 16;
+        let offset = if nibbles { -(lo as i16) } else { 0 };
+        let q = if nibbles {
+            let half = run / 2;
+            let nibble = move |v: i8| (v as i16 + offset) as u8;
+            q.chunks_exact(run).flat_map(|r| (0..half).map(move |j| nibble(r[j]) | nibble(r[j + half]) << 4)).collect()
+        } else {
+            q.iter().map(|&v| v as u8).collect()
+        };
+        Runs { run, q, nibbles, offset, scale: every_other(scale), min }
+    }
+
+    /// Bytes of integers per row of `cols` values.
+    fn row_bytes(&self, cols: usize) -> usize {
+        if self.nibbles { cols / 2 } else { cols }
+    }
+
+    /// Row `r` (of `cols` values) expanded into `out`, runs of `N` values kept in `W` bytes
+    /// each (`N == W`, or `N == 2 * W` for nibbles).
+    /// `SIMD`: with AVX2 (the caller checked).
+    #[inline(always)]
+    fn expand<const SIMD: bool, const NIBBLES: bool, const W: usize, const N: usize, const MIN: bool>(
+        &self,
+        cols: usize,
+        r: usize,
+        out: &mut [f32],
+    ) {
+        let per_row = cols / N;
+        let q = &self.q[r * per_row * W..(r + 1) * per_row * W];
+        let scale = &self.scale[r * per_row..(r + 1) * per_row];
+        let min = if MIN { &self.min[r * per_row..(r + 1) * per_row] } else { &[][..] };
+        let offset = self.offset as f32;
+        for (k, (q, out)) in q.chunks_exact(W).zip(out.chunks_exact_mut(N)).enumerate() {
+            let q: &[u8; W] = q.try_into().expect("a run");
+            let out: &mut [f32; N] = out.try_into().expect("a run");
+            let (d, min) = (scale[k], if MIN { min[k] } else { 0.0 });
+            #[cfg(target_arch = "x86_64")]
+            if SIMD {
+                // SAFETY: `SIMD` is only set where the CPU has AVX2; `out` holds `N` values:
+                // `W` for bytes, `2 * W` for nibbles.
+                unsafe { run_avx2::<NIBBLES, W, MIN>(q, out, d, min, offset) };
+                continue;
+            }
+            // `q - offset` is exact in f32, so each value is `d * q - min` bit for bit as
+            // ggml computes it (without a minimum, `d * q - 0.0` is `d * q`).
+            let value = |q: f32| if MIN { d * q - min } else { d * q };
+            if NIBBLES {
+                let (low, high) = out.split_at_mut(W);
+                for (o, q) in low.iter_mut().zip(q) {
+                    *o = value((q & 0x0F) as f32 - offset);
+                }
+                for (o, q) in high.iter_mut().zip(q) {
+                    *o = value((q >> 4) as f32 - offset);
+                }
+            } else {
+                for j in 0..N {
+                    out[j] = value(q[j] as i8 as f32);
+                }
+            }
+        }
+    }
+}
+
+/// One run of [`Runs::expand`] with AVX2: eight values at a time, each `d * q - min` with a
+/// separate multiply and subtract (as ggml rounds them).
+///
+/// # Safety
+/// The CPU has AVX2, and `out` holds `W` values (`2 * W` for nibbles).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn run_avx2<const NIBBLES: bool, const W: usize, const MIN: bool>(
+    q: &[u8; W],
+    out: &mut [f32],
+    d: f32,
+    min: f32,
+    offset: f32,
+) {
+    use std::arch::x86_64::*;
+    let (d, min, offset, low) = (_mm256_set1_ps(d), _mm256_set1_ps(min), _mm256_set1_ps(offset), _mm_set1_epi8(0x0F));
+    let value = |ints: __m256i, offset: __m256| {
+        let v = _mm256_mul_ps(d, _mm256_sub_ps(_mm256_cvtepi32_ps(ints), offset));
+        if MIN { _mm256_sub_ps(v, min) } else { v }
+    };
+    let out = out.as_mut_ptr();
+    for c in (0..W).step_by(8) {
+        // SAFETY: bytes `c..c + 8` of `q` and the values written are within the caller's bounds.
+        unsafe {
+            let bytes = _mm_loadl_epi64(q.as_ptr().add(c).cast());
+            if NIBBLES {
+                let (lo, hi) = (_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low));
+                _mm256_storeu_ps(out.add(c), value(_mm256_cvtepu8_epi32(lo), offset));
+                _mm256_storeu_ps(out.add(W + c), value(_mm256_cvtepu8_epi32(hi), offset));
+            } else {
+                _mm256_storeu_ps(out.add(c), value(_mm256_cvtepi8_epi32(bytes), _mm256_setzero_ps()));
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -66,7 +192,7 @@ impl PackedMatrix {
                     scale.push(run.d);
                     min.push(run.min);
                 })?;
-                (q.len() == count).then_some(Values::Runs { q, scale, min })?
+                (q.len() == count).then(|| Values::Runs(Runs::new(&q, scale, min, cols)))?
             }
             _ => return None,
         };
@@ -78,19 +204,59 @@ impl PackedMatrix {
         let sources = llama_qk_sources(self.rows, heads);
         let cols = self.cols;
         match &mut self.values {
-            Values::Runs { q, scale, min } => {
-                *q = gather_rows(q, &sources, cols);
-                *scale = gather_rows(scale, &sources, cols / RUN);
-                *min = gather_rows(min, &sources, cols / RUN);
+            Values::Runs(runs) => {
+                runs.q = gather_rows(&runs.q, &sources, runs.row_bytes(cols));
+                runs.scale = gather_rows(&runs.scale, &sources, cols / runs.run);
+                if !runs.min.is_empty() {
+                    runs.min = gather_rows(&runs.min, &sources, cols / runs.run);
+                }
             }
             Values::F16(v) => *v = gather_rows(v, &sources, cols),
             Values::Bf16(v) => *v = gather_rows(v, &sources, cols),
         }
     }
 
+    /// Bytes the values take in memory.
+    pub fn bytes(&self) -> usize {
+        match &self.values {
+            Values::Runs(runs) => runs.q.len() + 4 * (runs.scale.len() + runs.min.len()),
+            Values::F16(v) => 2 * v.len(),
+            Values::Bf16(v) => 2 * v.len(),
+        }
+    }
+
+    /// Asks for row `r`'s integers to be brought into cache (a hint; nothing on other CPUs).
+    #[inline(always)]
+    fn prefetch_row(&self, r: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if let Values::Runs(runs) = &self.values {
+            let width = runs.row_bytes(self.cols);
+            let bytes = &runs.q[r * width..(r + 1) * width];
+            for line in (0..width).step_by(64) {
+                // SAFETY: a prefetch of an address inside `bytes`; it reads nothing.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        bytes.as_ptr().add(line).cast(),
+                    )
+                };
+            }
+        }
+    }
+
     /// Row `r`'s values, into `out` (`cols` long).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        expand_row(self, r, out)
+        /// [`expand_row`] compiled for AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn row_avx2(m: &PackedMatrix, r: usize, out: &mut [f32]) {
+            expand_row::<true>(m, r, out)
+        }
+        #[cfg(target_arch = "x86_64")]
+        if simd() {
+            // SAFETY: `simd()` checked that the CPU has AVX2 and FMA.
+            return unsafe { row_avx2(self, r, out) };
+        }
+        expand_row::<false>(self, r, out)
     }
 
     /// `out[b][r] = W[r] · x[b]` for the `batch` rows of `x` (each `cols` long) into `out`
@@ -172,8 +338,12 @@ unsafe fn rows_avx2(task: Task, w: &mut [f32], write: impl Fn(usize, usize, f32)
 fn rows_of<const SIMD: bool>(task: Task, w: &mut [f32], write: impl Fn(usize, usize, f32)) {
     let Task { m, x, batch, rows } = task;
     let row = |b: usize| &x[b * m.cols..(b + 1) * m.cols];
+    let end = rows.end;
     for r in rows {
-        expand_row(m, r, w);
+        if SIMD && r + AHEAD < end {
+            m.prefetch_row(r + AHEAD);
+        }
+        expand_row::<SIMD>(m, r, w);
         let fours = batch / 4 * 4;
         for b in (0..fours).step_by(4) {
             let sums = dots::<SIMD, 4, 2>(w, [row(b), row(b + 1), row(b + 2), row(b + 3)]);
@@ -190,20 +360,19 @@ fn rows_of<const SIMD: bool>(task: Task, w: &mut [f32], write: impl Fn(usize, us
 /// Row `r` of `m` expanded into `out` (inlined into the products, so that it is compiled for
 /// the CPU features they run with).
 #[inline(always)]
-fn expand_row(m: &PackedMatrix, r: usize, out: &mut [f32]) {
+fn expand_row<const SIMD: bool>(m: &PackedMatrix, r: usize, out: &mut [f32]) {
     let row = r * m.cols..(r + 1) * m.cols;
     match &m.values {
-        Values::Runs { q, scale, min } => {
-            let runs = r * m.cols / RUN..(r + 1) * m.cols / RUN;
-            let (scale, min) = (&scale[runs.clone()], &min[runs]);
-            for (((qs, out), &d), &min) in q[row].chunks_exact(RUN).zip(out.chunks_exact_mut(RUN)).zip(scale).zip(min) {
-                let qs: &[i8; RUN] = qs.try_into().expect("a run");
-                let out: &mut [f32; RUN] = out.try_into().expect("a run");
-                for j in 0..RUN {
-                    out[j] = d * qs[j] as f32 - min;
-                }
-            }
-        }
+        Values::Runs(runs) => match (runs.nibbles, runs.run == RUN, runs.min.is_empty()) {
+            (false, true, false) => runs.expand::<SIMD, false, 16, 16, true>(m.cols, r, out),
+            (false, true, true) => runs.expand::<SIMD, false, 16, 16, false>(m.cols, r, out),
+            (false, false, false) => runs.expand::<SIMD, false, 32, 32, true>(m.cols, r, out),
+            (false, false, true) => runs.expand::<SIMD, false, 32, 32, false>(m.cols, r, out),
+            (true, true, false) => runs.expand::<SIMD, true, 8, 16, true>(m.cols, r, out),
+            (true, true, true) => runs.expand::<SIMD, true, 8, 16, false>(m.cols, r, out),
+            (true, false, false) => runs.expand::<SIMD, true, 16, 32, true>(m.cols, r, out),
+            (true, false, true) => runs.expand::<SIMD, true, 16, 32, false>(m.cols, r, out),
+        },
         Values::F16(v) => v[row].convert_to_f32_slice(out),
         Values::Bf16(v) => v[row].convert_to_f32_slice(out),
     }
@@ -325,22 +494,26 @@ mod tests {
     #[test]
     fn packed_rows_are_the_dequantised_values_and_products_match_f32() {
         let mut rng = fastrand::Rng::with_seed(3);
+        // Each type with the bytes a value takes packed: its integers in 4 bits where they fit,
+        // f32 scales (and minimums, where the type has them) per 32 values where blocks share
+        // them, else per 16.
         let kinds = [
-            kinds::Q8_0,
-            kinds::Q4_0,
-            kinds::Q4_1,
-            kinds::Q5_0,
-            kinds::Q5_1,
-            kinds::Q2_K,
-            kinds::Q3_K,
-            kinds::Q4_K,
-            kinds::Q5_K,
-            kinds::Q6_K,
+            (kinds::Q8_0, 1.0 + 4.0 / 32.0),
+            (kinds::Q4_0, 0.5 + 4.0 / 32.0),
+            (kinds::Q4_1, 0.5 + 8.0 / 32.0),
+            (kinds::Q5_0, 1.0 + 4.0 / 32.0),
+            (kinds::Q5_1, 1.0 + 8.0 / 32.0),
+            (kinds::Q2_K, 0.5 + 8.0 / 16.0),
+            (kinds::Q3_K, 0.5 + 4.0 / 16.0),
+            (kinds::Q4_K, 0.5 + 8.0 / 32.0),
+            (kinds::Q5_K, 1.0 + 8.0 / 32.0),
+            (kinds::Q6_K, 1.0 + 4.0 / 16.0),
         ];
         let (rows, cols, batch) = (70, 512, 6);
-        for kind in kinds {
+        for (kind, bytes_per_value) in kinds {
             let raw = random_tensor(kind, rows, cols, &mut rng);
             let m = PackedMatrix::from_gguf(kind, &raw, rows, cols).unwrap();
+            assert_eq!(m.bytes() as f64, bytes_per_value * (rows * cols) as f64, "type {kind}");
             let dense = dequantize(kind, &raw, rows * cols).unwrap();
             let mut row = vec![0f32; cols];
             for r in 0..rows {
