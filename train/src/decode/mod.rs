@@ -264,9 +264,9 @@ impl Engine {
         let half = self.inv_freq.len();
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x[..n * d], &layer.attn_norm, eps, &mut s.h[..n * d]);
-            layer.q.product(&s.h[..n * d], n, &mut s.q[..n * qd]);
-            layer.k.product(&s.h[..n * d], n, &mut s.k[..n * kvd]);
-            layer.v.product(&s.h[..n * d], n, &mut s.v[..n * kvd]);
+            let qkv =
+                [(&layer.q, &mut s.q[..n * qd]), (&layer.k, &mut s.k[..n * kvd]), (&layer.v, &mut s.v[..n * kvd])];
+            packed::products(qkv, &s.h[..n * d], n);
             if let Some([qb, kb, vb]) = &layer.bias {
                 add_rows(&mut s.q[..n * qd], qb);
                 add_rows(&mut s.k[..n * kvd], kb);
@@ -293,8 +293,11 @@ impl Engine {
             layer.o.product(&s.heads[..n * qd], n, &mut s.o[..n * d]);
             s.x[..n * d].iter_mut().zip(&s.o[..n * d]).for_each(|(x, o)| *x += o);
             rms_norm(&s.x[..n * d], &layer.mlp_norm, eps, &mut s.h[..n * d]);
-            layer.gate.product(&s.h[..n * d], n, &mut s.gate[..n * ff]);
-            layer.up.product(&s.h[..n * d], n, &mut s.up[..n * ff]);
+            packed::products(
+                [(&layer.gate, &mut s.gate[..n * ff]), (&layer.up, &mut s.up[..n * ff])],
+                &s.h[..n * d],
+                n,
+            );
             s.gate[..n * ff].iter_mut().zip(&s.up[..n * ff]).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
             layer.down.product(&s.gate[..n * ff], n, &mut s.o[..n * d]);
             s.x[..n * d].iter_mut().zip(&s.o[..n * d]).for_each(|(x, o)| *x += o);

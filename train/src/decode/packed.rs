@@ -167,7 +167,7 @@ unsafe fn run_avx2<const NIBBLES: bool, const W: usize, const MIN: bool>(
 }
 
 thread_local! {
-    /// One expanded weight row per thread, reused by every product.
+    /// Two expanded weight rows per thread, reused by every product.
     static EXPANDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -262,33 +262,49 @@ impl PackedMatrix {
     /// `out[b][r] = W[r] · x[b]` for the `batch` rows of `x` (each `cols` long) into `out`
     /// (`batch` rows of `rows`), blocks of output rows spread over the thread pool.
     pub fn product(&self, x: &[f32], batch: usize, out: &mut [f32]) {
-        assert_eq!(x.len(), batch * self.cols, "x has {batch} rows of {}", self.cols);
-        assert_eq!(out.len(), batch * self.rows, "out has {batch} rows of {}", self.rows);
-        let out = Shared(out.as_mut_ptr());
-        let simd = simd();
-        (0..self.rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
-            let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(self.rows);
-            EXPANDED.with(|expanded| {
-                let mut w = expanded.borrow_mut();
-                w.resize(self.cols, 0.0);
-                let write = |b: usize, r: usize, v: f32| {
-                    // SAFETY: `out` holds `batch * rows` values and outlives the loop; each
-                    // (b, r) is written by the one task whose block holds r.
-                    unsafe { *out.at(b * self.rows + r) = v }
-                };
-                let task = Task { m: self, x, batch, rows };
-                if simd {
-                    // SAFETY: `simd()` checked that the CPU has AVX2 and FMA.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        rows_avx2(task, &mut w, write)
-                    }
-                } else {
-                    rows_of::<false>(task, &mut w, write)
-                }
-            });
-        });
+        products([(self, out)], x, batch)
     }
+}
+
+/// [`PackedMatrix::product`] of `N` matrices with the same input at once, `(matrix, out)` each:
+/// one round of the thread pool for all of them (a round costs thread wake-ups, and a token
+/// of a small model takes hundreds).
+pub fn products<const N: usize>(parts: [(&PackedMatrix, &mut [f32]); N], x: &[f32], batch: usize) {
+    let parts = parts.map(|(m, out)| {
+        assert_eq!(x.len(), batch * m.cols, "x has {batch} rows of {}", m.cols);
+        assert_eq!(out.len(), batch * m.rows, "out has {batch} rows of {}", m.rows);
+        (m, Shared(out.as_mut_ptr()))
+    });
+    let tasks = parts.map(|(m, _)| m.rows.div_ceil(ROWS_PER_TASK));
+    let simd = simd();
+    (0..tasks.iter().sum::<usize>()).into_par_iter().for_each(|mut task| {
+        let mut part = 0;
+        while task >= tasks[part] {
+            task -= tasks[part];
+            part += 1;
+        }
+        let (m, out) = parts[part];
+        let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(m.rows);
+        EXPANDED.with(|expanded| {
+            let mut w = expanded.borrow_mut();
+            w.resize(2 * m.cols, 0.0);
+            let write = |b: usize, r: usize, v: f32| {
+                // SAFETY: `out` holds `batch * m.rows` values and outlives the loop; each
+                // (b, r) is written by the one task whose block holds r.
+                unsafe { *out.at(b * m.rows + r) = v }
+            };
+            let task = Task { m, x, batch, rows };
+            if simd {
+                // SAFETY: `simd()` checked that the CPU has AVX2 and FMA.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    rows_avx2(task, &mut w, write)
+                }
+            } else {
+                rows_of::<false>(task, &mut w, write)
+            }
+        });
+    });
 }
 
 /// `out`'s pointer, shared by the tasks of one product (each writes its own values).
@@ -331,29 +347,48 @@ unsafe fn rows_avx2(task: Task, w: &mut [f32], write: impl Fn(usize, usize, f32)
     rows_of::<true>(task, w, write)
 }
 
-/// A task's products, each handed to `write(b, r, value)`: each weight row expanded into `w`
-/// once, then met by the rows of the batch four at a time (one load of the weights for four
-/// products), the rest one at a time.
+/// A task's products, each handed to `write(b, r, value)`: weight rows expanded into `w` once
+/// each, two at a time when the batch has four rows or more (each load of four batch values then
+/// serves two weight rows, and each load of weights four batch rows), else one at a time.
 #[inline(always)]
 fn rows_of<const SIMD: bool>(task: Task, w: &mut [f32], write: impl Fn(usize, usize, f32)) {
     let Task { m, x, batch, rows } = task;
     let row = |b: usize| &x[b * m.cols..(b + 1) * m.cols];
-    let end = rows.end;
-    for r in rows {
-        if SIMD && r + AHEAD < end {
+    let (w0, w1) = w.split_at_mut(m.cols);
+    let fours = batch / 4 * 4;
+    let mut r = rows.start;
+    while r < rows.end {
+        if SIMD && r + AHEAD < rows.end {
             m.prefetch_row(r + AHEAD);
         }
-        expand_row::<SIMD>(m, r, w);
-        let fours = batch / 4 * 4;
-        for b in (0..fours).step_by(4) {
-            let sums = dots::<SIMD, 4, 2>(w, [row(b), row(b + 1), row(b + 2), row(b + 3)]);
-            for (i, v) in sums.into_iter().enumerate() {
-                write(b + i, r, v);
+        expand_row::<SIMD>(m, r, w0);
+        if fours > 0 && r + 1 < rows.end {
+            if SIMD && r + 1 + AHEAD < rows.end {
+                m.prefetch_row(r + 1 + AHEAD);
             }
+            expand_row::<SIMD>(m, r + 1, w1);
+            for b in (0..fours).step_by(4) {
+                let sums = dots::<SIMD, 2, 4, 1>([w0, w1], [row(b), row(b + 1), row(b + 2), row(b + 3)]);
+                for (i, sums) in sums.into_iter().enumerate() {
+                    sums.into_iter().enumerate().for_each(|(j, v)| write(b + j, r + i, v));
+                }
+            }
+            for b in fours..batch {
+                let [[v0], [v1]] = dots::<SIMD, 2, 1, 2>([w0, w1], [row(b)]);
+                write(b, r, v0);
+                write(b, r + 1, v1);
+            }
+            r += 2;
+            continue;
+        }
+        for b in (0..fours).step_by(4) {
+            let [sums] = dots::<SIMD, 1, 4, 2>([w0], [row(b), row(b + 1), row(b + 2), row(b + 3)]);
+            sums.into_iter().enumerate().for_each(|(j, v)| write(b + j, r, v));
         }
         for b in fours..batch {
-            write(b, r, dots::<SIMD, 1, 4>(w, [row(b)])[0]);
+            write(b, r, dots::<SIMD, 1, 1, 4>([w0], [row(b)])[0][0]);
         }
+        r += 1;
     }
 }
 
@@ -384,84 +419,101 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-        dots::<true, 1, 2>(a, [b])[0]
+        dots::<true, 1, 1, 2>([a], [b])[0][0]
     }
     #[cfg(target_arch = "x86_64")]
     if simd() {
         // SAFETY: `simd()` checked that the CPU has AVX2 and FMA.
         return unsafe { dot_avx2(a, b) };
     }
-    dots::<false, 1, 2>(a, [b])[0]
+    dots::<false, 1, 1, 2>([a], [b])[0][0]
 }
 
-/// `w · x[b]` for each of the `B` rows of `x`, in f32: each product sums in `U` independent
-/// sets of eight lanes (so that multiply-adds overlap instead of waiting on each other), and
-/// each load of `w` serves all `B` rows. `SIMD`: with AVX2 and FMA (the caller checked).
+/// `w[r] · x[b]` for each of the `R` rows of `w` and `B` rows of `x`, in f32: each product
+/// sums in `U` independent sets of eight lanes (so that multiply-adds overlap instead of
+/// waiting on each other), and each load serves all the products it is part of. `SIMD`: with
+/// AVX2 and FMA (the caller checked).
 #[inline(always)]
-fn dots<const SIMD: bool, const B: usize, const U: usize>(w: &[f32], x: [&[f32]; B]) -> [f32; B] {
-    let n = w.len();
-    let x = x.map(|x| &x[..n]);
+fn dots<const SIMD: bool, const R: usize, const B: usize, const U: usize>(
+    w: [&[f32]; R],
+    x: [&[f32]; B],
+) -> [[f32; B]; R] {
+    let n = w[0].len();
+    let (w, x) = (w.map(|w| &w[..n]), x.map(|x| &x[..n]));
     let whole = n / (8 * U) * (8 * U);
-    let lanes: [[f32; 8]; B] = if SIMD {
+    let lanes: [[[f32; 8]; B]; R] = if SIMD {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `SIMD` is only set where the CPU has AVX2 and FMA; every load is within
-        // `whole <= n` values of `w` and of each `x[b]`.
+        // `whole <= n` values of each `w[r]` and `x[b]`.
         unsafe {
-            lanes_avx2::<B, U>(w, x, whole)
+            lanes_avx2::<R, B, U>(w, x, whole)
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("SIMD products exist on x86_64 only")
     } else {
-        let mut acc = [[[0f32; 8]; U]; B];
+        let mut acc = [[[[0f32; 8]; U]; B]; R];
         for base in (0..whole).step_by(8 * U) {
             for u in 0..U {
                 let at = base + 8 * u;
-                for (acc, x) in acc.iter_mut().zip(&x) {
-                    for j in 0..8 {
-                        acc[u][j] += w[at + j] * x[at + j];
+                for (acc, w) in acc.iter_mut().zip(&w) {
+                    for (acc, x) in acc.iter_mut().zip(&x) {
+                        for j in 0..8 {
+                            acc[u][j] += w[at + j] * x[at + j];
+                        }
                     }
                 }
             }
         }
-        acc.map(|a| std::array::from_fn(|j| a.iter().map(|l| l[j]).sum()))
+        acc.map(|a| a.map(|a| std::array::from_fn(|j| a.iter().map(|l| l[j]).sum())))
     };
-    std::array::from_fn(|b| {
-        let tail: f32 = w[whole..].iter().zip(&x[b][whole..]).map(|(w, x)| w * x).sum();
-        lanes[b].iter().sum::<f32>() + tail
+    std::array::from_fn(|r| {
+        std::array::from_fn(|b| {
+            let tail: f32 = w[r][whole..].iter().zip(&x[b][whole..]).map(|(w, x)| w * x).sum();
+            lanes[r][b].iter().sum::<f32>() + tail
+        })
     })
 }
 
 /// The eight lane sums of [`dots`] over the first `whole` values, with AVX2 and FMA.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA, `whole` is a multiple of `8 * U`, and `w` and every `x[b]` hold at
-/// least `whole` values.
+/// The CPU has AVX2 and FMA, `whole` is a multiple of `8 * U`, and every `w[r]` and `x[b]` hold
+/// at least `whole` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn lanes_avx2<const B: usize, const U: usize>(w: &[f32], x: [&[f32]; B], whole: usize) -> [[f32; 8]; B] {
+unsafe fn lanes_avx2<const R: usize, const B: usize, const U: usize>(
+    w: [&[f32]; R],
+    x: [&[f32]; B],
+    whole: usize,
+) -> [[[f32; 8]; B]; R] {
     use std::arch::x86_64::*;
     // SAFETY: the caller's guarantees.
     unsafe {
-        let mut acc = [[_mm256_setzero_ps(); U]; B];
+        let mut acc = [[[_mm256_setzero_ps(); U]; B]; R];
         let mut i = 0;
         while i < whole {
             // `u` picks both the eight values and the set of sums they go to.
             #[allow(clippy::needless_range_loop)]
             for u in 0..U {
-                let wv = _mm256_loadu_ps(w.as_ptr().add(i + 8 * u));
-                for (acc, x) in acc.iter_mut().zip(&x) {
-                    acc[u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.as_ptr().add(i + 8 * u)), acc[u]);
+                let wv = w.map(|w| _mm256_loadu_ps(w.as_ptr().add(i + 8 * u)));
+                for (b, x) in x.iter().enumerate() {
+                    let xv = _mm256_loadu_ps(x.as_ptr().add(i + 8 * u));
+                    for (acc, wv) in acc.iter_mut().zip(&wv) {
+                        acc[b][u] = _mm256_fmadd_ps(*wv, xv, acc[b][u]);
+                    }
                 }
             }
             i += 8 * U;
         }
         acc.map(|a| {
-            let mut sum = a[0];
-            for v in &a[1..] {
-                sum = _mm256_add_ps(sum, *v);
-            }
-            std::mem::transmute::<__m256, [f32; 8]>(sum)
+            a.map(|a| {
+                let mut sum = a[0];
+                for v in &a[1..] {
+                    sum = _mm256_add_ps(sum, *v);
+                }
+                std::mem::transmute::<__m256, [f32; 8]>(sum)
+            })
         })
     }
 }
