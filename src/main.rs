@@ -300,10 +300,10 @@ isolation: {mode}",
             let loaded = tokio::task::spawn_blocking(move || {
                 let path = kiln_train::fetch::resolve_model(&model)?;
                 let device = kiln_train::default_device();
-                anyhow::Ok(kiln_train::LoadedModel::load(&path, &device)?)
+                anyhow::Ok(kiln_train::serve::ServedModel::load(&path, &device)?)
             })
             .await??;
-            tracing::info!("{} loaded ({} parameters)", loaded.path.display(), loaded.config.parameter_count());
+            tracing::info!("{} loaded ({} parameters)", loaded.path().display(), loaded.config().parameter_count());
             let options = kiln_train::serve::ServeOptions { addr, max_batch, default_max_tokens };
             let (ready, bound) = tokio::sync::oneshot::channel();
             let server = tokio::spawn(kiln_train::serve::serve(loaded, options, Some(ready)));

@@ -88,7 +88,7 @@ fn compare_on_gguf(path: &std::path::Path, batch: usize, prompt: usize, new: usi
 /// The seconds to the first token, of the decode steps after it, and the tokens generated.
 fn run_packed(model: &kiln_train::LoadedModel, engine: &Engine, tokens: &[Vec<u32>], new: usize) -> (f64, f64, usize) {
     let start = Instant::now();
-    let mut running = Running::packed(model, engine);
+    let mut running = Running::packed(&model.codec, engine);
     let sampling = Sampling { max_tokens: new, ..Sampling::default() };
     let requests = tokens.iter().map(|t| Request { prompt: t.clone(), sampling: sampling.clone() });
     running.join(requests.enumerate().collect());

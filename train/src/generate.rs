@@ -9,6 +9,7 @@ use crate::decode::{Engine, Scratch, Sequence, StepRow};
 use crate::error::Result;
 use crate::loader::LoadedModel;
 use crate::model::{Batch, KvCache};
+use crate::tokenizer::TextCodec;
 
 /// How to pick tokens and when to stop.
 #[derive(Clone, Debug)]
@@ -173,7 +174,7 @@ pub fn generate_streaming(
 /// prefilled, and the shorter of the two caches left-padded with masked positions so that both
 /// line up) and leave as they finish; padding that no row needs any more is dropped.
 pub struct Running<'m> {
-    model: &'m LoadedModel,
+    codec: &'m TextCodec,
     kv: Kv<'m>,
     /// Live rows, in cache order.
     rows: Vec<Row>,
@@ -189,7 +190,7 @@ pub struct Running<'m> {
 enum Kv<'m> {
     /// The burn decoder ([`LoadedModel::decoder`]: the weights being trained, for RL), one
     /// left-padded cache for the batch.
-    Burn(KvCache),
+    Burn { model: &'m LoadedModel, cache: KvCache },
     /// The packed decode path: a sequence per row.
     Packed { engine: &'m Engine, seqs: Vec<Sequence>, scratch: Box<Scratch> },
 }
@@ -210,14 +211,14 @@ struct Row {
 impl<'m> Running<'m> {
     /// An empty batch over `model`'s burn decoder.
     pub fn new(model: &'m LoadedModel) -> Self {
-        let kv = Kv::Burn(KvCache::new(model.config.num_hidden_layers));
-        Running { model, kv, rows: Vec::new(), logits: Vec::new(), prompt_tokens: 0, prefilled_tokens: 0 }
+        let kv = Kv::Burn { model, cache: KvCache::new(model.config.num_hidden_layers) };
+        Running { codec: &model.codec, kv, rows: Vec::new(), logits: Vec::new(), prompt_tokens: 0, prefilled_tokens: 0 }
     }
 
-    /// An empty batch over `engine`, the packed decode path of `model` (whose tokenizer it uses).
-    pub fn packed(model: &'m LoadedModel, engine: &'m Engine) -> Self {
+    /// An empty batch over `engine` (a packed decode path), its text read and written by `codec`.
+    pub fn packed(codec: &'m TextCodec, engine: &'m Engine) -> Self {
         let kv = Kv::Packed { engine, seqs: Vec::new(), scratch: Box::new(engine.scratch(1)) };
-        Running { model, kv, rows: Vec::new(), logits: Vec::new(), prompt_tokens: 0, prefilled_tokens: 0 }
+        Running { codec, kv, rows: Vec::new(), logits: Vec::new(), prompt_tokens: 0, prefilled_tokens: 0 }
     }
 
     /// Rows generating.
@@ -250,26 +251,23 @@ impl<'m> Running<'m> {
         self.prompt_tokens += requests.iter().map(|(_, r)| r.prompt.len()).sum::<usize>();
         self.prefilled_tokens += distinct.iter().map(|p| p.len()).sum::<usize>();
         let (prefilled, pads) = match &mut self.kv {
-            Kv::Burn(cache) => join_burn(self.model, cache, &mut self.rows, &distinct, &copy_of),
-            Kv::Packed { engine, seqs, .. } => {
-                // Prompts go through the burn decoder (matrix-matrix products, faster than the
-                // packed path for many tokens at once), each distinct one once; its keys and
-                // values then move to a sequence per row, with room for the longest completion
-                // asked of it.
-                let mut cache = KvCache::new(self.model.config.num_hidden_layers);
-                let identity: Vec<usize> = (0..distinct.len()).collect();
-                let (prefilled, pads) = join_burn(self.model, &mut cache, &mut [], &distinct, &identity);
-                let layers = self.model.config.num_hidden_layers;
-                let fresh: Vec<Sequence> = distinct
+            Kv::Burn { model, cache } => join_burn(model, cache, &mut self.rows, &distinct, &copy_of),
+            Kv::Packed { engine, seqs, scratch } => {
+                // Each distinct prompt once, all in one step (the products meet many rows at
+                // once), into a sequence with room for the longest completion asked of it;
+                // rows with the same prompt get copies.
+                let mut fresh: Vec<Sequence> = distinct
                     .iter()
                     .enumerate()
                     .map(|(d, prompt)| {
                         let copies = requests.iter().zip(&copy_of).filter(|(_, c)| **c == d);
                         let room = copies.map(|((_, r), _)| r.sampling.max_tokens.max(1)).max().unwrap_or(1);
-                        let kv = (0..layers).map(|l| cache.host_rows(l, d, pads[d]).expect("a prefilled layer"));
-                        engine.prefilled(prompt.len() + room, kv.collect())
+                        engine.sequence(prompt.len(), prompt.len() + room)
                     })
                     .collect();
+                engine.step(&StepRow::prefill(&distinct), &mut fresh, scratch).expect("room for every prompt");
+                let vocab = engine.vocab();
+                let prefilled = scratch.logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect();
                 seqs.extend(copy_of.iter().map(|&d| fresh[d].clone()));
                 (prefilled, vec![0; requests.len()])
             }
@@ -284,7 +282,7 @@ impl<'m> Running<'m> {
     /// Picks one token for every row, hands out the new text, and runs the rows that go on
     /// through the model; returns the rows that finished, with their completions.
     pub fn step(&mut self, on_delta: &mut dyn FnMut(Delta)) -> Result<Vec<(usize, Completion)>> {
-        let codec = &self.model.codec;
+        let codec = self.codec;
         let (mut next, mut keep, mut done) = (Vec::new(), Vec::new(), Vec::new());
         for (slot, row) in self.rows.iter_mut().enumerate() {
             let id = pick(&self.logits[slot], &row.sampling, &mut row.rng);
@@ -323,7 +321,7 @@ impl<'m> Running<'m> {
             self.rows.clear();
             self.logits.clear();
             match &mut self.kv {
-                Kv::Burn(cache) => *cache = KvCache::new(self.model.config.num_hidden_layers),
+                Kv::Burn { model, cache } => *cache = KvCache::new(model.config.num_hidden_layers),
                 Kv::Packed { seqs, .. } => seqs.clear(),
             }
             return Ok(done);
@@ -332,7 +330,7 @@ impl<'m> Running<'m> {
             let mut rows: Vec<Option<Row>> = std::mem::take(&mut self.rows).into_iter().map(Some).collect();
             self.rows = keep.iter().map(|&s| rows[s].take().expect("each row kept once")).collect();
             match &mut self.kv {
-                Kv::Burn(cache) => {
+                Kv::Burn { cache, .. } => {
                     cache.retain_rows(&keep);
                     // Padding that every remaining row has is no longer needed.
                     let common = self.rows.iter().map(|r| r.pad).min().unwrap_or(0);
@@ -348,14 +346,14 @@ impl<'m> Running<'m> {
             }
         }
         match &mut self.kv {
-            Kv::Burn(cache) => {
+            Kv::Burn { model, cache } => {
                 let past = cache.len();
                 let step = Batch {
                     tokens: next.iter().map(|&id| vec![id]).collect(),
                     positions: self.rows.iter().map(|r| vec![past - r.pad]).collect(),
                     pad: self.rows.iter().map(|r| r.pad).collect(),
                 };
-                self.logits = last_logits(self.model.decoder.forward_last(&self.model.config, &step, Some(cache)));
+                self.logits = last_logits(model.decoder.forward_last(&model.config, &step, Some(cache)));
             }
             Kv::Packed { engine, seqs, scratch } => {
                 let steps: Vec<StepRow> =

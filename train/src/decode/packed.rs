@@ -20,6 +20,9 @@ pub const RUN: usize = 16;
 /// Rows ahead of the one being expanded whose integers are asked of memory in advance.
 const AHEAD: usize = 4;
 
+/// Batch rows a product meets each expanded weight row with before moving on.
+const BATCH_BLOCK: usize = 64;
+
 /// Output rows one task of a product takes.
 const ROWS_PER_TASK: usize = 32;
 
@@ -355,40 +358,45 @@ fn rows_of<const SIMD: bool>(task: Task, w: &mut [f32], write: impl Fn(usize, us
     let Task { m, x, batch, rows } = task;
     let row = |b: usize| &x[b * m.cols..(b + 1) * m.cols];
     let (w0, w1) = w.split_at_mut(m.cols);
-    let fours = batch / 4 * 4;
-    let mut r = rows.start;
-    while r < rows.end {
-        if SIMD && r + AHEAD < rows.end {
-            m.prefetch_row(r + AHEAD);
-        }
-        expand_row::<SIMD>(m, r, w0);
-        if fours > 0 && r + 1 < rows.end {
-            if SIMD && r + 1 + AHEAD < rows.end {
-                m.prefetch_row(r + 1 + AHEAD);
+    // A prompt's prefill has hundreds of rows: they are met a block at a time, so that the
+    // block stays in cache while the weight rows pass (each weight row expanded once a block).
+    for first in (0..batch).step_by(BATCH_BLOCK) {
+        let end = (first + BATCH_BLOCK).min(batch);
+        let fours = first + (end - first) / 4 * 4;
+        let mut r = rows.start;
+        while r < rows.end {
+            if SIMD && r + AHEAD < rows.end {
+                m.prefetch_row(r + AHEAD);
             }
-            expand_row::<SIMD>(m, r + 1, w1);
-            for b in (0..fours).step_by(4) {
-                let sums = dots::<SIMD, 2, 4, 1>([w0, w1], [row(b), row(b + 1), row(b + 2), row(b + 3)]);
-                for (i, sums) in sums.into_iter().enumerate() {
-                    sums.into_iter().enumerate().for_each(|(j, v)| write(b + j, r + i, v));
+            expand_row::<SIMD>(m, r, w0);
+            if fours > first && r + 1 < rows.end {
+                if SIMD && r + 1 + AHEAD < rows.end {
+                    m.prefetch_row(r + 1 + AHEAD);
                 }
+                expand_row::<SIMD>(m, r + 1, w1);
+                for b in (first..fours).step_by(4) {
+                    let sums = dots::<SIMD, 2, 4, 1>([w0, w1], [row(b), row(b + 1), row(b + 2), row(b + 3)]);
+                    for (i, sums) in sums.into_iter().enumerate() {
+                        sums.into_iter().enumerate().for_each(|(j, v)| write(b + j, r + i, v));
+                    }
+                }
+                for b in fours..end {
+                    let [[v0], [v1]] = dots::<SIMD, 2, 1, 2>([w0, w1], [row(b)]);
+                    write(b, r, v0);
+                    write(b, r + 1, v1);
+                }
+                r += 2;
+                continue;
             }
-            for b in fours..batch {
-                let [[v0], [v1]] = dots::<SIMD, 2, 1, 2>([w0, w1], [row(b)]);
-                write(b, r, v0);
-                write(b, r + 1, v1);
+            for b in (first..fours).step_by(4) {
+                let [sums] = dots::<SIMD, 1, 4, 2>([w0], [row(b), row(b + 1), row(b + 2), row(b + 3)]);
+                sums.into_iter().enumerate().for_each(|(j, v)| write(b + j, r, v));
             }
-            r += 2;
-            continue;
+            for b in fours..end {
+                write(b, r, dots::<SIMD, 1, 1, 4>([w0], [row(b)])[0][0]);
+            }
+            r += 1;
         }
-        for b in (0..fours).step_by(4) {
-            let [sums] = dots::<SIMD, 1, 4, 2>([w0], [row(b), row(b + 1), row(b + 2), row(b + 3)]);
-            sums.into_iter().enumerate().for_each(|(j, v)| write(b + j, r, v));
-        }
-        for b in fours..batch {
-            write(b, r, dots::<SIMD, 1, 1, 4>([w0], [row(b)])[0][0]);
-        }
-        r += 1;
     }
 }
 
@@ -606,10 +614,11 @@ mod tests {
                 assert_eq!(row, dense[r * cols..(r + 1) * cols], "type {kind} row {r}");
             }
         }
-        // Products over rows that are not whole sets of lanes, four batch rows at once and one.
+        // Products over rows that are not whole sets of lanes, weight rows two and one at a
+        // time, batch rows four and one at a time, in more than one block of the batch.
         let m = PackedMatrix::from_gguf(kinds::F16, &f16_raw, rows, cols).unwrap();
         let dense = dequantize(kinds::F16, &f16_raw, rows * cols).unwrap();
-        let batch = 5;
+        let batch = BATCH_BLOCK + 3;
         let x: Vec<f32> = (0..batch * cols).map(|_| rng.f32() - 0.5).collect();
         let mut out = vec![0f32; batch * rows];
         m.product(&x, batch, &mut out);
