@@ -35,6 +35,18 @@ rng = np.random.default_rng(0)
 SEQUENCES = [[1, 5, 9, 33, 2, 60, 17, 4], [3, 3, 3, 40, 41, 42, 0, 63]]
 
 
+def write_reference(model, path):
+    """`model`'s logits on SEQUENCES and its greedy tokens after the first one's first four."""
+    import torch
+    ids = torch.tensor(SEQUENCES)
+    with torch.no_grad():
+        logits = model(ids).logits
+        greedy = model.generate(ids[:1, :4], max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    ref = {"sequences": SEQUENCES, "logits": logits.tolist(), "greedy_prompt": SEQUENCES[0][:4],
+           "greedy": greedy[0, 4:].tolist()}
+    path.write_text(json.dumps(ref))
+
+
 def tiny(name, config):
     import torch
     from transformers import AutoModelForCausalLM
@@ -45,13 +57,7 @@ def tiny(name, config):
     d = OUT / name
     model.save_pretrained(d, safe_serialization=True)
     (d / "generation_config.json").unlink(missing_ok=True)
-    ids = torch.tensor(SEQUENCES)
-    with torch.no_grad():
-        logits = model(ids).logits
-        greedy = model.generate(ids[:1, :4], max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
-    ref = {"sequences": SEQUENCES, "logits": logits.tolist(), "greedy_prompt": SEQUENCES[0][:4],
-           "greedy": greedy[0, 4:].tolist()}
-    (d / "reference.json").write_text(json.dumps(ref))
+    write_reference(model, d / "reference.json")
 
 
 def tiny_models():
@@ -214,7 +220,6 @@ def tiny_qwen2_gguf():
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    state = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             gguf_name, kind = names[name]
@@ -234,18 +239,11 @@ def tiny_qwen2_gguf():
                 writer.add_tensor(gguf_name, raw, raw_dtype=kind)
             stored = quants.dequantize(raw, kind).astype(np.float32).reshape(p.shape)
             p.copy_(torch.from_numpy(stored))
-            state[name] = stored
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    ids = torch.tensor(SEQUENCES)
-    with torch.no_grad():
-        logits = model(ids).logits
-        greedy = model.generate(ids[:1, :4], max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
-    ref = {"sequences": SEQUENCES, "logits": logits.tolist(), "greedy_prompt": SEQUENCES[0][:4],
-           "greedy": greedy[0, 4:].tolist()}
-    (OUT / "tiny-qwen2-gguf.json").write_text(json.dumps(ref))
+    write_reference(model, OUT / "tiny-qwen2-gguf.json")
 
 
 if __name__ == "__main__":
