@@ -170,6 +170,9 @@ pub fn generate_streaming(
     })
 }
 
+/// Most prompt tokens one step of the packed path prefills.
+const PREFILL_ROWS: usize = 512;
+
 /// A batch in progress, for continuous batching: rows join between decode steps (their prompts
 /// prefilled, and the shorter of the two caches left-padded with masked positions so that both
 /// line up) and leave as they finish; padding that no row needs any more is dropped.
@@ -253,9 +256,10 @@ impl<'m> Running<'m> {
         let (prefilled, pads) = match &mut self.kv {
             Kv::Burn { model, cache } => join_burn(model, cache, &mut self.rows, &distinct, &copy_of),
             Kv::Packed { engine, seqs, scratch } => {
-                // Each distinct prompt once, all in one step (the products meet many rows at
-                // once), into a sequence with room for the longest completion asked of it;
-                // rows with the same prompt get copies.
+                // Each distinct prompt once, into a sequence with room for the longest
+                // completion asked of it (rows with the same prompt get copies), in steps of up
+                // to PREFILL_ROWS tokens: the products meet many rows at once, and a step's
+                // activations stay bounded however long the prompts.
                 let mut fresh: Vec<Sequence> = distinct
                     .iter()
                     .enumerate()
@@ -265,9 +269,11 @@ impl<'m> Running<'m> {
                         engine.sequence(prompt.len(), prompt.len() + room)
                     })
                     .collect();
-                engine.step(&StepRow::prefill(&distinct), &mut fresh, scratch).expect("room for every prompt");
-                let vocab = engine.vocab();
-                let prefilled = scratch.logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect();
+                let (vocab, mut prefilled) = (engine.vocab(), Vec::with_capacity(distinct.len()));
+                for rows in StepRow::prefill(&distinct).chunks(PREFILL_ROWS) {
+                    engine.step(rows, &mut fresh, scratch).expect("room for every prompt");
+                    prefilled.extend(scratch.logits.chunks_exact(vocab).map(<[f32]>::to_vec));
+                }
                 seqs.extend(copy_of.iter().map(|&d| fresh[d].clone()));
                 (prefilled, vec![0; requests.len()])
             }

@@ -347,20 +347,23 @@ fn kiln_serve_path_continues_prompts_as_the_burn_decoder_does() {
     let distinct: Vec<Vec<u32>> =
         reference["generations"].as_array().unwrap().iter().map(|c| ids(&c["prompt_ids"])).collect();
     // Rows of different lengths (so that they finish at different steps), one prompt twice,
-    // and a row joining while the others run.
+    // a row joining while the others run, and a prompt longer than one prefill step (512).
     let lengths = [12, 5, 9];
     let request = |i: usize| Request {
         prompt: distinct[i % distinct.len()].clone(),
         sampling: Sampling { max_tokens: lengths[i % 3], ..Sampling::default() },
     };
-    let rows = [request(0), request(1), request(0), request(2)];
+    let long: Vec<u32> = distinct.iter().cycle().take(24).flatten().copied().collect();
+    assert!(long.len() > 600, "{} tokens", long.len());
+    let long = Request { prompt: long, sampling: Sampling { max_tokens: 6, ..Sampling::default() } };
+    let rows = [request(0), request(1), request(0), request(2), long];
     let mut running = Running::packed(&model.codec, &engine);
     running.join(rows[..3].iter().cloned().enumerate().collect());
     let mut done = std::collections::BTreeMap::new();
     let mut steps = 0;
     while !running.is_empty() || done.len() < rows.len() {
         if steps == 2 {
-            running.join(vec![(3, rows[3].clone())]);
+            running.join(vec![(3, rows[3].clone()), (4, rows[4].clone())]);
         }
         done.extend(running.step(&mut |_| {}).unwrap());
         steps += 1;

@@ -350,9 +350,10 @@ unsafe fn rows_avx2(task: Task, w: &mut [f32], write: impl Fn(usize, usize, f32)
     rows_of::<true>(task, w, write)
 }
 
-/// A task's products, each handed to `write(b, r, value)`: weight rows expanded into `w` once
-/// each, two at a time when the batch has four rows or more (each load of four batch values then
-/// serves two weight rows, and each load of weights four batch rows), else one at a time.
+/// A task's products, each handed to `write(b, r, value)`: for each block of [`BATCH_BLOCK`]
+/// batch rows, the task's weight rows expanded into `w`, two at a time when the block has four
+/// rows or more (each load of four batch values then serves two weight rows, and each load of
+/// weights four batch rows), else one at a time.
 #[inline(always)]
 fn rows_of<const SIMD: bool>(task: Task, w: &mut [f32], write: impl Fn(usize, usize, f32)) {
     let Task { m, x, batch, rows } = task;
