@@ -273,13 +273,17 @@ impl PackedMatrix {
 /// one round of the thread pool for all of them (a round costs thread wake-ups, and a token
 /// of a small model takes hundreds).
 pub fn products<const N: usize>(parts: [(&PackedMatrix, &mut [f32]); N], x: &[f32], batch: usize) {
+    products_on(simd(), parts, x, batch)
+}
+
+/// [`products`] with the AVX2 kernels (`simd`, where the CPU has them) or the portable ones.
+fn products_on<const N: usize>(simd: bool, parts: [(&PackedMatrix, &mut [f32]); N], x: &[f32], batch: usize) {
     let parts = parts.map(|(m, out)| {
         assert_eq!(x.len(), batch * m.cols, "x has {batch} rows of {}", m.cols);
         assert_eq!(out.len(), batch * m.rows, "out has {batch} rows of {}", m.rows);
         (m, Shared(out.as_mut_ptr()))
     });
     let tasks = parts.map(|(m, _)| m.rows.div_ceil(ROWS_PER_TASK));
-    let simd = simd();
     (0..tasks.iter().sum::<usize>()).into_par_iter().for_each(|mut task| {
         let mut part = 0;
         while task >= tasks[part] {
@@ -582,9 +586,20 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&row), bits(&dense[r * cols..(r + 1) * cols]), "type {kind} row {r}");
             }
+            let mut portable = vec![0f32; cols];
+            for r in 0..rows {
+                expand_row::<false>(&m, r, &mut portable);
+                m.row_into(r, &mut row);
+                assert_eq!(portable, row, "type {kind} row {r}: the portable expansion");
+            }
             let x: Vec<f32> = (0..batch * cols).map(|_| rng.f32() - 0.5).collect();
             let mut out = vec![0f32; batch * rows];
             m.product(&x, batch, &mut out);
+            let mut on_portable = vec![0f32; batch * rows];
+            products_on(false, [(&m, &mut on_portable[..])], &x, batch);
+            for (a, b) in out.iter().zip(&on_portable) {
+                assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "type {kind}: {a} (AVX2) vs {b} (portable)");
+            }
             for b in 0..batch {
                 for r in 0..rows {
                     let want: f64 = (0..cols).map(|c| dense[r * cols + c] as f64 * x[b * cols + c] as f64).sum();
