@@ -25,6 +25,9 @@ use serde_json::{Value, json};
 /// A server under test, killed when dropped.
 struct Server {
     name: &'static str,
+    /// Whether it answers `/health` (llama-server, 503 while loading); kiln serve listens only
+    /// once loaded, so it is ready when started.
+    health: bool,
     child: Child,
     addr: SocketAddr,
 }
@@ -64,7 +67,7 @@ fn kiln_serve(model: &Path, batch: usize, threads: usize) -> Server {
     let line = BufReader::new(stdout).lines().map_while(Result::ok).find(|l| l.starts_with("listening on"));
     let line = line.expect("kiln serve says where it listens");
     let addr = line.trim_start_matches("listening on http://").trim_end_matches("/v1").parse().unwrap();
-    Server { name: "kiln serve", child, addr }
+    Server { name: "kiln serve", health: false, child, addr }
 }
 
 /// `llama-server` on the same file, `slots` parallel sequences of up to `per_slot` positions,
@@ -82,18 +85,19 @@ fn llama_server(binary: &Path, model: &Path, slots: usize, per_slot: usize, thre
         .stderr(Stdio::null())
         .spawn()
         .expect("llama-server starts");
-    Server { name: "llama.cpp", child, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
+    Server { name: "llama.cpp", health: true, child, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
 }
 
 /// Waits until `server` answers `/health` with 200 (llama-server answers 503 while loading).
 async fn ready(client: &reqwest::Client, server: &mut Server) {
+    if !server.health {
+        return;
+    }
     let deadline = Instant::now() + Duration::from_secs(300);
     let url = format!("http://{}/health", server.addr);
     loop {
         let ok = client.get(&url).send().await.is_ok_and(|r| r.status().is_success());
-        // kiln serve has no /health: it listens once loaded, so any answer means ready.
-        let kiln = server.name == "kiln serve";
-        if ok || kiln {
+        if ok {
             return;
         }
         if let Ok(Some(status)) = server.child.try_wait() {

@@ -366,7 +366,7 @@ impl<'m> Running<'m> {
                     next.iter().enumerate().map(|(seq, &token)| StepRow { seq, token, logits: true }).collect();
                 engine.step(&steps, seqs, scratch)?;
                 let vocab = engine.vocab();
-                self.logits = (0..steps.len()).map(|i| scratch.logits[i * vocab..(i + 1) * vocab].to_vec()).collect();
+                self.logits = scratch.logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect();
             }
         }
         Ok(done)
